@@ -1,0 +1,80 @@
+"""One loaded model ready to classify: weights, class names, fast path, top-k.
+
+The labeling actors, the Serve replicas and ``skray predict`` all hold one of
+these, so they load weights, preprocess and rank the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skray.classes import default_class_names
+from skray.images import EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
+from skray.model import DEFAULT_MODEL, prepare_for_inference
+from skray.weights import load_model
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label_id: int
+    label: str
+    score: float
+    topk_ids: list[int]
+    topk_scores: list[float]
+    topk_labels: list[str]
+
+
+class Classifier:
+    """Loads the model once; classifies batches of preprocessed tensors or raw bytes."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        weights: str | None = None,
+        *,
+        device: str | None = None,
+        compile: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        preprocessing: EvalTransformConfig = EvalTransformConfig(),
+    ) -> None:
+        net, loaded = load_model(model, weights)
+        self.architecture = model or (loaded.architecture if loaded else None) or DEFAULT_MODEL
+        self.weights_source = loaded.source if loaded else None
+        self.weights_sha256 = loaded.sha256 if loaded else None
+        self.class_names = loaded.class_names if loaded else default_class_names(net.num_classes)
+        self.random_weights = loaded is None
+        self.preprocessing = preprocessing
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._forward = prepare_for_inference(net, self.device, compile=compile, amp_dtype=amp_dtype)
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
+        return decode_for_eval(data, self.preprocessing)
+
+    def predict_tensors(self, crops: torch.Tensor, top_k: int = 5) -> list[Prediction]:
+        """Top-k for a batch of uint8 eval crops (N, 3, S, S), normalized on the model's device."""
+        batch = normalize(crops.to(self.device, non_blocking=True), self.preprocessing)
+        probs = torch.softmax(self._forward(batch), dim=1).cpu()
+        scores, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [self._prediction(i.tolist(), s.tolist()) for i, s in zip(ids, scores)]
+
+    def predict_bytes(
+        self, images: list[bytes], top_k: int = 5
+    ) -> list[Prediction | ImageDecodeError]:
+        """Classify what decodes; a broken image yields its error in its place."""
+        results: list[Prediction | ImageDecodeError] = []
+        tensors: list[torch.Tensor] = []
+        for data in images:
+            try:
+                tensors.append(self.decode(data))
+                results.append(None)  # type: ignore[arg-type]
+            except ImageDecodeError as err:
+                results.append(err)
+        predictions = iter(self.predict_tensors(torch.stack(tensors), top_k) if tensors else [])
+        return [next(predictions) if r is None else r for r in results]
+
+    def _prediction(self, ids: list[int], scores: list[float]) -> Prediction:
+        labels = [self.class_names[i] for i in ids]
+        return Prediction(ids[0], labels[0], scores[0], ids, scores, labels)

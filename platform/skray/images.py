@@ -1,0 +1,298 @@
+"""The single image preprocessing path: bytes -> RGB PIL image -> normalised tensor.
+
+Training evaluation, bulk labeling and serving all call into this module, so a
+given image yields the same tensor everywhere; a second, slightly different copy
+of this logic would make offline accuracy and served predictions drift apart.
+
+Decoding is defensive because serving decodes untrusted uploads: only a fixed set
+of formats is opened, the pixel count is checked from the header before any pixel
+is decoded, and every failure surfaces as one typed :class:`ImageDecodeError`
+with a stable ``reason`` code that callers can count and report.
+
+This module imports PIL, torch and torchvision only.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode, v2
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "FORMATS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "REASONS",
+    "EvalTransformConfig",
+    "ImageDecodeError",
+    "decode_for_eval",
+    "decode_image",
+    "eval_crop",
+    "eval_transform",
+    "normalize",
+    "preprocess",
+    "train_transform",
+]
+
+# Pillow's own default bomb limit, fixed here so that nobody changing the global
+# ``Image.MAX_IMAGE_PIXELS`` silently changes what skray accepts.
+DEFAULT_MAX_PIXELS = 89_478_485
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Formats we open; anything else (EPS, which shells out to Ghostscript, PSD, ...)
+# is "not_an_image". Pillow opens multi-picture JPEGs (MPO) through the JPEG entry.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+REASONS = ("empty", "not_an_image", "truncated", "too_many_pixels", "undecodable")
+
+# Transparent pixels are composited over white: photos with cut-out backgrounds
+# (product shots, logos) are conventionally shown on white, and the colour stored
+# under alpha=0 is arbitrary garbage that must not reach the model.
+BACKGROUND = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image; ``reason`` is one of :data:`REASONS`.
+
+    Callers branch and count on the stable code, humans read ``str(e)``, e.g.
+    ``"truncated: image file is truncated (12 bytes not processed)"``.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown decode-error reason {reason!r}; expected one of {REASONS}")
+        # Both go to ``args`` so the error pickles intact across Ray workers.
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class EvalTransformConfig:
+    """The model card's eval preprocessing; frozen so it can key a cache."""
+
+    image_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        InterpolationMode(self.interpolation)  # fail at construction, not at first image
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop; half-up rounding so 224/0.875 is 256."""
+        return math.floor(self.image_size / self.crop_pct + 0.5)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Decode encoded bytes to an upright RGB image (first frame/page only).
+
+    ``draft_size`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while
+    decoding, keeping both sides >= ``draft_size``: a 12-megapixel photo that is
+    about to be resized to 256 px then costs a fraction of the time and memory.
+    Non-JPEG formats ignore it. Per-mode colour rules are in :func:`_to_rgb`.
+
+    ``max_pixels`` is enforced here, from the header. Pillow's global limit
+    (2 x ``Image.MAX_IMAGE_PIXELS``) still applies on top of it; this module
+    never changes that global.
+
+    Raises :class:`ImageDecodeError` and nothing else for bad input.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "no bytes to decode")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: parses the header only
+        _check_pixel_count(img, max_pixels)
+        if draft_size is not None:
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError as e:
+        raise ImageDecodeError("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own global limit fired first (its warning only raises under
+        # warnings-as-errors); same meaning as ours.
+        raise ImageDecodeError("too_many_pixels", str(e)) from e
+    except EOFError as e:
+        raise ImageDecodeError("truncated", f"unexpected end of data ({e})") from e
+    except OSError as e:
+        # Pillow says "truncated" for data that ends early; corrupt data reads
+        # "broken data stream" or "decoder error", which no retry can fix.
+        reason = "truncated" if "truncated" in str(e).lower() else "undecodable"
+        raise ImageDecodeError(reason, str(e)) from e
+    except Exception as e:  # Pillow plugins also raise SyntaxError, ValueError, struct.error, ...
+        raise ImageDecodeError("undecodable", f"{type(e).__name__}: {e}") from e
+
+
+def _check_pixel_count(img: Image.Image, max_pixels: int) -> None:
+    """Refuse decompression bombs from the header's size, before decoding a pixel."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds {max_pixels}"
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    * 1, L, P, CMYK, YCbCr, RGB, ...: Pillow's own conversion (CMYK 0,0,0,0 is white).
+    * Anything with alpha or a transparency key (LA, RGBA, PA, P/L/RGB with
+      ``transparency``): composited over white, see :data:`BACKGROUND`.
+    * I;16, I;16B, I;16L (16-bit): ``value >> 8``, so 65535 -> 255; opaque.
+    * I (32-bit int): negatives clip to 0, then the image is taken to span the
+      smallest of 8, 16 or 32 bits that holds its maximum and is shifted down to
+      8 bits; Pillow does not record the source bit depth, and 16-bit sources
+      are the common case.
+    * F (float): read as 0..1 when its maximum is <= 1, else as 0..255; scaled
+      to 0..255, rounded, clipped.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _high_depth_to_l(img)
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit and float greyscale down to 8-bit L (rules in :func:`_to_rgb`).
+
+    Pillow's own conversion to L clips instead of scaling, which turns 16-bit
+    images almost entirely white. A 16-bit transparency key is dropped: after
+    scaling it would match the wrong pixels.
+    """
+    if img.mode == "F":
+        scale = 255.0 if img.getextrema()[1] <= 1.0 else 1.0
+        scaled = img.point(lambda v: v * scale + 0.5)  # + 0.5: F -> L truncates
+    else:
+        bits = next(b for b in (8, 16, 32) if img.getextrema()[1] < 2**b) if img.mode == "I" else 16
+        # Pillow's integer point transform truncates, so dividing by 2**k is ``>> k``.
+        scaled = img.convert("I").point(lambda v: v / 2 ** (bits - 8))
+    grey = scaled.convert("L")  # clips to 0..255
+    grey.info.pop("transparency", None)
+    return grey
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _to_normalized_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Callable]:
+    """PIL -> float32 CHW in [0, 1] -> normalised plain tensor (the training tail)."""
+    return [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+        v2.ToPureTensor(),
+    ]
+
+
+@functools.lru_cache(maxsize=16)
+def eval_crop(
+    cfg: EvalTransformConfig = EvalTransformConfig(),
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side, centre-crop: RGB PIL -> (3, S, S) uint8.
+
+    The geometric half of the eval transform. Batch pipelines ship these uint8
+    crops (a quarter of the bytes of float32) and :func:`normalize` them next to
+    the model. Resizing happens on the PIL image, as in timm's eval pipeline the
+    published accuracy was measured with. Cached per config; stateless, so safe to share.
+    """
+    mode = InterpolationMode(cfg.interpolation)
+    return v2.Compose(
+        [
+            v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
+            v2.CenterCrop(cfg.image_size),
+            v2.PILToTensor(),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def normalize(crops: torch.Tensor, cfg: EvalTransformConfig = EvalTransformConfig()) -> torch.Tensor:
+    """uint8 crops (..., 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device."""
+    mean = torch.tensor(cfg.mean, device=crops.device).view(3, 1, 1)
+    std = torch.tensor(cfg.std, device=crops.device).view(3, 1, 1)
+    return (crops.float() / 255.0 - mean) / std
+
+
+def eval_transform(
+    cfg: EvalTransformConfig = EvalTransformConfig(),
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` + :func:`normalize`)."""
+    crop = eval_crop(cfg)
+    return lambda image: normalize(crop(image), cfg)
+
+
+def train_transform(
+    image_size: int = 224,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: str = "bicubic",
+    hflip: float = 0.5,
+    randaugment: bool = False,
+    randaugment_magnitude: int = 9,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Random-resized-crop augmentation for fine-tuning: RGB PIL -> (3, S, S) float32."""
+    mode = InterpolationMode(interpolation)
+    crop = v2.RandomResizedCrop(
+        image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True
+    )
+    steps: list[Callable] = [crop]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if randaugment:
+        steps.append(v2.RandAugment(magnitude=randaugment_magnitude, interpolation=mode))
+    return v2.Compose(steps + _to_normalized_tensor(mean, std))
+
+
+def decode_for_eval(
+    data: bytes,
+    cfg: EvalTransformConfig = EvalTransformConfig(),
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of :func:`preprocess`.
+
+    JPEGs are draft-decoded at no less than the resize target, so the result
+    is never upscaled afterwards.
+    """
+    image = decode_image(data, max_pixels=max_pixels, draft_size=cfg.resize_size)
+    return eval_crop(cfg)(image)
+
+
+def preprocess(
+    data: bytes,
+    cfg: EvalTransformConfig = EvalTransformConfig(),
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Encoded bytes -> model input (3, S, S) float32: decode, crop, normalise."""
+    return normalize(decode_for_eval(data, cfg, max_pixels=max_pixels), cfg)

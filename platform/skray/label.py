@@ -1,0 +1,270 @@
+"""The bulk labeling job: object storage -> decode -> model actors -> Parquet, exactly once.
+
+Everything that can be checked is checked before Ray does any work: the config,
+the input listing, the output location, and that the weights fit the model.
+Then units that earlier runs committed are skipped and the rest stream through
+Ray Data; the driver commits each unit's rows as one Parquet part the moment the
+unit is complete, and writes the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from skray.config import StrictModel, dump_config
+from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig
+from skray.model import DEFAULT_MODEL, list_models
+from skray.sinks import (
+    JOB_FILE,
+    MANIFEST,
+    OutputError,
+    check_writable,
+    clear_output,
+    committed_units,
+    join,
+    read_json,
+    summarize_output,
+    write_json,
+    write_part,
+)
+from skray.sources import Unit, detect_format, list_inputs, plan_units, read_unit
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = (
+    "key", "label_id", "label", "score", "topk_ids", "topk_scores", "model", "weights_sha256", "error", "meta",
+)
+PREDICTION_COLUMNS = ("label_id", "label", "score", "topk_ids", "topk_scores")
+
+
+class PreprocessingConfig(StrictModel):
+    image_size: int = Field(224, ge=32)
+    crop_pct: float = Field(0.875, gt=0, le=1)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+    def transform(self) -> EvalTransformConfig:
+        return EvalTransformConfig(self.image_size, self.crop_pct, self.interpolation)
+
+
+class ActorsConfig(StrictModel):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+    gpus: Literal["auto"] | float = "auto"  # per actor; auto = 1 when the cluster has GPUs
+    cpus: float = Field(1, gt=0)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU actor
+    compile: bool = False
+
+
+class LabelConfig(StrictModel):
+    input: str
+    output: str
+    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
+    exclude: list[str] = []
+    model: str | None = None  # None: the architecture recorded in the weights, else the default
+    weights: str | None = None
+    top_k: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1)
+    files_per_unit: int = Field(256, ge=1)
+    image_column: str = "image"
+    id_column: str | None = None
+    decode_cpus: float = Field(1, gt=0)
+    preprocessing: PreprocessingConfig = PreprocessingConfig()
+    actors: ActorsConfig = ActorsConfig()
+    overwrite: bool = False
+    progress_interval_s: float = Field(5, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        if value is not None and value not in list_models():
+            raise ValueError(f"unknown model {value!r}; registered: {', '.join(list_models())}")
+        return value
+
+    def fingerprint(self) -> str:
+        """What decides the output's content: a rerun must match it to resume."""
+        keys = ("input", "format", "exclude", "model", "weights", "top_k", "files_per_unit",
+                "image_column", "id_column", "preprocessing")
+        blob = json.dumps(self.model_dump(mode="json", include=set(keys)), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Progress:
+    """A driver line every few seconds: images done / total, img/s, ETA."""
+
+    def __init__(self, total: int | None, interval_s: float) -> None:
+        self.total, self.interval_s = total, interval_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            print(self.line(), flush=True)
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
+
+    def line(self) -> str:
+        total = "?" if self.total is None else str(self.total)
+        eta = ""
+        if self.total is not None and self.rate > 0:
+            eta = f", ETA {max(self.total - self.done, 0) / self.rate:.0f}s"
+        return f"[label] {self.done}/{total} images, {self.rate:.1f} img/s{eta}"
+
+
+class UnitCommitter:
+    """Gathers rows per unit and writes a unit's part as soon as all its rows arrived."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.committed = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> int:
+        n = len(batch["key"])
+        for i in range(n):
+            row = {c: _plain(batch[c][i]) for c in OUTPUT_COLUMNS}
+            if row["error"] is not None:
+                row.update(dict.fromkeys(PREDICTION_COLUMNS))
+            unit = batch["unit"][i]
+            rows = self.pending[unit]
+            rows.append(row)
+            if len(rows) == int(batch["unit_rows"][i]):
+                write_part(self.output, unit, sorted(rows, key=lambda r: r["key"]))
+                del self.pending[unit]
+                self.committed += 1
+        return n
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
+    """All checks that need no cluster: returns (all units, units still to do, weights info)."""
+    from skray.weights import load_model
+
+    files = list_inputs(cfg.input, cfg.exclude)
+    fmt = detect_format(files) if cfg.format == "auto" else cfg.format
+    units = plan_units(files, fmt, cfg.files_per_unit)
+    check_writable(cfg.output)
+    job_uri = join(cfg.output, JOB_FILE)
+    if cfg.overwrite:
+        clear_output(cfg.output)
+    else:
+        previous = read_json(job_uri)
+        if previous and previous.get("fingerprint") != cfg.fingerprint():
+            raise OutputError(
+                f"{cfg.output} holds results of a different labeling config "
+                f"(fingerprint {previous.get('fingerprint')} != {cfg.fingerprint()}): "
+                "use another output or --overwrite"
+            )
+    model, loaded = load_model(cfg.model, cfg.weights)  # weights that do not fit fail here
+    weights = {
+        "model": cfg.model or (loaded.architecture if loaded else None) or DEFAULT_MODEL,
+        "weights": loaded.source if loaded else None,
+        "weights_sha256": loaded.sha256 if loaded else None,
+        "random_weights": loaded is None,
+        "num_classes": model.num_classes,
+    }
+    del model
+    write_json(job_uri, {"fingerprint": cfg.fingerprint(), "format": fmt, "units": len(units)})
+    done = committed_units(cfg.output)
+    return units, [u for u in units if u.id not in done], weights
+
+
+def build_dataset(cfg: LabelConfig, units: list[Unit]):
+    import ray
+    import ray.data
+
+    from skray.predictor import Predictor, decode_batch
+
+    gpus = cfg.actors.gpus
+    if gpus == "auto":
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    preprocessing = cfg.preprocessing.transform()
+    ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
+    ds = ds.flat_map(
+        lambda row: read_unit(Unit.from_row(row), cfg.image_column, cfg.id_column), num_cpus=0.5
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"preprocessing": preprocessing, "max_pixels": cfg.preprocessing.max_pixels},
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.decode_cpus,
+    )
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "weights": cfg.weights,
+            "top_k": cfg.top_k,
+            "preprocessing": preprocessing,
+            "threads": cfg.actors.threads,
+            "compile": cfg.actors.compile,
+        },
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=max(cfg.actors.min, cfg.actors.max)),
+        num_gpus=gpus,
+        num_cpus=cfg.actors.cpus,
+    )
+
+
+def run(cfg: LabelConfig) -> dict[str, Any]:
+    """Label everything under ``cfg.input`` not yet in ``cfg.output``; returns the manifest."""
+    import ray
+
+    started = time.time()
+    print("[label] resolved config:\n" + dump_config(cfg), flush=True)
+    units, pending, weights = prepare(cfg)
+    if weights["random_weights"]:
+        print("[label] WARNING: no weights given: the model has RANDOM weights, labels are meaningless",
+              flush=True)
+    print(f"[label] {len(units)} units, {len(units) - len(pending)} already committed, "
+          f"{len(pending)} to do", flush=True)
+    known = [u.rows for u in pending]
+    progress = Progress(None if None in known else sum(known), cfg.progress_interval_s)
+    committer = UnitCommitter(cfg.output)
+    ray_started = time.time()
+    if pending:
+        ray.init(ignore_reinit_error=True)
+        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy"):
+            progress.add(committer.add(batch))
+        if committer.pending:
+            raise RuntimeError(f"{len(committer.pending)} units ended incomplete: rerun to finish them")
+    print(progress.line(), flush=True)
+    summary = summarize_output(cfg.output)
+    finished = time.time()
+    manifest = {
+        "output": cfg.output,
+        "inputs": summary["rows"],
+        "labeled": summary["labeled"],
+        "failed": summary["failed"],
+        "failed_by_reason": summary["failed_by_reason"],
+        "skipped_already_done": summary["rows"] - progress.done,
+        "units": {"total": len(units), "skipped": len(units) - len(pending), "committed": committer.committed},
+        "duplicates": summary["rows"] - summary["distinct_keys"],
+        "top_labels": summary["top_labels"],
+        **weights,
+        "timings": {
+            "total_s": round(finished - started, 3),
+            "pipeline_s": round(finished - ray_started, 3),
+            "images_this_run": progress.done,
+            "img_per_s": round(progress.rate, 3),
+        },
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    write_json(join(cfg.output, MANIFEST), manifest)
+    return manifest

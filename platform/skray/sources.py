@@ -1,0 +1,239 @@
+"""Input discovery and reading for the labeling job.
+
+An input is cut into *units* (a batch of image files, one WebDataset shard, one
+Parquet file). A unit is read whole by one task, and its output is committed as
+one Parquet part, so a rerun can skip exactly the units that finished.
+
+Rows carry ``key`` (stable id), ``data`` (the image bytes, or empty),
+``error`` (a read problem, or None), ``meta`` (passed-through JSON, or None),
+``unit`` and ``unit_rows`` (how many rows the unit has, so the writer knows
+when it is complete).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import posixpath
+import tarfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Literal
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from skray.storage import filesystem_for
+
+Format = Literal["images", "webdataset", "parquet"]
+
+IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "img", "image")
+METADATA_MEMBER_EXTENSIONS = ("cls", "json", "txt")
+GLOB_CHARS = "*?["
+
+
+class InputError(ValueError):
+    """The input cannot be labeled at all (missing, empty, unreadable): fails the job early."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of input read by one task and committed as one Parquet part."""
+
+    id: str
+    format: Format
+    uris: tuple[str, ...]
+    rows: int | None = None  # known up front for image files and Parquet, not for tar shards
+
+    def to_row(self) -> dict[str, Any]:
+        return {**asdict(self), "uris": list(self.uris)}
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> "Unit":
+        return Unit(row["id"], row["format"], tuple(row["uris"]), row["rows"])
+
+
+def _unit_id(fmt: str, uris: list[str]) -> str:
+    return hashlib.sha256(("\n".join([fmt, *uris])).encode()).hexdigest()[:20]
+
+
+def _scheme_prefix(uri: str) -> str:
+    return "s3://" if uri.startswith("s3://") else ""
+
+
+def _is_hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
+    """Every object under ``uri`` (a file, a prefix, or a glob), recursively and sorted,
+    without hidden names (``.x``, ``_x``) or those matching an ``exclude`` glob."""
+    glob_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
+    base = uri if glob_at < 0 else uri[:glob_at].rsplit("/", 1)[0]
+    fs, base_path = filesystem_for(base)
+    info = fs.get_file_info(base_path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {base}")
+    prefix = _scheme_prefix(uri)
+    if info.type == pafs.FileType.File:
+        files = [prefix + base_path]
+        base_path = posixpath.dirname(base_path)
+    else:
+        selector = pafs.FileSelector(base_path, recursive=True)
+        files = [prefix + f.path for f in fs.get_file_info(selector) if f.type == pafs.FileType.File]
+    kept = []
+    for file_uri in files:
+        relative = file_uri[len(prefix) :][len(base_path) :].lstrip("/")
+        if _is_hidden(relative) or any(fnmatch.fnmatch(relative, p) for p in exclude):
+            continue
+        if glob_at >= 0 and not fnmatch.fnmatch(file_uri, uri):
+            continue
+        kept.append(file_uri)
+    if not kept:
+        raise InputError(f"no input file matched {uri}" + (f" (exclude: {exclude})" if exclude else ""))
+    return sorted(kept)
+
+
+def detect_format(files: list[str]) -> Format:
+    """``webdataset`` when every file is a .tar, ``parquet`` when every file is .parquet, else images."""
+    if all(f.endswith(".tar") for f in files):
+        return "webdataset"
+    if all(f.endswith(".parquet") for f in files):
+        return "parquet"
+    return "images"
+
+
+def plan_units(files: list[str], fmt: Format, files_per_unit: int) -> list[Unit]:
+    if fmt == "images":
+        chunks = [files[i : i + files_per_unit] for i in range(0, len(files), files_per_unit)]
+        return [Unit(_unit_id(fmt, c), fmt, tuple(c), len(c)) for c in chunks]
+    if fmt == "parquet":
+        return [Unit(_unit_id(fmt, [f]), fmt, (f,), _parquet_rows(f)) for f in files]
+    return [Unit(_unit_id(fmt, [f]), fmt, (f,)) for f in files]
+
+
+def _parquet_rows(uri: str) -> int:
+    fs, path = filesystem_for(uri)
+    try:
+        return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    except Exception as err:  # noqa: BLE001 - any unreadable footer is an input problem
+        raise InputError(f"cannot read Parquet file {uri}: {err}") from None
+
+
+# --- reading one unit ------------------------------------------------------
+
+
+def _row(key: str, data: bytes = b"", error: str | None = None, meta: str | None = None) -> dict:
+    return {"key": key, "data": data, "error": error, "meta": meta}
+
+
+def _read_image_files(unit: Unit) -> Iterator[dict]:
+    for uri in unit.uris:
+        try:
+            fs, path = filesystem_for(uri)
+            with fs.open_input_stream(path) as stream:
+                yield _row(uri, stream.readall())
+        except OSError as err:
+            yield _row(uri, error=f"unreadable: {err}")
+
+
+def _tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
+    """(sample key, members by extension, error) per WebDataset sample, in tar order.
+
+    Members are grouped by basename up to the first dot (``a/b.jpg`` and
+    ``a/b.cls`` form sample ``a/b``); a tar that breaks off mid-way yields an
+    error for the sample it broke in.
+    """
+    fs, path = filesystem_for(uri)
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    with fs.open_input_stream(path) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile() or _is_hidden(info.name):
+                        continue
+                    dirname, basename = posixpath.split(info.name)
+                    stem, _, ext = basename.partition(".")
+                    key = posixpath.join(dirname, stem)
+                    if key != current and current is not None:
+                        yield current, members, None
+                        members = {}
+                    current = key
+                    members[ext.lower()] = tar.extractfile(info).read()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            yield (current or "<tar>"), None, f"broken_tar: {err}"
+            return
+    if current is not None:
+        yield current, members, None
+
+
+def _sample_row(uri: str, key: str, members: dict[str, bytes] | None, error: str | None) -> dict:
+    full_key = f"{uri}#{key}"
+    if error:
+        return _row(full_key, error=error)
+    image_ext = next((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS), None)
+    meta = {e: _decode_member(members[e], e) for e in members if e in METADATA_MEMBER_EXTENSIONS}
+    meta_json = json.dumps(meta, sort_keys=True) if meta else None
+    if image_ext is None:
+        return _row(full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json)
+    return _row(full_key, members[image_ext], meta=meta_json)
+
+
+def _decode_member(data: bytes, ext: str) -> Any:
+    text = data.decode("utf-8", errors="replace").strip()
+    if ext == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if ext == "cls" and text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def _read_webdataset(unit: Unit) -> Iterator[dict]:
+    uri = unit.uris[0]
+    try:
+        samples = list(_tar_samples(uri))
+    except OSError as err:
+        yield _row(uri, error=f"unreadable: {err}")
+        return
+    if not samples:
+        yield _row(uri, error="empty_shard: the tar holds no samples")
+    for key, members, error in samples:
+        yield _sample_row(uri, key, members, error)
+
+
+def _read_parquet(unit: Unit, image_column: str, id_column: str | None) -> Iterator[dict]:
+    uri = unit.uris[0]
+    fs, path = filesystem_for(uri)
+    parquet = pq.ParquetFile(path, filesystem=fs)
+    names = parquet.schema_arrow.names
+    if image_column not in names:
+        raise InputError(f"{uri}: no image column {image_column!r} (columns: {names})")
+    if id_column and id_column not in names:
+        raise InputError(f"{uri}: no id column {id_column!r} (columns: {names})")
+    columns = [image_column] + ([id_column] if id_column else [])
+    index = 0
+    for batch in parquet.iter_batches(batch_size=256, columns=columns):
+        images = batch.column(image_column).to_pylist()
+        ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
+        for data, row_id in zip(images, ids):
+            key = f"{uri}#{row_id if row_id is not None else index}"
+            yield _row(key, data or b"")
+            index += 1
+
+
+def read_unit(unit: Unit, image_column: str = "image", id_column: str | None = None) -> list[dict]:
+    """All rows of one unit, each tagged with the unit id and its row count."""
+    if unit.format == "images":
+        rows = list(_read_image_files(unit))
+    elif unit.format == "webdataset":
+        rows = list(_read_webdataset(unit))
+    else:
+        rows = list(_read_parquet(unit, image_column, id_column))
+    for row in rows:
+        row["unit"] = unit.id
+        row["unit_rows"] = len(rows)
+    return rows

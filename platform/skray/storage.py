@@ -1,0 +1,134 @@
+"""One way to read and write bytes at a local path or an ``s3://`` URI.
+
+Every component that touches weights, datasets or results goes through here, so
+S3 credentials come from one place (the standard AWS environment) and local
+writes are atomic everywhere. Imports pyarrow only: pyarrow's S3 client is
+already a dependency of Ray Data, so no second S3 stack is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "s3_options_from_env",
+    "filesystem_for",
+    "is_remote",
+    "read_bytes",
+    "write_bytes_atomic",
+    "exists",
+]
+
+# One shared instance: the retry strategy hashes by identity, and the filesystem
+# cache is keyed on the option values.
+_RETRY_STRATEGY = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+
+_ENV_OPTIONS = {
+    "access_key": ("AWS_ACCESS_KEY_ID",),
+    "secret_key": ("AWS_SECRET_ACCESS_KEY",),
+    "session_token": ("AWS_SESSION_TOKEN",),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+}
+
+
+def _first_env(*names: str) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def s3_options_from_env(overrides: dict | None = None) -> dict:
+    """Keyword arguments for ``pyarrow.fs.S3FileSystem`` from the standard AWS variables.
+
+    ``AWS_ENDPOINT_URL_S3`` (else ``AWS_ENDPOINT_URL``) points at MinIO, moto or
+    another S3-compatible store; transient errors are retried up to 5 times.
+    The result holds secrets: never log it.
+    """
+    options: dict = {"retry_strategy": _RETRY_STRATEGY}
+    for option, names in _ENV_OPTIONS.items():
+        value = _first_env(*names)
+        if value:
+            options[option] = value
+    endpoint = _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme:
+            options["scheme"] = parsed.scheme
+            options["endpoint_override"] = parsed.netloc
+        else:
+            options["endpoint_override"] = endpoint
+    options.update(overrides or {})
+    return options
+
+
+@functools.cache
+def _s3_filesystem(options: tuple[tuple[str, object], ...]) -> pafs.S3FileSystem:
+    # Creating an S3FileSystem resolves credentials and opens a client: do it once per option set.
+    return pafs.S3FileSystem(**dict(options))
+
+
+def _local_path(uri: str) -> str:
+    path = urlparse(uri).path if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def filesystem_for(uri: str, s3_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``uri`` and the path to pass to it.
+
+    ``s3://bucket/key`` -> (S3FileSystem, ``bucket/key``); a local path or
+    ``file://`` URI -> (LocalFileSystem, absolute path). ``s3_options`` values
+    must be hashable; the default comes from :func:`s3_options_from_env`.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        options = s3_options_from_env() if s3_options is None else s3_options
+        return _s3_filesystem(tuple(sorted(options.items()))), uri[len("s3://") :]
+    if scheme in ("", "file"):
+        return pafs.LocalFileSystem(), _local_path(uri)
+    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path or s3://")
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for URIs with a network scheme (``s3://``, ``https://``...), False for local files."""
+    return urlparse(os.fspath(uri)).scheme not in ("", "file")
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    fs, path = filesystem_for(os.fspath(uri))
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that readers see the old content or the new, never a partial file.
+
+    Locally: a temporary file in the same directory, fsynced, then ``os.replace``.
+    On S3 an object only appears once its upload completes, so a plain write is atomic.
+    """
+    uri = os.fspath(uri)
+    if is_remote(uri):
+        fs, path = filesystem_for(uri)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    target = Path(_local_path(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = filesystem_for(os.fspath(uri))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
