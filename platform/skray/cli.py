@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from skray.model import DEFAULT_MODEL, list_models
@@ -16,7 +15,7 @@ RANDOM_WEIGHTS_WARNING = (
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="path, s3://, https:// URI, or 'pretrained'")
-    parser.add_argument("--model", choices=list_models(), help=f"architecture (default {DEFAULT_MODEL}, "
+    parser.add_argument("--model", choices=list_models(), help="architecture (default {DEFAULT_MODEL}, "
                         "or the one recorded in the weights)")
 
 
@@ -51,10 +50,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures == len(args.images) else 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from skray.config import ConfigError, load_config
+    from skray.label import LabelConfig, format_summary, run
+    from skray.sinks import OutputError
+    from skray.sources import InputError
+    from skray.weights import WeightsError
+
+    flags = {
+        "input": args.input, "output": args.output, "weights": args.weights, "model": args.model,
+        "format": args.format, "batch_size": args.batch_size, "top_k": args.top_k,
+        "overwrite": args.overwrite or None,
+    }
+    try:
+        cfg = load_config(LabelConfig, args.config, args.set, {k: v for k, v in flags.items() if v is not None})
+        manifest = run(cfg)
+    except (ConfigError, InputError, OutputError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(manifest))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skray.demo import run_demo
 
-    return run_demo(workdir=Path(args.workdir), model=args.model)
+    return run_demo(model=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16)
     predict.set_defaults(func=cmd_predict)
 
+    label = sub.add_parser("label", help="label images in bulk on Ray Data, exactly once")
+    label.add_argument("--config", help="YAML config (configs/label.yaml)")
+    label.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set actors.max=4 (repeatable)")
+    label.add_argument("--input", help="local path or s3://bucket/prefix (globs allowed)")
+    label.add_argument("--output", help="local path or s3://bucket/prefix for the Parquet parts")
+    _add_model_args(label)
+    label.add_argument("--format", choices=["auto", "images", "webdataset", "parquet"])
+    label.add_argument("--batch-size", type=int)
+    label.add_argument("--top-k", type=int)
+    label.add_argument("--overwrite", action="store_true", help="discard earlier output and start over")
+    label.set_defaults(func=cmd_label)
+
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
-    demo.add_argument("--workdir", default=".skray/demo")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -1,37 +1,115 @@
-"""``make demo``: classify a few generated images (and one broken file) end to end."""
+"""``make demo``: the labeling job end to end on the embedded default.
+
+Starts an S3 server and a Ray head on 127.0.0.1, writes a sample dataset (image
+files, WebDataset shards and a few broken files) to a bucket, submits the job
+with ``ray job submit``, prints the summary and stops what it started.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import random
+import tarfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from skray.cli import main as cli_main
+from skray.embedded import EmbeddedS3, LocalRayHead
+from skray.label import format_summary
+from skray.sinks import MANIFEST, join, read_json
+from skray.storage import write_bytes_atomic
+
+FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def sample_images(count: int = 6, size: int = 320) -> dict[str, bytes]:
-    """Synthetic pictures in several formats, plus one truncated JPEG."""
-    images: dict[str, bytes] = {}
-    formats = ["JPEG", "PNG", "WEBP"]
-    for i in range(count):
-        img = Image.new("RGB", (size, size), (40 * i % 256, 90, 200 - 30 * i % 200))
-        draw = ImageDraw.Draw(img)
-        draw.ellipse((size // 6, size // 6, size - size // 4, size - size // 5), fill=(220, 30 * i, 60))
-        draw.rectangle((0, size - size // 5, size, size), fill=(30, 140, 40))
-        buf = io.BytesIO()
-        fmt = formats[i % len(formats)]
-        img.save(buf, fmt)
-        images[f"sample_{i:02d}.{fmt.lower()}"] = buf.getvalue()
-    images["broken.jpg"] = images["sample_00.jpeg"][:300]
-    return images
+def synthetic_image(seed: int, size: tuple[int, int] = (320, 256), fmt: str = "JPEG") -> bytes:
+    """A picture with a sky, a ground and a coloured blob: varied, cheap, decodable."""
+    rng = random.Random(seed)
+    w, h = size
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, int(h * rng.uniform(0.5, 0.8)), w, h), fill=tuple(rng.randrange(256) for _ in range(3)))
+    x, y = rng.randrange(w // 2), rng.randrange(h // 2)
+    draw.ellipse((x, y, x + w // 3, y + h // 3), fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
 
 
-def run_demo(workdir: Path, model: str) -> int:
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, data in sample_images().items():
-        (workdir / name).write_bytes(data)
-        paths.append(str(workdir / name))
-    print(f"classifying {len(paths)} generated images in {workdir} with {model}")
-    return cli_main(["predict", "--model", model, "--top-k", "3", *paths])
+def broken_files() -> dict[str, bytes]:
+    """One file per failure reason the job reports."""
+    good = synthetic_image(0)
+    bomb = io.BytesIO()
+    Image.new("L", (12000, 10000)).save(bomb, "PNG")  # 120 MP: over the default pixel limit
+    return {
+        "broken/zero-bytes.jpg": b"",
+        "broken/truncated.jpg": good[: len(good) // 3],
+        "broken/not-an-image.jpg": b"%PDF-1.4 definitely not a picture",
+        "broken/no-extension-text": b"plain text in an extension-less object",
+        "broken/bomb.png": bomb.getvalue(),
+    }
+
+
+def webdataset_shard(first: int, count: int, broken_member: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(first, first + count):
+            members = {"jpg": synthetic_image(i), "cls": str(i % 10).encode(),
+                       "json": json.dumps({"source": "demo", "index": i}).encode()}
+            if broken_member and i == first:
+                members["jpg"] = members["jpg"][:200]
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"sample{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_sample_dataset(root: str, files: int = 120, shards: int = 2, per_shard: int = 80,
+                         broken: bool = True) -> list[str]:
+    """Write the demo dataset under ``root`` (local or s3://); returns every expected key."""
+    keys: list[str] = []
+    for i in range(files):
+        fmt = FORMATS[i % len(FORMATS)]
+        name = f"images/{i // 50:02d}/img{i:05d}" + ("" if i % 10 == 9 else f".{fmt.lower()}")
+        write_bytes_atomic(join(root, name), synthetic_image(i, fmt=fmt))
+        keys.append(join(root, name))
+    for s in range(shards):
+        uri = join(root, f"shards/shard-{s:05d}.tar")
+        write_bytes_atomic(uri, webdataset_shard(100_000 + s * per_shard, per_shard, broken_member=broken))
+        keys += [f"{uri}#sample{i:06d}" for i in range(100_000 + s * per_shard, 100_000 + (s + 1) * per_shard)]
+    if broken:
+        for name, data in broken_files().items():
+            write_bytes_atomic(join(root, name), data)
+            keys.append(join(root, name))
+    return sorted(keys)
+
+
+def run_demo(model: str, bucket: str = "skray-demo") -> int:
+    project = Path.cwd()
+    if not (project / "pipelines" / "label.py").is_file():
+        raise SystemExit("run the demo from the project root (where pipelines/ and configs/ are)")
+    with EmbeddedS3() as s3:
+        os.environ.update(s3.env())
+        s3.create_bucket(bucket)
+        data, labels = f"s3://{bucket}/data", f"s3://{bucket}/labels"
+        keys = write_sample_dataset(data)
+        print(f"[demo] S3 server on {s3.endpoint_url}: wrote {len(keys)} sample inputs to {data}/")
+        with LocalRayHead(num_cpus=4, env=s3.env()) as head:
+            print(f"[demo] Ray head at {head.address} (token auth on); submitting the labeling job")
+            job = head.submit(
+                ["python", "pipelines/label.py", "--config", "configs/label.yaml",
+                 "--set", f"input={data}/", "--set", f"output={labels}/", "--set", f"model={model}",
+                 "--set", "actors.threads=2"],
+                working_dir=str(project), capture=False,
+            )
+        manifest = read_json(join(labels, MANIFEST))
+        if job.returncode != 0 or manifest is None:
+            print(f"[demo] the job failed (exit {job.returncode})")
+            return 1
+        print("\n[demo] summary (read back from " + join(labels, MANIFEST) + "):")
+        print(format_summary(manifest))
+        print("[demo] the S3 server and Ray head are stopped; nothing is left running")
+    return 0

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from typing import Any, Literal
 
-import numpy as np
+import pyarrow as pa
 from pydantic import Field, field_validator
 
 from skray.config import StrictModel, dump_config
@@ -35,14 +35,13 @@ from skray.sinks import (
     write_json,
     write_part,
 )
-from skray.sources import Unit, detect_format, list_inputs, plan_units, read_unit
+from skray.sources import Unit, list_inputs, plan_units, read_unit
 
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = (
     "key", "label_id", "label", "score", "topk_ids", "topk_scores", "model", "weights_sha256", "error", "meta",
 )
-PREDICTION_COLUMNS = ("label_id", "label", "score", "topk_ids", "topk_scores")
 
 
 class PreprocessingConfig(StrictModel):
@@ -76,7 +75,7 @@ class LabelConfig(StrictModel):
     files_per_unit: int = Field(256, ge=1)
     image_column: str = "image"
     id_column: str | None = None
-    decode_cpus: float = Field(1, gt=0)
+    decode_cpus: float = Field(0.5, gt=0)  # read + decode tasks; differs from actors.cpus so Ray keeps the stages apart
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     actors: ActorsConfig = ActorsConfig()
     overwrite: bool = False
@@ -132,24 +131,16 @@ class UnitCommitter:
         self.pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.committed = 0
 
-    def add(self, batch: dict[str, np.ndarray]) -> int:
-        n = len(batch["key"])
-        for i in range(n):
-            row = {c: _plain(batch[c][i]) for c in OUTPUT_COLUMNS}
-            if row["error"] is not None:
-                row.update(dict.fromkeys(PREDICTION_COLUMNS))
-            unit = batch["unit"][i]
+    def add(self, batch: pa.Table) -> int:
+        for record in batch.select([*OUTPUT_COLUMNS, "unit", "unit_rows"]).to_pylist():
+            unit, unit_rows = record.pop("unit"), record.pop("unit_rows")
             rows = self.pending[unit]
-            rows.append(row)
-            if len(rows) == int(batch["unit_rows"][i]):
+            rows.append(record)
+            if len(rows) == unit_rows:
                 write_part(self.output, unit, sorted(rows, key=lambda r: r["key"]))
                 del self.pending[unit]
                 self.committed += 1
-        return n
-
-
-def _plain(value: Any) -> Any:
-    return value.tolist() if hasattr(value, "tolist") else value
+        return batch.num_rows
 
 
 def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
@@ -157,8 +148,8 @@ def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
     from skray.weights import load_model
 
     files = list_inputs(cfg.input, cfg.exclude)
-    fmt = detect_format(files) if cfg.format == "auto" else cfg.format
-    units = plan_units(files, fmt, cfg.files_per_unit)
+    columns = (cfg.image_column,) + ((cfg.id_column,) if cfg.id_column else ())
+    units = plan_units(files, cfg.format, cfg.files_per_unit, columns)
     check_writable(cfg.output)
     job_uri = join(cfg.output, JOB_FILE)
     if cfg.overwrite:
@@ -180,7 +171,7 @@ def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
         "num_classes": model.num_classes,
     }
     del model
-    write_json(job_uri, {"fingerprint": cfg.fingerprint(), "format": fmt, "units": len(units)})
+    write_json(job_uri, {"fingerprint": cfg.fingerprint(), "units": len(units)})
     done = committed_units(cfg.output)
     return units, [u for u in units if u.id not in done], weights
 
@@ -197,7 +188,8 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
     preprocessing = cfg.preprocessing.transform()
     ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
     ds = ds.flat_map(
-        lambda row: read_unit(Unit.from_row(row), cfg.image_column, cfg.id_column), num_cpus=0.5
+        lambda row: read_unit(Unit.from_row(row), cfg.image_column, cfg.id_column),
+        num_cpus=cfg.decode_cpus,
     )
     ds = ds.map_batches(
         decode_batch,
@@ -240,7 +232,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     ray_started = time.time()
     if pending:
         ray.init(ignore_reinit_error=True)
-        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.add(committer.add(batch))
         if committer.pending:
             raise RuntimeError(f"{len(committer.pending)} units ended incomplete: rerun to finish them")
@@ -268,3 +260,24 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     }
     write_json(join(cfg.output, MANIFEST), manifest)
     return manifest
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """The table a person reads at the end of a run."""
+    timings = manifest["timings"]
+    lines = [
+        f"inputs              {manifest['inputs']}",
+        f"labeled             {manifest['labeled']}",
+        f"failed              {manifest['failed']}",
+        *(f"  {reason:<18}{count}" for reason, count in manifest["failed_by_reason"].items()),
+        f"skipped (done)      {manifest['skipped_already_done']}",
+        f"duplicates          {manifest['duplicates']}",
+        f"img/s (this run)    {timings['img_per_s']}",
+        f"wall time           {timings['total_s']} s",
+        f"model               {manifest['model']}"
+        + (" (RANDOM weights: labels are meaningless)" if manifest["random_weights"] else ""),
+        "most frequent labels:",
+        *(f"  {count:>6}  {label}" for label, count in manifest["top_labels"]),
+        f"Parquet             {manifest['output']}",
+    ]
+    return "\n".join(lines)

@@ -9,9 +9,8 @@ object store, and the same arithmetic as :func:`skray.images.preprocess`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import pyarrow as pa
 import torch
 
 from skray.classifier import Classifier
@@ -30,7 +29,7 @@ def decode_batch(
     crops = np.zeros((len(batch["key"]), 3, size, size), dtype=np.uint8)
     errors = list(batch["error"])
     for i, data in enumerate(batch["data"]):
-        if errors[i] is not None:
+        if errors[i]:
             continue
         try:
             crops[i] = decode_for_eval(bytes(data), preprocessing, max_pixels=max_pixels).numpy()
@@ -62,29 +61,33 @@ class Predictor:
         )
         self.top_k = top_k
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["key"])
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
-        k = min(self.top_k, len(self.classifier.class_names))
-        label_id = np.full(n, -1, dtype=np.int32)
-        score = np.zeros(n, dtype=np.float32)
-        topk_ids = np.full((n, k), -1, dtype=np.int32)
-        topk_scores = np.zeros((n, k), dtype=np.float32)
-        if ok.any():
-            predictions = self.classifier.predict_tensors(torch.from_numpy(batch["image"][ok]), k)
-            rows = np.flatnonzero(ok)
-            for row, p in zip(rows, predictions):
-                label_id[row], score[row] = p.label_id, p.score
-                topk_ids[row], topk_scores[row] = p.topk_ids, p.topk_scores
-        names = self.classifier.class_names
-        out = {name: batch[name] for name in PASSTHROUGH}
-        out.update(
-            label_id=label_id,
-            label=np.array([names[i] if i >= 0 else None for i in label_id], dtype=object),
-            score=score,
-            topk_ids=topk_ids,
-            topk_scores=topk_scores,
-            model=np.full(n, self.classifier.architecture, dtype=object),
-            weights_sha256=np.full(n, self.classifier.weights_sha256, dtype=object),
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        predictions = iter(
+            self.classifier.predict_tensors(torch.from_numpy(batch["image"][ok]), self.top_k)
+            if ok.any()
+            else []
         )
-        return out
+        results = [next(predictions) if good else None for good in ok]
+        names = self.classifier.class_names
+
+        def column(field: str) -> list:
+            return [getattr(p, field) if p else None for p in results]
+
+        return pa.table(
+            {
+                "key": pa.array(batch["key"], pa.string()),
+                "label_id": pa.array(column("label_id"), pa.int32()),
+                "label": pa.array([names[p.label_id] if p else None for p in results], pa.string()),
+                "score": pa.array(column("score"), pa.float32()),
+                "topk_ids": pa.array(column("topk_ids"), pa.list_(pa.int32())),
+                "topk_scores": pa.array(column("topk_scores"), pa.list_(pa.float32())),
+                "model": pa.array([self.classifier.architecture] * n, pa.string()),
+                "weights_sha256": pa.array([self.classifier.weights_sha256] * n, pa.string()),
+                "error": pa.array([e or None for e in batch["error"]], pa.string()),
+                "meta": pa.array([m or None for m in batch["meta"]], pa.string()),
+                "unit": pa.array(batch["unit"], pa.string()),
+                "unit_rows": pa.array(batch["unit_rows"], pa.int64()),
+            }
+        )

@@ -4,8 +4,10 @@ An input is cut into *units* (a batch of image files, one WebDataset shard, one
 Parquet file). A unit is read whole by one task, and its output is committed as
 one Parquet part, so a rerun can skip exactly the units that finished.
 
+Inside the pipeline "no error" and "no metadata" are empty strings, not None:
+a column of only None has no type, and Ray Data would turn it into NaNs.
 Rows carry ``key`` (stable id), ``data`` (the image bytes, or empty),
-``error`` (a read problem, or None), ``meta`` (passed-through JSON, or None),
+``error`` (a read problem, or ""), ``meta`` (passed-through JSON, or ""),
 ``unit`` and ``unit_rows`` (how many rows the unit has, so the writer knows
 when it is complete).
 """
@@ -94,36 +96,56 @@ def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
     return sorted(kept)
 
 
-def detect_format(files: list[str]) -> Format:
-    """``webdataset`` when every file is a .tar, ``parquet`` when every file is .parquet, else images."""
-    if all(f.endswith(".tar") for f in files):
+def file_format(uri: str) -> Format:
+    """How ``format: auto`` reads a file: .tar shards, .parquet tables, anything else an image."""
+    if uri.endswith(".tar"):
         return "webdataset"
-    if all(f.endswith(".parquet") for f in files):
+    if uri.endswith(".parquet"):
         return "parquet"
     return "images"
 
 
-def plan_units(files: list[str], fmt: Format, files_per_unit: int) -> list[Unit]:
-    if fmt == "images":
-        chunks = [files[i : i + files_per_unit] for i in range(0, len(files), files_per_unit)]
-        return [Unit(_unit_id(fmt, c), fmt, tuple(c), len(c)) for c in chunks]
-    if fmt == "parquet":
-        return [Unit(_unit_id(fmt, [f]), fmt, (f,), _parquet_rows(f)) for f in files]
-    return [Unit(_unit_id(fmt, [f]), fmt, (f,)) for f in files]
+def plan_units(
+    files: list[str],
+    fmt: Format | Literal["auto"],
+    files_per_unit: int,
+    parquet_columns: tuple[str, ...] = ("image",),
+) -> list[Unit]:
+    """Cut the sorted file list into units: image files in runs of ``files_per_unit``,
+    each tar shard and each Parquet file on its own. Ids depend on the files only.
+    Parquet files are checked for ``parquet_columns`` here, before any work."""
+    by_format: dict[Format, list[str]] = {}
+    for uri in files:
+        by_format.setdefault(file_format(uri) if fmt == "auto" else fmt, []).append(uri)
+    units: list[Unit] = []
+    for kind, uris in by_format.items():
+        if kind == "images":
+            chunks = [uris[i : i + files_per_unit] for i in range(0, len(uris), files_per_unit)]
+            units += [Unit(_unit_id(kind, c), kind, tuple(c), len(c)) for c in chunks]
+        elif kind == "parquet":
+            units += [Unit(_unit_id(kind, [f]), kind, (f,), _parquet_rows(f, parquet_columns)) for f in uris]
+        else:
+            units += [Unit(_unit_id(kind, [f]), kind, (f,)) for f in uris]
+    return units
 
 
-def _parquet_rows(uri: str) -> int:
+def _parquet_rows(uri: str, columns: tuple[str, ...]) -> int:
     fs, path = filesystem_for(uri)
     try:
-        return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+        parquet = pq.ParquetFile(path, filesystem=fs)
     except Exception as err:  # noqa: BLE001 - any unreadable footer is an input problem
         raise InputError(f"cannot read Parquet file {uri}: {err}") from None
+    names = parquet.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{uri}: no column {missing[0]!r} (columns: {names})")
+    return parquet.metadata.num_rows
 
 
 # --- reading one unit ------------------------------------------------------
 
 
-def _row(key: str, data: bytes = b"", error: str | None = None, meta: str | None = None) -> dict:
+def _row(key: str, data: bytes = b"", error: str = "", meta: str = "") -> dict:
     return {"key": key, "data": data, "error": error, "meta": meta}
 
 
@@ -174,7 +196,7 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes] | None, error: str
         return _row(full_key, error=error)
     image_ext = next((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS), None)
     meta = {e: _decode_member(members[e], e) for e in members if e in METADATA_MEMBER_EXTENSIONS}
-    meta_json = json.dumps(meta, sort_keys=True) if meta else None
+    meta_json = json.dumps(meta, sort_keys=True) if meta else ""
     if image_ext is None:
         return _row(full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json)
     return _row(full_key, members[image_ext], meta=meta_json)
@@ -209,11 +231,6 @@ def _read_parquet(unit: Unit, image_column: str, id_column: str | None) -> Itera
     uri = unit.uris[0]
     fs, path = filesystem_for(uri)
     parquet = pq.ParquetFile(path, filesystem=fs)
-    names = parquet.schema_arrow.names
-    if image_column not in names:
-        raise InputError(f"{uri}: no image column {image_column!r} (columns: {names})")
-    if id_column and id_column not in names:
-        raise InputError(f"{uri}: no id column {id_column!r} (columns: {names})")
     columns = [image_column] + ([id_column] if id_column else [])
     index = 0
     for batch in parquet.iter_batches(batch_size=256, columns=columns):

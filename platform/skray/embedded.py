@@ -1,0 +1,191 @@
+"""The embedded default: an S3-compatible server and a local Ray head on 127.0.0.1.
+
+``make demo`` and the tests use these instead of a cloud: the same code paths
+(S3 protocol, ``ray job submit``, token auth) against servers this module starts
+and stops. Each is a context manager that cleans up what it started, and only that.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+LOOPBACK = "127.0.0.1"
+# moto accepts any credentials; these only exist so clients sign their requests.
+EMBEDDED_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "skray-embedded", "AWS_SECRET_ACCESS_KEY": "skray-embedded"}
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not come up within {timeout_s:.0f} s")
+
+
+class _Service(abc.ABC):
+    """Started on ``with`` entry, stopped on exit, whatever happened inside."""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+
+class EmbeddedS3(_Service):
+    """moto's S3 server in a child process on 127.0.0.1 (state lives in memory)."""
+
+    def __init__(self, host: str = LOOPBACK, port: int | None = None, region: str = "us-east-1") -> None:
+        self.host, self.port, self.region = host, port or free_port(host), region
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables that point every client (boto3, pyarrow) here."""
+        return {
+            **EMBEDDED_S3_CREDENTIALS,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+        }
+
+    def _responds(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_until(self._responds, 60, f"the S3 server at {self.endpoint_url}")
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+
+    def create_bucket(self, name: str) -> None:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                              aws_access_key_id=EMBEDDED_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=EMBEDDED_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket=name)
+
+
+def ray_cli() -> str:
+    """The ``ray`` next to this interpreter, so jobs run with this venv's ``python``."""
+    local = Path(sys.executable).parent / "ray"
+    return str(local) if local.exists() else (shutil.which("ray") or "ray")
+
+
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for ``ray start`` / ``ray job submit``: this venv first on PATH, token auth on."""
+    env = {**os.environ, **(extra or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def ensure_auth_token(env: dict[str, str]) -> None:
+    """Token auth stays on: create Ray's default token file (~/.ray/auth_token) if there is none."""
+    subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class LocalRayHead(_Service):
+    """``ray start --head`` on 127.0.0.1 with token auth; ``stop`` runs ``ray stop``.
+
+    Environment given here (e.g. the S3 endpoint and credentials) reaches every
+    worker and job on the node, which is how a real cluster gets its credentials
+    (node environment or instance roles), never through job arguments.
+    """
+
+    def __init__(self, num_cpus: int = 4, env: dict[str, str] | None = None,
+                 object_store_bytes: int = 1 << 30) -> None:
+        self.num_cpus, self.object_store_bytes = num_cpus, object_store_bytes
+        self.env = ray_env(env)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+
+    @property
+    def address(self) -> str:
+        """Where ``ray job submit`` and the job SDK connect."""
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        """Where ``ray start --address`` (another node) and ``ray.init`` connect."""
+        return f"{LOOPBACK}:{self.gcs_port}"
+
+    def start(self) -> None:
+        ensure_auth_token(self.env)
+        subprocess.run(
+            [ray_cli(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={self.gcs_port}",
+             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+             f"--num-cpus={self.num_cpus}", f"--object-store-memory={self.object_store_bytes}",
+             "--disable-usage-stats"],
+            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        _wait_until(self._dashboard_up, 90, f"the Ray dashboard at {self.address}")
+
+    def _dashboard_up(self) -> bool:
+        try:
+            urllib.request.urlopen(self.address + "/api/version", timeout=2).close()
+            return True
+        except OSError as err:
+            return getattr(err, "code", None) in (401, 403)  # up, and asking for the token
+
+    def add_worker_node(self, num_cpus: int = 2) -> None:
+        """Join a second raylet to this head on the same machine (``ray start --address``)."""
+        subprocess.run(
+            [ray_cli(), "start", f"--address={self.gcs_address}", f"--node-ip-address={LOOPBACK}",
+             f"--num-cpus={num_cpus}", f"--object-store-memory={self.object_store_bytes // 2}",
+             "--disable-usage-stats"],
+            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def submit_command(self, entrypoint: list[str], working_dir: str = ".") -> list[str]:
+        """``ray job submit --working-dir DIR -- ENTRYPOINT``, exactly what a user types."""
+        return [ray_cli(), "job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
+                "--", *entrypoint]
+
+    def submit(self, entrypoint: list[str], working_dir: str = ".", capture: bool = True,
+               timeout_s: float = 900) -> subprocess.CompletedProcess:
+        """Submit and wait; the job's logs are captured, or streamed when ``capture`` is off."""
+        return subprocess.run(self.submit_command(entrypoint, working_dir), env=self.env,
+                              capture_output=capture, text=True, timeout=timeout_s)
+
+    def stop(self) -> None:
+        subprocess.run([ray_cli(), "stop", "--force"], env=self.env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
