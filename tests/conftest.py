@@ -1,23 +1,57 @@
-"""Shared fixtures."""
+"""Shared fixtures: one embedded S3 server and one local Ray cluster per test session."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from skray.embedded import EmbeddedS3, LocalRayHead
+
+# Ray reads its auth mode once, when first used: set it before anything connects.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+PROJECT = Path(__file__).resolve().parents[1]
+SMALL = "skresnext14_8x4d_half"
+
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """An in-process moto S3 server on a free port; yields its endpoint URL.
+def embedded_s3() -> Iterator[EmbeddedS3]:
+    """moto's S3 server on 127.0.0.1, started by the project's own code; this process's
+    AWS environment points at it for the whole session (tests use their own buckets)."""
+    saved = dict(os.environ)
+    with EmbeddedS3() as s3:
+        os.environ.update(s3.env())
+        yield s3
+    os.environ.clear()
+    os.environ.update(saved)
 
-    Tests point the AWS environment at it (``monkeypatch.setenv``) and use their
-    own bucket names, since the server's state lives for the whole session.
-    """
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+@pytest.fixture(scope="session")
+def s3_server(embedded_s3: EmbeddedS3) -> str:
+    """The embedded S3 endpoint URL."""
+    return embedded_s3.endpoint_url
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(embedded_s3: EmbeddedS3) -> Iterator[LocalRayHead]:
+    """A Ray head started with ``ray start`` (token auth on, 4 logical CPUs, the S3
+    environment on every worker); this test process is connected to it as a driver."""
+    import ray
+
+    with LocalRayHead(num_cpus=4, env=embedded_s3.env()) as head:
+        ray.init(address=head.gcs_address, logging_level="WARNING")
+        try:
+            yield head
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def bucket(embedded_s3: EmbeddedS3, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket named after the test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    embedded_s3.create_bucket(name)
+    return f"s3://{name}"

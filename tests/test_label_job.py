@@ -1,0 +1,150 @@
+"""The labeling job end to end: real `ray job submit`, embedded S3, kills and reruns."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from skray.demo import synthetic_image, write_sample_dataset
+from skray.embedded import LocalRayHead
+from skray.label import LabelConfig, run
+from skray.sinks import MANIFEST, PART_PREFIX, committed_units, join, read_json
+from skray.storage import filesystem_for, write_bytes_atomic
+
+from conftest import PROJECT, SMALL
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def output_keys(output: str) -> list[str]:
+    fs, path = filesystem_for(output)
+    table = pq.read_table(path, filesystem=fs, columns=["key"])
+    return table.column("key").to_pylist()
+
+
+def output_table(output: str) -> pa.Table:
+    fs, path = filesystem_for(output)
+    return pq.read_table(path, filesystem=fs)
+
+
+def label_command(input_uri: str, output_uri: str, *extra: str) -> list[str]:
+    return ["python", "pipelines/label.py", "--config", "configs/label.yaml",
+            "--set", f"input={input_uri}", "--set", f"output={output_uri}",
+            "--set", f"model={SMALL}", "--set", "batch_size=16", "--set", "progress_interval_s=1", *extra]
+
+
+def write_parquet_images(uri: str, ids: list[str]) -> None:
+    table = pa.table({"id": ids, "image": [synthetic_image(i, fmt="PNG") for i in range(len(ids))]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def test_ray_job_submit_labels_every_s3_input_exactly_once(ray_cluster: LocalRayHead, bucket: str):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_sample_dataset(data, files=30, shards=2, per_shard=12)
+    write_parquet_images(f"{data}/tables/part-0.parquet", ["a", "b", "c"])
+    keys += [f"{data}/tables/part-0.parquet#{i}" for i in "abc"]
+
+    job = ray_cluster.submit(label_command(data + "/", labels + "/", "--set", "id_column=id",
+                                           "--set", "files_per_unit=8"), working_dir=str(PROJECT))
+
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+    table = output_table(labels)
+    assert sorted(table.column("key").to_pylist()) == sorted(keys)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    errors = {k: r["error"] for k, r in rows.items() if r["error"]}
+    reasons = {e.split(":")[0] for e in errors.values()}
+    assert reasons == {"empty", "truncated", "not_an_image", "too_many_pixels"}
+    assert errors[f"{data}/broken/zero-bytes.jpg"].startswith("empty")
+    assert errors[f"{data}/broken/no-extension-text"].startswith("not_an_image")
+    good = rows[f"{data}/images/00/img00009"]  # an extension-less object, recognized by content
+    assert good["error"] is None and 0 <= good["label_id"] < 1000 and len(good["topk_ids"]) == 5
+    assert good["label"] and good["model"] == SMALL
+    assert rows[f"{data}/shards/shard-00001.tar#sample100013"]["meta"] == \
+        '{"cls": 3, "json": {"index": 100013, "source": "demo"}}'
+    manifest = read_json(join(labels, MANIFEST))
+    assert manifest["inputs"] == len(keys) and manifest["duplicates"] == 0
+    assert manifest["failed"] == len(errors) and sum(manifest["failed_by_reason"].values()) == len(errors)
+    assert manifest["config"]["input"] == data + "/"
+
+
+def test_config_with_an_unknown_key_fails_before_any_work(ray_cluster: LocalRayHead, bucket: str, tmp_path):
+    job = ray_cluster.submit(label_command(f"{bucket}/data/", f"{bucket}/out/", "--set", "actors.maxx=3"),
+                             working_dir=str(PROJECT))
+
+    assert job.returncode != 0
+    assert "actors.maxx: unknown key" in job.stdout + job.stderr
+    fs, path = filesystem_for(f"{bucket}/out/")
+    assert fs.get_file_info(path).type == pa.fs.FileType.NotFound
+
+
+def driver_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "pipelines/label.py"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(
+    ray_cluster: LocalRayHead, bucket: str
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_sample_dataset(data, files=96, shards=0, broken=False)
+    command = ray_cluster.submit_command(label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
+                                         working_dir=str(PROJECT))
+    first = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(committed_units(labels)) >= 2, 300, "two committed units")
+        for pid in driver_pids():
+            os.kill(pid, signal.SIGKILL)
+        first.wait(timeout=120)
+    finally:
+        first.kill()
+    done_before = len(committed_units(labels))
+    assert 2 <= done_before < 12, "the driver must have died mid-run"
+
+    rerun = ray_cluster.submit(label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
+                               working_dir=str(PROJECT))
+
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert f"{done_before} already committed" in rerun.stdout or \
+        f"{len(committed_units(labels))}" in rerun.stdout
+    got = output_keys(labels)
+    assert len(got) == len(set(got)), "no key twice"
+    assert sorted(got) == keys, "no key missing"
+    manifest = read_json(join(labels, MANIFEST))
+    assert manifest["units"]["skipped"] >= done_before and manifest["skipped_already_done"] >= 16
+
+
+def test_rerun_skips_committed_units_and_overwrite_starts_over(ray_cluster: LocalRayHead, tmp_path):
+    data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
+    keys = write_sample_dataset(data, files=12, shards=1, per_shard=6, broken=False)
+    cfg = LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=4, batch_size=8)
+
+    first = run(cfg)
+    second = run(cfg)
+    again = run(cfg.model_copy(update={"overwrite": True}))
+
+    assert first["inputs"] == len(keys) and first["units"]["skipped"] == 0
+    assert second["units"]["skipped"] == 4 and second["skipped_already_done"] == len(keys)
+    assert second["timings"]["images_this_run"] == 0
+    assert again["units"]["skipped"] == 0 and again["timings"]["images_this_run"] == len(keys)
+    assert sorted(output_keys(labels)) == keys
+    assert not [p for p in os.listdir(labels) if not p.startswith((PART_PREFIX, "_"))]
