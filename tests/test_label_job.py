@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from skray.demo import synthetic_image, write_sample_dataset
-from skray.embedded import LocalRayHead
+from skray.embedded import LocalRayHead, ray_cli
 from skray.label import LabelConfig, run
 from skray.sinks import MANIFEST, PART_PREFIX, committed_units, join, read_json
 from skray.storage import filesystem_for, write_bytes_atomic
@@ -148,3 +148,58 @@ def test_rerun_skips_committed_units_and_overwrite_starts_over(ray_cluster: Loca
     assert again["units"]["skipped"] == 0 and again["timings"]["images_this_run"] == len(keys)
     assert sorted(output_keys(labels)) == keys
     assert not [p for p in os.listdir(labels) if not p.startswith((PART_PREFIX, "_"))]
+
+
+def raylet_pid(socket_name: str) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"raylet") and f"--raylet_socket_name={socket_name}".encode() in args:
+            return int(pid)
+    raise AssertionError(f"no raylet with socket {socket_name}")
+
+
+def job_status(head: LocalRayHead, job_id: str) -> str:
+    status = subprocess.run([ray_cli(), "job", "status", f"--address={head.address}", job_id],
+                            env=head.env, capture_output=True, text=True)
+    return (status.stdout + status.stderr).lower()
+
+
+def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_once(
+    ray_cluster: LocalRayHead, bucket: str
+):
+    import ray
+
+    ray_cluster.add_worker_node(num_cpus=3)
+    worker = wait_for(lambda: [n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]],
+                      60, "the worker node")[0]
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_sample_dataset(data, files=96, shards=0, broken=False)
+    # Two 3-CPU actors cannot share the 4-CPU head: one runs on the worker node.
+    args = label_command(data + "/", labels + "/", "--set", "files_per_unit=8",
+                         "--set", "actors.min=2", "--set", "actors.max=2", "--set", "actors.cpus=3")
+    job_id = f"node-loss-{time.time_ns()}"
+    subprocess.run(ray_cluster.submit_command(args, str(PROJECT), submission_id=job_id, wait=False),
+                   env=ray_cluster.env, capture_output=True, check=True)
+
+    wait_for(lambda: len(committed_units(labels)) >= 1, 300, "a committed unit")
+    os.kill(raylet_pid(worker["RayletSocketName"]), signal.SIGKILL)
+    wait_for(lambda: not [n for n in ray.nodes() if n["NodeID"] == worker["NodeID"] and n["Alive"]], 120,
+             "the node to be declared dead")
+
+    try:
+        finished = wait_for(lambda: any(s in job_status(ray_cluster, job_id) for s in ("succeeded", "failed")),
+                            120, "the job to end")
+    except AssertionError:
+        finished = False
+    if not finished or "succeeded" not in job_status(ray_cluster, job_id):
+        subprocess.run([ray_cli(), "job", "stop", f"--address={ray_cluster.address}", job_id],
+                       env=ray_cluster.env, capture_output=True)
+        rerun = ray_cluster.submit(label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
+                                   working_dir=str(PROJECT))
+        assert rerun.returncode == 0, rerun.stdout[-3000:]
+
+    got = output_keys(labels)
+    assert len(got) == len(set(got)) and sorted(got) == keys

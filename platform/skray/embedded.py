@@ -175,10 +175,13 @@ class LocalRayHead(_Service):
             env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
-    def submit_command(self, entrypoint: list[str], working_dir: str = ".") -> list[str]:
+    def submit_command(self, entrypoint: list[str], working_dir: str = ".",
+                       submission_id: str | None = None, wait: bool = True) -> list[str]:
         """``ray job submit --working-dir DIR -- ENTRYPOINT``, exactly what a user types."""
+        options = [f"--submission-id={submission_id}"] if submission_id else []
+        options += [] if wait else ["--no-wait"]
         return [ray_cli(), "job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
-                "--", *entrypoint]
+                *options, "--", *entrypoint]
 
     def submit(self, entrypoint: list[str], working_dir: str = ".", capture: bool = True,
                timeout_s: float = 900) -> subprocess.CompletedProcess:
