@@ -38,7 +38,11 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is set both as a value and a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML (quote it): "
+                              f"{str(err).splitlines()[0]}") from None
     return tree
 
 

@@ -103,10 +103,13 @@ class Progress:
         self.total, self.interval_s = total, interval_s
         self.done = 0
         self.start = self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # when the first batch arrived, and its size
 
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, n)
         if now - self.last >= self.interval_s:
             self.last = now
             print(self.line(), flush=True)
@@ -114,6 +117,14 @@ class Progress:
     @property
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.start, 1e-9)
+
+    @property
+    def steady_rate(self) -> float:
+        """img/s after the first batch: start-up (cluster, model load, first batch) excluded."""
+        if self.first is None:
+            return 0.0
+        at, n = self.first
+        return (self.done - n) / max(time.monotonic() - at, 1e-9)
 
     def line(self) -> str:
         total = "?" if self.total is None else str(self.total)
@@ -255,6 +266,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             "pipeline_s": round(finished - ray_started, 3),
             "images_this_run": progress.done,
             "img_per_s": round(progress.rate, 3),
+            "steady_img_per_s": round(progress.steady_rate, 3),
         },
         "config": json.loads(cfg.model_dump_json()),
     }

@@ -77,6 +77,9 @@ def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input not found: {base}")
     prefix = _scheme_prefix(uri)
+    # The glob is matched below the base, like ``exclude``: a relative or file:// base
+    # names its files by absolute path, which the glob as written would never match.
+    pattern = uri[len(base) :].lstrip("/")
     if info.type == pafs.FileType.File:
         files = [prefix + base_path]
         base_path = posixpath.dirname(base_path)
@@ -88,7 +91,7 @@ def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
         relative = file_uri[len(prefix) :][len(base_path) :].lstrip("/")
         if _is_hidden(relative) or any(fnmatch.fnmatch(relative, p) for p in exclude):
             continue
-        if glob_at >= 0 and not fnmatch.fnmatch(file_uri, uri):
+        if glob_at >= 0 and not fnmatch.fnmatch(relative, pattern):
             continue
         kept.append(file_uri)
     if not kept:
@@ -163,10 +166,13 @@ def _tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes] | None, str |
     """(sample key, members by extension, error) per WebDataset sample, in tar order.
 
     Members are grouped by basename up to the first dot (``a/b.jpg`` and
-    ``a/b.cls`` form sample ``a/b``); a tar that breaks off mid-way yields an
-    error for the sample it broke in.
+    ``a/b.cls`` form sample ``a/b``); a tar that breaks off inside a member
+    yields an error for the sample it broke in. One that breaks off between or
+    inside headers reads, to ``tarfile``, like a short archive: the missing
+    end-of-archive blocks give it away, and it yields a ``<truncated>`` error.
     """
     fs, path = filesystem_for(uri)
+    size = fs.get_file_info(path).size
     current: str | None = None
     members: dict[str, bytes] = {}
     with fs.open_input_stream(path) as stream:
@@ -188,6 +194,8 @@ def _tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes] | None, str |
             return
     if current is not None:
         yield current, members, None
+    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
+        yield "<truncated>", None, "broken_tar: the archive ends without its end-of-archive blocks (truncated)"
 
 
 def _sample_row(uri: str, key: str, members: dict[str, bytes] | None, error: str | None) -> dict:
@@ -221,8 +229,6 @@ def _read_webdataset(unit: Unit) -> Iterator[dict]:
     except OSError as err:
         yield _row(uri, error=f"unreadable: {err}")
         return
-    if not samples:
-        yield _row(uri, error="empty_shard: the tar holds no samples")
     for key, members, error in samples:
         yield _sample_row(uri, key, members, error)
 
@@ -250,6 +256,8 @@ def read_unit(unit: Unit, image_column: str = "image", id_column: str | None = N
         rows = list(_read_webdataset(unit))
     else:
         rows = list(_read_parquet(unit, image_column, id_column))
+    if not rows:  # a row still flows, so the unit is committed and reported
+        rows = [_row(unit.uris[0], error=f"empty_shard: the {unit.format} file holds no samples")]
     for row in rows:
         row["unit"] = unit.id
         row["unit_rows"] = len(rows)

@@ -1,0 +1,148 @@
+"""Labeling throughput and memory: model-only vs the end-to-end Ray Data job.
+
+One run, same generated images, same model, batch size and threads:
+
+* model-only: uint8 crops already in memory through the actor's own Classifier;
+* the job on N images and on 10 x N images: steady-state img/s (after the first
+  batch), total img/s with start-up, and peak memory (driver RSS, all Ray worker
+  RSS, object store) sampled every 0.25 s.
+
+    python benchmarks/label_throughput.py [--model skresnext50_32x4d] [--images 64] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from skray.classifier import Classifier
+from skray.demo import write_sample_dataset
+from skray.label import ActorsConfig, LabelConfig, run
+from skray.model import DEFAULT_MODEL
+from skray.storage import read_bytes
+
+MIB = 1 << 20
+
+
+def rss_bytes(pid: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def ray_worker_pids() -> list[str]:
+    pids = []
+    for pid in filter(str.isdigit, (p.name for p in Path("/proc").iterdir())):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def object_store_bytes() -> int:
+    from ray._private.internal_api import memory_summary
+
+    match = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    return int(match.group(1)) * MIB if match else 0
+
+
+class PeakMemory:
+    """Samples memory in a thread until stopped; keeps the peaks."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.peak = {"driver": 0, "workers": 0, "object_store": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            sample = {
+                "driver": rss_bytes("self"),
+                "workers": sum(rss_bytes(p) for p in ray_worker_pids()),
+                "object_store": object_store_bytes(),
+            }
+            self.peak = {k: max(v, sample[k]) for k, v in self.peak.items()}
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def model_only(model: str, files: list[str], batch: int, threads: int, rounds: int) -> float:
+    torch.set_num_threads(threads)
+    classifier = Classifier(model)
+    crops = torch.stack([classifier.decode(read_bytes(f)) for f in files[:batch]])
+    classifier.predict_tensors(crops)  # warm-up
+    start = time.perf_counter()
+    for _ in range(rounds):
+        classifier.predict_tensors(crops)
+    return rounds * batch / (time.perf_counter() - start)
+
+
+def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -> tuple[dict, dict]:
+    cfg = LabelConfig(input=data, output=output, model=model, batch_size=batch, files_per_unit=4 * batch,
+                      actors=ActorsConfig(threads=threads), progress_interval_s=30)
+    with PeakMemory() as memory:
+        manifest = run(cfg)
+    return manifest["timings"], memory.peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--images", type=int, default=64, help="N; the large run labels 10 x N")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in the model actor")
+    args = parser.parse_args()
+
+    ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
+    root = Path(tempfile.mkdtemp(prefix="skray-bench-"))
+    small = write_sample_dataset(str(root / "small"), files=args.images, shards=0, broken=False)
+    write_sample_dataset(str(root / "large"), files=10 * args.images, shards=0, broken=False)
+
+    reference = model_only(args.model, small, args.batch, args.threads, rounds=max(2, args.images // args.batch))
+    runs = {
+        "N": labeling_job(args.model, str(root / "small"), str(root / "out-small"), args.batch, args.threads),
+        "10N": labeling_job(args.model, str(root / "large"), str(root / "out-large"), args.batch, args.threads),
+    }
+
+    print(f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, N = {args.images} images "
+          f"({torch.get_num_threads()} threads in this process), Ray with 4 logical CPUs")
+    print("| run | images | steady img/s | x model-only | total img/s (with start-up) | s/img steady "
+          "| peak driver MiB | peak workers MiB | peak object store MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| model-only | {args.batch} x rounds | {reference:.2f} | 1.00 | | {1 / reference:.3f} | | | |")
+    for name, (timings, peak) in runs.items():
+        steady = max(timings["steady_img_per_s"], 1e-9)
+        print(f"| job {name} | {timings['images_this_run']} | {steady:.2f} | {steady / reference:.2f} "
+              f"| {timings['img_per_s']:.2f} | {1 / steady:.3f} | {peak['driver'] / MIB:.0f} "
+              f"| {peak['workers'] / MIB:.0f} | {peak['object_store'] / MIB:.0f} |")
+    (small_t, small_m), (large_t, large_m) = runs["N"], runs["10N"]
+    total = lambda m: m["driver"] + m["workers"] + m["object_store"]  # noqa: E731
+    print(f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), "
+          f"time per image x{small_t['steady_img_per_s'] / large_t['steady_img_per_s']:.2f} (target within 1.10)")
+    print(f"steady state vs model-only: {small_t['steady_img_per_s'] / reference:.2f} / "
+          f"{large_t['steady_img_per_s'] / reference:.2f} (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

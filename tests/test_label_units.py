@@ -1,0 +1,632 @@
+"""The labeling job's parts, without a Ray cluster: listing and reading inputs, the config,
+the Parquet sink, committing units, the driver's checks and its progress line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from skray import label
+from skray.config import ConfigError, load_config, parse_overrides
+from skray.demo import synthetic_image, webdataset_shard
+from skray.label import LabelConfig, Progress, UnitCommitter, format_summary, prepare
+from skray.model import create_model
+from skray.sinks import (
+    JOB_FILE,
+    LABEL_SCHEMA,
+    MANIFEST,
+    OutputError,
+    check_writable,
+    clear_output,
+    committed_units,
+    join,
+    part_name,
+    read_json,
+    summarize_output,
+    write_json,
+    write_part,
+)
+from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit
+from skray.storage import exists, filesystem_for, write_bytes_atomic
+from skray.weights import WeightsError, save_weights
+
+from conftest import PROJECT, SMALL
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- helpers ---------------------------------------------------------------
+
+
+def write_files(root: str, names: list[str], data: bytes = b"x") -> None:
+    for name in names:
+        write_bytes_atomic(join(root, name), data)
+
+
+def parquet_bytes(columns: dict[str, list]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def label_row(key: str, label: str | None = "cat", error: str | None = None) -> dict:
+    """One output row as the sink stores it (error None = labeled)."""
+    ok = error is None
+    return {
+        "key": key, "label_id": 1 if ok else None, "label": label if ok else None,
+        "score": 0.9 if ok else None, "topk_ids": [1, 2] if ok else None,
+        "topk_scores": [0.9, 0.1] if ok else None, "model": SMALL, "weights_sha256": None,
+        "error": error, "meta": None,
+    }
+
+
+def predictor_batch(rows: list[tuple[str, str, int]]) -> pa.Table:
+    """A table shaped like the Predictor's output, from (key, unit, unit_rows) triples."""
+    records = [{**label_row(key), "unit": unit, "unit_rows": n} for key, unit, n in rows]
+    schema = LABEL_SCHEMA.append(pa.field("unit", pa.string()))
+    schema = schema.append(pa.field("unit_rows", pa.int64()))
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def part_keys(output: str, unit_id: str) -> list[str]:
+    fs, path = filesystem_for(join(output, part_name(unit_id)))
+    return pq.read_table(path, filesystem=fs).column("key").to_pylist()
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path) -> str:
+    """An input prefix, on the local disk or in a fresh bucket on the embedded S3."""
+    if request.param == "local":
+        return str(tmp_path / "data")
+    return request.getfixturevalue("bucket") + "/data"
+
+
+# --- sources.list_inputs ---------------------------------------------------
+
+
+def test_list_inputs_returns_every_file_below_the_prefix_recursively_and_sorted(root: str):
+    write_files(root, ["b.jpg", "a/z.png", "a/b/c.jpg", "a.tar"])
+
+    assert list_inputs(root) == [join(root, n) for n in ["a.tar", "a/b/c.jpg", "a/z.png", "b.jpg"]]
+
+
+def test_list_inputs_skips_hidden_names_in_any_path_component_below_the_prefix(root: str):
+    write_files(root, ["keep.jpg", ".DS_Store", "_SUCCESS", "_tmp/x.jpg", "sub/.cache/y.jpg",
+                       "sub/_staging/z.jpg", "sub/keep.jpg"])
+
+    assert list_inputs(root) == [join(root, "keep.jpg"), join(root, "sub/keep.jpg")]
+
+
+def test_list_inputs_does_not_skip_a_prefix_that_itself_sits_under_a_hidden_name(root: str):
+    prefix = join(root, "_private/.inputs")
+    write_files(prefix, ["a.jpg"])
+
+    assert list_inputs(prefix) == [join(prefix, "a.jpg")]
+
+
+def test_list_inputs_skips_exclude_globs_matched_relative_to_the_prefix(root: str):
+    write_files(root, ["a.jpg", "notes.txt", "skip/b.jpg", "keep/c.jpg"])
+
+    kept = list_inputs(root, exclude=["*.txt", "skip/*"])
+
+    assert kept == [join(root, "a.jpg"), join(root, "keep/c.jpg")]
+
+
+def test_list_inputs_with_a_glob_keeps_only_matching_files(root: str):
+    write_files(root, ["a.jpg", "b.png", "c.jpg", ".hidden.jpg"])
+
+    assert list_inputs(join(root, "*.jpg")) == [join(root, "a.jpg"), join(root, "c.jpg")]
+    assert list_inputs(join(root, "?.png")) == [join(root, "b.png")]
+
+
+def test_list_inputs_of_a_single_file_returns_just_that_file(root: str):
+    write_files(root, ["a.jpg", "b.jpg"])
+
+    assert list_inputs(join(root, "b.jpg")) == [join(root, "b.jpg")]
+
+
+def test_list_inputs_of_a_missing_input_fails_naming_it(root: str):
+    write_files(root, ["a.jpg"])
+    missing = join(root, "nope")
+
+    with pytest.raises(InputError, match=f"input not found: {missing}"):
+        list_inputs(missing)
+
+
+def test_list_inputs_fails_when_nothing_matched(root: str):
+    write_files(root, ["a.jpg", "_hidden.jpg", "notes.txt"])
+
+    with pytest.raises(InputError, match="no input file matched"):
+        list_inputs(join(root, "*.gif"))
+    with pytest.raises(InputError, match="no input file matched"):
+        list_inputs(root, exclude=["*.jpg", "*.txt"])
+
+
+def test_list_inputs_accepts_a_relative_local_glob(tmp_path, monkeypatch):
+    write_files(str(tmp_path / "data"), ["a.jpg", "b.png"])
+    monkeypatch.chdir(tmp_path)
+
+    assert list_inputs("data/*.jpg") == [str(tmp_path / "data" / "a.jpg")]
+    assert list_inputs(f"file://{tmp_path}/data/*.png") == [str(tmp_path / "data" / "b.png")]
+
+
+# --- sources.plan_units ----------------------------------------------------
+
+
+def test_plan_units_cuts_image_files_into_runs_of_files_per_unit():
+    files = [f"/d/img{i}.jpg" for i in range(7)]
+
+    units = plan_units(files, "auto", files_per_unit=3)
+
+    assert [u.uris for u in units] == [tuple(files[0:3]), tuple(files[3:6]), tuple(files[6:7])]
+    assert [u.rows for u in units] == [3, 3, 1]
+    assert {u.format for u in units} == {"images"}
+
+
+def test_plan_units_makes_each_tar_and_parquet_file_its_own_unit_under_format_auto(tmp_path):
+    tables = [str(tmp_path / f"t{i}.parquet") for i in range(2)]
+    for t in tables:
+        write_bytes_atomic(t, parquet_bytes({"image": [b"a", b"b", b"c"]}))
+    shards = ["/d/s0.tar", "/d/s1.tar"]
+
+    units = plan_units(["/d/a.jpg", "/d/b.jpg", *shards, *tables], "auto", files_per_unit=10)
+
+    formats = ("images", "webdataset", "parquet")
+    by_format = {f: [u for u in units if u.format == f] for f in formats}
+    assert [u.uris for u in by_format["images"]] == [("/d/a.jpg", "/d/b.jpg")]
+    assert [u.uris for u in by_format["webdataset"]] == [(s,) for s in shards]
+    assert [u.rows for u in by_format["webdataset"]] == [None, None]  # unknown until read
+    assert [u.uris for u in by_format["parquet"]] == [(t,) for t in tables]
+    assert [u.rows for u in by_format["parquet"]] == [3, 3]
+
+
+def test_plan_units_gives_the_same_files_the_same_ids_and_other_files_other_ids():
+    files = [f"/d/img{i}.jpg" for i in range(4)] + ["/d/s.tar"]
+
+    first = [u.id for u in plan_units(files, "auto", 2)]
+    again = [u.id for u in plan_units(list(files), "auto", 2)]
+    other = [u.id for u in plan_units([f.replace("/d/", "/e/") for f in files], "auto", 2)]
+
+    assert first == again
+    assert len(set(first)) == len(first)
+    assert not set(first) & set(other)
+
+
+def test_plan_units_fails_on_a_parquet_file_without_the_image_column_naming_it(tmp_path):
+    table = str(tmp_path / "t.parquet")
+    write_bytes_atomic(table, parquet_bytes({"picture": [b"a"]}))
+
+    with pytest.raises(InputError, match=r"no column 'image'"):
+        plan_units([table], "auto", 10)
+    with pytest.raises(InputError, match=r"no column 'id'"):
+        plan_units([table], "auto", 10, parquet_columns=("picture", "id"))
+
+
+def test_plan_units_with_format_images_treats_a_tar_as_an_image_file():
+    units = plan_units(["/d/a.jpg", "/d/s.tar"], "images", 10)
+
+    assert [(u.format, u.uris) for u in units] == [("images", ("/d/a.jpg", "/d/s.tar"))]
+
+
+# --- sources.read_unit -----------------------------------------------------
+
+
+def test_read_unit_of_image_files_yields_one_row_per_file_with_its_bytes(tmp_path):
+    images = {str(tmp_path / f"img{i}.jpg"): synthetic_image(i) for i in range(3)}
+    for uri, data in images.items():
+        write_bytes_atomic(uri, data)
+    [unit] = plan_units(sorted(images), "auto", 10)
+
+    rows = read_unit(unit)
+
+    assert [r["key"] for r in rows] == sorted(images)
+    assert all(r["data"] == images[r["key"]] for r in rows)
+    assert {(r["error"], r["meta"], r["unit"], r["unit_rows"]) for r in rows} == {
+        ("", "", unit.id, 3)
+    }
+
+
+def test_read_unit_turns_an_unreadable_image_file_into_an_error_row(tmp_path):
+    good, gone = str(tmp_path / "good.jpg"), str(tmp_path / "gone.jpg")
+    write_bytes_atomic(good, b"bytes")
+
+    rows = read_unit(Unit("u1", "images", (gone, good), 2))
+
+    assert [r["key"] for r in rows] == [gone, good]
+    assert rows[0]["error"].startswith("unreadable") and rows[0]["data"] == b""
+    assert rows[1]["error"] == "" and rows[1]["data"] == b"bytes"
+    assert {r["unit_rows"] for r in rows} == {2}
+
+
+def test_read_unit_of_a_webdataset_shard_yields_one_row_per_sample_with_metadata(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, webdataset_shard(7, 3))
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows] == [f"{shard}#sample{i:06d}" for i in (7, 8, 9)]
+    assert rows[0]["data"] == synthetic_image(7) and rows[0]["error"] == ""
+    assert json.loads(rows[1]["meta"]) == {"cls": 8, "json": {"source": "demo", "index": 8}}
+    assert {r["unit_rows"] for r in rows} == {3}
+
+
+def test_read_unit_reports_a_sample_without_an_image_member_as_no_image_member(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    members = [("a.jpg", b"img"), ("b.cls", b"3"), ("b.txt", b"caption")]
+    write_bytes_atomic(shard, tar_bytes(members))
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows] == [f"{shard}#a", f"{shard}#b"]
+    assert rows[0]["error"] == ""
+    assert rows[1]["error"].startswith("no_image_member")
+    assert json.loads(rows[1]["meta"]) == {"cls": 3, "txt": "caption"}
+
+
+def test_read_unit_of_a_tar_cut_mid_way_keeps_earlier_samples_and_reports_broken_tar(tmp_path):
+    data = webdataset_shard(0, 3)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        cut = tar.getmember("sample000002.jpg").offset_data + 100  # inside the last image
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, data[:cut])
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows] == [f"{shard}#sample{i:06d}" for i in range(3)]
+    assert [r["error"] for r in rows[:2]] == ["", ""]
+    assert rows[2]["error"].startswith("broken_tar")
+    assert {r["unit_rows"] for r in rows} == {3}
+
+
+@pytest.mark.parametrize("into_header", [0, 100], ids=["at-a-header", "inside-a-header"])
+def test_read_unit_of_a_tar_cut_between_members_reports_the_truncation(tmp_path, into_header):
+    data = webdataset_shard(0, 3)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        cut = tar.getmember("sample000002.jpg").offset + into_header
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, data[:cut])
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows[:2]] == [f"{shard}#sample{i:06d}" for i in range(2)]
+    assert rows[-1]["key"] == f"{shard}#<truncated>" and "truncated" in rows[-1]["error"]
+    assert rows[-1]["error"].startswith("broken_tar")
+
+
+def test_read_unit_of_a_parquet_file_without_rows_yields_one_empty_shard_error_row(tmp_path):
+    table = str(tmp_path / "t.parquet")
+    write_bytes_atomic(table, parquet_bytes({"image": pa.array([], pa.binary())}))
+
+    rows = read_unit(Unit("p", "parquet", (table,), 0))
+
+    assert [(r["key"], r["error"].split(":")[0], r["unit_rows"]) for r in rows] == [(table, "empty_shard", 1)]
+
+
+def test_read_unit_of_an_empty_tar_yields_one_empty_shard_error_row(tmp_path):
+    shard = str(tmp_path / "empty.tar")
+    write_bytes_atomic(shard, tar_bytes([]))
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)))
+
+    assert len(rows) == 1
+    assert rows[0]["key"] == shard and rows[0]["error"].startswith("empty_shard")
+    assert rows[0]["unit_rows"] == 1
+
+
+def test_read_unit_of_parquet_keys_rows_by_the_id_column_else_by_row_index(tmp_path):
+    table = str(tmp_path / "t.parquet")
+    write_bytes_atomic(table, parquet_bytes({"id": ["a", "b"], "img": [b"A", b"B"]}))
+    unit = Unit("p", "parquet", (table,), 2)
+
+    by_id = read_unit(unit, image_column="img", id_column="id")
+    by_index = read_unit(unit, image_column="img")
+
+    assert [(r["key"], r["data"]) for r in by_id] == [(f"{table}#a", b"A"), (f"{table}#b", b"B")]
+    assert [r["key"] for r in by_index] == [f"{table}#0", f"{table}#1"]
+    assert {r["unit_rows"] for r in by_id + by_index} == {2}
+
+
+# --- config ----------------------------------------------------------------
+
+REQUIRED = {"input": "data/", "output": "labels/"}
+
+
+def config_error(overrides: list[str] = (), values: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(LabelConfig, overrides=overrides, values=REQUIRED if values is None else values)
+    return str(err.value)
+
+
+def test_config_rejects_unknown_keys_at_top_level_and_nested_naming_them():
+    assert "inptu: unknown key" in config_error(values={**REQUIRED, "inptu": "x"})
+    assert "actors.maxx: unknown key" in config_error(["actors.maxx=3"])
+
+
+def test_config_rejects_a_wrong_type_naming_the_key():
+    message = config_error(["batch_size=abc"])
+
+    assert "batch_size:" in message and "'abc'" in message
+
+
+def test_config_rejects_impossible_values_naming_the_key():
+    assert "top_k:" in config_error(["top_k=0"])
+    assert "preprocessing.crop_pct:" in config_error(["preprocessing.crop_pct=1.5"])
+
+
+def test_config_rejects_an_unknown_model_naming_it():
+    message = config_error(["model=resnet9000"])
+
+    assert "model:" in message and "unknown model 'resnet9000'" in message
+
+
+def test_config_requires_input_and_output():
+    message = config_error(values={"output": "labels/"})
+
+    assert "input:" in message and "output:" not in message
+
+
+def test_config_set_overrides_win_over_values_which_win_over_the_file(tmp_path):
+    path = tmp_path / "label.yaml"
+    path.write_text("input: from-file\noutput: from-file\ntop_k: 3\nbatch_size: 8\n"
+                    "actors: {max: 2}\n")
+
+    cfg = load_config(LabelConfig, path, overrides=["top_k=7", "actors.max=4"],
+                      values={"top_k": 4, "batch_size": 16, "output": "from-values"})
+
+    assert (cfg.top_k, cfg.batch_size, cfg.actors.max) == (7, 16, 4)
+    assert (cfg.input, cfg.output) == ("from-file", "from-values")
+
+
+def test_parse_overrides_parses_values_as_yaml_into_nested_sections():
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=null", "e=", "f=text", "g.h.i=0.5"]) == {
+        "a": {"b": 3}, "c": [1, 2], "d": None, "e": None, "f": "text", "g": {"h": {"i": 0.5}},
+    }
+
+
+def test_parse_overrides_rejects_a_pair_without_equals_or_key():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["top_k"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["=3"])
+
+
+def test_parse_overrides_rejects_a_value_that_is_not_yaml_naming_the_key():
+    with pytest.raises(ConfigError, match="--set exclude: .*not valid YAML"):
+        parse_overrides(["exclude=[*.tmp]"])  # a bare * starts a YAML alias
+    assert parse_overrides(['exclude=["*.tmp"]']) == {"exclude": ["*.tmp"]}
+
+
+def test_the_project_label_yaml_is_a_valid_config():
+    cfg = load_config(LabelConfig, PROJECT / "configs/label.yaml")
+
+    assert cfg.input and cfg.output
+    assert cfg.files_per_unit == 64 and cfg.actors.gpus == "auto"
+
+
+# --- sinks -----------------------------------------------------------------
+
+
+def test_committed_units_lists_the_ids_of_written_parts(tmp_path):
+    output = str(tmp_path / "out")
+    assert committed_units(output) == set()
+
+    write_part(output, "unit1", [label_row("k1")])
+    write_part(output, "unit2", [])
+
+    assert committed_units(output) == {"unit1", "unit2"}
+    assert part_keys(output, "unit1") == ["k1"]
+
+
+def test_committed_units_does_not_count_a_leftover_temporary_file(tmp_path):
+    output = tmp_path / "out"
+    write_part(str(output), "done", [label_row("k")])
+    (output / ".part-x.parquet.123.tmp").write_bytes(b"half a part")
+
+    assert committed_units(str(output)) == {"done"}
+
+
+def test_clear_output_removes_parts_manifest_and_job_file_only(tmp_path):
+    output = tmp_path / "out"
+    write_part(str(output), "u1", [label_row("k")])
+    write_json(join(str(output), MANIFEST), {})
+    write_json(join(str(output), JOB_FILE), {})
+    (output / "README.txt").write_text("keep me")
+    (output / "other").mkdir()
+    (output / "other" / "part-nested.parquet").write_bytes(b"keep")
+
+    clear_output(str(output))
+
+    assert sorted(os.listdir(output)) == ["README.txt", "other"]
+    assert (output / "other" / "part-nested.parquet").exists()
+
+
+def test_check_writable_fails_for_an_unwritable_output(tmp_path):
+    (tmp_path / "file").write_text("a regular file")
+
+    with pytest.raises(OutputError, match="not writable"):
+        check_writable(str(tmp_path / "file" / "out"))
+    check_writable(str(tmp_path / "out"))  # a writable one leaves no probe behind
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_summarize_output_counts_rows_failures_by_reason_and_top_labels(tmp_path):
+    output = str(tmp_path / "out")
+    write_part(output, "u1", [label_row("a", "cat"), label_row("b", "dog"),
+                              label_row("c", error="empty: zero bytes")])
+    write_part(output, "u2", [label_row("d", "cat"), label_row("e", error="not_an_image: text"),
+                              label_row("f", error="empty: zero bytes")])
+
+    summary = summarize_output(output)
+
+    assert (summary["parts"], summary["rows"], summary["distinct_keys"]) == (2, 6, 6)
+    assert (summary["labeled"], summary["failed"]) == (3, 3)
+    assert summary["failed_by_reason"] == {"empty": 2, "not_an_image": 1}
+    assert summary["top_labels"] == [("cat", 2), ("dog", 1)]
+
+
+# --- label.UnitCommitter ---------------------------------------------------
+
+
+def test_unit_committer_writes_a_unit_only_once_all_its_rows_arrived(tmp_path):
+    output = str(tmp_path / "out")
+    committer = UnitCommitter(output)
+
+    assert committer.add(predictor_batch([("a2", "A", 3), ("b1", "B", 1)])) == 2
+    assert committed_units(output) == {"B"} and set(committer.pending) == {"A"}
+
+    committer.add(predictor_batch([("a3", "A", 3)]))
+    assert committed_units(output) == {"B"} and len(committer.pending["A"]) == 2
+
+    committer.add(predictor_batch([("c1", "C", 2), ("a1", "A", 3)]))
+    assert committed_units(output) == {"A", "B"} and set(committer.pending) == {"C"}
+    assert part_keys(output, "A") == ["a1", "a2", "a3"]
+    assert committer.committed == 2
+
+
+# --- label.prepare ---------------------------------------------------------
+
+
+@pytest.fixture
+def job(tmp_path) -> LabelConfig:
+    """A config over 5 small image files (3 units of 2), output not yet written."""
+    data = tmp_path / "data"
+    write_files(str(data), [f"img{i}.jpg" for i in range(5)], synthetic_image(0))
+    return LabelConfig(input=str(data), output=str(tmp_path / "out"), model=SMALL, files_per_unit=2)
+
+
+def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: LabelConfig):
+    units, pending, weights = prepare(job)
+
+    assert [u.rows for u in units] == [2, 2, 1] and pending == units
+    assert read_json(join(job.output, JOB_FILE)) == {"fingerprint": job.fingerprint(), "units": 3}
+    assert weights["random_weights"] and weights["model"] == SMALL
+    assert weights["num_classes"] == 1000
+
+
+def test_prepare_leaves_out_units_already_committed(job: LabelConfig):
+    units, _, _ = prepare(job)
+    write_part(job.output, units[1].id, [])
+
+    again, pending, _ = prepare(job)
+
+    assert again == units
+    assert pending == [units[0], units[2]]
+
+
+def test_prepare_refuses_an_output_of_a_different_config_pointing_to_overwrite(job: LabelConfig):
+    write_json(join(job.output, JOB_FILE), {"fingerprint": "another-job"})
+
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare(job)
+
+
+def test_prepare_with_overwrite_clears_the_earlier_output_and_proceeds(job: LabelConfig):
+    write_json(join(job.output, JOB_FILE), {"fingerprint": "another-job"})
+    write_part(job.output, "stale-unit", [label_row("old")])
+    write_json(join(job.output, MANIFEST), {"old": True})
+
+    units, pending, _ = prepare(job.model_copy(update={"overwrite": True}))
+
+    assert pending == units
+    assert committed_units(job.output) == set()
+    assert not exists(join(job.output, MANIFEST))
+    assert read_json(join(job.output, JOB_FILE))["fingerprint"] == job.fingerprint()
+
+
+def test_prepare_raises_weights_error_for_weights_that_cannot_be_loaded(job: LabelConfig, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(4096))
+
+    with pytest.raises(WeightsError):
+        prepare(job.model_copy(update={"weights": str(weights)}))
+
+
+def test_prepare_reports_the_weights_it_checked(job: LabelConfig, tmp_path):
+    weights = str(tmp_path / "w.safetensors")
+    sha = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
+
+    _, _, info = prepare(job.model_copy(update={"weights": weights, "model": None}))
+
+    assert info == {"model": SMALL, "weights": weights, "weights_sha256": sha,
+                    "random_weights": False, "num_classes": 10}
+
+
+def test_prepare_fails_on_missing_input_before_touching_the_output(tmp_path):
+    cfg = LabelConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "out"), model=SMALL)
+
+    with pytest.raises(InputError, match="input not found"):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# --- label.Progress and format_summary -------------------------------------
+
+
+@pytest.fixture
+def clock(monkeypatch) -> SimpleNamespace:
+    """A settable clock in place of label.time.monotonic."""
+    fake = SimpleNamespace(now=1000.0)
+    fake_time = SimpleNamespace(monotonic=lambda: fake.now, time=lambda: fake.now)
+    monkeypatch.setattr(label, "time", fake_time)
+    return fake
+
+
+def test_progress_line_shows_done_of_total_rate_and_eta(clock):
+    progress = Progress(total=100, interval_s=60)
+    progress.add(25)
+    clock.now += 5
+
+    assert progress.line() == "[label] 25/100 images, 5.0 img/s, ETA 15s"
+
+
+def test_progress_line_shows_a_question_mark_and_no_eta_when_the_total_is_unknown(clock):
+    progress = Progress(total=None, interval_s=60)
+    progress.add(30)
+    clock.now += 10
+
+    assert progress.line() == "[label] 30/? images, 3.0 img/s"
+
+
+def test_progress_prints_a_line_once_per_interval(clock, capsys):
+    progress = Progress(total=10, interval_s=5)
+    progress.add(1)
+    clock.now += 6
+    progress.add(1)
+    progress.add(1)
+
+    assert capsys.readouterr().out.splitlines() == ["[label] 2/10 images, 0.3 img/s, ETA 24s"]
+
+
+def test_format_summary_lists_failures_by_reason_labels_and_a_random_weights_warning():
+    manifest = {
+        "output": "s3://b/labels", "inputs": 10, "labeled": 7, "failed": 3,
+        "failed_by_reason": {"empty": 2, "broken_tar": 1},
+        "skipped_already_done": 0, "duplicates": 0,
+        "timings": {"img_per_s": 12.5, "total_s": 4.2}, "model": SMALL, "random_weights": True,
+        "top_labels": [["cat", 5], ["dog", 2]],
+    }
+
+    text = format_summary(manifest)
+
+    assert "failed              3" in text
+    assert "  empty             2" in text and "  broken_tar        1" in text
+    assert "RANDOM weights" in text
+    assert "       5  cat" in text
+    assert text.splitlines()[-1] == "Parquet             s3://b/labels"
