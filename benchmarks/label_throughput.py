@@ -4,8 +4,8 @@ One run, same generated images, same model, batch size and threads:
 
 * model-only: uint8 crops already in memory through the actor's own Classifier;
 * the job on N images and on 10 x N images: steady-state img/s (after the first
-  batch), total img/s with start-up, and peak memory (driver RSS, all Ray worker
-  RSS, object store) sampled every 0.25 s.
+  batch), total img/s with start-up, and peak memory (driver PSS, all Ray worker
+  PSS, object store) sampled every second (sampling costs CPU on a 2-core machine).
 
     python benchmarks/label_throughput.py [--model skresnext50_32x4d] [--images 64] [--batch 16]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import tempfile
 import threading
 import time
@@ -31,10 +32,11 @@ from skray.storage import read_bytes
 MIB = 1 << 20
 
 
-def rss_bytes(pid: str) -> int:
+def pss_bytes(pid: str) -> int:
+    """Proportional set size: shared pages (torch's libraries in every worker) counted once overall."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -62,7 +64,7 @@ def object_store_bytes() -> int:
 class PeakMemory:
     """Samples memory in a thread until stopped; keeps the peaks."""
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.peak = {"driver": 0, "workers": 0, "object_store": 0}
         self._stop = threading.Event()
@@ -71,8 +73,8 @@ class PeakMemory:
     def _loop(self) -> None:
         while not self._stop.is_set():
             sample = {
-                "driver": rss_bytes("self"),
-                "workers": sum(rss_bytes(p) for p in ray_worker_pids()),
+                "driver": pss_bytes("self"),
+                "workers": sum(pss_bytes(p) for p in ray_worker_pids()),
                 "object_store": object_store_bytes(),
             }
             self.peak = {k: max(v, sample[k]) for k, v in self.peak.items()}
@@ -99,7 +101,8 @@ def model_only(model: str, files: list[str], batch: int, threads: int, rounds: i
 
 
 def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -> tuple[dict, dict]:
-    cfg = LabelConfig(input=data, output=output, model=model, batch_size=batch, files_per_unit=4 * batch,
+    cfg = LabelConfig(input=data, output=output, model=model, batch_size=batch, files_per_unit=batch,
+                      decode_concurrency=2,
                       actors=ActorsConfig(threads=threads), progress_interval_s=30)
     with PeakMemory() as memory:
         manifest = run(cfg)
@@ -109,7 +112,7 @@ def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--images", type=int, default=64, help="N; the large run labels 10 x N")
+    parser.add_argument("--images", type=int, default=256, help="N; the large run labels 10 x N")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the model actor")
     args = parser.parse_args()
@@ -119,18 +122,24 @@ def main() -> None:
     small = write_sample_dataset(str(root / "small"), files=args.images, shards=0, broken=False)
     write_sample_dataset(str(root / "large"), files=10 * args.images, shards=0, broken=False)
 
-    reference = model_only(args.model, small, args.batch, args.threads, rounds=max(2, args.images // args.batch))
-    runs = {
-        "N": labeling_job(args.model, str(root / "small"), str(root / "out-small"), args.batch, args.threads),
-        "10N": labeling_job(args.model, str(root / "large"), str(root / "out-large"), args.batch, args.threads),
-    }
+    def reference() -> float:
+        return model_only(args.model, small, args.batch, args.threads, rounds=max(2, args.images // args.batch))
+
+    # Model-only is measured before, between and after the job runs; the median is the reference.
+    references = [reference()]
+    runs = {"N": labeling_job(args.model, str(root / "small"), str(root / "out-small"), args.batch, args.threads)}
+    references.append(reference())
+    runs["10N"] = labeling_job(args.model, str(root / "large"), str(root / "out-large"), args.batch, args.threads)
+    references.append(reference())
+    reference = statistics.median(references)
 
     print(f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, N = {args.images} images "
           f"({torch.get_num_threads()} threads in this process), Ray with 4 logical CPUs")
     print("| run | images | steady img/s | x model-only | total img/s (with start-up) | s/img steady "
           "| peak driver MiB | peak workers MiB | peak object store MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| model-only | {args.batch} x rounds | {reference:.2f} | 1.00 | | {1 / reference:.3f} | | | |")
+    print(f"| model-only (median of {', '.join(f'{r:.2f}' for r in references)}) | {args.batch} x "
+          f"{max(2, args.images // args.batch)} | {reference:.2f} | 1.00 | | {1 / reference:.3f} | | | |")
     for name, (timings, peak) in runs.items():
         steady = max(timings["steady_img_per_s"], 1e-9)
         print(f"| job {name} | {timings['images_this_run']} | {steady:.2f} | {steady / reference:.2f} "

@@ -203,3 +203,16 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
 
     got = output_keys(labels)
     assert len(got) == len(set(got)) and sorted(got) == keys
+
+
+def test_s3_endpoint_from_the_config_wins_over_the_environment(
+    ray_cluster: LocalRayHead, embedded_s3, bucket: str, monkeypatch
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_sample_dataset(data, files=6, shards=0, broken=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+
+    manifest = run(LabelConfig(input=data, output=labels, model=SMALL,
+                               s3={"endpoint_url": embedded_s3.endpoint_url}))
+
+    assert manifest["labeled"] == len(keys) and sorted(output_keys(labels)) == keys

@@ -10,6 +10,7 @@ unit is complete, and writes the manifest last.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import logging
 import time
@@ -35,7 +36,8 @@ from skray.sinks import (
     write_json,
     write_part,
 )
-from skray.sources import Unit, list_inputs, plan_units, read_unit
+from skray.sources import Unit, list_inputs, plan_units
+from skray.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,17 @@ class ActorsConfig(StrictModel):
     compile: bool = False
 
 
+class S3Config(StrictModel):
+    """Where S3 is, when not in the environment; credentials only ever come from the environment."""
+
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL; e.g. http://127.0.0.1:9000 for MinIO
+    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
+
+    def env(self) -> dict[str, str]:
+        values = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
+        return {name: value for name, value in values.items() if value}
+
+
 class LabelConfig(StrictModel):
     input: str
     output: str
@@ -75,9 +88,11 @@ class LabelConfig(StrictModel):
     files_per_unit: int = Field(256, ge=1)
     image_column: str = "image"
     id_column: str | None = None
-    decode_cpus: float = Field(0.5, gt=0)  # read + decode tasks; differs from actors.cpus so Ray keeps the stages apart
+    decode_cpus: float = Field(0.5, gt=0)  # per read+decode task; unlike actors.cpus, so Ray keeps the stages apart
+    decode_concurrency: int | None = Field(None, ge=1)  # max read+decode tasks at once (None: as CPUs allow)
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     actors: ActorsConfig = ActorsConfig()
+    s3: S3Config = S3Config()
     overwrite: bool = False
     progress_interval_s: float = Field(5, gt=0)
 
@@ -156,8 +171,6 @@ class UnitCommitter:
 
 def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
     """All checks that need no cluster: returns (all units, units still to do, weights info)."""
-    from skray.weights import load_model
-
     files = list_inputs(cfg.input, cfg.exclude)
     columns = (cfg.image_column,) + ((cfg.id_column,) if cfg.id_column else ())
     units = plan_units(files, cfg.format, cfg.files_per_unit, columns)
@@ -191,22 +204,28 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
     import ray
     import ray.data
 
-    from skray.predictor import Predictor, decode_batch
+    from skray.predictor import Predictor, read_and_decode
 
     gpus = cfg.actors.gpus
     if gpus == "auto":
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     preprocessing = cfg.preprocessing.transform()
+    runtime_env = {"env_vars": cfg.s3.env()} if cfg.s3.env() else None
     ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
-    ds = ds.flat_map(
-        lambda row: read_unit(Unit.from_row(row), cfg.image_column, cfg.id_column),
-        num_cpus=cfg.decode_cpus,
-    )
     ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"preprocessing": preprocessing, "max_pixels": cfg.preprocessing.max_pixels},
-        batch_size=cfg.batch_size,
+        read_and_decode,
+        fn_kwargs={
+            "preprocessing": preprocessing,
+            "max_pixels": cfg.preprocessing.max_pixels,
+            "batch_size": cfg.batch_size,
+            "image_column": cfg.image_column,
+            "id_column": cfg.id_column,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
+        concurrency=cfg.decode_concurrency,
+        runtime_env=runtime_env,
     )
     return ds.map_batches(
         Predictor,
@@ -222,6 +241,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=max(cfg.actors.min, cfg.actors.max)),
         num_gpus=gpus,
         num_cpus=cfg.actors.cpus,
+        runtime_env=runtime_env,
     )
 
 
@@ -230,6 +250,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     import ray
 
     started = time.time()
+    os.environ.update(cfg.s3.env())
     print("[label] resolved config:\n" + dump_config(cfg), flush=True)
     units, pending, weights = prepare(cfg)
     if weights["random_weights"]:

@@ -1,13 +1,17 @@
-"""The labeling job's two per-batch stages, as Ray Data UDFs.
+"""The labeling job's two stages, as Ray Data UDFs.
 
-``decode_batch`` (stateless CPU tasks, scaled on their own): bytes -> uint8
-center crops, or an error. ``Predictor`` (an actor pool): loads the model once
-per actor in its fast form and turns crops into top-k labels. Crops travel as
-uint8 and are normalized next to the model: a quarter of the bytes through the
-object store, and the same arithmetic as :func:`skray.images.preprocess`.
+``read_and_decode`` (stateless CPU tasks, scaled on their own): reads a unit and
+turns its bytes into uint8 center crops, batch by batch, or an error per row;
+bytes never enter the object store and are decoded once. ``Predictor`` (an actor
+pool): loads the model once per actor in its fast form and turns crops into
+top-k labels. Crops travel as uint8 and are normalized next to the model: a
+quarter of the bytes of float32, and the same arithmetic as
+:func:`skray.images.preprocess`.
 """
 
 from __future__ import annotations
+
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -15,30 +19,46 @@ import torch
 
 from skray.classifier import Classifier
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval
+from skray.sources import Unit, read_unit
 
 PASSTHROUGH = ("key", "error", "meta", "unit", "unit_rows")
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    preprocessing: EvalTransformConfig,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+def decode_rows(
+    rows: list[dict[str, Any]], preprocessing: EvalTransformConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> dict[str, np.ndarray]:
     """Decode and crop each image once; a bad one keeps a blank crop and gets ``error``."""
     size = preprocessing.image_size
-    crops = np.zeros((len(batch["key"]), 3, size, size), dtype=np.uint8)
-    errors = list(batch["error"])
-    for i, data in enumerate(batch["data"]):
+    crops = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
+    errors = [row["error"] for row in rows]
+    for i, row in enumerate(rows):
         if errors[i]:
             continue
         try:
-            crops[i] = decode_for_eval(bytes(data), preprocessing, max_pixels=max_pixels).numpy()
+            crops[i] = decode_for_eval(row["data"], preprocessing, max_pixels=max_pixels).numpy()
         except ImageDecodeError as err:
             errors[i] = str(err)
-    out = {name: batch[name] for name in PASSTHROUGH}
+    out = {name: np.array([row[name] for row in rows], dtype=object) for name in PASSTHROUGH}
+    out["unit_rows"] = out["unit_rows"].astype(np.int64)
     out["error"] = np.array(errors, dtype=object)
     out["image"] = crops
     return out
+
+
+def read_and_decode(
+    units: pa.Table,
+    preprocessing: EvalTransformConfig,
+    max_pixels: int,
+    batch_size: int,
+    image_column: str,
+    id_column: str | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read each unit whole (its row count must be known before any row leaves),
+    then yield its decoded crops ``batch_size`` at a time."""
+    for unit in units.to_pylist():
+        rows = read_unit(Unit.from_row(unit), image_column, id_column)
+        for start in range(0, len(rows), batch_size):
+            yield decode_rows(rows[start : start + batch_size], preprocessing, max_pixels)
 
 
 class Predictor:

@@ -11,7 +11,7 @@ import io
 import json
 import posixpath
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -133,17 +133,3 @@ def summarize_output(output: str) -> dict[str, Any]:
         "failed_by_reason": dict(reasons.most_common()),
         "top_labels": labels.most_common(10),
     }
-
-
-def iter_rows(batch: dict[str, Any], columns: Iterable[str]) -> Iterable[dict[str, Any]]:
-    """Row dicts from a columnar batch (numpy arrays / lists), converting numpy scalars."""
-    columns = list(columns)
-    n = len(batch[columns[0]])
-    for i in range(n):
-        yield {c: _plain(batch[c][i]) for c in columns}
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
