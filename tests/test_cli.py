@@ -53,3 +53,28 @@ def test_predict_with_saved_weights_uses_their_class_names(tmp_path, capsys):
 
 def test_predict_fails_when_no_image_could_be_classified(tmp_path, capsys):
     assert main(["predict", "--model", SMALL, str(tmp_path / "nope.jpg")]) == 1
+
+
+def test_predict_with_weights_that_do_not_fit_says_so_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"not a weights file")
+
+    assert main(["predict", "--weights", str(bad), write_image(tmp_path / "a.png")]) == 2
+    assert "cannot read weights file" in capsys.readouterr().err
+
+
+def test_label_with_a_missing_input_fails_before_any_work_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nothing-here"
+
+    assert main(["label", "--input", str(missing), "--output", str(tmp_path / "out"), "--model", SMALL]) == 2
+
+    assert f"input not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_with_an_unknown_config_key_names_it(tmp_path, capsys):
+    config = tmp_path / "label.yaml"
+    config.write_text("input: data/\noutput: out/\nbatchsize: 3\n")
+
+    assert main(["label", "--config", str(config)]) == 2
+    assert "batchsize: unknown key" in capsys.readouterr().err

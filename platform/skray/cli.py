@@ -15,7 +15,7 @@ RANDOM_WEIGHTS_WARNING = (
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="path, s3://, https:// URI, or 'pretrained'")
-    parser.add_argument("--model", choices=list_models(), help="architecture (default {DEFAULT_MODEL}, "
+    parser.add_argument("--model", choices=list_models(), help=f"architecture (default {DEFAULT_MODEL}, "
                         "or the one recorded in the weights)")
 
 
@@ -23,8 +23,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from skray.classifier import Classifier
     from skray.images import ImageDecodeError
     from skray.storage import read_bytes
+    from skray.weights import WeightsError
 
-    classifier = Classifier(args.model, args.weights)
+    try:
+        classifier = Classifier(args.model, args.weights)
+    except WeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if classifier.random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     failures = 0
