@@ -55,7 +55,7 @@ class Classifier:
 
     def predict_tensors(self, crops: torch.Tensor, top_k: int = 5) -> list[Prediction]:
         """Top-k for a batch of uint8 eval crops (N, 3, S, S), normalized on the model's device."""
-        batch = normalize(crops.to(self.device, non_blocking=True), self.preprocessing)
+        batch = normalize(crops.to(self.device, non_blocking=True), self.preprocessing.mean, self.preprocessing.std)
         probs = torch.softmax(self._forward(batch), dim=1).cpu()
         scores, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [self._prediction(i.tolist(), s.tolist()) for i, s in zip(ids, scores)]

@@ -77,6 +77,25 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from skray.config import ConfigError, load_config
+    from skray.datasets import DatasetError
+    from skray.train import TrainConfig, run
+    from skray.weights import WeightsError
+
+    try:
+        cfg = None if args.resume else load_config(TrainConfig, args.config, args.set)
+        summary = run(cfg, resume=args.resume)
+    except (ConfigError, DatasetError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    best = summary["best"]
+    print(f"[train] done: best val_top1 {best['val_top1']:.2f} / top5 {best['val_top5']:.2f} at epoch "
+          f"{best['epoch']}; run {summary['run_dir']}; MLflow run {summary['mlflow_run_id']}; "
+          f"model {summary['model']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skray.demo import run_demo
 
@@ -106,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--top-k", type=int)
     label.add_argument("--overwrite", action="store_true", help="discard earlier output and start over")
     label.set_defaults(func=cmd_label)
+
+    train = sub.add_parser("train", help="train on Ray Train (the published recipe by default)")
+    train.add_argument("--config", help="YAML config (configs/train_baseline.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a stopped run from its directory (storage_path/name, local or s3://)")
+    train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())

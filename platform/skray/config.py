@@ -79,10 +79,14 @@ def load_config(
     data = read_yaml(path) if path else {}
     data = deep_merge(data, values or {})
     data = deep_merge(data, parse_overrides(overrides))
+    return validate(schema, data, source=str(path or "config"))
+
+
+def validate(schema: type[T], data: dict[str, Any], source: str = "config") -> T:
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source=str(path or "config"))) from None
+        raise ConfigError(format_validation_error(err, source=source)) from None
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

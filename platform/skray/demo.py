@@ -87,6 +87,33 @@ def write_sample_dataset(root: str, files: int = 120, shards: int = 2, per_shard
     return sorted(keys)
 
 
+CLASS_COLORS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 210))
+
+
+def labeled_image(label: int, seed: int, size: int = 48) -> bytes:
+    """A learnable picture: the class sets the blob's colour, the seed its place and the noise."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), tuple(rng.randrange(60, 200) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    r = size // 3
+    x, y = rng.randrange(size - r), rng.randrange(size - r)
+    color = tuple(min(255, max(0, c + rng.randrange(-25, 26))) for c in CLASS_COLORS[label])
+    draw.ellipse((x, y, x + r, y + r), fill=color)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_labeled_folder(root: str, classes: int = 4, per_class: int = 40, size: int = 48,
+                         seed: int = 0) -> list[str]:
+    """ROOT/<class>/<image>.png with a learnable signal; returns the class names."""
+    names = [f"class{c}" for c in range(classes)]
+    for c, name in enumerate(names):
+        for i in range(per_class):
+            write_bytes_atomic(join(root, f"{name}/{i:04d}.png"), labeled_image(c, seed * 100_000 + c * 1000 + i, size))
+    return names
+
+
 def run_demo(model: str, bucket: str = "skray-demo") -> int:
     project = Path.cwd()
     if not (project / "pipelines" / "label.py").is_file():

@@ -18,7 +18,7 @@ import functools
 import io
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image, ImageOps
@@ -38,6 +38,7 @@ __all__ = [
     "eval_transform",
     "normalize",
     "preprocess",
+    "train_augment",
     "train_transform",
 ]
 
@@ -201,16 +202,6 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------- transforms
 
 
-def _to_normalized_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Callable]:
-    """PIL -> float32 CHW in [0, 1] -> normalised plain tensor (the training tail)."""
-    return [
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-        v2.ToPureTensor(),
-    ]
-
-
 @functools.lru_cache(maxsize=16)
 def eval_crop(
     cfg: EvalTransformConfig = EvalTransformConfig(),
@@ -233,11 +224,18 @@ def eval_crop(
     )
 
 
-def normalize(crops: torch.Tensor, cfg: EvalTransformConfig = EvalTransformConfig()) -> torch.Tensor:
-    """uint8 crops (..., 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device."""
-    mean = torch.tensor(cfg.mean, device=crops.device).view(3, 1, 1)
-    std = torch.tensor(cfg.std, device=crops.device).view(3, 1, 1)
-    return (crops.float() / 255.0 - mean) / std
+def normalize(
+    crops: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 crops (..., 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device.
+
+    Eval and training crops both end here, next to the model.
+    """
+    mean_t = torch.tensor(mean, device=crops.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=crops.device).view(3, 1, 1)
+    return (crops.float() / 255.0 - mean_t) / std_t
 
 
 def eval_transform(
@@ -245,10 +243,10 @@ def eval_transform(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` + :func:`normalize`)."""
     crop = eval_crop(cfg)
-    return lambda image: normalize(crop(image), cfg)
+    return lambda image: normalize(crop(image), cfg.mean, cfg.std)
 
 
-def train_transform(
+def train_augment(
     image_size: int = 224,
     *,
     scale: tuple[float, float] = (0.08, 1.0),
@@ -257,20 +255,32 @@ def train_transform(
     hflip: float = 0.5,
     randaugment: bool = False,
     randaugment_magnitude: int = 9,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Random-resized-crop augmentation for fine-tuning: RGB PIL -> (3, S, S) float32."""
+    """Random-resized-crop (+ flip, + RandAugment): RGB PIL -> (3, S, S) uint8.
+
+    The training counterpart of :func:`eval_crop`; :func:`normalize` finishes both.
+    """
     mode = InterpolationMode(interpolation)
-    crop = v2.RandomResizedCrop(
-        image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True
-    )
-    steps: list[Callable] = [crop]
+    steps: list[Callable] = [
+        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True)
+    ]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if randaugment:
         steps.append(v2.RandAugment(magnitude=randaugment_magnitude, interpolation=mode))
-    return v2.Compose(steps + _to_normalized_tensor(mean, std))
+    return v2.Compose([*steps, v2.PILToTensor(), v2.ToPureTensor()])
+
+
+def train_transform(
+    image_size: int = 224,
+    *,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    **augment: Any,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """:func:`train_augment` + :func:`normalize`: RGB PIL -> (3, S, S) float32."""
+    crop = train_augment(image_size, **augment)
+    return lambda image: normalize(crop(image), mean, std)
 
 
 def decode_for_eval(
@@ -295,4 +305,4 @@ def preprocess(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
     """Encoded bytes -> model input (3, S, S) float32: decode, crop, normalise."""
-    return normalize(decode_for_eval(data, cfg, max_pixels=max_pixels), cfg)
+    return normalize(decode_for_eval(data, cfg, max_pixels=max_pixels), cfg.mean, cfg.std)

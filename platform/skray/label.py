@@ -200,6 +200,17 @@ def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
     return units, [u for u in units if u.id not in done], weights
 
 
+def worker_env(cfg: LabelConfig) -> dict[str, str]:
+    """What the workers must see: the configured S3 location, and the MLflow store
+    when the weights live there (no secrets: credentials stay in the nodes' environment)."""
+    env = cfg.s3.env()
+    if cfg.weights and cfg.weights.startswith(("models:/", "runs:/")):
+        from skray.tracking import configure
+
+        env["MLFLOW_TRACKING_URI"] = configure()
+    return env
+
+
 def build_dataset(cfg: LabelConfig, units: list[Unit]):
     import ray
     import ray.data
@@ -210,7 +221,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
     if gpus == "auto":
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     preprocessing = cfg.preprocessing.transform()
-    runtime_env = {"env_vars": cfg.s3.env()} if cfg.s3.env() else None
+    runtime_env = {"env_vars": worker_env(cfg)} if worker_env(cfg) else None
     ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(
         read_and_decode,

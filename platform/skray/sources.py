@@ -233,29 +233,38 @@ def _read_webdataset(unit: Unit) -> Iterator[dict]:
         yield _sample_row(uri, key, members, error)
 
 
-def _read_parquet(unit: Unit, image_column: str, id_column: str | None) -> Iterator[dict]:
+def _read_parquet(
+    unit: Unit, image_column: str, id_column: str | None, meta_columns: tuple[str, ...]
+) -> Iterator[dict]:
     uri = unit.uris[0]
     fs, path = filesystem_for(uri)
     parquet = pq.ParquetFile(path, filesystem=fs)
-    columns = [image_column] + ([id_column] if id_column else [])
+    columns = list(dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns]))
     index = 0
     for batch in parquet.iter_batches(batch_size=256, columns=columns):
-        images = batch.column(image_column).to_pylist()
-        ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
-        for data, row_id in zip(images, ids):
+        rows = batch.to_pylist()
+        for row in rows:
+            row_id = row[id_column] if id_column else None
             key = f"{uri}#{row_id if row_id is not None else index}"
-            yield _row(key, data or b"")
+            meta = json.dumps({c: row[c] for c in meta_columns}, sort_keys=True) if meta_columns else ""
+            yield _row(key, row[image_column] or b"", meta=meta)
             index += 1
 
 
-def read_unit(unit: Unit, image_column: str = "image", id_column: str | None = None) -> list[dict]:
-    """All rows of one unit, each tagged with the unit id and its row count."""
+def read_unit(
+    unit: Unit,
+    image_column: str = "image",
+    id_column: str | None = None,
+    meta_columns: tuple[str, ...] = (),
+) -> list[dict]:
+    """All rows of one unit, each tagged with the unit id and its row count.
+    ``meta_columns`` of a Parquet file travel in ``meta`` (a training label, say)."""
     if unit.format == "images":
         rows = list(_read_image_files(unit))
     elif unit.format == "webdataset":
         rows = list(_read_webdataset(unit))
     else:
-        rows = list(_read_parquet(unit, image_column, id_column))
+        rows = list(_read_parquet(unit, image_column, id_column, meta_columns))
     if not rows:  # a row still flows, so the unit is committed and reported
         rows = [_row(unit.uris[0], error=f"empty_shard: the {unit.format} file holds no samples")]
     for row in rows:

@@ -1,11 +1,12 @@
 """Fetch, verify, read, load and save model weights.
 
-Weights come from a local file, ``s3://`` or ``https://``; remote files are
-downloaded once into a cache and checked against their sha256 (explicit, or the
-prefix timm-style file names carry). Loading never half-modifies a model: the
-checkpoint is compared with the model first, and a mismatch raises one error
-that lists every difference. The only tolerated difference is the classifier
-head's size, the fine-tuning case: the backbone loads and the head stays fresh.
+Weights come from a local file, ``s3://``, ``https://`` or an MLflow model
+(``models:/``, ``runs:/``); remote files are downloaded once into a cache and
+checked against their sha256 (explicit, or the prefix timm-style file names
+carry). Loading never half-modifies a model: the checkpoint is compared with
+the model first, and a mismatch raises one error that lists every difference.
+The only tolerated difference is the classifier head's size, the fine-tuning
+case: the backbone loads and the head stays fresh.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ _HEX = re.compile(r"[0-9a-f]{8,64}")
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema")
 _CHUNK = 1 << 20
+_MLFLOW_SCHEMES = ("models:/", "runs:/")
 _LISTED = 10
 
 
@@ -77,7 +79,7 @@ def _redact(uri: str | os.PathLike) -> str:
     """The URI without user info or query string (presigned URLs carry credentials there)."""
     uri = os.fspath(uri)
     parsed = urlparse(uri)
-    if not parsed.scheme or parsed.scheme == "file":
+    if not parsed.scheme or parsed.scheme in ("file", "models", "runs"):
         return uri
     host = parsed.hostname or ""
     netloc = f"{host}:{parsed.port}" if parsed.port else host
@@ -157,9 +159,16 @@ def fetch(
 
     A cached copy is reused without network access only when its expected hash
     is known and matches; without a hash the remote file may have changed, so it
-    is downloaded again.
+    is downloaded again. MLflow models are resolved by :mod:`skray.tracking`.
     """
     uri = os.fspath(uri)
+    if uri.startswith(_MLFLOW_SCHEMES):
+        from skray.tracking import download_weights  # MLflow is imported only when needed
+
+        path = download_weights(uri)
+        if sha256 is not None:
+            _check_hash(uri, _expected_hash(path.name, sha256), file_sha256(path))
+        return path
     if not storage.is_remote(uri):
         path = Path(storage.filesystem_for(uri)[1])
         if not path.is_file():

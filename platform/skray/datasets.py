@@ -1,0 +1,179 @@
+"""Labeled image datasets for training and evaluation, streamed through Ray Data.
+
+Three layouts, local or ``s3://``, read with the labeling job's readers
+(:mod:`skray.sources`) so every input path is shared:
+
+* ``folder``: ``ROOT/<class name>/<image>``, classes sorted by name;
+* ``webdataset``: tar shards whose samples carry a ``.cls`` member (an index);
+* ``parquet``: an image-bytes column and a label column (index or name).
+
+Rows leave a read task as uint8 crops (random-resized for training, the eval
+crop otherwise) with an int64 ``label``; an image that does not decode keeps a
+blank crop and ``label = -1`` so that the training loop can count and skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from skray.images import EvalTransformConfig, ImageDecodeError, decode_image, eval_crop, train_augment
+from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit
+from skray.storage import filesystem_for
+
+DatasetFormat = Literal["folder", "webdataset", "parquet"]
+BAD_LABEL = -1
+
+
+class DatasetError(InputError):
+    """A dataset that cannot be trained or evaluated on (no classes, an empty class...)."""
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """What a labeled dataset holds: its units to read, its class names, where labels come from."""
+
+    uri: str
+    format: DatasetFormat
+    units: tuple[Unit, ...]
+    class_names: tuple[str, ...]
+    label_column: str = "label"
+    image_column: str = "image"
+
+    @property
+    def num_images(self) -> int | None:
+        counts = [u.rows for u in self.units]
+        return None if None in counts else sum(counts)
+
+    def label_of(self, row: dict[str, Any]) -> int:
+        """The class index of a row read by :func:`skray.sources.read_unit`."""
+        if self.format == "folder":
+            return self.class_names.index(_relative(self.uri, row["key"]).split("/", 1)[0])
+        meta = json.loads(row["meta"]) if row["meta"] else {}
+        value = meta.get("cls" if self.format == "webdataset" else self.label_column)
+        if isinstance(value, str) and not value.lstrip("-").isdigit():
+            return self.class_names.index(value)
+        if value is None or not 0 <= int(value) < len(self.class_names):
+            raise ValueError(f"label {value!r} out of range for {len(self.class_names)} classes")
+        return int(value)
+
+
+def _relative(root: str, uri: str) -> str:
+    base = root.rstrip("/") + "/"
+    return uri[len(base) :] if uri.startswith(base) else posixpath.basename(uri)
+
+
+def _folder_classes(uri: str, files: list[str]) -> tuple[str, ...]:
+    fs, path = filesystem_for(uri)
+    dirs = [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.Directory and not posixpath.basename(i.path).startswith((".", "_"))]
+    populated = {_relative(uri, f).split("/", 1)[0] for f in files if "/" in _relative(uri, f)}
+    empty = sorted(set(dirs) - populated)
+    if empty:
+        raise DatasetError(f"class directory {uri.rstrip('/')}/{empty[0]} holds no images")
+    if not populated:
+        raise DatasetError(f"no classes in {uri}: a folder dataset is ROOT/<class name>/<image>")
+    return tuple(sorted(populated))
+
+
+def _parquet_classes(files: list[str], label_column: str) -> tuple[str, ...]:
+    values: set = set()
+    for uri in files:
+        fs, path = filesystem_for(uri)
+        values.update(pq.read_table(path, filesystem=fs, columns=[label_column]).column(0).to_pylist())
+    values.discard(None)
+    if not values:
+        raise DatasetError(f"no classes: the {label_column!r} column of {files[0]} is empty")
+    if all(isinstance(v, int) for v in values):
+        return tuple(f"class_{i}" for i in range(max(values) + 1))
+    return tuple(sorted(str(v) for v in values))
+
+
+def discover(
+    uri: str,
+    fmt: DatasetFormat = "folder",
+    *,
+    class_names: list[str] | None = None,
+    num_classes: int | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    files_per_unit: int = 64,
+) -> LabeledData:
+    """List a labeled dataset and settle its classes, failing early with a clear message."""
+    files = list_inputs(uri)
+    if fmt == "folder":
+        units = plan_units(files, "images", files_per_unit)
+        names = tuple(class_names) if class_names else _folder_classes(uri, files)
+    elif fmt == "webdataset":
+        units = plan_units(files, "webdataset", files_per_unit)
+        if not class_names and not num_classes:
+            raise DatasetError("a webdataset dataset needs data.class_names or data.num_classes "
+                               "(its .cls members are indices)")
+        names = tuple(class_names or (f"class_{i}" for i in range(num_classes or 0)))
+    else:
+        units = plan_units(files, "parquet", files_per_unit, (image_column, label_column))
+        names = tuple(class_names) if class_names else _parquet_classes(files, label_column)
+    return LabeledData(uri, fmt, tuple(units), names, label_column, image_column)
+
+
+def read_labeled(
+    units: pa.Table,
+    data: LabeledData,
+    image_size: int,
+    train: bool,
+    eval_cfg: EvalTransformConfig,
+    augment: dict[str, Any],
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: units -> batches of {image: uint8 (N, 3, S, S), label: int64}."""
+    crop = train_augment(image_size, **augment) if train else eval_crop(eval_cfg)
+    draft = None if train else eval_cfg.resize_size
+    meta_columns = (data.label_column,) if data.format == "parquet" else ()
+    for unit in units.to_pylist():
+        rows = read_unit(Unit.from_row(unit), data.image_column, None, meta_columns)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            images = np.zeros((len(chunk), 3, image_size, image_size), dtype=np.uint8)
+            labels = np.full(len(chunk), BAD_LABEL, dtype=np.int64)
+            for i, row in enumerate(chunk):
+                if row["error"]:
+                    continue
+                try:
+                    images[i] = crop(decode_image(row["data"], draft_size=draft)).numpy()
+                    labels[i] = data.label_of(row)
+                except (ImageDecodeError, ValueError):
+                    continue
+            yield {"image": images, "label": labels}
+
+
+def ray_dataset(
+    data: LabeledData,
+    *,
+    image_size: int,
+    train: bool,
+    eval_cfg: EvalTransformConfig,
+    augment: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    num_cpus: float = 0.5,
+):
+    """The streaming Ray Dataset of a labeled dataset: nothing is materialized."""
+    import ray.data
+
+    ds = ray.data.from_items([u.to_row() for u in data.units], override_num_blocks=len(data.units))
+    if train:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(
+        read_labeled,
+        fn_kwargs={"data": data, "image_size": image_size, "train": train, "eval_cfg": eval_cfg,
+                   "augment": augment or {}, "batch_size": batch_size},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+    )

@@ -1,0 +1,283 @@
+"""MLflow tracking: runs, the model registry, and registered models as weights.
+
+Every training run and sweep trial logs its config, tags and metrics here; the
+best model is registered, and from then on ``models:/NAME/VERSION``,
+``models:/NAME@ALIAS`` and ``runs:/RUN_ID/model`` work wherever skray takes
+weights. This is the only skray module that imports MLflow.
+
+A logged model carries, besides MLflow's own ``pt2`` export, the skray
+``.safetensors`` file as an extra file. That file is what skray loads back:
+skray never unpickles or executes an MLflow model.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+import skray
+from skray.model import SKResNeXt
+from skray.weights import WeightsError, save_weights
+
+__all__ = [
+    "WEIGHTS_FILE",
+    "default_tracking_uri",
+    "default_artifact_root",
+    "redact",
+    "configure",
+    "experiment_id",
+    "flatten",
+    "run_tags",
+    "start_run",
+    "log_metrics",
+    "end_run",
+    "log_model",
+    "log_model_to_run",
+    "download_weights",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "skray_weights.safetensors"
+_EXAMPLE_BATCH = 2  # torch.export fixes a batch dimension of size 1: 2 keeps it dynamic
+
+
+def _home() -> Path:
+    return Path(os.environ.get("SKRAY_HOME") or Path.cwd() / ".skray").expanduser().absolute()
+
+
+def _embedded_uri() -> str:
+    return f"sqlite:///{_home()}/mlflow/mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a SQLite store under ``$SKRAY_HOME`` (default ``./.skray``).
+
+    The embedded store needs no server, so a laptop run is tracked like a cluster run.
+    """
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    (_home() / "mlflow").mkdir(parents=True, exist_ok=True)
+    return _embedded_uri()
+
+
+def default_artifact_root() -> str:
+    """Artifacts of the embedded store: beside its database, not in MLflow's ``./mlruns``."""
+    return (_home() / "mlflow" / "artifacts").as_uri()
+
+
+def redact(uri: str) -> str:
+    """``uri`` fit for logs: user info (``user:password@``) and query string masked."""
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        uri = uri.replace(f"//{parts.netloc}", f"//***@{parts.netloc.rpartition('@')[2]}", 1)
+    if parts.query:
+        uri = uri.replace(f"?{parts.query}", "?***", 1)
+    return uri
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow's tracking and registry at ``tracking_uri``, else :func:`default_tracking_uri`.
+
+    MLflow exports the URIs to the environment, so subprocesses inherit them.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    log.info("MLflow tracking at %s", redact(uri))
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created if missing (parallel trials may race to create it)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    on_embedded = mlflow.get_tracking_uri() == _embedded_uri()
+    try:
+        return client.create_experiment(
+            name, artifact_location=default_artifact_root() if on_embedded else None
+        )
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: ``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``.
+
+    Values are strings cut to MLflow's length limit, which would otherwise reject the run.
+    """
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+def run_tags(data_uri: str | None = None) -> dict[str, str]:
+    """Tags that make a run reproducible: code commit, library versions, the data it read.
+
+    ``git_commit`` is ``HEAD`` of the working directory's repository, or ``"unknown"``;
+    ``data_uri`` (redacted) is present only when given.
+    """
+    tags = {
+        "git_commit": _git_commit(),
+        "ray_version": importlib.metadata.version("ray"),
+        "torch_version": torch.__version__,
+        "skray_version": skray.__version__,
+    }
+    if data_uri is not None:
+        tags["data_uri"] = redact(data_uri)
+    return tags
+
+
+def start_run(
+    experiment: str,
+    run_name: str,
+    *,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run with flattened params and tags and return its id.
+
+    The run is not made active in this process: Ray workers and the driver log
+    to it by id, which is what lets a resumed job continue the same run.
+    """
+    client = MlflowClient()
+    all_tags = {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    run_id = client.create_run(experiment_id(experiment), run_name=run_name, tags=all_tags).info.run_id
+    flat = [Param(k, v) for k, v in flatten(params).items()]
+    for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run_id, params=flat[start : start + 100])
+    return run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int, tracking_uri: str | None = None) -> None:
+    """Per-epoch metrics, from wherever the numbers are (a Ray Train worker, a Tune trial)."""
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status)
+
+
+def log_model_to_run(run_id: str, model: SKResNeXt, **kwargs: Any) -> dict[str, str | None]:
+    """:func:`log_model` into the run ``run_id`` (reopened for the purpose)."""
+    with mlflow.start_run(run_id=run_id):
+        return log_model(model, **kwargs)
+
+
+def log_model(
+    model: SKResNeXt,
+    *,
+    architecture: str,
+    class_names: list[str],
+    image_size: int = 224,
+    registered_model_name: str | None = None,
+    alias: str | None = None,
+) -> dict[str, str | None]:
+    """Log ``model`` to the active run as ``model``, optionally register it and alias the version.
+
+    The logged model holds MLflow's ``pt2`` export (for MLflow serving) and
+    :data:`WEIGHTS_FILE`, the file skray loads back. The caller's model is not
+    touched: a CPU copy in eval mode is logged.
+
+    Returns ``model_uri`` (``models:/<model id>``), ``run_id`` and ``registered_version``.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_model needs an active MLflow run (mlflow.start_run())")
+    if alias is not None and registered_model_name is None:
+        raise ValueError("an alias needs a registered_model_name")
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    example = np.zeros((_EXAMPLE_BATCH, 3, image_size, image_size), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / WEIGHTS_FILE
+        save_weights(cpu_model, weights, architecture=architecture, class_names=class_names)
+        info = mlflow.pytorch.log_model(
+            cpu_model,
+            name="model",
+            input_example=example,  # the signature is inferred from it
+            metadata={
+                "architecture": architecture,
+                "class_names": list(class_names),
+                "num_classes": cpu_model.num_classes,
+            },
+            extra_files=[str(weights)],
+            registered_model_name=registered_model_name,
+            # Pinned torch + cloudpickle: inferring requirements reloads the model in a subprocess.
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+        )
+    version = info.registered_model_version
+    if alias is not None:
+        MlflowClient().set_registered_model_alias(registered_model_name, alias, str(version))
+    return {
+        "model_uri": info.model_uri,
+        "run_id": run.info.run_id,
+        "registered_version": None if version is None else str(version),
+    }
+
+
+def download_weights(uri: str, dst_dir: Path | None = None) -> Path:
+    """The local path of the skray weights file in the MLflow model at ``uri``.
+
+    ``uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/<model id>``
+    or ``runs:/RUN_ID/model``. Only the model's ``MLmodel`` and the weights file
+    are downloaded. With ``dst_dir`` unset, MLflow picks the place: a temporary
+    folder, or for a local store reached through ``models:/``, the stored file itself.
+    """
+    if not mlflow.is_tracking_uri_set():
+        configure()
+    try:
+        repo = get_artifact_repository(uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("pytorch", {})
+        extra_files = [f["path"] for f in flavor.get("extra_files", [])]
+        paths = [p for p in extra_files if Path(p).name == WEIGHTS_FILE]
+        if not paths:
+            raise WeightsError(f"MLflow model {uri} holds no skray weights file ({WEIGHTS_FILE})")
+        if dst_dir is not None:
+            Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return Path(repo.download_artifacts(paths[0], None if dst_dir is None else str(dst_dir)))
+    except (MlflowException, OSError) as exc:  # OSError: the stores' network and file errors
+        reason = str(exc).partition("\n")[0]
+        raise WeightsError(f"cannot get MLflow model {uri}: {reason}") from exc

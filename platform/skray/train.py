@@ -1,0 +1,381 @@
+"""Distributed training on Ray Train: the published recipe, checkpoints, resume, MLflow.
+
+``train_loop`` is the whole per-worker loop, top to bottom: build the model,
+restore the latest checkpoint if there is one, then per epoch train, validate,
+checkpoint through ``ray.train.report`` and log to MLflow (rank 0). ``run`` is the
+driver: it checks everything it can before a worker starts, opens the MLflow run,
+fits, and registers the best checkpoint's model.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from skray.config import ConfigError, StrictModel, dump_config, validate
+from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset
+from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
+from skray.model import DEFAULT_MODEL, SKResNeXt, create_model, list_models
+from skray.sinks import join, read_json, write_json
+from skray.storage import exists, read_bytes, write_bytes_atomic
+from skray.weights import load_weights, save_weights
+
+RUN_FILE = "skray_run.json"
+CONFIG_FILE = "skray_train.yaml"
+METRICS = ("train_loss", "lr", "val_top1", "val_top5", "img_per_s", "skipped_images", "epoch",
+           "resumed_at_epoch")
+
+
+class DataConfig(StrictModel):
+    train: str
+    val: str | None = None
+    format: Literal["folder", "webdataset", "parquet"] = "folder"
+    class_names: list[str] | None = None
+    num_classes: int | None = Field(None, ge=2)
+    image_column: str = "image"
+    label_column: str = "label"
+    files_per_unit: int = Field(64, ge=1)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # undecodable images are skipped; above this the run fails
+    decode_cpus: float = Field(0.5, gt=0)
+
+
+class ModelConfig(StrictModel):
+    name: str = DEFAULT_MODEL
+    pretrained: str | None = None  # fine-tuning: start from these weights, head sized by the dataset
+    freeze_backbone_epochs: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}; registered: {', '.join(list_models())}")
+        return value
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(0.1, gt=0)  # at base_batch_size; the rule: lr * batch_size / base_batch_size
+    base_batch_size: int = Field(256, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    no_weight_decay_on_norm_and_bias: bool = True
+    warmup_epochs: float = Field(5, ge=0)
+    min_lr: float = Field(0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class ScalingSection(StrictModel):
+    workers: int = Field(8, ge=1)
+    use_gpu: bool = True
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class MlflowSection(StrictModel):
+    experiment: str = "skray-train"
+    registered_model: str | None = "skresnext50_32x4d"
+    alias: str | None = None  # set on the registered version, e.g. "candidate"
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local store in .skray/
+
+
+class TrainConfig(StrictModel):
+    name: str | None = None  # run name; default train-<UTC timestamp>
+    storage_path: str = ".skray/train"  # local or s3://; the run lives in storage_path/name
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingSection = ScalingSection()
+    mlflow: MlflowSection = MlflowSection()
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1)  # global, across workers
+    image_size: int = Field(224, ge=32)
+    eval_crop_pct: float = Field(0.875, gt=0, le=1)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    randaugment: bool = False
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    amp: Literal["off", "bf16", "fp16"] = "bf16"  # on GPU only
+    keep_checkpoints: int = Field(2, ge=1)  # best k by val_top1
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the latest checkpoint
+
+    @model_validator(mode="after")
+    def _batch_fits_workers(self) -> "TrainConfig":
+        if self.batch_size % self.scaling.workers:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by scaling.workers "
+                             f"{self.scaling.workers}")
+        return self
+
+    @property
+    def lr(self) -> float:
+        """The linear scaling rule: the recipe's LR is for base_batch_size."""
+        return self.optim.lr * self.batch_size / self.optim.base_batch_size
+
+    def eval_transform(self) -> EvalTransformConfig:
+        return EvalTransformConfig(self.image_size, self.eval_crop_pct, self.interpolation)
+
+
+# --- the per-worker loop ------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip_norm_and_bias: bool) -> list[dict]:
+    """Weight decay on conv and linear weights only (1-D tensors are norms and biases)."""
+    if not skip_norm_and_bias:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine down to min_lr, per step."""
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.optim.min_lr + 0.5 * (cfg.lr - cfg.optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def all_reduce(*values: float, device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def set_backbone_frozen(model: SKResNeXt, frozen: bool) -> None:
+    """Frozen: BatchNorm statistics stay put and only the head learns (grads dropped after backward)."""
+    for name, module in model.named_modules():
+        if not name.startswith("fc") and isinstance(module, nn.BatchNorm2d):
+            module.train(not frozen)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from skray import tracking
+
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    data: LabeledData = loop_config["train_data"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    use_amp = cfg.amp != "off" and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+    model = create_model(cfg.model.name, num_classes=len(data.class_names))
+    if cfg.model.pretrained:
+        load_weights(model, cfg.model.pretrained)
+    optimizer = torch.optim.SGD(
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.no_weight_decay_on_norm_and_bias),
+        lr=cfg.lr, momentum=cfg.optim.momentum,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and cfg.amp == "fp16")
+    start_epoch, best_top1 = 0, 0.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
+        print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
+    ddp_model = ray.train.torch.prepare_model(model)
+    raw_model: SKResNeXt = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    per_worker_batch = cfg.batch_size // world
+    steps_per_epoch = max(1, (data.num_images or cfg.batch_size) // cfg.batch_size)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    lr = lr_at(start_epoch * steps_per_epoch, steps_per_epoch, cfg)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        frozen = epoch < cfg.model.freeze_backbone_epochs
+        ddp_model.train()
+        set_backbone_frozen(raw_model, frozen)
+        seen = skipped = loss_sum = 0.0
+        started = time.perf_counter()
+        shard = ray.train.get_dataset_shard("train")
+        for step, batch in enumerate(shard.iter_torch_batches(batch_size=per_worker_batch, drop_last=True,
+                                                             local_shuffle_buffer_size=4 * per_worker_batch)):
+            labels = batch["label"].to(device)
+            good = labels != BAD_LABEL
+            skipped += float((~good).sum())
+            images = normalize(batch["image"].to(device), mean, std)
+            lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = ddp_model(images)
+                # Undecodable rows stay in the batch (DDP needs equal work per rank) with zero weight.
+                loss = (nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none",
+                                                   label_smoothing=cfg.optim.label_smoothing) * good).sum()
+                loss = loss / good.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if frozen:
+                for name, param in raw_model.named_parameters():
+                    if not name.startswith("fc."):
+                        param.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            seen += float(good.sum())
+            loss_sum += float(loss.detach()) * float(good.sum())
+        elapsed = time.perf_counter() - started
+
+        ddp_model.eval()
+        correct1 = correct5 = total = 0.0
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=per_worker_batch):
+                labels = batch["label"].to(device)
+                good = labels != BAD_LABEL
+                logits = raw_model(normalize(batch["image"].to(device), mean, std))
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top5 == labels[:, None]
+                correct1 += float((hits[:, 0] & good).sum())
+                correct5 += float((hits.any(dim=1) & good).sum())
+                total += float(good.sum())
+                skipped += float((~good).sum())
+        seen_all, skipped_all, loss_all, c1, c5, n, time_max = all_reduce(
+            seen, skipped, loss_sum, correct1, correct5, total, elapsed, device=device)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_all / max(seen_all, 1),
+            "lr": lr,
+            "val_top1": 100.0 * c1 / max(n, 1),
+            "val_top5": 100.0 * c5 / max(n, 1),
+            "img_per_s": seen_all / max(time_max / world, 1e-9),
+            "skipped_images": skipped_all,
+            "resumed_at_epoch": start_epoch,  # > 0 when this attempt restored a checkpoint
+        }
+        if skipped_all > cfg.data.max_bad_fraction * max(seen_all + n + skipped_all, 1):
+            raise DatasetError(f"{int(skipped_all)} images could not be decoded, more than "
+                               f"data.max_bad_fraction={cfg.data.max_bad_fraction} of the data")
+        best_top1 = max(best_top1, metrics["val_top1"])
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best_top1,
+                            "config": loop_config["config"], "class_names": list(data.class_names)},
+                           Path(directory) / "state.pt")
+                save_weights(raw_model, Path(directory) / "model.safetensors",
+                             architecture=cfg.model.name, class_names=list(data.class_names))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+                tracking.log_metrics(loop_config["mlflow_run_id"], metrics, step=epoch,
+                                     tracking_uri=loop_config["tracking_uri"])
+                print(f"[train] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --- the driver ---------------------------------------------------------------
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return cfg.name or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData]:
+    """Everything that can fail before a worker starts: data, classes, weights."""
+    common = {"class_names": cfg.data.class_names, "num_classes": cfg.data.num_classes,
+              "image_column": cfg.data.image_column, "label_column": cfg.data.label_column,
+              "files_per_unit": cfg.data.files_per_unit}
+    train = discover(cfg.data.train, cfg.data.format, **common)
+    val = discover(cfg.data.val, cfg.data.format, **{**common, "class_names": list(train.class_names)}) \
+        if cfg.data.val else train
+    if cfg.model.pretrained:
+        load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), cfg.model.pretrained)
+    return train, val
+
+
+def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
+    """Train (or, with ``resume``, continue the run stored there); returns the final summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from skray import tracking
+
+    if resume:
+        cfg, run_dir = load_run_config(resume), resume.rstrip("/")
+        name, storage_path = run_dir.rsplit("/", 1)[1], run_dir.rsplit("/", 1)[0]
+    else:
+        name, storage_path = run_name(cfg), cfg.storage_path
+        run_dir = join(storage_path, name)
+    train, val = check_inputs(cfg)
+    print("[train] resolved config:\n" + dump_config(cfg), flush=True)
+    print(f"[train] {len(train.class_names)} classes, lr {cfg.lr:g} (= {cfg.optim.lr:g} x "
+          f"{cfg.batch_size} / {cfg.optim.base_batch_size}), run at {run_dir}", flush=True)
+
+    tracking_uri = tracking.configure(cfg.mlflow.tracking_uri)
+    previous = read_json(join(run_dir, RUN_FILE)) if resume else None
+    if previous:
+        run_id = previous["mlflow_run_id"]
+    else:
+        run_id = tracking.start_run(cfg.mlflow.experiment, name, params=cfg.model_dump(mode="json"),
+                                    tags=tracking.run_tags(cfg.data.train))
+        write_bytes_atomic(join(run_dir, CONFIG_FILE), dump_config(cfg).encode())
+        write_json(join(run_dir, RUN_FILE), {"mlflow_run_id": run_id, "name": name})
+
+    ray.init(ignore_reinit_error=True)
+    eval_cfg = cfg.eval_transform()
+    augment = {"interpolation": cfg.interpolation, "randaugment": cfg.randaugment,
+               "randaugment_magnitude": cfg.randaugment_magnitude}
+    per_task = max(1, cfg.batch_size // cfg.scaling.workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": train,
+                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=_absolute(storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1",
+                checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        datasets={
+            "train": ray_dataset(train, image_size=cfg.image_size, train=True, eval_cfg=eval_cfg,
+                                 augment=augment, batch_size=per_task, num_cpus=cfg.data.decode_cpus),
+            "val": ray_dataset(val, image_size=cfg.image_size, train=False, eval_cfg=eval_cfg,
+                               batch_size=per_task, num_cpus=cfg.data.decode_cpus),
+        },
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(run_id, status="FAILED")
+        raise
+    best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_top1"])
+    summary = {"run_dir": run_dir, "mlflow_run_id": run_id, "final": result.metrics,
+               "best": best[1], "best_checkpoint": best[0].path}
+    with best[0].as_directory() as directory:
+        model = create_model(cfg.model.name, num_classes=len(train.class_names))
+        load_weights(model, str(Path(directory) / "model.safetensors"))
+    summary["model"] = tracking.log_model_to_run(
+        run_id, model, architecture=cfg.model.name, class_names=list(train.class_names),
+        image_size=cfg.image_size, registered_model_name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias)
+    tracking.end_run(run_id, status="FINISHED")
+    write_json(join(run_dir, "skray_result.json"), summary)
+    return summary
+
+
+def _absolute(storage_path: str) -> str:
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+
+
+def load_run_config(run_dir: str) -> TrainConfig:
+    """The resolved config a run saved at its start: ``--resume`` needs nothing else."""
+    uri = join(run_dir, CONFIG_FILE)
+    if not exists(uri):
+        raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a skray training run)")
+    return validate(TrainConfig, yaml.safe_load(read_bytes(uri)), source=uri)
+
