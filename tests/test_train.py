@@ -93,6 +93,40 @@ def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
     assert set(dict(manifest["top_labels"])) <= {"class0", "class1", "class2", "class3"}
     assert "class2" in capsys.readouterr().out
 
+    assert main(["evaluate", "--data", dataset["val"], "--weights", uri, "--image-size", "48",
+                 "--mlflow-experiment", "skray-eval"]) == 0
+    out = capsys.readouterr().out
+    top1 = float(out.split("top-1 ")[1].split()[0])
+    assert abs(top1 - summary["best"]["val_top1"]) < 0.01, "evaluate agrees with the training loop's validation"
+    assert "top-5 100.00" in out and "(48 images, 0 undecodable)" in out
+    evaluation = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("skray-eval").experiment_id])[0]
+    assert abs(evaluation.data.metrics["top1"] - top1) < 0.01
+
+
+def test_fine_tuning_starts_from_weights_with_a_new_head_and_can_freeze_the_backbone(
+    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
+):
+    import torch
+
+    from skray.model import create_model
+    from skray.weights import save_weights
+
+    pretrained = create_model("skresnext14_8x4d_half", num_classes=1000)
+    save_weights(pretrained, tmp_path / "pre.safetensors", architecture="skresnext14_8x4d_half")
+    cfg = small_config(dataset, tmp_path, "epochs=2", "name=finetune", f"model.pretrained={tmp_path}/pre.safetensors",
+                       "model.freeze_backbone_epochs=1", "mlflow.registered_model=null")
+
+    summary = run(cfg)
+
+    states = [torch.load(p, weights_only=True) for p in (tmp_path / "runs" / "finetune").glob("checkpoint_*/state.pt")]
+    frozen = next(s for s in states if s["epoch"] == 0)["model"]
+    before = pretrained.state_dict()
+    assert frozen["fc.weight"].shape == (4, pretrained.num_features)
+    assert all(torch.equal(frozen[k], before[k]) for k in before if not k.startswith("fc.")), "backbone frozen"
+    thawed = next(s for s in states if s["epoch"] == 1)["model"]
+    assert not torch.equal(thawed["conv1.weight"], before["conv1.weight"]), "then it trains"
+    assert summary["model"]["registered_version"] is None
+
 
 def train_worker_pids() -> list[int]:
     found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)

@@ -96,6 +96,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from skray.datasets import DatasetError
+    from skray.evaluate import evaluate
+    from skray.weights import WeightsError
+
+    if not args.weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    try:
+        result = evaluate(args.data, args.weights, model=args.model, fmt=args.format,
+                          batch_size=args.batch_size, image_size=args.image_size, crop_pct=args.crop_pct)
+    except (DatasetError, WeightsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['model']} on {result['data']}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
+          f"({result['images']} images, {result['skipped']} undecodable)")
+    if args.mlflow_experiment:
+        from skray import tracking
+
+        tracking.configure()
+        run_id = tracking.start_run(args.mlflow_experiment, "evaluate", params=result,
+                                    tags=tracking.run_tags(args.data))
+        tracking.log_metrics(run_id, {"top1": result["top1"], "top5": result["top5"]}, step=0)
+        tracking.end_run(run_id)
+        print(f"logged to MLflow run {run_id} in experiment {args.mlflow_experiment}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skray.demo import run_demo
 
@@ -133,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped run from its directory (storage_path/name, local or s3://)")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="top-1/top-5 on a labeled image set (card eval transform)")
+    evaluate.add_argument("--data", required=True, help="ROOT/<class>/<image>, local or s3://")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--format", default="folder", choices=["folder", "webdataset", "parquet"])
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--image-size", type=int, default=224)
+    evaluate.add_argument("--crop-pct", type=float, default=0.875)
+    evaluate.add_argument("--mlflow-experiment", help="also log the result to this MLflow experiment")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())

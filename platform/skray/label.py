@@ -38,6 +38,7 @@ from skray.sinks import (
 )
 from skray.sources import Unit, list_inputs, plan_units
 from skray.weights import load_model
+from skray.weights import worker_env as weights_worker_env
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,7 @@ def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
 def worker_env(cfg: LabelConfig) -> dict[str, str]:
     """What the workers must see: the configured S3 location, and the MLflow store
     when the weights live there (no secrets: credentials stay in the nodes' environment)."""
-    env = cfg.s3.env()
-    if cfg.weights and cfg.weights.startswith(("models:/", "runs:/")):
-        from skray.tracking import configure
-
-        env["MLFLOW_TRACKING_URI"] = configure()
-    return env
+    return {**cfg.s3.env(), **weights_worker_env(cfg.weights)}
 
 
 def build_dataset(cfg: LabelConfig, units: list[Unit]):

@@ -71,6 +71,16 @@ class LoadedWeights:
     architecture: str | None
 
 
+def worker_env(weights: str | None) -> dict[str, str]:
+    """What a Ray worker on another process or node must see to load ``weights``:
+    the MLflow store behind ``models:/`` and ``runs:/`` URIs."""
+    if weights and str(weights).startswith(_MLFLOW_SCHEMES):
+        from skray.tracking import configure
+
+        return {"MLFLOW_TRACKING_URI": configure()}
+    return {}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SKRAY_CACHE_DIR") or Path.home() / ".cache/skray/weights")
 
