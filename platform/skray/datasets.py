@@ -14,7 +14,9 @@ blank crop and ``label = -1`` so that the training loop can count and skip it.
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -52,14 +54,18 @@ class LabeledData:
         counts = [u.rows for u in self.units]
         return None if None in counts else sum(counts)
 
+    @functools.cached_property
+    def class_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.class_names)}
+
     def label_of(self, row: dict[str, Any]) -> int:
         """The class index of a row read by :func:`skray.sources.read_unit`."""
         if self.format == "folder":
-            return self.class_names.index(_relative(self.uri, row["key"]).split("/", 1)[0])
+            return self.class_index[_relative(self.uri, row["key"]).split("/", 1)[0]]
         meta = json.loads(row["meta"]) if row["meta"] else {}
         value = meta.get("cls" if self.format == "webdataset" else self.label_column)
         if isinstance(value, str) and not value.lstrip("-").isdigit():
-            return self.class_names.index(value)
+            return self.class_index[value]
         if value is None or not 0 <= int(value) < len(self.class_names):
             raise ValueError(f"label {value!r} out of range for {len(self.class_names)} classes")
         return int(value)
@@ -109,7 +115,9 @@ def discover(
     """List a labeled dataset and settle its classes, failing early with a clear message."""
     files = list_inputs(uri)
     if fmt == "folder":
-        units = plan_units(files, "images", files_per_unit)
+        # Listing order is class by class: a fixed shuffle makes every unit (and so every
+        # streamed block, and batch) a mix of classes without a costly shuffle buffer.
+        units = plan_units(random.Random(0).sample(files, len(files)), "images", files_per_unit)
         names = tuple(class_names) if class_names else _folder_classes(uri, files)
     elif fmt == "webdataset":
         units = plan_units(files, "webdataset", files_per_unit)
@@ -148,7 +156,7 @@ def read_labeled(
                 try:
                     images[i] = crop(decode_image(row["data"], draft_size=draft)).numpy()
                     labels[i] = data.label_of(row)
-                except (ImageDecodeError, ValueError):
+                except (ImageDecodeError, ValueError, KeyError):  # undecodable, or a label outside the classes
                     continue
             yield {"image": images, "label": labels}
 

@@ -47,6 +47,7 @@ class DataConfig(StrictModel):
     files_per_unit: int = Field(64, ge=1)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # undecodable images are skipped; above this the run fails
     decode_cpus: float = Field(0.5, gt=0)
+    shuffle_buffer: int = Field(0, ge=0)  # rows shuffled on each worker; folder units are already class-mixed
 
 
 class ModelConfig(StrictModel):
@@ -203,8 +204,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seen = skipped = loss_sum = 0.0
         started = time.perf_counter()
         shard = ray.train.get_dataset_shard("train")
-        for step, batch in enumerate(shard.iter_torch_batches(batch_size=per_worker_batch, drop_last=True,
-                                                             local_shuffle_buffer_size=4 * per_worker_batch)):
+        batches = shard.iter_torch_batches(batch_size=per_worker_batch, drop_last=True,
+                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
+        for step, batch in enumerate(batches):
             labels = batch["label"].to(device)
             good = labels != BAD_LABEL
             skipped += float((~good).sum())
@@ -269,8 +271,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 save_weights(raw_model, Path(directory) / "model.safetensors",
                              architecture=cfg.model.name, class_names=list(data.class_names))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-                tracking.log_metrics(loop_config["mlflow_run_id"], metrics, step=epoch,
-                                     tracking_uri=loop_config["tracking_uri"])
+                if loop_config["mlflow_run_id"]:
+                    tracking.log_metrics(loop_config["mlflow_run_id"], metrics, step=epoch,
+                                         tracking_uri=loop_config["tracking_uri"])
                 print(f"[train] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             ray.train.report(metrics, checkpoint=checkpoint)
 

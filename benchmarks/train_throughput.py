@@ -1,0 +1,116 @@
+"""Training throughput: skray's Ray Train loop vs a plain PyTorch loop, same in-memory data.
+
+One worker, the same model, batch, optimizer and uint8 crops (already decoded, held
+in memory: this measures the loop, not decoding). The Ray Train side is the real
+``skray.train.train_loop`` (DDP wrapper, Ray Data shard iteration, per-epoch
+validation, checkpoint, report); its img/s covers the training steps of an epoch,
+like the plain loop's. Median over epochs after the first.
+
+    python benchmarks/train_throughput.py [--model skresnext14_8x4d_half] [--size 96] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from skray.config import validate
+from skray.datasets import LabeledData
+from skray.images import normalize
+from skray.model import create_model
+from skray.train import TrainConfig, lr_at, param_groups, train_loop
+
+
+def plain_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float]:
+    """The same step as train_loop, without Ray: img/s per epoch."""
+    model = create_model(cfg.model.name, num_classes=classes).train()
+    optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, True), lr=cfg.lr,
+                                momentum=cfg.optim.momentum)
+    steps = len(images) // cfg.batch_size
+    rates = []
+    for epoch in range(cfg.epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(images))
+        for step in range(steps):
+            index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps + step, steps, cfg)
+            loss = nn.functional.cross_entropy(model(normalize(images[index])), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        rates.append(steps * cfg.batch_size / (time.perf_counter() - started))
+    return rates
+
+
+def ray_train_loop(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, classes: int) -> list[float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rates: list[float] = []
+    data = LabeledData("memory://", "folder", (), tuple(f"c{i}" for i in range(classes)))
+    rows = [{"image": image, "label": label} for image, label in zip(images, labels)]
+    train = ray.data.from_items(rows).materialize()
+    val = ray.data.from_items(rows[: cfg.batch_size])
+    storage = tempfile.mkdtemp(prefix="skray-train-bench-")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": data,
+                           "mlflow_run_id": None, "tracking_uri": None},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
+        run_config=RunConfig(name="bench", storage_path=storage),
+        datasets={"train": train, "val": val},
+    )
+    result = trainer.fit()
+    history = result.metrics_dataframe
+    rates = history.sort_values("epoch")["img_per_s"].tolist()
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="skresnext14_8x4d_half")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=768)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+
+    classes = 10
+    cfg = validate(TrainConfig, {
+        "data": {"train": "memory://"}, "model": {"name": args.model}, "epochs": args.epochs,
+        "batch_size": args.batch, "image_size": args.size, "amp": "off", "mlflow": {"registered_model": None},
+        "scaling": {"workers": 1, "use_gpu": False, "cpus_per_worker": 2},
+        "optim": {"warmup_epochs": 0, "label_smoothing": 0.0}})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 3, args.size, args.size), dtype=np.uint8)
+    labels = rng.integers(0, classes, args.images).astype(np.int64)
+
+    torch.set_num_threads(2)
+    plain = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
+    ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
+    in_ray = ray_train_loop(cfg, images, labels, classes)
+    plain_again = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+    plain_rate = statistics.median(plain[1:] + plain_again[1:])
+    ray_rate = statistics.median(in_ray[1:])
+    print(f"\n{args.model}, {args.size} px, batch {args.batch}, {args.images} images in memory, "
+          f"{args.epochs} epochs, 1 worker x 2 threads, CPU ({os.cpu_count()} cores)")
+    print("| loop | img/s per epoch | median (epochs 2+) | ratio |\n|---|---|---:|---:|")
+    print(f"| plain PyTorch (before, after Ray) | {', '.join(f'{r:.1f}' for r in plain + plain_again)} "
+          f"| {plain_rate:.1f} | 1.00 |")
+    print(f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} | {ray_rate:.1f} "
+          f"| {ray_rate / plain_rate:.2f} |")
+    print(f"\nRay Train loop vs plain: {ray_rate / plain_rate:.2f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
