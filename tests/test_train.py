@@ -97,7 +97,8 @@ def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
                  "--mlflow-experiment", "skray-eval"]) == 0
     out = capsys.readouterr().out
     top1 = float(out.split("top-1 ")[1].split()[0])
-    assert abs(top1 - summary["best"]["val_top1"]) < 0.01, "evaluate agrees with the training loop's validation"
+    # The fast path (folded BatchNorm) may flip a near-tie argmax of the plain eval: one image at most.
+    assert abs(top1 - summary["best"]["val_top1"]) <= 100 / 48 + 0.01, "evaluate agrees with training's validation"
     assert "top-5 100.00" in out and "(48 images, 0 undecodable)" in out
     evaluation = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("skray-eval").experiment_id])[0]
     assert abs(evaluation.data.metrics["top1"] - top1) < 0.01
