@@ -123,6 +123,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from skray.config import ConfigError, load_config
+    from skray.datasets import DatasetError
+    from skray.sweep import SweepConfig, run
+
+    try:
+        cfg = load_config(SweepConfig, args.config, args.set)
+        summary = run(cfg, resume=args.resume)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for trial in summary["trials"]:
+        print(f"[sweep] {trial['trial']}: {trial['state']}, {trial['epochs']} epochs, best {trial['best']}")
+    best = summary["best"]
+    print(f"[sweep] best: {best['trial'] if best else None} ({best['best'] if best else '-'}); "
+          f"MLflow parent run {summary['parent_run_id']}; model {summary.get('model')}")
+    return 0 if best else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from skray.compare import compare, format_table
+
+    try:
+        rows, paths = compare(args.experiment, args.parent, args.metric, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(rows, args.metric))
+    for path in paths:
+        print(f"plot: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skray.demo import run_demo
 
@@ -170,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--crop-pct", type=float, default=0.875)
     evaluate.add_argument("--mlflow-experiment", help="also log the result to this MLflow experiment")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over training keys (ASHA), in MLflow")
+    sweep.add_argument("--config", required=True, help="YAML sweep config (configs/sweep_lr_wd.yaml)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep (storage_path/name)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    compare = sub.add_parser("compare", help="runs side by side from MLflow, sorted by a metric, with plots")
+    compare.add_argument("--experiment", help="an MLflow experiment (default skray-train)")
+    compare.add_argument("--parent", help="a sweep's parent run id: compare its trials")
+    compare.add_argument("--metric", default="val_top1")
+    compare.add_argument("--out", help="folder for the PNGs (default .skray/compare/...)")
+    compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())

@@ -200,6 +200,30 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def child_runs(parent_run_id: str) -> dict[str, str]:
+    """Trial name -> run id of the runs nested under ``parent_run_id``."""
+    parent = MlflowClient().get_run(parent_run_id)
+    runs = MlflowClient().search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags.get(TRIAL_TAG, r.info.run_name): r.info.run_id for r in runs}
+
+
+TRIAL_TAG = "skray.trial"
+STATE_TAG = "skray.trial_state"
+TRIAL_STATES = {"completed": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
+
+
+def set_state(run_id: str, state: str) -> None:
+    """Close a trial's run: its skray state as a tag, and MLflow's own status."""
+    client = MlflowClient()
+    client.set_tag(run_id, STATE_TAG, state)
+    client.set_terminated(run_id, TRIAL_STATES[state])
+
+
 def log_model_to_run(run_id: str, model: SKResNeXt, **kwargs: Any) -> dict[str, str | None]:
     """:func:`log_model` into the run ``run_id`` (reopened for the purpose)."""
     with mlflow.start_run(run_id=run_id):

@@ -298,11 +298,50 @@ def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData]:
     return train, val
 
 
+def build_trainer(
+    cfg: TrainConfig,
+    train: LabeledData,
+    val: LabeledData,
+    *,
+    name: str,
+    storage_path: str,
+    run_id: str | None,
+    tracking_uri: str | None,
+    callbacks: list | None = None,
+):
+    """The TorchTrainer of one run: shared by ``skray train`` and each sweep trial."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    eval_cfg = cfg.eval_transform()
+    augment = {"interpolation": cfg.interpolation, "randaugment": cfg.randaugment,
+               "randaugment_magnitude": cfg.randaugment_magnitude}
+    per_task = max(1, cfg.batch_size // cfg.scaling.workers)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": train,
+                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=_absolute(storage_path), callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1",
+                checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+        datasets={
+            "train": ray_dataset(train, image_size=cfg.image_size, train=True, eval_cfg=eval_cfg,
+                                 augment=augment, batch_size=per_task, num_cpus=cfg.data.decode_cpus),
+            "val": ray_dataset(val, image_size=cfg.image_size, train=False, eval_cfg=eval_cfg,
+                               batch_size=per_task, num_cpus=cfg.data.decode_cpus),
+        },
+    )
+
+
 def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
     """Train (or, with ``resume``, continue the run stored there); returns the final summary."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from skray import tracking
 
@@ -328,30 +367,8 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
         write_json(join(run_dir, RUN_FILE), {"mlflow_run_id": run_id, "name": name})
 
     ray.init(ignore_reinit_error=True)
-    eval_cfg = cfg.eval_transform()
-    augment = {"interpolation": cfg.interpolation, "randaugment": cfg.randaugment,
-               "randaugment_magnitude": cfg.randaugment_magnitude}
-    per_task = max(1, cfg.batch_size // cfg.scaling.workers)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": train,
-                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=_absolute(storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1",
-                checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={
-            "train": ray_dataset(train, image_size=cfg.image_size, train=True, eval_cfg=eval_cfg,
-                                 augment=augment, batch_size=per_task, num_cpus=cfg.data.decode_cpus),
-            "val": ray_dataset(val, image_size=cfg.image_size, train=False, eval_cfg=eval_cfg,
-                               batch_size=per_task, num_cpus=cfg.data.decode_cpus),
-        },
-    )
+    trainer = build_trainer(cfg, train, val, name=name, storage_path=storage_path, run_id=run_id,
+                            tracking_uri=tracking_uri)
     try:
         result = trainer.fit()
     except Exception:

@@ -1,0 +1,101 @@
+"""``skray compare``: runs side by side, sorted by a metric, with plots.
+
+Reads MLflow only: the runs of an experiment, or the trials nested under a sweep's
+parent run. The table is for the terminal; the PNGs (LR x weight decay coloured by
+the metric, learning curves of the best runs) are saved and logged to the parent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from skray import tracking
+
+
+def _history(client, run_id: str, metric: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
+def collect(experiment: str | None, parent: str | None, metric: str) -> list[dict[str, Any]]:
+    """One row per run, best first (runs that never reported the metric last)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if parent:
+        experiment_ids = [client.get_run(parent).info.experiment_id]
+        query = f"tags.mlflow.parentRunId = '{parent}'"
+    else:
+        found = client.get_experiment_by_name(experiment or "skray-train")
+        if found is None:
+            raise ValueError(f"no MLflow experiment named {experiment!r}")
+        experiment_ids, query = [found.experiment_id], ""
+    rows = []
+    for run in client.search_runs(experiment_ids, filter_string=query, max_results=5000):
+        curve = _history(client, run.info.run_id, metric)
+        rows.append({
+            "run": run.info.run_name, "run_id": run.info.run_id,
+            "lr": _number(run.data.params.get("optim.lr")),
+            "weight_decay": _number(run.data.params.get("optim.weight_decay")),
+            "epochs": len(curve), "best": max(curve) if curve else None, "curve": curve,
+            "state": run.data.tags.get(tracking.STATE_TAG, run.info.status.lower()),
+        })
+    return sorted(rows, key=lambda r: (r["best"] is None, -(r["best"] or 0.0)))
+
+
+def _number(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def format_table(rows: list[dict[str, Any]], metric: str) -> str:
+    header = f"{'run':<34} {'lr':>9} {'weight_decay':>12} {'epochs':>6} {'best ' + metric:>14}  state"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lr = f"{r['lr']:.4g}" if r["lr"] is not None else "-"
+        wd = f"{r['weight_decay']:.3g}" if r["weight_decay"] is not None else "-"
+        best = f"{r['best']:.2f}" if r["best"] is not None else "-"
+        lines.append(f"{r['run'][:34]:<34} {lr:>9} {wd:>12} {r['epochs']:>6} {best:>14}  {r['state']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path, top: int = 5) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scored = [r for r in rows if r["best"] is not None and r["lr"] and r["weight_decay"]]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    points = ax.scatter([r["lr"] for r in scored], [r["weight_decay"] for r in scored],
+                        c=[r["best"] for r in scored], cmap="viridis", s=60, edgecolors="k")
+    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="weight decay",
+           title=f"best {metric} by LR and weight decay")
+    fig.colorbar(points, ax=ax, label=metric)
+    space = out_dir / "lr_wd.png"
+    fig.savefig(space, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in [r for r in rows if r["curve"]][:top]:
+        ax.plot(range(len(r["curve"])), r["curve"], marker="o", label=r["run"][-24:])
+    ax.set(xlabel="epoch", ylabel=metric, title=f"learning curves of the best {top} runs")
+    ax.legend(fontsize=7)
+    curves = out_dir / "learning_curves.png"
+    fig.savefig(curves, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [space, curves]
+
+
+def compare(experiment: str | None = None, parent: str | None = None, metric: str = "val_top1",
+            out_dir: str | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+    from mlflow import MlflowClient
+
+    tracking.configure()
+    rows = collect(experiment, parent, metric)
+    target = Path(out_dir or Path(".skray") / "compare" / (parent or experiment or "skray-train"))
+    paths = plot(rows, metric, target) if rows else []
+    if parent:
+        for path in paths:
+            MlflowClient().log_artifact(parent, str(path), "compare")
+    return rows, paths

@@ -1,0 +1,106 @@
+"""Ray Tune sweeps: ASHA, nested MLflow runs, the best model registered, compare, resume, bad spaces."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from skray.compare import compare
+from skray.config import ConfigError, load_config, validate
+from skray.demo import write_labeled_folder
+from skray.embedded import LocalRayHead
+from skray.sweep import SweepConfig, resolve, run
+
+from conftest import PROJECT
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("sweepdata")
+    write_labeled_folder(str(root / "train"), classes=4, per_class=32, seed=0)
+    write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
+def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
+    values = {
+        "name": "lrwd", "base": str(PROJECT / "configs" / "train_cpu_small.yaml"),
+        "set": [f"data.train={dataset['train']}", f"data.val={dataset['val']}", "image_size=48", "epochs=4",
+                "scaling.workers=1", "batch_size=16", "mlflow.registered_model=null"],
+        # Two useful learning rates first, two hopeless ones after: ASHA must stop those.
+        "space": {"optim.lr": {"type": "grid", "values": [0.8, 0.6, 1e-7, 1e-8]},
+                  "optim.weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
+        "num_samples": 1, "max_concurrent_trials": 2, "asha": {"grace_period": 1, "reduction_factor": 2},
+        "storage_path": str(tmp_path / "sweeps"), "mlflow": {"registered_model": "skray-sweep"},
+        **changes,
+    }
+    return validate(SweepConfig, values, source="sweep config")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_model(
+    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
+):
+    summary = run(sweep_config(dataset, tmp_path))
+
+    states = [t["state"] for t in summary["trials"]]
+    assert len(states) == 4 and "stopped_early" in states and "completed" in states
+    client = MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == 4
+    assert all(client.get_metric_history(c.info.run_id, "val_top1") for c in children)
+    assert {c.data.tags["skray.trial_state"] for c in children} == set(states)
+    assert parent.data.metrics["best_val_top1"] == summary["best"]["best"]
+    version = client.get_model_version_by_alias("skray-sweep", "sweep-best")
+    assert version.run_id == summary["best"]["run_id"]
+
+    rows, plots = compare(parent=summary["parent_run_id"], out_dir=str(tmp_path / "plots"))
+
+    bests = [r["best"] for r in rows]
+    assert len(rows) == 4 and bests == sorted(bests, reverse=True)
+    assert rows[0]["run_id"] == summary["best"]["run_id"] and rows[0]["lr"] in (0.8, 0.6)
+    assert [p.name for p in plots] == ["lr_wd.png", "learning_curves.png"]
+    assert all(p.stat().st_size > 1000 for p in plots)
+    assert {a.path for a in client.list_artifacts(summary["parent_run_id"], "compare")} == \
+        {"compare/lr_wd.png", "compare/learning_curves.png"}
+
+
+# --- bad sweeps fail before any trial ------------------------------------------
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optim.lr": {"type": "loguniform", "low": 0.3, "high": 0.03}}, "low < high"),
+    ({"optim.lr": {"type": "loguniform", "low": 0, "high": 0.3}}, "low > 0"),
+    ({"optim.lr": {"type": "choice", "values": []}}, "non-empty values"),
+    ({"optim.lr": {"type": "normal", "low": 0, "high": 1}}, "space.optim.lr.type"),
+])
+def test_an_invalid_search_space_fails_naming_the_key(dataset, tmp_path, space, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep_config(dataset, tmp_path, space=space)
+
+
+def test_a_space_key_the_trainer_does_not_take_fails_before_any_trial(dataset, tmp_path):
+    cfg = sweep_config(dataset, tmp_path, space={"optim.learning_rate": {"type": "uniform", "low": 0.1, "high": 1}})
+    with pytest.raises(ConfigError, match="optim.learning_rate: unknown key"):
+        resolve(cfg)
+
+
+def test_a_metric_training_never_reports_fails(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="metric 'val_acc' is never reported"):
+        sweep_config(dataset, tmp_path, metric="val_acc")
+
+
+def test_the_project_sweep_config_is_valid():
+    cfg = load_config(SweepConfig, PROJECT / "configs" / "sweep_lr_wd.yaml")
+    assert set(cfg.space) == {"optim.lr", "optim.weight_decay"}
+    resolve(cfg.model_copy(update={"base": str(PROJECT / "configs" / "train_baseline.yaml")}))
