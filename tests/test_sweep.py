@@ -104,3 +104,63 @@ def test_the_project_sweep_config_is_valid():
     cfg = load_config(SweepConfig, PROJECT / "configs" / "sweep_lr_wd.yaml")
     assert set(cfg.space) == {"optim.lr", "optim.weight_decay"}
     resolve(cfg.model_copy(update={"base": str(PROJECT / "configs" / "train_baseline.yaml")}))
+
+
+def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
+    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
+):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = sweep_config(dataset, tmp_path, name="interrupted", mlflow={"registered_model": None,
+                                                                       "tracking_uri": mlflow_store})
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    sweep_dir = tmp_path / "sweeps" / "interrupted"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.gcs_address, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen([sys.executable, "-m", "skray.cli", "sweep", "--config", str(config_file)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished_trials() -> dict[str, int]:
+        record = sweep_dir / "skray_sweep.json"
+        if not record.exists():
+            return {}
+        client = MlflowClient()
+        parent = client.get_run(json.loads(record.read_text())["parent_run_id"])
+        children = client.search_runs([parent.info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        epochs = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "epoch")) for c in children}
+        return {run_id: n for run_id, n in epochs.items() if n >= 4}
+
+    deadline = time.monotonic() + 400
+    while not finished_trials() and time.monotonic() < deadline:
+        time.sleep(1)
+    done_before = finished_trials()
+    assert done_before, "a trial finished before the interruption"
+    time.sleep(5)  # Tune saves its experiment state after a trial ends
+    driver.kill()
+    driver.wait(timeout=60)
+
+    summary = run(cfg, resume=str(sweep_dir))
+
+    assert len(summary["trials"]) == 4
+    client = MlflowClient()
+    for run_id, epochs in done_before.items():
+        assert len(client.get_metric_history(run_id, "epoch")) == epochs, "finished trials did not run again"
+    assert len(client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")) == 4
+
+
+def test_optuna_search_without_optuna_installed_fails_before_any_trial(dataset, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is not None:
+        pytest.skip("optuna is installed here")
+    with pytest.raises(ConfigError, match="search: optuna needs the optuna package"):
+        resolve(sweep_config(dataset, tmp_path, search="optuna",
+                             space={"optim.lr": {"type": "loguniform", "low": 0.01, "high": 1}}))

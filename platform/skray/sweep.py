@@ -10,6 +10,7 @@ the first trial starts, naming the key.
 
 from __future__ import annotations
 
+import importlib.util
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +109,8 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> TrainConfig:
 
 def resolve(cfg: SweepConfig) -> dict[str, Any]:
     """The base training config as a dict, checked with every searched key set to an example."""
+    if cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("search: optuna needs the optuna package (pip install optuna)")
     base = deep_merge(read_yaml(cfg.base), parse_overrides(cfg.set))
     validate(TrainConfig, base, source=cfg.base)
     try:
