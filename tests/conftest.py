@@ -49,6 +49,24 @@ def ray_cluster(embedded_s3: EmbeddedS3) -> Iterator[LocalRayHead]:
             ray.shutdown()
 
 
+def labeled_dataset(root: Path, per_class: int) -> dict[str, str]:
+    """A 4-class folder dataset with a learnable signal: train/ and a 12-per-class val/."""
+    from skray.demo import write_labeled_folder
+
+    write_labeled_folder(str(root / "train"), classes=4, per_class=per_class, seed=0)
+    write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store (and skray home) for one test."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SKRAY_HOME", str(tmp_path))
+    return uri
+
+
 @pytest.fixture
 def bucket(embedded_s3: EmbeddedS3, request: pytest.FixtureRequest) -> str:
     """A fresh bucket named after the test."""

@@ -7,21 +7,17 @@ from mlflow import MlflowClient
 
 from skray.compare import compare
 from skray.config import ConfigError, load_config, validate
-from skray.demo import write_labeled_folder
 from skray.embedded import LocalRayHead
 from skray.sweep import SweepConfig, resolve, run
 
-from conftest import PROJECT
+from conftest import PROJECT, labeled_dataset
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("sweepdata")
-    write_labeled_folder(str(root / "train"), classes=4, per_class=32, seed=0)
-    write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)
-    return {"train": str(root / "train"), "val": str(root / "val")}
+    return labeled_dataset(tmp_path_factory.mktemp("sweepdata"), per_class=32)
 
 
 def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
@@ -38,12 +34,6 @@ def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
     }
     return validate(SweepConfig, values, source="sweep config")
 
-
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_model(

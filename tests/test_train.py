@@ -21,7 +21,7 @@ from skray.sinks import join, read_json
 from skray.storage import write_bytes_atomic
 from skray.train import CONFIG_FILE, RUN_FILE, TrainConfig, check_inputs, run
 
-from conftest import PROJECT
+from conftest import PROJECT, labeled_dataset
 
 pytestmark = pytest.mark.timeout(600)
 CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
@@ -29,18 +29,8 @@ CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("data")
-    write_labeled_folder(str(root / "train"), classes=4, per_class=48, seed=0)
-    write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)
-    return {"train": str(root / "train"), "val": str(root / "val")}
+    return labeled_dataset(tmp_path_factory.mktemp("data"), per_class=48)
 
-
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("SKRAY_HOME", str(tmp_path))
-    return uri
 
 
 def small_config(dataset: dict[str, str], tmp_path, *overrides: str) -> TrainConfig:
