@@ -154,3 +154,17 @@ def test_optuna_search_without_optuna_installed_fails_before_any_trial(dataset, 
     with pytest.raises(ConfigError, match="search: optuna needs the optuna package"):
         resolve(sweep_config(dataset, tmp_path, search="optuna",
                              space={"optim.lr": {"type": "loguniform", "low": 0.01, "high": 1}}))
+
+
+def test_an_optuna_tpe_sweep_samples_inside_the_space(ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store):
+    pytest.importorskip("optuna")
+    cfg = sweep_config(dataset, tmp_path, name="tpe", search="optuna", num_samples=2, asha={"enabled": False},
+                       space={"optim.lr": {"type": "loguniform", "low": 0.05, "high": 1.0}},
+                       mlflow={"registered_model": None})
+    cfg.set.append("epochs=2")
+
+    summary = run(cfg)
+
+    assert [t["state"] for t in summary["trials"]] == ["completed", "completed"]
+    assert all(0.05 <= t["config"]["optim.lr"] <= 1.0 for t in summary["trials"])
+    assert MlflowClient().get_run(summary["parent_run_id"]).data.params["sweep.search"] == "optuna"
