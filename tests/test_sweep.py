@@ -79,6 +79,15 @@ def test_an_invalid_search_space_fails_naming_the_key(dataset, tmp_path, space, 
         sweep_config(dataset, tmp_path, space=space)
 
 
+def test_grid_search_takes_only_grid_dimensions_and_optuna_none(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="optim.weight_decay is not"):
+        sweep_config(dataset, tmp_path, search="grid")
+    with pytest.raises(ConfigError, match=r"grid dimensions \(optim.lr\)"):
+        sweep_config(dataset, tmp_path, search="optuna")
+    grid = {"optim.lr": {"type": "grid", "values": [0.1, 0.2]}}
+    assert sweep_config(dataset, tmp_path, search="grid", space=grid).search == "grid"
+
+
 def test_a_space_key_the_trainer_does_not_take_fails_before_any_trial(dataset, tmp_path):
     cfg = sweep_config(dataset, tmp_path, space={"optim.learning_rate": {"type": "uniform", "low": 0.1, "high": 1}})
     with pytest.raises(ConfigError, match="optim.learning_rate: unknown key"):

@@ -90,8 +90,11 @@ class SweepConfig(StrictModel):
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is never reported by training; one of {METRICS}")
         grid = [k for k, d in self.space.items() if d.type == "grid"]
-        if grid and self.search != "random":
-            raise ValueError(f"grid dimensions ({', '.join(grid)}) need search: random (Tune expands grids)")
+        sampled = [k for k, d in self.space.items() if d.type != "grid"]
+        if self.search == "grid" and sampled:
+            raise ValueError(f"search: grid needs every dimension of type grid; {', '.join(sampled)} is not")
+        if self.search == "optuna" and grid:
+            raise ValueError(f"search: optuna samples; grid dimensions ({', '.join(grid)}) need random or grid")
         return self
 
 
