@@ -60,10 +60,15 @@ def labeled_dataset(root: Path, per_class: int) -> dict[str, str]:
 
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh SQLite MLflow store (and skray home) for one test."""
+    """A fresh SQLite MLflow store (and skray home) for one test; this process points at it
+    too, since an earlier test's ``mlflow.set_tracking_uri`` would otherwise win over the env."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SKRAY_HOME", str(tmp_path))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return uri
 
 

@@ -170,7 +170,7 @@ def test_an_optuna_tpe_sweep_samples_inside_the_space(ray_cluster: LocalRayHead,
     cfg = sweep_config(dataset, tmp_path, name="tpe", search="optuna", num_samples=2, asha={"enabled": False},
                        space={"optim.lr": {"type": "loguniform", "low": 0.05, "high": 1.0}},
                        mlflow={"registered_model": None})
-    cfg.set.append("epochs=2")
+    cfg.set.append("epochs=1")
 
     summary = run(cfg)
 

@@ -142,7 +142,11 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
     write_json(record, {"mlflow_run_id": run_id, "name": name})
     trainer = build_trainer(cfg, train, val, name=name, storage_path=sweep["trials_path"], run_id=run_id,
                             tracking_uri=sweep["tracking_uri"], callbacks=[TuneReportCallback()])
-    trainer.fit()
+    result = trainer.fit()
+    if result.metrics:
+        # A trial restarted by a resumed sweep after its last epoch trains nothing and so reports
+        # nothing through the callback: tell Tune where it ended (a repeat is harmless otherwise).
+        tune.report(result.metrics)
 
 
 def sweep_name(cfg: SweepConfig) -> str:
