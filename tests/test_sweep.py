@@ -58,7 +58,8 @@ def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_mod
 
     bests = [r["best"] for r in rows]
     assert len(rows) == 4 and bests == sorted(bests, reverse=True)
-    assert rows[0]["run_id"] == summary["best"]["run_id"] and rows[0]["lr"] in (0.8, 0.6)
+    # Two trials may tie on the metric; either may then head the table.
+    assert rows[0]["best"] == summary["best"]["best"] and rows[0]["lr"] in (0.8, 0.6)
     assert [p.name for p in plots] == ["lr_wd.png", "learning_curves.png"]
     assert all(p.stat().st_size > 1000 for p in plots)
     assert {a.path for a in client.list_artifacts(summary["parent_run_id"], "compare")} == \

@@ -63,6 +63,7 @@ def evaluate(data_uri: str, weights: str | None, *, model: str | None = None, fm
     probe = Classifier(model, weights)  # fails fast on weights; gives the class names
     data = discover(data_uri, fmt)  # type: ignore[arg-type]
     mapping = label_map(data, probe.class_names)
+    env = worker_env(weights)
     ray.init(ignore_reinit_error=True)
     ds = ray_dataset(data, image_size=image_size, train=False, eval_cfg=preprocessing, batch_size=batch_size)
     ds = ds.map_batches(
@@ -70,7 +71,7 @@ def evaluate(data_uri: str, weights: str | None, *, model: str | None = None, fm
                                        "label_map": mapping, "threads": threads},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if ray.cluster_resources().get("GPU", 0) else 0,
-        runtime_env={"env_vars": worker_env(weights)} if worker_env(weights) else None,
+        runtime_env={"env_vars": env} if env else None,
     )
     totals = {"top1": 0, "top5": 0, "n": 0, "skipped": 0}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -217,7 +217,8 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
     if gpus == "auto":
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     preprocessing = cfg.preprocessing.transform()
-    runtime_env = {"env_vars": worker_env(cfg)} if worker_env(cfg) else None
+    env = worker_env(cfg)
+    runtime_env = {"env_vars": env} if env else None
     ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(
         read_and_decode,
