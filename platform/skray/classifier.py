@@ -6,14 +6,29 @@ these, so they load weights, preprocess and rank the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from skray.classes import default_class_names
-from skray.images import EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
+from skray.config import StrictModel
+from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
 from skray.model import DEFAULT_MODEL, prepare_for_inference
 from skray.weights import load_model
+
+
+class PreprocessingConfig(StrictModel):
+    """The eval transform as a config section (labeling, serving): the model card's by default."""
+
+    image_size: int = Field(224, ge=32)
+    crop_pct: float = Field(0.875, gt=0, le=1)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+
+    def transform(self) -> EvalTransformConfig:
+        return EvalTransformConfig(self.image_size, self.crop_pct, self.interpolation)
 
 
 @dataclass(frozen=True)
@@ -24,6 +39,11 @@ class Prediction:
     topk_ids: list[int]
     topk_scores: list[float]
     topk_labels: list[str]
+
+    def top(self, k: int) -> Prediction:
+        """The same prediction keeping only the ``k`` best classes."""
+        return replace(self, topk_ids=self.topk_ids[:k], topk_scores=self.topk_scores[:k],
+                       topk_labels=self.topk_labels[:k])
 
 
 class Classifier:
@@ -38,6 +58,7 @@ class Classifier:
         compile: bool = False,
         amp_dtype: torch.dtype | None = None,
         preprocessing: EvalTransformConfig = EvalTransformConfig(),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         net, loaded = load_model(model, weights)
         self.architecture = model or (loaded.architecture if loaded else None) or DEFAULT_MODEL
@@ -45,13 +66,13 @@ class Classifier:
         self.weights_sha256 = loaded.sha256 if loaded else None
         self.class_names = loaded.class_names if loaded else default_class_names(net.num_classes)
         self.random_weights = loaded is None
-        self.preprocessing = preprocessing
+        self.preprocessing, self.max_pixels = preprocessing, max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._forward = prepare_for_inference(net, self.device, compile=compile, amp_dtype=amp_dtype)
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
-        return decode_for_eval(data, self.preprocessing)
+        return decode_for_eval(data, self.preprocessing, max_pixels=self.max_pixels)
 
     def predict_tensors(self, crops: torch.Tensor, top_k: int = 5) -> list[Prediction]:
         """Top-k for a batch of uint8 eval crops (N, 3, S, S), normalized on the model's device."""

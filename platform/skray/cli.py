@@ -156,6 +156,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from skray.config import ConfigError
+    from skray.serving import resolve_launch, serve_forever
+
+    flags = {"weights": args.weights, "model": args.model}
+    http = {"host": args.host, "port": args.port}
+    try:
+        launch = resolve_launch(args.config, args.app, args.set,
+                                args={k: v for k, v in flags.items() if v is not None},
+                                http={k: v for k, v in http.items() if v is not None})
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if launch.config.weights is None:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    serve_forever(launch, address=args.address)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skray.demo import run_demo
 
@@ -216,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="val_top1")
     compare.add_argument("--out", help="folder for the PNGs (default .skray/compare/...)")
     compare.set_defaults(func=cmd_compare)
+
+    serve = sub.add_parser("serve", help="the classifier behind a Ray Serve HTTP endpoint (until Ctrl-C)")
+    serve.add_argument("--config", help="a Serve config file (configs/serve.yaml); default: built-in defaults")
+    serve.add_argument("--app", help="which application of the config file (when it has several)")
+    _add_model_args(serve)
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override an application arg, e.g. --set max_batch_size=32 (repeatable)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1, or the config's http_options)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's http_options)")
+    serve.add_argument("--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a new local Ray)")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())

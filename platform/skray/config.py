@@ -7,7 +7,7 @@ starts, with the dotted key named in the message.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +23,15 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on set."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def resolve_gpus(setting: Literal["auto"] | float) -> float:
+    """GPUs per model actor or replica: ``auto`` is one when the connected cluster has GPUs."""
+    if setting != "auto":
+        return float(setting)
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from skray.classifier import Classifier
+from skray.config import resolve_gpus
 from skray.datasets import BAD_LABEL, LabeledData, discover, ray_dataset
 from skray.images import EvalTransformConfig
 from skray.weights import worker_env
@@ -70,7 +71,7 @@ def evaluate(data_uri: str, weights: str | None, *, model: str | None = None, fm
         Scorer, fn_constructor_kwargs={"model": model, "weights": weights, "preprocessing": preprocessing,
                                        "label_map": mapping, "threads": threads},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if ray.cluster_resources().get("GPU", 0) else 0,
+        num_gpus=resolve_gpus("auto"),
         runtime_env={"env_vars": env} if env else None,
     )
     totals = {"top1": 0, "top5": 0, "n": 0, "skipped": 0}

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from skray.config import StrictModel, dump_config
-from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig
+from skray.classifier import PreprocessingConfig
+from skray.config import StrictModel, dump_config, resolve_gpus
 from skray.model import DEFAULT_MODEL, list_models
 from skray.sinks import (
     JOB_FILE,
@@ -45,16 +45,6 @@ log = logging.getLogger(__name__)
 OUTPUT_COLUMNS = (
     "key", "label_id", "label", "score", "topk_ids", "topk_scores", "model", "weights_sha256", "error", "meta",
 )
-
-
-class PreprocessingConfig(StrictModel):
-    image_size: int = Field(224, ge=32)
-    crop_pct: float = Field(0.875, gt=0, le=1)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-
-    def transform(self) -> EvalTransformConfig:
-        return EvalTransformConfig(self.image_size, self.crop_pct, self.interpolation)
 
 
 class ActorsConfig(StrictModel):
@@ -213,9 +203,6 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
 
     from skray.predictor import Predictor, read_and_decode
 
-    gpus = cfg.actors.gpus
-    if gpus == "auto":
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     preprocessing = cfg.preprocessing.transform()
     env = worker_env(cfg)
     runtime_env = {"env_vars": env} if env else None
@@ -247,7 +234,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=max(cfg.actors.min, cfg.actors.max)),
-        num_gpus=gpus,
+        num_gpus=resolve_gpus(cfg.actors.gpus),
         num_cpus=cfg.actors.cpus,
         runtime_env=runtime_env,
     )

@@ -1,0 +1,494 @@
+"""Online classification on Ray Serve: a FastAPI ingress over one :class:`Classifier` per replica.
+
+Each request is read (size-limited), authorized, and decoded with the same
+``skray.images`` eval transform as the labeling job, off the event loop; its
+uint8 crop then joins a dynamic batch (``@serve.batch``) that runs the model's
+fast path in a worker thread, so new requests keep arriving while a batch runs.
+
+Bad input is the client's problem and gets a 4xx JSON error naming it, never a
+5xx: ``{"error": {"code": ..., "message": ...}}``. A replica only says it is
+ready on ``/healthz`` once its model is loaded and warmed up; requests that
+arrive earlier wait for the warm-up instead of failing.
+
+``build_app`` is the application builder for ``serve run`` / ``serve deploy``
+(``import_path: skray.serving:build_app``, its ``args`` a :class:`ServeConfig`);
+``skray serve`` reads the same config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+from ray import serve
+from ray.serve.deployment import Application
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from skray.classifier import Classifier, Prediction, PreprocessingConfig
+from skray.config import (
+    ConfigError,
+    StrictModel,
+    deep_merge,
+        parse_overrides,
+    read_yaml,
+    resolve_gpus,
+    validate,
+)
+from skray.embedded import LOOPBACK
+from skray.images import ImageDecodeError
+from skray.model import list_models
+from skray.weights import worker_env
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "Classifier"
+IMPORT_PATH = "skray.serving:build_app"
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+BATCH_SIZE_HEADER = "X-Skray-Batch-Size"  # how many images shared this one's forward pass
+
+
+class ServeConfig(StrictModel):
+    """The application's ``args`` in a Serve config file (``configs/serve.yaml``)."""
+
+    model: str | None = None  # None: the architecture recorded in the weights, else the default
+    weights: str | None = None
+    top_k: int = Field(5, ge=1)  # when the request does not say
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_body_bytes: int = Field(16 << 20, ge=1024)  # per request, multipart included
+    max_images_per_request: int = Field(64, ge=1)  # /v1/classify/batch
+    preprocessing: PreprocessingConfig = PreprocessingConfig()
+    warmup_batches: int = Field(2, ge=0)  # full batches through the model before /healthz says ready
+    auth_token_env: str | None = None  # if set: the environment variable holding the bearer token
+    cpus_per_replica: float = Field(1, gt=0)
+    gpus_per_replica: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU replica
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        if value is not None and value not in list_models():
+            raise ValueError(f"unknown model {value!r}; registered: {', '.join(list_models())}")
+        return value
+
+
+# ---- the HTTP contract (also the OpenAPI schema at /docs) --------------------------------------
+
+class ClassScore(BaseModel):
+    label: str
+    label_id: int
+    score: float
+
+
+class Classification(BaseModel):
+    label: str
+    label_id: int
+    score: float
+    top_k: list[ClassScore]
+    model: str
+    weights_sha256: str | None
+    latency_ms: float
+
+
+class BatchItem(BaseModel):
+    """One image of a batch request: its answer, or the error that image alone got."""
+
+    filename: str | None
+    label: str | None = None
+    label_id: int | None = None
+    score: float | None = None
+    top_k: list[ClassScore] | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchClassification(BaseModel):
+    results: list[BatchItem]
+    model: str
+    weights_sha256: str | None
+    latency_ms: float
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+BatchItem.model_rebuild()
+
+
+class ApiError(Exception):
+    """A request the service refuses; becomes ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+ERRORS = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in {
+        400: "the image (or multipart body) cannot be decoded",
+        401: "missing or wrong bearer token (when auth is on)",
+        413: "body or image count over the configured limit",
+        415: "content type is not an image, octet-stream or multipart",
+        422: "bad query parameter (top_k)",
+    }.items()
+}
+
+api = FastAPI(
+    title="skray classifier",
+    description="SK-ResNeXt image classification with dynamic batching on Ray Serve.",
+    version="1",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return error_response(err.status, err.code, err.message, err.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()
+    )
+    return error_response(422, "invalid_parameter", problems)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+    return error_response(err.status_code, code, str(err.detail), getattr(err, "headers", None))
+
+
+def prediction_fields(p: Prediction) -> dict[str, Any]:
+    top = [ClassScore(label=label, label_id=i, score=s) for i, s, label in zip(p.topk_ids, p.topk_scores, p.topk_labels)]
+    return {"label": p.label, "label_id": p.label_id, "score": p.score, "top_k": top}
+
+
+def bearer_token(variable: str | None) -> str | None:
+    """The token from the named environment variable; configured but unset is an error, not an open door."""
+    if not variable:
+        return None
+    token = os.environ.get(variable, "").strip()
+    if not token:
+        raise ValueError(f"auth_token_env is {variable!r} but that variable is empty or not set "
+                         "in the replica's environment")
+    return token
+
+
+# ---- the replica: ``serve.ingress`` snapshots the FastAPI app (and so the globals its methods
+# use) when the class is defined, so everything they call is defined above this line. ----------
+
+@serve.deployment(name=DEPLOYMENT, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.ingress(api)
+class ClassifierDeployment:
+    """One model per replica, loaded in ``__init__``; warmed up in the background."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = cfg = ServeConfig.model_validate(config)
+        self.token = bearer_token(cfg.auth_token_env)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        amp = torch.bfloat16 if torch.cuda.is_available() else None
+        self.classifier = Classifier(cfg.model, cfg.weights, amp_dtype=amp,
+                                     preprocessing=cfg.preprocessing.transform(),
+                                     max_pixels=cfg.preprocessing.max_pixels)
+        self.num_classes = len(self.classifier.class_names)
+        self._predict_batch.set_max_batch_size(cfg.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._warm = threading.Event()
+        self._warmup_error: str | None = None
+        self._warmup_s: float | None = None
+        threading.Thread(target=self._warm_up, name="skray-warmup", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        """Run the decode path once and ``warmup_batches`` full batches (allocator, kernels, caches)."""
+        try:
+            started = time.perf_counter()
+            from skray.demo import synthetic_image
+
+            crop = self.classifier.decode(synthetic_image(0, (256, 256), "JPEG"))
+            self.classifier.predict_tensors(crop[None], top_k=1)
+            for _ in range(self.config.warmup_batches):
+                self.classifier.predict_tensors(crop.expand(self.config.max_batch_size, -1, -1, -1), top_k=1)
+            self._warmup_s = time.perf_counter() - started
+        except Exception as err:  # noqa: BLE001 - reported by /healthz and check_health
+            self._warmup_error = f"{type(err).__name__}: {err}"
+            log.exception("warm-up failed")
+        finally:
+            self._warm.set()
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose warm-up failed."""
+        if self._warmup_error:
+            raise RuntimeError(f"model warm-up failed: {self._warmup_error}")
+
+    async def _ready(self) -> None:
+        while not self._warm.is_set():
+            await asyncio.sleep(0.05)
+        if self._warmup_error:
+            raise RuntimeError(f"model warm-up failed: {self._warmup_error}")
+
+    @api.get("/healthz", responses={503: {"description": "loading, warming up, or failed"}})
+    def healthz(self) -> JSONResponse:
+        """200 once the model is loaded and warmed up; 503 before, or if warm-up failed."""
+        if not self._warm.is_set():
+            return JSONResponse({"status": "warming_up"}, status_code=503)
+        if self._warmup_error:
+            return JSONResponse({"status": "failed", "error": self._warmup_error}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.classifier.architecture,
+                             "weights_sha256": self.classifier.weights_sha256,
+                             "warmup_s": round(self._warmup_s or 0.0, 3)})
+
+    @api.get("/v1/model", responses={401: ERRORS[401]})
+    def model_info(self, request: Request) -> dict[str, Any]:
+        """Architecture, classes, weights, preprocessing and limits of the model served."""
+        self._authorize(request)
+        c, cfg = self.classifier, self.config
+        return {
+            "model": c.architecture,
+            "num_classes": self.num_classes,
+            "classes": c.class_names,
+            "weights": {"source": c.weights_source, "sha256": c.weights_sha256, "random": c.random_weights},
+            "preprocessing": {**cfg.preprocessing.model_dump(), "resize_size": c.preprocessing.resize_size,
+                              "mean": list(c.preprocessing.mean), "std": list(c.preprocessing.std)},
+            "batching": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_images_per_request": cfg.max_images_per_request},
+            "device": str(c.device),
+            "auth": "bearer" if self.token else None,
+        }
+
+    @api.post("/v1/classify", response_model=Classification,
+              responses={s: ERRORS[s] for s in (400, 401, 413, 415, 422)})
+    async def classify(self, request: Request, top_k: int | None = Query(None, ge=1)) -> JSONResponse:
+        """Classify one image: the raw body (``image/*``, ``application/octet-stream``) or one multipart file."""
+        started = time.perf_counter()
+        self._authorize(request)
+        k = self._top_k(top_k)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            files = await self._read_files(request)
+            if len(files) != 1:
+                raise ApiError(422, "one_file_expected", f"expected exactly one file part, got {len(files)} "
+                               "(several images go to /v1/classify/batch)")
+            data = files[0][1]
+        elif content_type.startswith(RAW_IMAGE_TYPES):
+            data = await self._read_body(request)
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           f"content type {content_type or '(none)'!r} is not an image: send image/*, "
+                           "application/octet-stream or multipart/form-data")
+        try:
+            prediction, batch_size = await self._classify(data, k)
+        except ImageDecodeError as err:
+            raise ApiError(400, f"image_{err.reason}", str(err)) from None
+        answer = Classification(**prediction_fields(prediction), **self._served_by(started))
+        return JSONResponse(answer.model_dump(), headers={BATCH_SIZE_HEADER: str(batch_size)})
+
+    @api.post("/v1/classify/batch", response_model=BatchClassification,
+              responses={s: ERRORS[s] for s in (400, 401, 413, 415, 422)})
+    async def classify_batch(self, request: Request, top_k: int | None = Query(None, ge=1)) -> BatchClassification:
+        """Classify every file of a multipart body; a broken image gets its own error, the others answers."""
+        started = time.perf_counter()
+        self._authorize(request)
+        k = self._top_k(top_k)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type", "/v1/classify/batch takes multipart/form-data, "
+                           "one file part per image")
+        files = await self._read_files(request)
+        if not files:
+            raise ApiError(422, "no_files", "the multipart body has no file parts")
+        outcomes = await asyncio.gather(*(self._classify(data, k) for _, data in files), return_exceptions=True)
+        results = []
+        for (name, _), outcome in zip(files, outcomes):
+            if isinstance(outcome, ImageDecodeError):
+                error = ErrorDetail(code=f"image_{outcome.reason}", message=str(outcome))
+                results.append(BatchItem(filename=name, error=error))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(BatchItem(filename=name, **prediction_fields(outcome[0])))
+        return BatchClassification(results=results, **self._served_by(started))
+
+    async def _classify(self, data: bytes, top_k: int) -> tuple[Prediction, int]:
+        """Decode off the event loop, then join the next batch; returns the answer and that batch's size."""
+        crop = await asyncio.to_thread(self.classifier.decode, data)
+        await self._ready()
+        return await self._predict_batch(crop, top_k)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _predict_batch(self, crops: list[torch.Tensor], top_ks: list[int]) -> list[tuple[Prediction, int]]:
+        """One forward pass for every crop queued together (sizes from the config, set in ``__init__``)."""
+        predictions = await asyncio.to_thread(self.classifier.predict_tensors, torch.stack(crops), max(top_ks))
+        return [(p.top(k), len(crops)) for p, k in zip(predictions, top_ks)]
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def _top_k(self, requested: int | None) -> int:
+        k = requested or self.config.top_k
+        if k > self.num_classes:
+            raise ApiError(422, "invalid_parameter", f"top_k: must be at most {self.num_classes}, "
+                           f"the number of classes (got {k})")
+        return k
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The whole body, refused with 413 as soon as it is known to exceed the limit."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "payload_too_large", f"body is {int(declared)} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _read_files(self, request: Request) -> list[tuple[str | None, bytes]]:
+        """The file parts of a size-limited multipart body, in order."""
+        body = await self._read_body(request)
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        limit = self.config.max_images_per_request
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=limit, max_part_size=self.config.max_body_bytes)
+        except (MultiPartException, StarletteHTTPException) as err:
+            message = getattr(err, "detail", None) or getattr(err, "message", str(err))
+            if message.startswith("Too many files"):
+                raise ApiError(413, "too_many_images", f"more than {limit} images in one request") from None
+            raise ApiError(400, "bad_multipart", f"malformed multipart body: {message}") from None
+        return [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
+
+    def _served_by(self, started: float) -> dict[str, Any]:
+        return {"model": self.classifier.architecture, "weights_sha256": self.classifier.weights_sha256,
+                "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+
+
+def application(cfg: ServeConfig, **deployment_options: Any) -> Application:
+    """The Serve application for ``cfg``; ``deployment_options`` (autoscaling, ...) as in a config file."""
+    env = worker_env(cfg.weights)
+    actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": resolve_gpus(cfg.gpus_per_replica)}
+    if env:
+        actor_options["runtime_env"] = {"env_vars": env}
+    options = {"max_ongoing_requests": 4 * cfg.max_batch_size, **deployment_options,
+               "ray_actor_options": deep_merge(actor_options, deployment_options.get("ray_actor_options") or {})}
+    return ClassifierDeployment.options(**options).bind(cfg.model_dump())
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder (``import_path: skray.serving:build_app``): ``args`` is a :class:`ServeConfig`."""
+    return application(validate(ServeConfig, dict(args), source="serve args"))
+
+
+# ---- skray serve: the same config file as ``serve run`` / ``serve deploy`` ----------------------
+
+@dataclass
+class Launch:
+    """What ``skray serve`` deploys, resolved from a Serve config file and the command line."""
+
+    config: ServeConfig
+    name: str = "skray"
+    route_prefix: str = "/"
+    http_options: dict[str, Any] = field(default_factory=lambda: {"host": LOOPBACK, "port": 8000})
+    deployment_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_options['host']}:{self.http_options['port']}{self.route_prefix.rstrip('/')}"
+
+
+def resolve_launch(path: str | None, app: str | None = None, overrides: Sequence[str] = (),
+                   args: dict[str, Any] | None = None, http: dict[str, Any] | None = None) -> Launch:
+    """Validate the file with Serve's own schema and the app's ``args`` with :class:`ServeConfig`;
+    ``args`` (flags) and then ``overrides`` (``--set``) apply on top. Fails naming the key."""
+    data = read_yaml(path) if path else {"applications": [{"name": "skray", "import_path": IMPORT_PATH}]}
+    source = path or "skray serve"
+    if path:
+        from ray.serve.schema import ServeDeploySchema
+
+        try:
+            ServeDeploySchema.parse_obj(data)
+        except Exception as err:  # noqa: BLE001 - Serve's pydantic-v1 errors, shown as they are
+            raise ConfigError(f"invalid Serve config {path}:\n{err}") from None
+    apps = data.get("applications") or []
+    chosen = [a for a in apps if app in (None, a.get("name"))]
+    if len(chosen) != 1:
+        names = ", ".join(a.get("name", "default") for a in apps) or "none"
+        raise ConfigError(f"{source}: choose one application with --app (have: {names})")
+    entry = chosen[0]
+    name = entry.get("name", "default")
+    if entry.get("import_path") != IMPORT_PATH:
+        raise ConfigError(f"{source}: applications.{name}.import_path must be {IMPORT_PATH}")
+    deployments = entry.get("deployments") or []
+    unknown = [d.get("name") for d in deployments if d.get("name") != DEPLOYMENT]
+    if unknown:
+        raise ConfigError(f"{source}: unknown deployment(s) {unknown}; this application has {DEPLOYMENT!r}")
+    merged = deep_merge(deep_merge(entry.get("args") or {}, args or {}), parse_overrides(overrides))
+    cfg = validate(ServeConfig, merged, source=f"{source} applications.{name}.args")
+    return Launch(cfg, name, entry.get("route_prefix", "/"),
+                  {"host": LOOPBACK, "port": 8000, **(data.get("http_options") or {}), **(http or {})},
+                  {k: v for d in deployments for k, v in d.items() if k != "name"})
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_forever(launch: Launch, address: str | None = None) -> None:
+    """Deploy on the Ray at ``address`` (or ``RAY_ADDRESS``, else a new local one) until SIGINT/SIGTERM,
+    then delete the application."""
+    import ray
+
+    from skray.embedded import ensure_auth_token, ray_env
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    ensure_auth_token(ray_env())
+    ray.init(address=address, logging_level="WARNING")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options=launch.http_options)
+        serve.run(application(launch.config, **launch.deployment_options), name=launch.name,
+                  route_prefix=launch.route_prefix)
+        print(f"[serve] {launch.name}: {launch.config.model or 'model from weights'} at {launch.url}/v1/classify "
+              f"(docs {launch.url}/docs); Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print(f"[serve] stopping {launch.name}", flush=True)
+    finally:
+        serve.delete(launch.name)
+        ray.shutdown()
