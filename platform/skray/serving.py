@@ -473,11 +473,7 @@ def serve_forever(launch: Launch, address: str | None = None) -> None:
     then delete the application."""
     import ray
 
-    from skray.embedded import ensure_auth_token, ray_env
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    ensure_auth_token(ray_env())
-    ray.init(address=address, logging_level="WARNING")
+    ray.init(address=address, logging_level="WARNING")  # a new local Ray has token auth on by default
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options=launch.http_options)
