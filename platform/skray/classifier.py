@@ -7,16 +7,26 @@ these, so they load weights, preprocess and rank the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from skray.classes import default_class_names
 from skray.config import StrictModel
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
-from skray.model import DEFAULT_MODEL, prepare_for_inference
+from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
 from skray.weights import load_model
+
+
+def registered_model(name: str) -> str:
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(registered_model)]
+"""A config field holding an architecture name: unknown names fail validation, listing the known ones."""
 
 
 class PreprocessingConfig(StrictModel):

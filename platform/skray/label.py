@@ -18,11 +18,11 @@ from collections import defaultdict
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from skray.classifier import PreprocessingConfig
+from skray.classifier import ModelName, PreprocessingConfig
 from skray.config import StrictModel, dump_config, resolve_gpus
-from skray.model import DEFAULT_MODEL, list_models
+from skray.model import DEFAULT_MODEL
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
@@ -72,7 +72,7 @@ class LabelConfig(StrictModel):
     output: str
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     exclude: list[str] = []
-    model: str | None = None  # None: the architecture recorded in the weights, else the default
+    model: ModelName | None = None  # None: the architecture recorded in the weights, else the default
     weights: str | None = None
     top_k: int = Field(5, ge=1, le=1000)
     batch_size: int = Field(32, ge=1)
@@ -86,13 +86,6 @@ class LabelConfig(StrictModel):
     s3: S3Config = S3Config()
     overwrite: bool = False
     progress_interval_s: float = Field(5, gt=0)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        if value is not None and value not in list_models():
-            raise ValueError(f"unknown model {value!r}; registered: {', '.join(list_models())}")
-        return value
 
     def fingerprint(self) -> str:
         """What decides the output's content: a rerun must match it to resume."""

@@ -31,14 +31,14 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from skray.classifier import Classifier, Prediction, PreprocessingConfig
+from skray.classifier import Classifier, ModelName, Prediction, PreprocessingConfig
 from skray.config import (
     ConfigError,
     StrictModel,
@@ -48,9 +48,9 @@ from skray.config import (
     resolve_gpus,
     validate,
 )
+from skray.demo import synthetic_image
 from skray.embedded import LOOPBACK
 from skray.images import ImageDecodeError
-from skray.model import list_models
 from skray.weights import worker_env
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ BATCH_SIZE_HEADER = "X-Skray-Batch-Size"  # how many images shared this one's fo
 class ServeConfig(StrictModel):
     """The application's ``args`` in a Serve config file (``configs/serve.yaml``)."""
 
-    model: str | None = None  # None: the architecture recorded in the weights, else the default
+    model: ModelName | None = None  # None: the architecture recorded in the weights, else the default
     weights: str | None = None
     top_k: int = Field(5, ge=1)  # when the request does not say
     max_batch_size: int = Field(16, ge=1, le=1024)
@@ -77,13 +77,6 @@ class ServeConfig(StrictModel):
     cpus_per_replica: float = Field(1, gt=0)
     gpus_per_replica: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU replica
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str | None) -> str | None:
-        if value is not None and value not in list_models():
-            raise ValueError(f"unknown model {value!r}; registered: {', '.join(list_models())}")
-        return value
 
 
 # ---- the HTTP contract (also the OpenAPI schema at /docs) --------------------------------------
@@ -158,6 +151,9 @@ ERRORS = {
     }.items()
 }
 
+CLASSIFY_ERRORS = {status: ERRORS[status] for status in (400, 401, 413, 415, 422)}
+TOP_K = Query(None, ge=1, description="how many classes to return, best first (default: the config's top_k)")
+
 api = FastAPI(
     title="skray classifier",
     description="SK-ResNeXt image classification with dynamic batching on Ray Serve.",
@@ -229,8 +225,6 @@ class ClassifierDeployment:
         """Run the decode path once and ``warmup_batches`` full batches (allocator, kernels, caches)."""
         try:
             started = time.perf_counter()
-            from skray.demo import synthetic_image
-
             crop = self.classifier.decode(synthetic_image(0, (256, 256), "JPEG"))
             self.classifier.predict_tensors(crop[None], top_k=1)
             for _ in range(self.config.warmup_batches):
@@ -283,12 +277,10 @@ class ClassifierDeployment:
         }
 
     @api.post("/v1/classify", response_model=Classification,
-              responses={s: ERRORS[s] for s in (400, 401, 413, 415, 422)})
-    async def classify(self, request: Request, top_k: int | None = Query(None, ge=1)) -> JSONResponse:
+              responses=CLASSIFY_ERRORS)
+    async def classify(self, request: Request, top_k: int | None = TOP_K) -> JSONResponse:
         """Classify one image: the raw body (``image/*``, ``application/octet-stream``) or one multipart file."""
-        started = time.perf_counter()
-        self._authorize(request)
-        k = self._top_k(top_k)
+        started, k = time.perf_counter(), self._accept(request, top_k)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             files = await self._read_files(request)
@@ -310,12 +302,10 @@ class ClassifierDeployment:
         return JSONResponse(answer.model_dump(), headers={BATCH_SIZE_HEADER: str(batch_size)})
 
     @api.post("/v1/classify/batch", response_model=BatchClassification,
-              responses={s: ERRORS[s] for s in (400, 401, 413, 415, 422)})
-    async def classify_batch(self, request: Request, top_k: int | None = Query(None, ge=1)) -> BatchClassification:
+              responses=CLASSIFY_ERRORS)
+    async def classify_batch(self, request: Request, top_k: int | None = TOP_K) -> BatchClassification:
         """Classify every file of a multipart body; a broken image gets its own error, the others answers."""
-        started = time.perf_counter()
-        self._authorize(request)
-        k = self._top_k(top_k)
+        started, k = time.perf_counter(), self._accept(request, top_k)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "unsupported_media_type", "/v1/classify/batch takes multipart/form-data, "
                            "one file part per image")
@@ -354,8 +344,10 @@ class ClassifierDeployment:
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    def _top_k(self, requested: int | None) -> int:
-        k = requested or self.config.top_k
+    def _accept(self, request: Request, top_k: int | None) -> int:
+        """Authorize the request; its top_k, checked against the classes."""
+        self._authorize(request)
+        k = top_k or self.config.top_k
         if k > self.num_classes:
             raise ApiError(422, "invalid_parameter", f"top_k: must be at most {self.num_classes}, "
                            f"the number of classes (got {k})")

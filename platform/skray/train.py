@@ -19,13 +19,14 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from skray.classifier import ModelName
 from skray.config import ConfigError, StrictModel, dump_config, validate
 from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset
 from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
-from skray.model import DEFAULT_MODEL, SKResNeXt, create_model, list_models
+from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
 from skray.sinks import join, read_json, write_json
 from skray.storage import exists, read_bytes, write_bytes_atomic
 from skray.weights import load_weights, save_weights
@@ -51,16 +52,9 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    name: str = DEFAULT_MODEL
+    name: ModelName = DEFAULT_MODEL
     pretrained: str | None = None  # fine-tuning: start from these weights, head sized by the dataset
     freeze_backbone_epochs: int = Field(0, ge=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in list_models():
-            raise ValueError(f"unknown model {value!r}; registered: {', '.join(list_models())}")
-        return value
 
 
 class OptimConfig(StrictModel):
