@@ -275,7 +275,7 @@ def test_bearer_token_auth_when_configured(serve_port, weights, images):
 
 
 def test_healthz_says_503_until_warmed_up_and_early_requests_wait_instead_of_failing(serve_port, weights, images):
-    cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=16, warmup_batches=30)
+    cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=16, warmup_batches=20)
     base = f"http://{LOOPBACK}:{serve_port}/warm"
     deploy(cfg, "warm", "/warm")  # returns once the replica is constructed; warm-up runs after
     try:

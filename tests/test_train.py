@@ -163,7 +163,7 @@ def test_resume_continues_a_stopped_run_from_its_directory(
     command = ray_cluster.submit_command(
         ["python", "pipelines/train.py", "--config", str(CPU_CONFIG), "--set", f"data.train={dataset['train']}",
          "--set", f"data.val={dataset['val']}", "--set", f"storage_path={tmp_path}/runs", "--set", "name=stopped",
-         "--set", "image_size=48", "--set", "epochs=5", "--set", f"mlflow.tracking_uri={mlflow_store}"],
+         "--set", "image_size=48", "--set", "epochs=3", "--set", f"mlflow.tracking_uri={mlflow_store}"],
         str(PROJECT), submission_id=job, wait=False)
     subprocess.run(command, env=ray_cluster.env, check=True, capture_output=True)
     wait_for(lambda: registered_checkpoints(run_dir), 300, "a registered checkpoint")
@@ -173,7 +173,7 @@ def test_resume_continues_a_stopped_run_from_its_directory(
 
     summary = run(None, resume=str(run_dir))
 
-    assert summary["final"]["epoch"] == 4 and summary["final"]["resumed_at_epoch"] > 0
+    assert summary["final"]["epoch"] == 2 and summary["final"]["resumed_at_epoch"] > 0
     assert summary["mlflow_run_id"] == first_run_id
     assert (run_dir / CONFIG_FILE).is_file()
 
