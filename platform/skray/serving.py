@@ -97,6 +97,11 @@ class Classification(BaseModel):
     latency_ms: float
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
 class BatchItem(BaseModel):
     """One image of a batch request: its answer, or the error that image alone got."""
 
@@ -115,16 +120,8 @@ class BatchClassification(BaseModel):
     latency_ms: float
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-
-
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-BatchItem.model_rebuild()
 
 
 class ApiError(Exception):
@@ -151,7 +148,6 @@ ERRORS = {
     }.items()
 }
 
-CLASSIFY_ERRORS = {status: ERRORS[status] for status in (400, 401, 413, 415, 422)}
 TOP_K = Query(None, ge=1, description="how many classes to return, best first (default: the config's top_k)")
 
 api = FastAPI(
@@ -181,7 +177,8 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 
 def prediction_fields(p: Prediction) -> dict[str, Any]:
-    top = [ClassScore(label=label, label_id=i, score=s) for i, s, label in zip(p.topk_ids, p.topk_scores, p.topk_labels)]
+    top = [ClassScore(label=label, label_id=i, score=score)
+           for i, score, label in zip(p.topk_ids, p.topk_scores, p.topk_labels)]
     return {"label": p.label, "label_id": p.label_id, "score": p.score, "top_k": top}
 
 
@@ -277,7 +274,7 @@ class ClassifierDeployment:
         }
 
     @api.post("/v1/classify", response_model=Classification,
-              responses=CLASSIFY_ERRORS)
+              responses=ERRORS)
     async def classify(self, request: Request, top_k: int | None = TOP_K) -> JSONResponse:
         """Classify one image: the raw body (``image/*``, ``application/octet-stream``) or one multipart file."""
         started, k = time.perf_counter(), self._accept(request, top_k)
@@ -302,7 +299,7 @@ class ClassifierDeployment:
         return JSONResponse(answer.model_dump(), headers={BATCH_SIZE_HEADER: str(batch_size)})
 
     @api.post("/v1/classify/batch", response_model=BatchClassification,
-              responses=CLASSIFY_ERRORS)
+              responses=ERRORS)
     async def classify_batch(self, request: Request, top_k: int | None = TOP_K) -> BatchClassification:
         """Classify every file of a multipart body; a broken image gets its own error, the others answers."""
         started, k = time.perf_counter(), self._accept(request, top_k)
