@@ -13,10 +13,6 @@ from typing import Any
 from skray import tracking
 
 
-def _history(client, run_id: str, metric: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
-
-
 def collect(experiment: str | None, parent: str | None, metric: str) -> list[dict[str, Any]]:
     """One row per run, best first (runs that never reported the metric last)."""
     from mlflow import MlflowClient
@@ -32,7 +28,7 @@ def collect(experiment: str | None, parent: str | None, metric: str) -> list[dic
         experiment_ids, query = [found.experiment_id], ""
     rows = []
     for run in client.search_runs(experiment_ids, filter_string=query, max_results=5000):
-        curve = _history(client, run.info.run_id, metric)
+        curve = tracking.metric_history(run.info.run_id, metric)
         rows.append({
             "run": run.info.run_name, "run_id": run.info.run_id,
             "lr": _number(run.data.params.get("optim.lr")),

@@ -227,10 +227,15 @@ def finish(cfg: SweepConfig, grid, parent: str, train_cfg: TrainConfig) -> dict[
             best = history.loc[column.idxmax() if cfg.mode == "max" else column.idxmin()]
         folder = Path(result.path).name  # Tune's trial folder: <trial name>_<index>_<params>
         run_id = next((rid for trial, rid in children.items() if folder.startswith(trial + "_")), None)
+        # MLflow is what runs are compared by, and it can hold one epoch more than Tune saw: a
+        # trial that ASHA stops may finish its next epoch before the stop reaches its workers.
+        logged = tracking.metric_history(run_id, cfg.metric) if run_id else []
         if run_id:
             tracking.set_state(run_id, state)
-        trials.append({"trial": folder, "run_id": run_id, "state": state, "epochs": epochs,
-                       "config": result.config, "best": None if best is None else float(best[cfg.metric]),
+        reported = None if best is None else float(best[cfg.metric])
+        trials.append({"trial": folder, "run_id": run_id, "state": state, "epochs": max(epochs, len(logged)),
+                       "config": result.config,
+                       "best": (max(logged) if cfg.mode == "max" else min(logged)) if logged else reported,
                        "checkpoint": None if best is None else best.get("checkpoint_path")})
     ranked = sorted((t for t in trials if t["best"] is not None), key=lambda t: t["best"],
                     reverse=cfg.mode == "max")

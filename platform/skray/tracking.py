@@ -196,6 +196,11 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int, tracking_uri:
         run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def metric_history(run_id: str, metric: str) -> list[float]:
+    """A run's values of ``metric`` in step order."""
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status)
 
