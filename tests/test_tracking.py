@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -330,3 +331,15 @@ def test_weights_module_imports_mlflow_only_for_mlflow_uris() -> None:
     code = "import sys, skray.weights; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_metric_history_is_one_value_per_step_and_a_relogged_step_keeps_its_latest(mlflow_store):
+    from skray import tracking
+
+    run_id = tracking.start_run("skray-tests", "relogged", params={}, tags={})
+    for step, value in [(0, 10.0), (1, 20.0), (2, 30.0)]:
+        tracking.log_metrics(run_id, {"val_top1": value}, step=step)
+    time.sleep(0.01)  # a retried attempt resumes from epoch 1's checkpoint and logs epoch 2 again
+    tracking.log_metrics(run_id, {"val_top1": 35.0}, step=2)
+
+    assert tracking.metric_history(run_id, "val_top1") == [10.0, 20.0, 35.0]

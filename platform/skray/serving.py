@@ -48,7 +48,6 @@ from skray.config import (
     resolve_gpus,
     validate,
 )
-from skray.demo import synthetic_image
 from skray.embedded import LOOPBACK
 from skray.images import ImageDecodeError
 from skray.weights import worker_env
@@ -219,10 +218,11 @@ class ClassifierDeployment:
         threading.Thread(target=self._warm_up, name="skray-warmup", daemon=True).start()
 
     def _warm_up(self) -> None:
-        """Run the decode path once and ``warmup_batches`` full batches (allocator, kernels, caches)."""
+        """Run a single image and ``warmup_batches`` full batches through the model (allocator, kernels)."""
         try:
             started = time.perf_counter()
-            crop = self.classifier.decode(synthetic_image(0, (256, 256), "JPEG"))
+            size = self.classifier.preprocessing.image_size
+            crop = torch.zeros((3, size, size), dtype=torch.uint8)
             self.classifier.predict_tensors(crop[None], top_k=1)
             for _ in range(self.config.warmup_batches):
                 self.classifier.predict_tensors(crop.expand(self.config.max_batch_size, -1, -1, -1), top_k=1)

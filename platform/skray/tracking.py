@@ -197,8 +197,11 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int, tracking_uri:
 
 
 def metric_history(run_id: str, metric: str) -> list[float]:
-    """A run's values of ``metric`` in step order."""
-    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, metric), key=lambda m: m.step)]
+    """A run's values of ``metric``, one per step in step order; a step logged again (a retried
+    attempt resumed from a checkpoint) keeps its latest value."""
+    latest = {m.step: m.value for m in sorted(MlflowClient().get_metric_history(run_id, metric),
+                                              key=lambda m: (m.step, m.timestamp))}
+    return [latest[step] for step in sorted(latest)]
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
