@@ -1,0 +1,188 @@
+"""Planning a rerun against a changed input, and the one-run-per-output lease, without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from skray import plan as plan_module
+from skray.lease import LEASE_FILE, Lease, LeaseHeld
+from skray.plan import plan
+from skray.sinks import join, read_json, write_part
+from skray.storage import write_bytes_atomic
+
+from test_label_units import label_row, parquet_bytes, tar_bytes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def keys(names) -> list[str]:
+    return [f"/in/{n}.jpg" for n in names]
+
+
+def commit(output: str, unit_keys: list[str], unit: str) -> None:
+    write_part(output, unit, [label_row(k) for k in sorted(unit_keys)])
+
+
+def planned_keys(p) -> list[str]:
+    return sorted(uri for unit in p.units if unit.format == "images" for uri in unit.uris)
+
+
+# --- plan: exactly the keys not yet committed ------------------------------
+
+
+def test_plan_of_a_fresh_output_cuts_the_sorted_listing_into_units_named_after_their_keys(tmp_path):
+    listing = keys(f"{i:03d}" for i in range(7))
+
+    p = plan(listing, str(tmp_path / "out"), files_per_unit=3)
+
+    assert [list(u.uris) for u in p.units] == [listing[0:3], listing[3:6], listing[6:7]]
+    assert [u.rows for u in p.units] == [3, 3, 1] and p.pending_rows == 7
+    assert len({u.id for u in p.units}) == 3
+    assert plan(listing, str(tmp_path / "out"), files_per_unit=3).units == p.units
+
+
+@pytest.mark.parametrize("slice_keys", [3, 1 << 20], ids=["many-slices", "one-slice"])
+def test_a_rerun_after_files_were_added_first_middle_and_last_and_some_removed_plans_only_the_new_keys(
+    tmp_path, monkeypatch, slice_keys
+):
+    monkeypatch.setattr(plan_module, "SLICE_KEYS", slice_keys)
+    output = str(tmp_path / "out")
+    first = keys(f"m{i:03d}" for i in range(20))
+    for start in range(0, 20, 8):
+        commit(output, first[start : start + 8], f"u{start}")
+    added = keys(["a0", "a1", "m005x", "m010x", "m010y", "z0", "z1"])  # first, middle, last
+    removed = [first[0], first[9], first[19]]
+    listing = sorted(set(first) - set(removed) | set(added))
+
+    p = plan(listing, output, files_per_unit=4)
+
+    assert planned_keys(p) == sorted(added)
+    assert p.committed_rows == 20 and p.committed_parts == 3
+    assert p.removed_rows == 3
+    assert p.listed == len(listing)
+
+
+def test_a_rerun_of_an_unchanged_input_plans_nothing(tmp_path):
+    output = str(tmp_path / "out")
+    listing = keys(range(10))
+    commit(output, listing[:6], "a")
+    commit(output, listing[6:], "b")
+
+    p = plan(listing, output, files_per_unit=4)
+
+    assert p.units == [] and p.removed_rows == 0 and p.pending_rows == 0
+
+
+def test_shards_are_done_when_their_part_exists_and_their_rows_count_as_listed(tmp_path):
+    output, data = str(tmp_path / "out"), tmp_path / "in"
+    shard, table = str(data / "s.tar"), str(data / "t.parquet")
+    write_bytes_atomic(shard, tar_bytes([("x.jpg", b"1")]))
+    write_bytes_atomic(table, parquet_bytes({"image": [b"1", b"2"]}))
+    first = plan([shard, table], output)
+    done = next(u for u in first.units if u.format == "webdataset")
+    write_part(output, done.id, [label_row(f"{shard}#x"), label_row(f"{shard}#y")])
+
+    p = plan([shard, table], output)
+
+    assert [u.uris for u in p.units] == [(table,)] and p.units[0].rows == 2
+    assert p.removed_rows == 0
+    assert plan([table], output).removed_rows == 2  # the shard left the input: its rows did
+
+
+# --- the lease: one run per output -----------------------------------------
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("bucket") + "/out"
+
+
+def test_a_second_run_on_a_held_output_fails_at_once_naming_the_holder(output: str):
+    with Lease(output) as first:
+        with pytest.raises(LeaseHeld) as refused:
+            Lease(output).acquire()
+        message = str(refused.value)
+        assert first.holder.run_id in message and socket.gethostname() in message
+        assert f"pid {os.getpid()}" in message
+    Lease(output).acquire()  # released: the next run gets it
+
+
+def write_foreign_lease(output: str, pid: int, host: str, expires: float) -> None:
+    holder = {"run_id": "dead", "host": host, "pid": pid, "started": time.time() - 600, "expires": expires}
+    write_bytes_atomic(join(output, LEASE_FILE), json.dumps(holder).encode())
+
+
+def test_an_expired_lease_of_another_host_is_taken_over(output: str):
+    write_foreign_lease(output, 1, "elsewhere", expires=time.time() - 1)
+
+    with Lease(output) as lease:
+        assert read_json(join(output, LEASE_FILE))["run_id"] == lease.holder.run_id
+
+
+def test_a_live_lease_of_another_host_is_respected_until_it_expires(output: str):
+    write_foreign_lease(output, 1, "elsewhere", expires=time.time() + 300)
+
+    with pytest.raises(LeaseHeld, match="host elsewhere"):
+        Lease(output).acquire()
+
+
+def test_the_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(output: str):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    write_foreign_lease(output, int(dead.stdout), socket.gethostname(), expires=time.time() + 300)
+
+    with Lease(output):
+        pass
+
+
+def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(output: str):
+    lease = Lease(output, ttl_s=0.6)
+    lease.acquire()
+    try:
+        expires = read_json(join(output, LEASE_FILE))["expires"]
+        deadline = time.monotonic() + 10
+        while read_json(join(output, LEASE_FILE))["expires"] == expires:
+            assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
+            time.sleep(0.05)
+        write_foreign_lease(output, 1, "elsewhere", expires=time.time() + 300)  # stolen
+        while not lease.lost:
+            assert time.monotonic() < deadline, "the heartbeat never noticed the takeover"
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="taken over"):
+            lease.check()
+    finally:
+        lease.release()
+    assert read_json(join(output, LEASE_FILE))["run_id"] == "dead"  # a lost lease is not deleted
+
+
+def test_two_runs_racing_for_a_stale_lease_never_both_win(output: str):
+    write_foreign_lease(output, 1, "elsewhere", expires=time.time() - 1)
+    leases = [Lease(output) for _ in range(4)]
+    results: list[str] = []
+
+    def take(lease: Lease) -> None:
+        try:
+            lease.acquire()
+            results.append("won")
+        except LeaseHeld:
+            results.append("refused")
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for lease in leases:
+        lease.release()
+
+    assert sorted(results) == ["refused"] * 3 + ["won"]
