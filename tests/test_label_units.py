@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from skray import label
+from skray import label, sources
+from skray.classifier import PreprocessingConfig
 from skray.config import ConfigError, load_config, parse_overrides
 from skray.demo import synthetic_image, webdataset_shard
 from skray.label import LabelConfig, Progress, UnitCommitter, format_summary, prepare
@@ -33,7 +34,8 @@ from skray.sinks import (
     write_json,
     write_part,
 )
-from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit
+from skray.predictor import read_and_decode
+from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit, unit_batches
 from skray.storage import exists, filesystem_for, write_bytes_atomic
 from skray.weights import WeightsError, save_weights
 
@@ -343,6 +345,203 @@ def test_read_unit_of_parquet_keys_rows_by_the_id_column_else_by_row_index(tmp_p
     assert {r["unit_rows"] for r in by_id + by_index} == {2}
 
 
+# --- sources: bounded, streamed reading ------------------------------------
+
+
+class SpyFs:
+    """A filesystem that records which paths were looked up and opened, then delegates."""
+
+    def __init__(self, fs) -> None:
+        self.fs, self.infos, self.opened = fs, [], []
+
+    def get_file_info(self, path):
+        self.infos.append(path)
+        return self.fs.get_file_info(path)
+
+    def open_input_stream(self, path):
+        self.opened.append(path)
+        return self.fs.open_input_stream(path)
+
+
+@pytest.fixture
+def spy_fs(monkeypatch) -> SpyFs:
+    """sources.filesystem_for hands out one SpyFs over the local disk."""
+    spy = SpyFs(filesystem_for("/")[0])
+    monkeypatch.setattr(sources, "filesystem_for", lambda uri: (spy, filesystem_for(uri)[1]))
+    return spy
+
+
+def test_read_unit_makes_an_image_file_over_max_object_bytes_a_too_large_row_without_opening_it(
+    tmp_path, spy_fs
+):
+    small, big = str(tmp_path / "small.jpg"), str(tmp_path / "big.jpg")
+    write_bytes_atomic(small, b"s" * 100)
+    write_bytes_atomic(big, b"b" * 101)
+
+    rows = read_unit(Unit("u", "images", (big, small), 2), max_object_bytes=100)
+
+    assert rows[0]["key"] == big and rows[0]["error"].startswith("too_large") and rows[0]["data"] == b""
+    assert rows[1]["error"] == "" and rows[1]["data"] == b"s" * 100
+    assert spy_fs.opened == [small]
+
+
+def test_read_unit_trusts_the_listed_sizes_and_catches_a_file_that_grew_since(tmp_path, spy_fs):
+    listed_big, grown = str(tmp_path / "listed_big.jpg"), str(tmp_path / "grown.jpg")
+    write_bytes_atomic(listed_big, b"x")
+    write_bytes_atomic(grown, b"g" * 5000)
+    unit = Unit("u", "images", (listed_big, grown), 2, sizes=(10**10, 10))
+
+    rows = read_unit(unit, max_object_bytes=100)
+
+    assert [r["error"].split(":")[0] for r in rows] == ["too_large", "too_large"]
+    assert spy_fs.infos == [] and spy_fs.opened == [grown]
+    assert Unit.from_row(unit.to_row()) == unit
+
+
+def tar_member(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    """One member as raw tar blocks (header, data, padding), to splice into an archive."""
+    info.size = len(data)
+    return info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def gnu_sparse_member(name: str, stored: bytes, claimed: int) -> bytes:
+    """A GNU sparse member (type 'S'): ``stored`` in the archive, ``claimed`` bytes once expanded."""
+    header = bytearray(tar_member(tarfile.TarInfo(name), stored)[: tarfile.BLOCKSIZE])
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[386:398] = tarfile.itn(claimed - len(stored), 12, tarfile.GNU_FORMAT)  # the one data region
+    header[398:410] = tarfile.itn(len(stored), 12, tarfile.GNU_FORMAT)
+    header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)  # the size it claims
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header) + stored + b"\0" * (-len(stored) % tarfile.BLOCKSIZE)
+
+
+def test_read_unit_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(tmp_path):
+    link = tarfile.TarInfo("link.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "good0.jpg"
+    hard = tarfile.TarInfo("hard.jpg")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "good0.jpg"
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, b"".join([
+        tar_member(tarfile.TarInfo("good0.jpg"), b"img0"),
+        tar_member(link),
+        tar_member(hard),
+        gnu_sparse_member("sparse.jpg", b"s" * 512, claimed=4 * 2**30),
+        tar_member(tarfile.TarInfo("big.jpg"), b"b" * 101),
+        tar_member(tarfile.TarInfo("good1.jpg"), b"img1"),
+        tar_member(tarfile.TarInfo("good1.cls"), b"1"),
+        b"\0" * 2 * tarfile.BLOCKSIZE,
+    ]))
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)), max_object_bytes=100)
+
+    errors = {r["key"].split("#")[1]: r["error"].split(":")[0] for r in rows}
+    assert errors == {"good0": "", "link": "tar_member_not_regular", "hard": "tar_member_not_regular",
+                      "sparse": "tar_member_not_regular", "big": "too_large", "good1": ""}
+    assert "sparse" in rows[3]["error"] and str(4 * 2**30) in rows[3]["error"]
+    assert (rows[0]["data"], rows[5]["data"], json.loads(rows[5]["meta"])) == (b"img0", b"img1", {"cls": 1})
+    assert {r["unit_rows"] for r in rows} == {6}
+
+
+def test_unit_batches_streams_a_tar_shard_and_puts_the_row_count_in_the_last_batch_only(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, webdataset_shard(0, 5))
+
+    batches = unit_batches(Unit("s", "webdataset", (shard,)), batch_size=2)
+
+    assert [[(r["unit"], r["unit_rows"]) for r in b] for b in batches] == [
+        [("s", -1), ("s", -1)], [("s", -1), ("s", -1)], [("s", 5)]
+    ]
+
+
+def test_unit_batches_of_an_empty_shard_yields_one_empty_shard_row_counting_itself(tmp_path):
+    shard = str(tmp_path / "empty.tar")
+    write_bytes_atomic(shard, tar_bytes([]))
+
+    [[row]] = list(unit_batches(Unit("s", "webdataset", (shard,)), batch_size=2))
+
+    assert row["error"].startswith("empty_shard") and row["unit_rows"] == 1
+
+
+def parquet_row_groups(path: str, images: list[bytes], rows_per_group: int) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": images}), buf, row_group_size=rows_per_group)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def test_unit_batches_reads_parquet_row_group_by_row_group_as_it_streams(tmp_path, monkeypatch):
+    table = str(tmp_path / "t.parquet")
+    parquet_row_groups(table, [bytes([65 + i]) for i in range(6)], rows_per_group=2)
+    reads = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, batch_size=65536, row_groups=None, **kwargs):
+        reads.append((batch_size, row_groups))
+        return iter_batches(self, batch_size, row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+
+    batches = unit_batches(Unit("p", "parquet", (table,), 6), batch_size=1)
+    first = next(batches)
+
+    assert [r["data"] for r in first] == [b"A"] and reads == [(sources.PARQUET_BATCH_ROWS, [0])]
+    rest = list(batches)
+    assert [g for _, g in reads] == [[0], [1], [2]]
+    assert [r["data"] for b in rest for r in b] == [b"B", b"C", b"D", b"E", b"F"]
+    assert [r["unit_rows"] for b in [first, *rest] for r in b] == [-1] * 5 + [6]
+
+
+def test_read_unit_of_parquet_makes_a_cell_over_max_object_bytes_a_too_large_row(tmp_path):
+    table = str(tmp_path / "t.parquet")
+    write_bytes_atomic(table, parquet_bytes({"image": [b"a" * 100, b"b" * 101, None]}))
+
+    rows = read_unit(Unit("p", "parquet", (table,), 3), max_object_bytes=100)
+
+    assert [r["key"] for r in rows] == [f"{table}#{i}" for i in range(3)]
+    assert [r["error"].split(":")[0] for r in rows] == ["", "too_large", ""]
+    assert [r["data"] for r in rows] == [b"a" * 100, b"", b""]
+
+
+def test_read_unit_of_a_parquet_file_with_a_broken_footer_yields_one_unreadable_row(tmp_path):
+    table = str(tmp_path / "t.parquet")
+    write_bytes_atomic(table, parquet_bytes({"image": [b"a", b"b"]})[:-10])
+
+    rows = read_unit(Unit("p", "parquet", (table,), 2))
+
+    assert [(r["key"], r["error"].split(":")[0], r["unit_rows"]) for r in rows] == [
+        (table, "unreadable_parquet", 1)
+    ]
+
+
+def test_read_unit_of_parquet_turns_a_row_group_that_does_not_decode_into_one_error_row(tmp_path):
+    table = str(tmp_path / "t.parquet")
+    parquet_row_groups(table, [bytes([65 + i]) * 50 for i in range(6)], rows_per_group=2)
+    chunk = pq.ParquetFile(table).metadata.row_group(1).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    with open(table, "r+b") as f:  # garbage over the second row group's pages
+        f.seek(start)
+        f.write(b"\xff" * chunk.total_compressed_size)
+
+    rows = read_unit(Unit("p", "parquet", (table,), 6))
+
+    keys = [f"{table}#{k}" for k in ("0", "1", "<row group 1>", "4", "5")]
+    assert [r["key"] for r in rows] == keys
+    assert [r["error"].split(":")[0] for r in rows] == ["", "", "unreadable_parquet", "", ""]
+    assert rows[3]["data"] == b"E" * 50
+
+
+def test_read_and_decode_yields_crops_batch_by_batch_with_the_count_in_the_last(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, webdataset_shard(0, 3))
+    units = pa.Table.from_pylist([Unit("s", "webdataset", (shard,)).to_row()])
+    preprocessing = PreprocessingConfig(image_size=32).transform()
+
+    batches = list(read_and_decode(units, preprocessing, 10**8, 2, "image", None, max_object_bytes=10**6))
+
+    assert [list(b["unit_rows"]) for b in batches] == [[-1, -1], [3]]
+    assert batches[0]["image"].shape == (2, 3, 32, 32) and list(batches[1]["error"]) == [""]
+
+
 # --- config ----------------------------------------------------------------
 
 REQUIRED = {"input": "data/", "output": "labels/"}
@@ -498,6 +697,46 @@ def test_unit_committer_writes_a_unit_only_once_all_its_rows_arrived(tmp_path):
     assert committed_units(output) == {"A", "B"} and set(committer.pending) == {"C"}
     assert part_keys(output, "A") == ["a1", "a2", "a3"]
     assert committer.committed == 2
+
+
+def test_unit_committer_commits_a_streamed_unit_only_once_its_count_is_known_in_any_order(tmp_path):
+    output = str(tmp_path / "out")
+    committer = UnitCommitter(output)
+
+    committer.add(predictor_batch([("a1", "A", -1), ("a2", "A", -1), ("b3", "B", 3)]))
+    assert committed_units(output) == set()  # A has 2 rows but no count yet; B 1 of 3
+
+    committer.add(predictor_batch([("b1", "B", -1)]))
+    committer.add(predictor_batch([("a3", "A", 3)]))
+    assert committed_units(output) == {"A"} and part_keys(output, "A") == ["a1", "a2", "a3"]
+
+    committer.add(predictor_batch([("b2", "B", -1)]))
+    assert committed_units(output) == {"A", "B"} and part_keys(output, "B") == ["b1", "b2", "b3"]
+    assert not committer.pending and not committer.expected and committer.committed == 2
+
+
+# --- label: the decode stage's memory --------------------------------------
+
+
+def test_decode_memory_grows_with_batch_size_and_max_object_bytes_unless_set():
+    cfg = LabelConfig(input="in", output="out")
+    mib = 2**20
+
+    base = label.decode_memory_bytes(cfg)
+    bigger = label.decode_memory_bytes(cfg.model_copy(update={"batch_size": cfg.batch_size + 10}))
+
+    assert bigger - base >= 10 * cfg.max_object_bytes
+    assert base < label.decode_memory_bytes(cfg.model_copy(update={"max_object_bytes": 2 * cfg.max_object_bytes}))
+    assert label.decode_memory_bytes(cfg.model_copy(update={"decode_memory_mb": 300})) == 300 * mib
+    assert base <= 8 * 2**30  # the default fits a small machine
+
+
+def test_decode_memory_never_asks_for_more_than_the_largest_live_node_has():
+    nodes = [{"Alive": True, "Resources": {"memory": 4e9}}, {"Alive": False, "Resources": {"memory": 64e9}},
+             {"Alive": True, "Resources": {"CPU": 2.0}}]
+
+    assert label.schedulable_memory(10**9, nodes) == 10**9
+    assert label.schedulable_memory(10**10, nodes) == 4 * 10**9
 
 
 # --- label.prepare ---------------------------------------------------------

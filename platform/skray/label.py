@@ -36,7 +36,7 @@ from skray.sinks import (
     write_json,
     write_part,
 )
-from skray.sources import Unit, list_inputs, plan_units
+from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs, plan_units
 from skray.weights import load_model
 from skray.weights import worker_env as weights_worker_env
 
@@ -81,6 +81,8 @@ class LabelConfig(StrictModel):
     id_column: str | None = None
     decode_cpus: float = Field(0.5, gt=0)  # per read+decode task; unlike actors.cpus, so Ray keeps the stages apart
     decode_concurrency: int | None = Field(None, ge=1)  # max read+decode tasks at once (None: as CPUs allow)
+    max_object_bytes: int = Field(DEFAULT_MAX_OBJECT_BYTES, ge=1)  # per image file, tar member, Parquet cell
+    decode_memory_mb: int | None = Field(None, ge=1)  # per read+decode task (None: from the bounds above)
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
@@ -134,11 +136,16 @@ class Progress:
 
 
 class UnitCommitter:
-    """Gathers rows per unit and writes a unit's part as soon as all its rows arrived."""
+    """Gathers rows per unit and writes a unit's part as soon as all its rows arrived.
+
+    Units stream: only the rows of a unit's last read batch carry its row count
+    (the others ``unit_rows = -1``), and batches may arrive in any order, so a
+    unit is complete once its count is known and that many rows are here."""
 
     def __init__(self, output: str) -> None:
         self.output = output
         self.pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.expected: dict[str, int] = {}  # row count per pending unit, once its last batch came
         self.committed = 0
 
     def add(self, batch: pa.Table) -> int:
@@ -146,11 +153,40 @@ class UnitCommitter:
             unit, unit_rows = record.pop("unit"), record.pop("unit_rows")
             rows = self.pending[unit]
             rows.append(record)
-            if len(rows) == unit_rows:
+            if unit_rows >= 0:
+                self.expected[unit] = unit_rows
+            if len(rows) == self.expected.get(unit):
                 write_part(self.output, unit, sorted(rows, key=lambda r: r["key"]))
-                del self.pending[unit]
+                del self.pending[unit], self.expected[unit]
                 self.committed += 1
         return batch.num_rows
+
+
+DECODE_BASE_BYTES = 512 * 2**20  # a decode worker's own footprint: Python, pyarrow, torch
+
+
+def decode_memory_bytes(cfg: LabelConfig) -> int:
+    """What one read+decode task may hold at worst, declared to Ray so a node never runs
+    more of them than its memory takes: a batch of objects at the cap plus a Parquet read
+    batch, one image decoded at ``max_pixels`` (RGBA, and a copy), and the batch's crops."""
+    if cfg.decode_memory_mb is not None:
+        return cfg.decode_memory_mb * 2**20
+    objects = (cfg.batch_size + PARQUET_BATCH_ROWS) * cfg.max_object_bytes
+    decoded = 2 * 4 * cfg.preprocessing.max_pixels
+    crops = cfg.batch_size * 3 * cfg.preprocessing.image_size**2
+    return DECODE_BASE_BYTES + objects + decoded + crops
+
+
+def schedulable_memory(memory: int, nodes: list[dict[str, Any]]) -> int:
+    """``memory``, or the most any live node offers: a declaration no node can meet would
+    leave the tasks pending forever, and the worst case it stands for is rare."""
+    largest = max((int(n["Resources"].get("memory", 0)) for n in nodes if n["Alive"]), default=0)
+    if largest and memory > largest:
+        log.warning("read+decode tasks declare %d MiB, more than any node has: %d MiB declared instead "
+                    "(lower batch_size or max_object_bytes, or set decode_memory_mb)",
+                    memory >> 20, largest >> 20)
+        return largest
+    return memory
 
 
 def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
@@ -208,10 +244,12 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
             "batch_size": cfg.batch_size,
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
+            "max_object_bytes": cfg.max_object_bytes,
         },
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
+        memory=schedulable_memory(decode_memory_bytes(cfg), ray.nodes()),
         concurrency=cfg.decode_concurrency,
         runtime_env=runtime_env,
     )

@@ -19,7 +19,7 @@ import torch
 
 from skray.classifier import Classifier
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval
-from skray.sources import Unit, read_unit
+from skray.sources import Unit, unit_batches
 
 PASSTHROUGH = ("key", "error", "meta", "unit", "unit_rows")
 
@@ -52,13 +52,14 @@ def read_and_decode(
     batch_size: int,
     image_column: str,
     id_column: str | None,
+    max_object_bytes: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read each unit whole (its row count must be known before any row leaves),
-    then yield its decoded crops ``batch_size`` at a time."""
+    """Stream each unit's decoded crops ``batch_size`` at a time, as they are read, so a task
+    holds one batch of bytes, not a shard; the rows of a unit's last batch carry its row count."""
     for unit in units.to_pylist():
-        rows = read_unit(Unit.from_row(unit), image_column, id_column)
-        for start in range(0, len(rows), batch_size):
-            yield decode_rows(rows[start : start + batch_size], preprocessing, max_pixels)
+        for rows in unit_batches(Unit.from_row(unit), batch_size, image_column, id_column,
+                                 max_object_bytes=max_object_bytes):
+            yield decode_rows(rows, preprocessing, max_pixels)
 
 
 class Predictor:
