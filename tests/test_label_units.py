@@ -443,6 +443,24 @@ def test_read_unit_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(t
     assert {r["unit_rows"] for r in rows} == {6}
 
 
+def test_read_unit_of_a_tar_stops_at_a_long_name_header_too_large_to_hold(tmp_path):
+    long_name = tarfile.TarInfo("././@LongLink")
+    long_name.type = tarfile.GNUTYPE_LONGNAME
+    shard = str(tmp_path / "shard.tar")
+    write_bytes_atomic(shard, b"".join([
+        tar_member(tarfile.TarInfo("good.jpg"), b"img"),
+        tar_member(long_name, b"n" * (sources.TAR_HEADER_MAX_BYTES + 1)),
+        tar_member(tarfile.TarInfo("after.jpg"), b"img"),
+        b"\0" * 2 * tarfile.BLOCKSIZE,
+    ]))
+
+    rows = read_unit(Unit("s", "webdataset", (shard,)))
+
+    [row] = rows  # the sample being read when the archive broke off is reported broken
+    assert row["key"] == f"{shard}#good" and row["error"].startswith("broken_tar")
+    assert "header block claims" in row["error"]
+
+
 def test_unit_batches_streams_a_tar_shard_and_puts_the_row_count_in_the_last_batch_only(tmp_path):
     shard = str(tmp_path / "shard.tar")
     write_bytes_atomic(shard, webdataset_shard(0, 5))

@@ -210,6 +210,21 @@ _TAR_KINDS = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link", tarf
               tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo"}
 
 
+TAR_HEADER_MAX_BYTES = 2**20  # a pax header or GNU long name, which tarfile reads whole
+_TAR_HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a pax header or GNU long name over TAR_HEADER_MAX_BYTES: ``tarfile``
+    reads those into memory whole, before it yields the member they describe."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_HEADER_TYPES and self.size > TAR_HEADER_MAX_BYTES:
+            raise tarfile.HeaderError(f"a header block claims {self.size} bytes, over {TAR_HEADER_MAX_BYTES}")
+        return super()._proc_member(tar)
+
+
 def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
     """Why a member's data must not be read: it is no regular file (a link points
     elsewhere; a GNU sparse member claims a size its archive does not hold), or it is too large."""
@@ -248,8 +263,9 @@ def _tar_samples(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, byte
     problem: str | None = None
     with fs.open_input_stream(path) as stream:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar:
                 for info in tar:
+                    tar.members.clear()  # tarfile keeps every header it read: a shard's worth
                     if info.isdir() or _is_hidden(info.name):
                         continue
                     dirname, basename = posixpath.split(info.name)
