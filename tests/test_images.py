@@ -6,8 +6,12 @@ Every image is generated in memory with Pillow.
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import pytest
@@ -396,3 +400,112 @@ def test_train_transform_with_randaugment_works():
     out = train_transform(64, randaugment=True, randaugment_magnitude=15)(smooth((120, 90)))
     assert out.shape == (3, 64, 64)
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- resize bombs
+
+
+@pytest.fixture(scope="module")
+def slivers() -> dict[str, bytes]:
+    """A few KB each, yet the eval resize (shorter side -> 256) would want 4 and 22 G pixels."""
+    return {
+        "jpeg_1x65000": encode(Image.new("L", (1, 65_000)), "JPEG"),
+        "png_1bit_16x5500000": encode(Image.new("1", (16, 5_500_000)), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("name", ["jpeg_1x65000", "png_1bit_16x5500000"])
+def test_extreme_aspect_ratio_is_refused_from_the_header_before_resizing(slivers, name):
+    data = slivers[name]
+    assert len(data) < 20_000
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_for_eval(data)
+    elapsed = time.perf_counter() - started
+    assert info.value.reason == "too_many_pixels" and elapsed < 0.5
+    width, height = name.rsplit("_", 1)[1].split("x")
+    assert f"{width}x{height} resizes to 256x" in str(info.value)
+
+
+def test_resize_target_limit_is_exact_and_the_image_itself_still_decodes():
+    data = encode(smooth((10, 1000)), "PNG")  # eval resize: 256 x 25600
+    assert decode_for_eval(data, max_pixels=256 * 25_600).shape == (3, 224, 224)
+    with pytest.raises(ImageDecodeError, match="resizes to 256x25600 = 6553600 pixels"):
+        decode_for_eval(data, max_pixels=256 * 25_600 - 1)
+    assert decode_image(data, max_pixels=256 * 25_600 - 1).size == (10, 1000)  # no resize asked for
+
+
+# Runs in a fresh interpreter: peak RSS is per process, and the address-space cap
+# turns an unbounded allocation into a quick failure instead of a swapping machine.
+PEAK_MEMORY_PROBE = """
+import json, resource, sys
+from skray.images import ImageDecodeError, decode_for_eval
+
+def vm_size():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + (1 << 30),) * 2)
+before, outcomes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, []
+for path in sys.argv[1:]:
+    try:
+        decode_for_eval(open(path, "rb").read())
+        outcomes.append("decoded")
+    except ImageDecodeError as e:
+        outcomes.append(e.reason)
+    except BaseException as e:
+        outcomes.append(type(e).__name__)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"outcomes": outcomes, "grown_kib": grown}))
+"""
+
+
+def test_resize_bombs_are_refused_without_a_memory_spike(slivers, tmp_path):
+    paths = []
+    for name, data in slivers.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, *map(str, paths)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["outcomes"] == ["too_many_pixels"] * 2
+    assert report["grown_kib"] < 32 * 1024
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(MemoryError(), "too_many_pixels"), (ValueError("bad size"), "undecodable"),
+     (SyntaxError("broken plugin"), "undecodable"), (OSError("decoder error -2"), "undecodable")],
+    ids=["MemoryError", "ValueError", "SyntaxError", "OSError"],
+)
+@pytest.mark.parametrize("step", ["resize", "convert"])
+def test_any_failure_while_preparing_an_image_becomes_a_decode_error(monkeypatch, error, reason, step):
+    data = encode(smooth((300, 200)), "PNG")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Image.Image, step, fail)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_for_eval(data)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("size", [(1, 65_000), (65_000, 1)])
+def test_train_transform_crops_before_resizing_so_slivers_cost_nothing(size):
+    # RandomResizedCrop falls back to a centre crop clamped to its aspect range: a few pixels.
+    image = decode_image(encode(Image.new("L", size, 128), "PNG"))
+    started = time.perf_counter()
+    out = train_transform(64)(image)
+    assert out.shape == (3, 64, 64) and time.perf_counter() - started < 0.5
+
+
+def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(slivers):
+    from skray.predictor import decode_rows
+
+    good = encode(smooth((300, 200)), "PNG")
+    rows = [{"key": key, "data": data, "error": None, "meta": None, "unit": "u", "unit_rows": 2}
+            for key, data in [("bomb", slivers["jpeg_1x65000"]), ("good", good)]]
+    out = decode_rows(rows, EvalTransformConfig())
+    assert out["error"][0].startswith("too_many_pixels: 1x65000 resizes to 256x")
+    assert out["error"][1] is None and torch.equal(torch.from_numpy(out["image"][1]), decode_for_eval(good))

@@ -5,20 +5,23 @@ given image yields the same tensor everywhere; a second, slightly different copy
 of this logic would make offline accuracy and served predictions drift apart.
 
 Decoding is defensive because serving decodes untrusted uploads: only a fixed set
-of formats is opened, the pixel count is checked from the header before any pixel
-is decoded, and every failure surfaces as one typed :class:`ImageDecodeError`
-with a stable ``reason`` code that callers can count and report.
+of formats is opened, the pixel counts of the image and of its eval resize are
+checked from the header before any pixel is decoded, so memory is bounded by
+``max_pixels`` whatever the aspect ratio, and every failure surfaces as one typed
+:class:`ImageDecodeError` with a stable ``reason`` code that callers can count and
+report.
 
 This module imports PIL, torch and torchvision only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image, ImageOps
@@ -106,7 +109,11 @@ class EvalTransformConfig:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    resize_to: int | None = None,
 ) -> Image.Image:
     """Decode encoded bytes to an upright RGB image (first frame/page only).
 
@@ -117,36 +124,55 @@ def decode_image(
 
     ``max_pixels`` is enforced here, from the header. Pillow's global limit
     (2 x ``Image.MAX_IMAGE_PIXELS``) still applies on top of it; this module
-    never changes that global.
+    never changes that global. ``resize_to`` is the shorter side the caller
+    will scale to: that resize must fit ``max_pixels`` too, which refuses
+    extreme aspect ratios (a 6 KB 1x65000 JPEG would become 256 x 16.6M).
 
     Raises :class:`ImageDecodeError` and nothing else for bad input.
     """
     if not data:
         raise ImageDecodeError("empty", "no bytes to decode")
-    try:
+    with _typed_errors():
         img = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: parses the header only
         _check_pixel_count(img, max_pixels)
+        if resize_to is not None:
+            _check_resize_target(img.size, resize_to, max_pixels)
         if draft_size is not None:
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img))
+
+
+@contextlib.contextmanager
+def _typed_errors() -> Iterator[None]:
+    """Whatever preparing an image raises leaves as :class:`ImageDecodeError`, so callers
+    that count bad rows or answer 4xx never see a stray exception kill a worker."""
+    try:
+        yield
     except ImageDecodeError:
         raise
-    except Image.UnidentifiedImageError as e:
-        raise ImageDecodeError("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Exception as e:  # Pillow plugins also raise SyntaxError, ValueError, struct.error, ...
+        raise _as_decode_error(e) from e
+
+
+def _as_decode_error(e: Exception) -> ImageDecodeError:
+    """The typed error for an exception raised while decoding, converting or cropping."""
+    if isinstance(e, Image.UnidentifiedImageError):
+        return ImageDecodeError("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF")
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         # Pillow's own global limit fired first (its warning only raises under
         # warnings-as-errors); same meaning as ours.
-        raise ImageDecodeError("too_many_pixels", str(e)) from e
-    except EOFError as e:
-        raise ImageDecodeError("truncated", f"unexpected end of data ({e})") from e
-    except OSError as e:
+        return ImageDecodeError("too_many_pixels", str(e))
+    if isinstance(e, MemoryError):
+        return ImageDecodeError("too_many_pixels", "out of memory while preparing the image")
+    if isinstance(e, EOFError):
+        return ImageDecodeError("truncated", f"unexpected end of data ({e})")
+    if isinstance(e, OSError):
         # Pillow says "truncated" for data that ends early; corrupt data reads
         # "broken data stream" or "decoder error", which no retry can fix.
         reason = "truncated" if "truncated" in str(e).lower() else "undecodable"
-        raise ImageDecodeError(reason, str(e)) from e
-    except Exception as e:  # Pillow plugins also raise SyntaxError, ValueError, struct.error, ...
-        raise ImageDecodeError("undecodable", f"{type(e).__name__}: {e}") from e
+        return ImageDecodeError(reason, str(e))
+    return ImageDecodeError("undecodable", f"{type(e).__name__}: {e}")
 
 
 def _check_pixel_count(img: Image.Image, max_pixels: int) -> None:
@@ -156,6 +182,25 @@ def _check_pixel_count(img: Image.Image, max_pixels: int) -> None:
         raise ImageDecodeError(
             "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds {max_pixels}"
         )
+
+
+def _check_resize_target(size: tuple[int, int], shorter: int, max_pixels: int) -> None:
+    """Refuse an image whose resize (shorter side -> ``shorter``) would exceed ``max_pixels``."""
+    width, height = _resized_size(size, shorter)
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels",
+            f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels "
+            f"(shorter side {shorter}), which exceeds {max_pixels}",
+        )
+
+
+def _resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side scaled to ``shorter``, as torchvision rounds it."""
+    width, height = size
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -292,10 +337,13 @@ def decode_for_eval(
     """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of :func:`preprocess`.
 
     JPEGs are draft-decoded at no less than the resize target, so the result
-    is never upscaled afterwards.
+    is never upscaled afterwards. Raises :class:`ImageDecodeError` and nothing
+    else for bad input, whichever step fails.
     """
-    image = decode_image(data, max_pixels=max_pixels, draft_size=cfg.resize_size)
-    return eval_crop(cfg)(image)
+    size = cfg.resize_size
+    image = decode_image(data, max_pixels=max_pixels, draft_size=size, resize_to=size)
+    with _typed_errors():
+        return eval_crop(cfg)(image)
 
 
 def preprocess(
