@@ -49,11 +49,11 @@ def test_plan_of_a_fresh_output_cuts_the_sorted_listing_into_units_named_after_t
     assert plan(listing, str(tmp_path / "out"), files_per_unit=3).units == p.units
 
 
-@pytest.mark.parametrize("slice_keys", [3, 1 << 20], ids=["many-slices", "one-slice"])
+@pytest.mark.parametrize("batch_keys", [3, 1 << 21], ids=["many-batches", "one-batch"])
 def test_a_rerun_after_files_were_added_first_middle_and_last_and_some_removed_plans_only_the_new_keys(
-    tmp_path, monkeypatch, slice_keys
+    tmp_path, monkeypatch, batch_keys
 ):
-    monkeypatch.setattr(plan_module, "SLICE_KEYS", slice_keys)
+    monkeypatch.setattr(plan_module, "BATCH_KEYS", batch_keys)
     output = str(tmp_path / "out")
     first = keys(f"m{i:03d}" for i in range(20))
     for start in range(0, 20, 8):

@@ -6,27 +6,32 @@ keys. So files added anywhere in the key order, or removed, change nothing that
 was committed, and a rerun labels exactly the keys not yet in the output. Tar
 shards and Parquet files are units of their own, done when their part exists.
 
-Both sides stay in Arrow arrays: the listing is compared with the committed keys
-one sorted slice at a time, so the planner holds the listing, the committed keys
-and one slice's hash table — never a Python set of every key (Ray Data's own
-checkpointing keeps every processed id as a Python object, ray#60200).
+The listing stays one Arrow array and the committed keys stream past it a batch at
+a time, each batch hashed and probed against the whole listing: the planner holds
+the listing, one flag per listed key and one batch — never a set of every key
+(Ray Data's own checkpointing keeps every processed id as a Python object,
+about 9 GB for 115M ids: ray#60200). Rows whose key is no longer listed are
+counted, not kept; a key is assumed to be in at most one part.
 """
 
 from __future__ import annotations
 
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from skray.sinks import part_name, part_paths
 from skray.sources import Format, Unit, unit_id, shard_unit
 
-SLICE_KEYS = 1 << 20  # listed keys compared at once: bounds the hash table to one slice
+BATCH_KEYS = 1 << 21  # committed keys hashed at once: bounds the hash table
+PARTS_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -45,45 +50,44 @@ class Plan:
         return None if None in known else sum(known)
 
 
-def committed_keys(output: str) -> pa.Array:
-    """Every key in the output's parts, one Arrow string array (the key column only is read)."""
+def committed_batches(output: str) -> Iterator[pa.Array]:
+    """The keys of the output's parts, about ``BATCH_KEYS`` at a time (the key column only).
+
+    Parts are read one by one (a few in flight, for S3's latency): a dataset scan over
+    thousands of small files holds far more memory than the keys themselves."""
     fs, paths = part_paths(output)
-    if not paths:
-        return pa.array([], pa.string())
-    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["key"])
-    return table.column("key").combine_chunks().cast(pa.string())
+    pending: list[pa.Array] = []
+    size = 0
+    with ThreadPoolExecutor(PARTS_IN_FLIGHT) as pool:
+        read = lambda path: pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)  # noqa: E731
+        for keys in pool.map(read, paths):
+            pending += keys.chunks
+            size += len(keys)
+            if size >= BATCH_KEYS:
+                yield pa.concat_arrays(pending).cast(pa.string())
+                pending, size = [], 0
+    if pending:
+        yield pa.concat_arrays(pending).cast(pa.string())
 
 
-def _slices(listed: pa.Array) -> list[tuple[pa.Array, str | None, str | None]]:
-    """The sorted listing in slices, each with the key range it owns: [low, high).
+@dataclass
+class _Merge:
+    """Committed keys streamed against the listing: what is done, and what is no longer listed."""
 
-    The ranges cover every string, so each committed key falls in exactly one slice."""
-    out = []
-    for start in range(0, max(len(listed), 1), SLICE_KEYS):
-        part = listed[start : start + SLICE_KEYS]
-        low = None if start == 0 else listed[start].as_py()
-        high = listed[start + SLICE_KEYS].as_py() if start + SLICE_KEYS < len(listed) else None
-        out.append((part, low, high))
-    return out
+    done: pa.Array  # one flag per listed image key
+    rows: int = 0
+    listed_rows: int = 0  # committed rows whose key, or shard, is still in the input
 
 
-def _owned(keys: pa.Array, low: str | None, high: str | None) -> pa.Array:
-    """The keys in [low, high); None is open-ended."""
-    if low is not None:
-        keys = keys.filter(pc.greater_equal(keys, low))
-    if high is not None:
-        keys = keys.filter(pc.less(keys, high))
-    return keys
-
-
-def _merge(listed: pa.Array, committed: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """(listed keys not committed, committed keys not listed), slice by slice."""
-    pending, unlisted = [], []
-    for part, low, high in _slices(listed):
-        mine = _owned(committed, low, high)
-        pending.append(part.filter(pc.invert(pc.is_in(part, value_set=mine))))
-        unlisted.append(mine.filter(pc.invert(pc.is_in(mine, value_set=part))))
-    return pa.concat_arrays(pending), pa.concat_arrays(unlisted)
+def _merge(output: str, images: pa.ChunkedArray, shards: pa.Array) -> _Merge:
+    merged = _Merge(pa.array(np.zeros(len(images), dtype=bool)))
+    for keys in committed_batches(output):
+        hit = pc.is_in(images, value_set=keys)
+        merged.done = pc.or_(merged.done, hit)
+        merged.rows += len(keys)
+        merged.listed_rows += pc.sum(pc.is_in(_shard_source(keys), value_set=shards)).as_py() or 0
+    merged.listed_rows += pc.sum(merged.done).as_py() or 0
+    return merged
 
 
 def _shard_source(keys: pa.Array) -> pa.Array:
@@ -112,32 +116,29 @@ def image_units(keys: pa.Array, files_per_unit: int) -> list[Unit]:
 
 
 def plan(
-    files: Sequence[str] | pa.Array,
+    files: Sequence[str] | pa.Array | pa.ChunkedArray,
     output: str,
     fmt: Format | Literal["auto"] = "auto",
     files_per_unit: int = 256,
     parquet_columns: tuple[str, ...] = ("image",),
 ) -> Plan:
     """Merge the sorted listing ``files`` with the keys committed under ``output``."""
-    listed = files if isinstance(files, pa.Array) else pa.array(files, pa.string())
+    listed = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
     by_format = _formats(listed, fmt)
+    none = pa.array([], pa.string())
+    images = by_format.get("images", none)
+    shards = {kind: by_format.get(kind, none).to_pylist() for kind in ("webdataset", "parquet")}
+    merged = _merge(output, images, pa.array(shards["webdataset"] + shards["parquet"], pa.string()))
+    units = image_units(images.filter(pc.invert(merged.done)), files_per_unit)
     _, paths = part_paths(output)
     done_parts = {posixpath.basename(p) for p in paths}
-    committed = committed_keys(output)
-    images = by_format.get("images", pa.array([], pa.string()))
-    pending_images, unlisted = _merge(images, committed)
-    units = image_units(pending_images, files_per_unit)
-    shard_uris: list[str] = []
-    for kind in ("webdataset", "parquet"):
-        uris = by_format.get(kind, pa.array([], pa.string())).to_pylist()
-        shard_uris += uris
+    for kind, uris in shards.items():
         units += [shard_unit(kind, uri, parquet_columns) for uri in uris
                   if part_name(unit_id(kind, [uri])) not in done_parts]
-    still_listed = pc.is_in(_shard_source(unlisted), value_set=pa.array(shard_uris, pa.string()))
     return Plan(
         units=units,
         listed=len(listed),
         committed_parts=len(paths),
-        committed_rows=len(committed),
-        removed_rows=len(unlisted) - pc.sum(still_listed).as_py() if len(unlisted) else 0,
+        committed_rows=merged.rows,
+        removed_rows=merged.rows - merged.listed_rows,
     )
