@@ -237,7 +237,8 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
 
     info = httpx.get(f"{url}/v1/model", timeout=10).json()
     assert info["model"] == SMALL and info["classes"] == CLASSES and info["num_classes"] == 10
-    assert info["weights"] == {"source": weights, "sha256": file_sha256(Path(weights)), "random": False}
+    assert info["weights"] == {"requested": weights, "source": weights, "sha256": file_sha256(Path(weights)),
+                               "version": None, "model_uri": None, "random": False}
     assert info["preprocessing"]["image_size"] == 224 and info["preprocessing"]["resize_size"] == 256
     assert info["preprocessing"]["interpolation"] == "bicubic"
     assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}

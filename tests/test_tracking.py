@@ -31,10 +31,11 @@ from skray.tracking import (
     experiment_id,
     flatten,
     log_model,
-    redact,
+    log_text,
     run_tags,
+    start_run,
 )
-from skray.weights import WeightsError, file_sha256, load_model
+from skray.weights import PinnedWeights, WeightsError, file_sha256, load_model, pin_weights
 
 from conftest import PROJECT, SMALL
 
@@ -57,6 +58,8 @@ def _tracking_at(directory: Path) -> Iterator[str]:
         uri = f"sqlite:///{directory}/mlflow.db"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        mlflow.set_tracking_uri(uri)  # over any URI an earlier test left in MLflow's globals
+        mlflow.set_registry_uri(uri)
         mp.chdir(directory)
         try:
             yield uri
@@ -172,20 +175,6 @@ def test_configure_never_logs_credentials(
     assert configure(uri) == uri
     assert "s3cret" not in caplog.text
     assert "postgresql://***@db.internal:5432/mlflow" in caplog.text
-
-
-@pytest.mark.parametrize(
-    ("uri", "shown"),
-    [
-        ("postgresql://user:pass@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
-        ("https://token@mlflow.example.com/", "https://***@mlflow.example.com/"),
-        ("https://h/x.parquet?X-Amz-Signature=abc#f", "https://h/x.parquet?***#f"),
-        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-        ("models:/skray@best", "models:/skray@best"),
-    ],
-)
-def test_redact_masks_user_info_and_query(uri: str, shown: str) -> None:
-    assert redact(uri) == shown
 
 
 # --- what a run records --------------------------------------------------------
@@ -343,3 +332,67 @@ def test_metric_history_is_one_value_per_step_and_a_relogged_step_keeps_its_late
     tracking.log_metrics(run_id, {"val_top1": 35.0}, step=2)
 
     assert tracking.metric_history(run_id, "val_top1") == [10.0, 20.0, 35.0]
+
+
+# --- pinned registry weights ---------------------------------------------------
+
+
+def test_pinning_an_alias_records_the_version_and_a_later_alias_move_changes_nothing(store: Logged) -> None:
+    client = MlflowClient()
+    client.set_registered_model_alias("skray-test", "pin-test", "1")
+    pinned = pin_weights("models:/skray-test@pin-test")
+
+    assert (pinned.version, pinned.sha256) == ("1", store.sha256)
+    assert pinned.model_uri == "models:/skray-test/1"
+    assert Path(pinned.source).is_file() and pinned.source.endswith(WEIGHTS_FILE)  # the artifact itself
+    moved = client.create_model_version("skray-test", store.plain_model_uri)  # no skray weights in it
+    client.set_registered_model_alias("skray-test", "pin-test", moved.version)
+    with pytest.raises(WeightsError, match="holds no skray weights"):
+        pin_weights("models:/skray-test@pin-test")  # the alias did move
+
+    model, loaded = load_model(weights=PinnedWeights.from_dict(pinned.to_dict()))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), store.model(x))
+    assert loaded.sha256 == store.sha256
+
+
+def test_workers_get_the_weights_artifact_not_the_tracking_uri(store: Logged) -> None:
+    from skray.label import LabelConfig, worker_env
+    from skray.serving import ServeConfig, application
+
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    app = application(ServeConfig(model=SMALL, weights="models:/skray-test@best", gpus_per_replica=0))
+    deployment = app._bound_deployment
+    pinned = PinnedWeights.from_dict(deployment.init_args[1])
+    assert (pinned.version, pinned.sha256) == ("1", store.sha256)
+    assert tracking_uri not in repr(deployment.ray_actor_options)
+    assert "runtime_env" not in deployment.ray_actor_options
+    assert worker_env(LabelConfig(input="s3://in", output="s3://out", weights="models:/skray-test@best")) == {}
+
+
+def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
+    mlflow_store: str, capsys: pytest.CaptureFixture
+) -> None:
+    from skray.config import dump_config
+    from skray.train import TrainConfig
+
+    secret = "s3cretpassw0rd"
+    cfg = TrainConfig(
+        data={"train": f"s3://bucket/train?X-Amz-Signature={secret}",
+              "val": f"http://user:{secret}@minio.internal:9000/bucket/val"},
+        model={"pretrained": f"https://h/w.pth?token={secret}"},
+        mlflow={"tracking_uri": f"postgresql://user:{secret}@db.internal/mlflow"},
+        scaling={"workers": 1},
+    )
+    run_id = start_run("skray-tests", "secrets", params=cfg.model_dump(mode="json"),
+                       tags=run_tags(f"s3://user:{secret}@minio.internal/bucket/train"))
+    log_text(run_id, dump_config(cfg), "config.yaml")
+    print(dump_config(cfg))
+
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["mlflow.tracking_uri"] == "postgresql://***@db.internal/mlflow"
+    assert run.data.params["data.val"] == "http://***@minio.internal:9000/bucket/val"
+    logged = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    for text in (repr(run.data.params), repr(run.data.tags), logged, capsys.readouterr().out):
+        assert secret not in text

@@ -20,12 +20,15 @@ import torch
 from skray import storage
 from skray.classes import default_class_names
 from skray.model import create_model
+from skray.storage import redact_uri
 from skray.weights import (
+    PinnedWeights,
     WeightsError,
     fetch,
     file_sha256,
     load_model,
     load_weights,
+    pin_weights,
     read_state_dict,
     save_weights,
 )
@@ -287,6 +290,70 @@ def test_local_file_with_wrong_explicit_hash_is_refused(saved) -> None:
         fetch(str(path), sha256="0" * 64)
 
 
+# --- pinned weights ----------------------------------------------------------------
+
+
+def test_pinned_path_keeps_the_uri_and_the_sha256_of_its_bytes(saved) -> None:
+    _, path, digest = saved
+    pinned = pin_weights(str(path))
+    assert pinned == PinnedWeights(str(path), str(path), digest)
+    assert PinnedWeights.from_dict(pinned.to_dict()) == pinned
+    assert pin_weights(None) is None
+
+
+def test_pinned_weights_replaced_behind_the_same_path_are_refused_naming_both_hashes(
+    saved, tmp_path: Path
+) -> None:
+    _, path, digest = saved
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(path.read_bytes())
+    pinned = pin_weights(target)
+    save_weights(small_model(seed=1), target, architecture=ARCH)  # same path, other model
+    replaced = file_sha256(target)
+
+    with pytest.raises(WeightsError, match=f"sha256 mismatch .*expected {digest}, got {replaced}"):
+        load_model(weights=pinned)
+    model = create_model(ARCH, num_classes=10)
+    before = params(model)
+    with pytest.raises(WeightsError, match=f"expected {digest}, got {replaced}"):
+        load_weights(model, pinned)
+    assert_same_params(params(model), before)
+
+
+def test_pinning_pretrained_of_a_model_without_published_weights_fails_at_once() -> None:
+    with pytest.raises(WeightsError, match="has no published weights"):
+        pin_weights("pretrained", ARCH)
+
+
+def test_pinned_weights_never_show_credentials(saved) -> None:
+    _, path, digest = saved
+    url = "https://user:s3cretpassw0rd@host/m.safetensors?X-Amz-Signature=abc"
+    pinned = PinnedWeights(url, url, digest)
+    assert "s3cretpassw0rd" not in repr(pinned) and "abc" not in repr(pinned)
+    assert pinned.redacted()["source"] == "https://***@host/m.safetensors?***"
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql://user:pass@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("postgresql://user:p@ss@db/mlflow", "postgresql://***@db/mlflow"),
+        ("https://token@mlflow.example.com/", "https://***@mlflow.example.com/"),
+        ("user:s3cret@host:/weights.pth", "***@host:/weights.pth"),
+        ("git@github.com:org/repo", "***@github.com:org/repo"),
+        ("https://h/x.parquet?X-Amz-Signature=abc#f", "https://h/x.parquet?***#f"),
+        ("http://h/m.pth?token=abc&v=1", "http://h/m.pth?***"),
+        ("postgresql://db/mlflow?password=abc", "postgresql://db/mlflow?***"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("models:/skray@best", "models:/skray@best"),
+        ("s3://bucket/key@v2.safetensors", "s3://bucket/key@v2.safetensors"),
+        ("/tmp/model.safetensors", "/tmp/model.safetensors"),
+    ],
+)
+def test_redact_uri_masks_user_info_and_query(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown
+
+
 # --- https: downloaded once, verified, atomic -----------------------------------
 
 
@@ -340,10 +407,26 @@ def test_https_weights_are_downloaded_once_then_read_from_cache(saved, http_dir,
     second = fetch(url, cache_dir=cache)
     loaded = load_weights(create_model(ARCH, num_classes=10), url, cache_dir=cache)
 
-    assert first == second == cache / remote.name
+    assert first == second and first.parent == cache and first.name.endswith(remote.name)
     assert handler.requests == [f"/{remote.name}"]
-    assert [p.name for p in cache.iterdir()] == [remote.name]
+    assert list(cache.iterdir()) == [first]
     assert loaded.source == url and loaded.sha256 == file_sha256(path)
+
+
+def test_same_file_name_at_two_uris_gets_two_cache_entries(saved, http_dir, tmp_path) -> None:
+    _, path, digest = saved
+    served, base, _ = http_dir
+    for folder, data in (("a", path.read_bytes()), ("b", b"other bytes, same name")):
+        (served / folder).mkdir()
+        (served / folder / "model.safetensors").write_bytes(data)
+    cache = tmp_path / "cache"
+
+    first = fetch(f"{base}/a/model.safetensors", sha256=digest, cache_dir=cache)
+    second = fetch(f"{base}/b/model.safetensors", cache_dir=cache)
+
+    assert first != second and len(list(cache.iterdir())) == 2
+    assert fetch(f"{base}/a/model.safetensors", sha256=digest, cache_dir=cache) == first
+    assert file_sha256(first) == digest
 
 
 def test_file_name_claiming_another_hash_is_refused_and_nothing_cached(http_dir, tmp_path) -> None:

@@ -16,7 +16,7 @@ from skray.classes import default_class_names
 from skray.config import StrictModel
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
 from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
-from skray.weights import load_model
+from skray.weights import PinnedWeights, load_model
 
 
 def registered_model(name: str) -> str:
@@ -62,7 +62,7 @@ class Classifier:
     def __init__(
         self,
         model: str | None = None,
-        weights: str | None = None,
+        weights: str | PinnedWeights | None = None,
         *,
         device: str | None = None,
         compile: bool = False,
@@ -70,7 +70,8 @@ class Classifier:
         preprocessing: EvalTransformConfig = EvalTransformConfig(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        net, loaded = load_model(model, weights)
+        net, loaded = load_model(model, weights)  # PinnedWeights: only the bytes they were pinned to
+        self.pinned = weights if isinstance(weights, PinnedWeights) else None
         self.architecture = model or (loaded.architecture if loaded else None) or DEFAULT_MODEL
         self.weights_source = loaded.source if loaded else None
         self.weights_sha256 = loaded.sha256 if loaded else None

@@ -12,6 +12,8 @@ from typing import Any, Literal, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from skray.storage import redact_uri
+
 T = TypeVar("T", bound="StrictModel")
 
 
@@ -109,6 +111,19 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML; secrets (``SecretStr``) stay masked."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+def redact_values(value: Any) -> Any:
+    """``value`` with every URI-like string (one holding ``://``) passed through :func:`redact_uri`."""
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_values(v) for v in value]
+    return redact_uri(value) if isinstance(value, str) and "://" in value else value
+
+
+def dump_config(config: BaseModel, *, redact: bool = True) -> str:
+    """The resolved config as YAML, for people and MLflow: URIs redacted, ``SecretStr`` masked.
+
+    ``redact=False`` only for a file the job reads back (``--resume``), which needs the URIs whole.
+    """
+    data = config.model_dump(mode="json")
+    return yaml.safe_dump(redact_values(data) if redact else data, sort_keys=False)

@@ -17,13 +17,13 @@ from skray.classifier import Classifier
 from skray.config import resolve_gpus
 from skray.datasets import BAD_LABEL, LabeledData, discover, ray_dataset
 from skray.images import EvalTransformConfig
-from skray.weights import worker_env
+from skray.weights import PinnedWeights, pin_weights
 
 
 class Scorer:
     """Ray Data class UDF: the model loaded once; each batch -> its hit counts."""
 
-    def __init__(self, model: str | None, weights: str | None, preprocessing: EvalTransformConfig,
+    def __init__(self, model: str | None, weights: PinnedWeights | None, preprocessing: EvalTransformConfig,
                  label_map: list[int] | None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -61,18 +61,17 @@ def evaluate(data_uri: str, weights: str | None, *, model: str | None = None, fm
     import ray.data
 
     preprocessing = EvalTransformConfig(image_size, crop_pct)
-    probe = Classifier(model, weights)  # fails fast on weights; gives the class names
+    pinned = pin_weights(weights, model)  # every actor scores the same bytes
+    probe = Classifier(model, pinned)  # fails fast on weights; gives the class names
     data = discover(data_uri, fmt)  # type: ignore[arg-type]
     mapping = label_map(data, probe.class_names)
-    env = worker_env(weights)
     ray.init(ignore_reinit_error=True)
     ds = ray_dataset(data, image_size=image_size, train=False, eval_cfg=preprocessing, batch_size=batch_size)
     ds = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"model": model, "weights": weights, "preprocessing": preprocessing,
+        Scorer, fn_constructor_kwargs={"model": model, "weights": pinned, "preprocessing": preprocessing,
                                        "label_map": mapping, "threads": threads},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=resolve_gpus("auto"),
-        runtime_env={"env_vars": env} if env else None,
     )
     totals = {"top1": 0, "top5": 0, "n": 0, "skipped": 0}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -37,8 +37,7 @@ from skray.sinks import (
     write_part,
 )
 from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs, plan_units
-from skray.weights import load_model
-from skray.weights import worker_env as weights_worker_env
+from skray.weights import load_model, pin_weights
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +220,9 @@ def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
 
 
 def worker_env(cfg: LabelConfig) -> dict[str, str]:
-    """What the workers must see: the configured S3 location, and the MLflow store
-    when the weights live there (no secrets: credentials stay in the nodes' environment)."""
-    return {**cfg.s3.env(), **weights_worker_env(cfg.weights)}
+    """What the workers must see: the configured S3 location (no secrets: credentials stay in the
+    nodes' environment; pinned weights name a concrete file, so no MLflow store is needed)."""
+    return cfg.s3.env()
 
 
 def build_dataset(cfg: LabelConfig, units: list[Unit]):
@@ -257,7 +256,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
         Predictor,
         fn_constructor_kwargs={
             "model": cfg.model,
-            "weights": cfg.weights,
+            "pinned": pin_weights(cfg.weights, cfg.model),
             "top_k": cfg.top_k,
             "preprocessing": preprocessing,
             "threads": cfg.actors.threads,

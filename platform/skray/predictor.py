@@ -20,6 +20,7 @@ import torch
 from skray.classifier import Classifier
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval
 from skray.sources import Unit, unit_batches
+from skray.weights import PinnedWeights
 
 PASSTHROUGH = ("key", "error", "meta", "unit", "unit_rows")
 
@@ -68,7 +69,7 @@ class Predictor:
     def __init__(
         self,
         model: str | None,
-        weights: str | None,
+        pinned: PinnedWeights | None,
         top_k: int,
         preprocessing: EvalTransformConfig,
         threads: int | None = None,
@@ -78,7 +79,7 @@ class Predictor:
             torch.set_num_threads(threads)
         amp = torch.bfloat16 if torch.cuda.is_available() else None
         self.classifier = Classifier(
-            model, weights, compile=compile, amp_dtype=amp, preprocessing=preprocessing
+            model, pinned, compile=compile, amp_dtype=amp, preprocessing=preprocessing
         )
         self.top_k = top_k
 

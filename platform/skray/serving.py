@@ -50,7 +50,7 @@ from skray.config import (
 )
 from skray.embedded import LOOPBACK
 from skray.images import ImageDecodeError
-from skray.weights import worker_env
+from skray.weights import PinnedWeights, pin_weights
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,15 @@ def bearer_token(variable: str | None) -> str | None:
 class ClassifierDeployment:
     """One model per replica, loaded in ``__init__``; warmed up in the background."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], pinned: dict[str, Any] | None) -> None:
+        """``pinned``: :meth:`PinnedWeights.to_dict` of ``config.weights``, resolved once by the builder."""
         self.config = cfg = ServeConfig.model_validate(config)
         self.token = bearer_token(cfg.auth_token_env)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         amp = torch.bfloat16 if torch.cuda.is_available() else None
-        self.classifier = Classifier(cfg.model, cfg.weights, amp_dtype=amp,
+        weights = PinnedWeights.from_dict(pinned) if pinned else None  # every replica: the same bytes
+        self.classifier = Classifier(cfg.model, weights, amp_dtype=amp,
                                      preprocessing=cfg.preprocessing.transform(),
                                      max_pixels=cfg.preprocessing.max_pixels)
         self.num_classes = len(self.classifier.class_names)
@@ -264,7 +266,8 @@ class ClassifierDeployment:
             "model": c.architecture,
             "num_classes": self.num_classes,
             "classes": c.class_names,
-            "weights": {"source": c.weights_source, "sha256": c.weights_sha256, "random": c.random_weights},
+            "weights": {"source": None, "sha256": None, **(c.pinned.redacted() if c.pinned else {}),
+                        "random": c.random_weights},
             "preprocessing": {**cfg.preprocessing.model_dump(), "resize_size": c.preprocessing.resize_size,
                               "mean": list(c.preprocessing.mean), "std": list(c.preprocessing.std)},
             "batching": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
@@ -388,14 +391,16 @@ class ClassifierDeployment:
 
 
 def application(cfg: ServeConfig, **deployment_options: Any) -> Application:
-    """The Serve application for ``cfg``; ``deployment_options`` (autoscaling, ...) as in a config file."""
-    env = worker_env(cfg.weights)
+    """The Serve application for ``cfg``; ``deployment_options`` (autoscaling, ...) as in a config file.
+
+    The weights are pinned here, once: an alias moved or a file replaced later cannot give
+    replicas started by autoscaling or recovery another model.
+    """
+    pinned = pin_weights(cfg.weights, cfg.model)
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": resolve_gpus(cfg.gpus_per_replica)}
-    if env:
-        actor_options["runtime_env"] = {"env_vars": env}
     options = {"max_ongoing_requests": 4 * cfg.max_batch_size, **deployment_options,
                "ray_actor_options": deep_merge(actor_options, deployment_options.get("ray_actor_options") or {})}
-    return ClassifierDeployment.options(**options).bind(cfg.model_dump())
+    return ClassifierDeployment.options(**options).bind(cfg.model_dump(), pinned.to_dict() if pinned else None)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +24,13 @@ __all__ = [
     "read_bytes",
     "write_bytes_atomic",
     "exists",
+    "redact_uri",
 ]
+
+# ``user:password@`` (or a bare token ``user@``) after ``scheme://`` or at the start (scp style),
+# up to the last ``@`` before the path: a password may hold an unescaped ``@``.
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)?[^/?#\s]+@")
+_QUERY = re.compile(r"\?[^#]+")
 
 # One shared instance: the retry strategy hashes by identity, and the filesystem
 # cache is keyed on the option values.
@@ -132,3 +139,23 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
 def exists(uri: str | os.PathLike) -> bool:
     fs, path = filesystem_for(os.fspath(uri))
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def redact_uri(uri: str | os.PathLike) -> str:
+    """``uri`` fit for logs, printed configs and MLflow: user info and the query string masked.
+
+    ``scheme://user:password@host`` and ``user@host`` keep only the host; the whole
+    query becomes ``***``, since presigned URLs and database URIs carry secrets there
+    under names no list can foresee (``X-Amz-Signature``, ``sig``, ``token``, ``password``).
+    """
+    text = _USERINFO.sub(lambda m: f"{m['scheme'] or ''}***@", os.fspath(uri), count=1)
+    return _QUERY.sub("?***", text, count=1)
+
+
+def s3_client():
+    """A boto3 S3 client from the same environment as :func:`s3_options_from_env`, for what
+    pyarrow cannot do: conditional writes (``If-None-Match`` / ``If-Match``)."""
+    import boto3
+
+    endpoint = _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    return boto3.client("s3", endpoint_url=endpoint, region_name=_first_env("AWS_REGION", "AWS_DEFAULT_REGION"))

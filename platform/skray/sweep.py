@@ -132,7 +132,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
 
     cfg = trial_config(base, config)
     name = tune.get_context().get_trial_name()
-    train, val = check_inputs(cfg)
+    train, val, pretrained = check_inputs(cfg)
     tracking.configure(sweep["tracking_uri"])
     record = join(join(sweep["trials_path"], name), RUN_FILE)
     previous = read_json(record)  # a trial restarted by a resumed sweep keeps its MLflow run
@@ -140,7 +140,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
         sweep["experiment"], name, params=cfg.model_dump(mode="json"),
         tags={**tracking.run_tags(cfg.data.train), tracking.TRIAL_TAG: name}, parent_run_id=sweep["parent_run_id"])
     write_json(record, {"mlflow_run_id": run_id, "name": name})
-    trainer = build_trainer(cfg, train, val, name=name, storage_path=sweep["trials_path"], run_id=run_id,
+    trainer = build_trainer(cfg, train, val, pretrained, name=name, storage_path=sweep["trials_path"], run_id=run_id,
                             tracking_uri=sweep["tracking_uri"], callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.metrics:

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import mlflow
@@ -35,14 +35,15 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import skray
+from skray.config import redact_values
 from skray.model import SKResNeXt
+from skray.storage import redact_uri
 from skray.weights import WeightsError, save_weights
 
 __all__ = [
     "WEIGHTS_FILE",
     "default_tracking_uri",
     "default_artifact_root",
-    "redact",
     "configure",
     "experiment_id",
     "flatten",
@@ -53,6 +54,8 @@ __all__ = [
     "log_model",
     "log_model_to_run",
     "download_weights",
+    "ResolvedModel",
+    "resolve_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,16 +88,6 @@ def default_artifact_root() -> str:
     return (_home() / "mlflow" / "artifacts").as_uri()
 
 
-def redact(uri: str) -> str:
-    """``uri`` fit for logs: user info (``user:password@``) and query string masked."""
-    parts = urlsplit(uri)
-    if "@" in parts.netloc:
-        uri = uri.replace(f"//{parts.netloc}", f"//***@{parts.netloc.rpartition('@')[2]}", 1)
-    if parts.query:
-        uri = uri.replace(f"?{parts.query}", "?***", 1)
-    return uri
-
-
 def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow's tracking and registry at ``tracking_uri``, else :func:`default_tracking_uri`.
 
@@ -103,7 +96,7 @@ def configure(tracking_uri: str | None = None) -> str:
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    log.info("MLflow tracking at %s", redact(uri))
+    log.info("MLflow tracking at %s", redact_uri(uri))
     return uri
 
 
@@ -128,7 +121,8 @@ def experiment_id(name: str) -> str:
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested config as MLflow params: ``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``.
 
-    Values are strings cut to MLflow's length limit, which would otherwise reject the run.
+    Values are strings, URIs redacted (params are visible to every reader of the store),
+    cut to MLflow's length limit, which would otherwise reject the run.
     """
     flat: dict[str, str] = {}
     for key, value in params.items():
@@ -136,7 +130,7 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)[:MAX_PARAM_VAL_LENGTH]
+            flat[name] = str(redact_values(value))[:MAX_PARAM_VAL_LENGTH]
     return flat
 
 
@@ -163,7 +157,7 @@ def run_tags(data_uri: str | None = None) -> dict[str, str]:
         "skray_version": skray.__version__,
     }
     if data_uri is not None:
-        tags["data_uri"] = redact(data_uri)
+        tags["data_uri"] = redact_uri(data_uri)
     return tags
 
 
@@ -181,7 +175,7 @@ def start_run(
     to it by id, which is what lets a resumed job continue the same run.
     """
     client = MlflowClient()
-    all_tags = {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    all_tags = redact_values({**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     run_id = client.create_run(experiment_id(experiment), run_name=run_name, tags=all_tags).info.run_id
     flat = [Param(k, v) for k, v in flatten(params).items()]
     for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
@@ -289,6 +283,21 @@ def log_model(
     }
 
 
+def _weights_path(repo: Any, uri: str) -> str:
+    """The path of :data:`WEIGHTS_FILE` inside the MLflow model that ``repo`` reads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("pytorch", {})
+    paths = [f["path"] for f in flavor.get("extra_files", []) if Path(f["path"]).name == WEIGHTS_FILE]
+    if not paths:
+        raise WeightsError(f"MLflow model {uri} holds no skray weights file ({WEIGHTS_FILE})")
+    return paths[0]
+
+
+def _model_error(uri: str, exc: Exception) -> WeightsError:
+    reason = str(exc).partition("\n")[0]
+    return WeightsError(f"cannot get MLflow model {uri}: {reason}")
+
+
 def download_weights(uri: str, dst_dir: Path | None = None) -> Path:
     """The local path of the skray weights file in the MLflow model at ``uri``.
 
@@ -301,15 +310,36 @@ def download_weights(uri: str, dst_dir: Path | None = None) -> Path:
         configure()
     try:
         repo = get_artifact_repository(uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("pytorch", {})
-        extra_files = [f["path"] for f in flavor.get("extra_files", [])]
-        paths = [p for p in extra_files if Path(p).name == WEIGHTS_FILE]
-        if not paths:
-            raise WeightsError(f"MLflow model {uri} holds no skray weights file ({WEIGHTS_FILE})")
+        path = _weights_path(repo, uri)
         if dst_dir is not None:
             Path(dst_dir).mkdir(parents=True, exist_ok=True)
-        return Path(repo.download_artifacts(paths[0], None if dst_dir is None else str(dst_dir)))
+        return Path(repo.download_artifacts(path, None if dst_dir is None else str(dst_dir)))
     except (MlflowException, OSError) as exc:  # OSError: the stores' network and file errors
-        reason = str(exc).partition("\n")[0]
-        raise WeightsError(f"cannot get MLflow model {uri}: {reason}") from exc
+        raise _model_error(uri, exc) from exc
+
+
+class ResolvedModel(NamedTuple):
+    location: str  # where the weights file is: its artifact store, else ``model_uri``
+    model_uri: str  # the fixed MLflow reference: ``models:/NAME/VERSION``, a model id or ``runs:/``
+    version: str | None  # the registry version, None outside the registry
+
+
+def resolve_weights(uri: str) -> ResolvedModel:
+    """The fixed place of the skray weights file of the MLflow model ``uri``, resolved now.
+
+    An alias (``models:/NAME@ALIAS``) can move; the answer cannot. ``location`` is the
+    artifact's own ``file://`` or ``s3://`` URI when skray reads that store directly (so
+    workers need no tracking server), else the fixed ``model_uri``.
+    """
+    if not mlflow.is_tracking_uri_set():
+        configure()
+    try:
+        repo = get_artifact_repository(uri)
+        path = _weights_path(repo, uri)
+        location = f"{repo.repo.artifact_uri.rstrip('/')}/{path}"  # the store behind models:/ and runs:/
+    except (MlflowException, OSError) as exc:
+        raise _model_error(uri, exc) from exc
+    version = getattr(repo, "model_version", None)  # None for runs:/ and models:/<model id>
+    model_uri = uri if version is None else f"models:/{repo.model_name}/{version}"
+    readable = urlsplit(location).scheme in ("", "file", "s3")
+    return ResolvedModel(location if readable else model_uri, model_uri, None if version is None else str(version))

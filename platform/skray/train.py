@@ -29,7 +29,7 @@ from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, norma
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
 from skray.sinks import join, read_json, write_json
 from skray.storage import exists, read_bytes, write_bytes_atomic
-from skray.weights import load_weights, save_weights
+from skray.weights import PinnedWeights, load_weights, pin_weights, save_weights
 
 RUN_FILE = "skray_run.json"
 CONFIG_FILE = "skray_train.yaml"
@@ -167,8 +167,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
 
     model = create_model(cfg.model.name, num_classes=len(data.class_names))
-    if cfg.model.pretrained:
-        load_weights(model, cfg.model.pretrained)
+    if loop_config["pretrained"]:  # pinned by the driver: every worker and every retry, the same bytes
+        load_weights(model, PinnedWeights.from_dict(loop_config["pretrained"]))
     optimizer = torch.optim.SGD(
         param_groups(model, cfg.optim.weight_decay, cfg.optim.no_weight_decay_on_norm_and_bias),
         lr=cfg.lr, momentum=cfg.optim.momentum,
@@ -279,23 +279,26 @@ def run_name(cfg: TrainConfig) -> str:
     return cfg.name or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData]:
-    """Everything that can fail before a worker starts: data, classes, weights."""
+def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData, PinnedWeights | None]:
+    """Everything that can fail before a worker starts: data, classes, and the weights,
+    pinned for the workers (which then need no MLflow tracking URI)."""
     common = {"class_names": cfg.data.class_names, "num_classes": cfg.data.num_classes,
               "image_column": cfg.data.image_column, "label_column": cfg.data.label_column,
               "files_per_unit": cfg.data.files_per_unit}
     train = discover(cfg.data.train, cfg.data.format, **common)
     val = discover(cfg.data.val, cfg.data.format, **{**common, "class_names": list(train.class_names)}) \
         if cfg.data.val else train
-    if cfg.model.pretrained:
-        load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), cfg.model.pretrained)
-    return train, val
+    pretrained = pin_weights(cfg.model.pretrained, cfg.model.name)
+    if pretrained:
+        load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), pretrained)
+    return train, val, pretrained
 
 
 def build_trainer(
     cfg: TrainConfig,
     train: LabeledData,
     val: LabeledData,
+    pretrained: PinnedWeights | None,
     *,
     name: str,
     storage_path: str,
@@ -313,7 +316,9 @@ def build_trainer(
     per_task = max(1, cfg.batch_size // cfg.scaling.workers)
     return TorchTrainer(
         train_loop,
+        # The tracking URI travels here, not in runtime_env: the Ray dashboard shows env_vars.
         train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": train,
+                           "pretrained": pretrained.to_dict() if pretrained else None,
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
@@ -345,7 +350,7 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
     else:
         name, storage_path = run_name(cfg), cfg.storage_path
         run_dir = join(storage_path, name)
-    train, val = check_inputs(cfg)
+    train, val, pretrained = check_inputs(cfg)
     print("[train] resolved config:\n" + dump_config(cfg), flush=True)
     print(f"[train] {len(train.class_names)} classes, lr {cfg.lr:g} (= {cfg.optim.lr:g} x "
           f"{cfg.batch_size} / {cfg.optim.base_batch_size}), run at {run_dir}", flush=True)
@@ -357,11 +362,11 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
     else:
         run_id = tracking.start_run(cfg.mlflow.experiment, name, params=cfg.model_dump(mode="json"),
                                     tags=tracking.run_tags(cfg.data.train))
-        write_bytes_atomic(join(run_dir, CONFIG_FILE), dump_config(cfg).encode())
+        write_bytes_atomic(join(run_dir, CONFIG_FILE), dump_config(cfg, redact=False).encode())  # for --resume
         write_json(join(run_dir, RUN_FILE), {"mlflow_run_id": run_id, "name": name})
 
     ray.init(ignore_reinit_error=True)
-    trainer = build_trainer(cfg, train, val, name=name, storage_path=storage_path, run_id=run_id,
+    trainer = build_trainer(cfg, train, val, pretrained, name=name, storage_path=storage_path, run_id=run_id,
                             tracking_uri=tracking_uri)
     try:
         result = trainer.fit()

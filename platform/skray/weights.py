@@ -1,9 +1,11 @@
 """Fetch, verify, read, load and save model weights.
 
 Weights come from a local file, ``s3://``, ``https://`` or an MLflow model
-(``models:/``, ``runs:/``); remote files are downloaded once into a cache and
-checked against their sha256 (explicit, or the prefix timm-style file names
-carry). Loading never half-modifies a model: the checkpoint is compared with
+(``models:/``, ``runs:/``); remote files are downloaded once into a cache keyed
+by their full URI and checked against their sha256 (explicit, or the prefix
+timm-style file names carry). A job pins its weights once (:func:`pin_weights`):
+every worker then loads the same bytes or fails, and the sha256 recorded is
+always that of the bytes deserialized. Loading never half-modifies a model: the checkpoint is compared with
 the model first, and a mismatch raises one error that lists every difference.
 The only tolerated difference is the classifier head's size, the fine-tuning
 case: the backbone loads and the head stays fresh.
@@ -11,7 +13,9 @@ case: the backbone loads and the head stays fresh.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,7 +24,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import safetensors
@@ -30,10 +34,13 @@ import torch
 from skray import storage
 from skray.classes import default_class_names
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model, model_spec
+from skray.storage import redact_uri
 
 __all__ = [
     "WeightsError",
     "LoadedWeights",
+    "PinnedWeights",
+    "pin_weights",
     "default_cache_dir",
     "fetch",
     "read_state_dict",
@@ -71,29 +78,61 @@ class LoadedWeights:
     architecture: str | None
 
 
-def worker_env(weights: str | None) -> dict[str, str]:
-    """What a Ray worker on another process or node must see to load ``weights``:
-    the MLflow store behind ``models:/`` and ``runs:/`` URIs."""
-    if weights and str(weights).startswith(_MLFLOW_SCHEMES):
-        from skray.tracking import configure
+@dataclass(frozen=True)
+class PinnedWeights:
+    """Weights resolved once, before any work, to a location that cannot move and its bytes' sha256.
 
-        return {"MLFLOW_TRACKING_URI": configure()}
-    return {}
+    Labeling actors and Serve replicas load these, never the URI the user gave: an
+    alias moved or a file replaced mid-job fails the load instead of mixing models.
+    ``source`` and ``requested`` may carry credentials (presigned URLs): show them redacted.
+    """
+
+    requested: str  # as given: a path, a URL, "pretrained", models:/NAME@ALIAS...
+    source: str  # the exact location loaded from
+    sha256: str  # of the bytes at source when pinned
+    version: str | None = None  # the MLflow registry version
+    model_uri: str | None = None  # the fixed MLflow reference, e.g. models:/NAME/VERSION
+
+    def to_dict(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PinnedWeights:
+        return cls(**data)
+
+    def redacted(self) -> dict[str, str | None]:
+        """:meth:`to_dict` fit for logs, manifests and the serving endpoint."""
+        return {**self.to_dict(), "requested": redact_uri(self.requested), "source": redact_uri(self.source)}
+
+    def __repr__(self) -> str:
+        return "PinnedWeights(" + ", ".join(f"{k}={v!r}" for k, v in self.redacted().items()) + ")"
+
+
+def pin_weights(
+    uri: str | os.PathLike | None, model: str | None = None, *, cache_dir: Path | None = None
+) -> PinnedWeights | None:
+    """Resolve ``uri`` to :class:`PinnedWeights`, reading the bytes once to hash them.
+
+    ``pretrained`` becomes the published URL of ``model`` (default architecture if
+    None); an MLflow model its registered version's artifact; a path or S3 object
+    stays as given, its content fixed by the hash. ``None`` (random weights) stays None.
+    """
+    if uri is None:
+        return None
+    requested = os.fspath(uri)
+    source, model_uri, version = requested, None, None
+    if requested == "pretrained":
+        source = _pretrained_url(model)
+    elif requested.startswith(_MLFLOW_SCHEMES):
+        from skray.tracking import resolve_weights  # MLflow is imported only when needed
+
+        source, model_uri, version = resolve_weights(requested)
+    digest = file_sha256(fetch(source, cache_dir=cache_dir))
+    return PinnedWeights(requested, source, digest, version, model_uri)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SKRAY_CACHE_DIR") or Path.home() / ".cache/skray/weights")
-
-
-def _redact(uri: str | os.PathLike) -> str:
-    """The URI without user info or query string (presigned URLs carry credentials there)."""
-    uri = os.fspath(uri)
-    parsed = urlparse(uri)
-    if not parsed.scheme or parsed.scheme in ("file", "models", "runs"):
-        return uri
-    host = parsed.hostname or ""
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    return parsed._replace(netloc=netloc, query="", params="", fragment="").geturl()
 
 
 def file_sha256(path: Path) -> str:
@@ -136,7 +175,7 @@ def _download(uri: str, target: Path, expected: str | None) -> None:
     The rename is atomic, so an interrupted or refused download never leaves a
     file under the final name.
     """
-    source = _redact(uri)
+    source = redact_uri(uri)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -167,9 +206,10 @@ def fetch(
 ) -> Path:
     """A local path holding the weights at ``uri``, downloading remote files once.
 
-    A cached copy is reused without network access only when its expected hash
-    is known and matches; without a hash the remote file may have changed, so it
-    is downloaded again. MLflow models are resolved by :mod:`skray.tracking`.
+    The cache is keyed by the whole URI: two objects with the same file name never
+    share an entry. A cached copy is reused without network access only when its
+    expected hash is known and matches; without a hash the remote file may have
+    changed, so it is downloaded again. MLflow models are resolved by :mod:`skray.tracking`.
     """
     uri = os.fspath(uri)
     if uri.startswith(_MLFLOW_SCHEMES):
@@ -177,36 +217,40 @@ def fetch(
 
         path = download_weights(uri)
         if sha256 is not None:
-            _check_hash(uri, _expected_hash(path.name, sha256), file_sha256(path))
+            _check_hash(redact_uri(uri), _expected_hash(path.name, sha256), file_sha256(path))
         return path
     if not storage.is_remote(uri):
         path = Path(storage.filesystem_for(uri)[1])
         if not path.is_file():
-            raise WeightsError(f"weights file not found: {uri}")
+            raise WeightsError(f"weights file not found: {redact_uri(uri)}")
         if sha256 is not None:
-            _check_hash(uri, _expected_hash(path.name, sha256), file_sha256(path))
+            _check_hash(redact_uri(uri), _expected_hash(path.name, sha256), file_sha256(path))
         return path
     name = Path(urlparse(uri).path).name
     if not name:
-        raise WeightsError(f"weights URI has no file name: {_redact(uri)}")
+        raise WeightsError(f"weights URI has no file name: {redact_uri(uri)}")
     expected = _expected_hash(name, sha256)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / name
+    target = cache / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{name}"
     if expected is not None and target.is_file() and file_sha256(target).startswith(expected):
         return target
     _download(uri, target, expected)
     return target
 
 
-def _sniff_is_torch(path: Path) -> bool:
+def _is_torch(data: bytes) -> bool:
     """Torch files are zip archives (or legacy pickles); anything else is tried as safetensors."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    return data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header: 8 bytes little-endian length, then JSON."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
     """The state_dict inside a training checkpoint, without DataParallel's ``module.``."""
     if isinstance(obj, dict):
         obj = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), dict)), obj)
@@ -216,21 +260,24 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata (empty for torch files) of a weights file.
+    """The tensors and the metadata (empty for torch files) of a weights file."""
+    path = Path(path)
+    return _parse(path.read_bytes(), str(path))
+
+
+def _parse(data: bytes, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`read_state_dict` over bytes already read (and hashed) from ``path``.
 
     Torch files are read with ``weights_only=True``: a checkpoint must never be
     able to run code.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = Path(path).suffix.lower()
     if suffix not in (".pth", ".pt", ".safetensors"):
-        suffix = ".pth" if _sniff_is_torch(path) else ".safetensors"
+        suffix = ".pth" if _is_torch(data) else ".safetensors"
     try:
         if suffix == ".safetensors":
-            with safetensors.safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-            return safetensors.torch.load_file(path), metadata
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path), {}
+            return safetensors.torch.load(data), _safetensors_metadata(data)
+        return _unwrap(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), path), {}
     except WeightsError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable file
@@ -338,23 +385,39 @@ def _apply(
 
 
 def _fetch_and_read(
-    uri: str | os.PathLike, sha256: str | None, cache_dir: Path | None
-) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    weights: str | os.PathLike | PinnedWeights, sha256: str | None, cache_dir: Path | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str, str]:
+    """(tensors, metadata, sha256, redacted source) of one read of the weights.
+
+    The bytes are hashed and checked as read, then parsed: the file may have been
+    replaced since :func:`fetch` looked at it, and the recorded hash must be of what loaded.
+    """
+    if isinstance(weights, PinnedWeights):
+        uri, sha256 = weights.source, weights.sha256
+    else:
+        uri = os.fspath(weights)
     path = fetch(uri, sha256=sha256, cache_dir=cache_dir)
-    state, metadata = read_state_dict(path)
-    return state, metadata, file_sha256(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    source = redact_uri(uri)
+    if sha256 is not None:
+        _check_hash(source, _expected_hash(path.name, sha256), digest)
+    return *_parse(data, str(path)), digest, source
 
 
 def load_weights(
     model: SKResNeXt,
-    uri: str | os.PathLike,
+    weights: str | os.PathLike | PinnedWeights,
     *,
     sha256: str | None = None,
     cache_dir: Path | None = None,
 ) -> LoadedWeights:
-    """Load the weights at ``uri`` into ``model``; on any error the model is untouched."""
-    state, metadata, digest = _fetch_and_read(uri, sha256, cache_dir)
-    return _apply(model, state, metadata, _redact(uri), digest)
+    """Load ``weights`` into ``model``; on any error the model is untouched.
+
+    :class:`PinnedWeights` carry their own sha256: bytes that differ are refused.
+    """
+    state, metadata, digest, source = _fetch_and_read(weights, sha256, cache_dir)
+    return _apply(model, state, metadata, source, digest)
 
 
 def save_weights(
@@ -385,9 +448,17 @@ def save_weights(
     return hashlib.sha256(data).hexdigest()
 
 
+def _pretrained_url(name: str | None) -> str:
+    name = name or DEFAULT_MODEL
+    url = model_spec(name).pretrained_url
+    if url is None:
+        raise WeightsError(f"model {name!r} has no published weights")
+    return url
+
+
 def load_model(
     name: str | None = None,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | PinnedWeights | None = None,
     *,
     num_classes: int | None = None,
     sha256: str | None = None,
@@ -395,18 +466,16 @@ def load_model(
     """Build a model and load ``weights`` into it, reading what is not given from the file.
 
     ``weights="pretrained"`` means the variant's published checkpoint; ``None``
-    means random weights. A ``num_classes`` different from the checkpoint's
+    means random weights; :class:`PinnedWeights` load only with their sha256. A ``num_classes`` different from the checkpoint's
     loads the backbone under a fresh head (fine-tuning).
     """
     if weights is None:
         return create_model(name or DEFAULT_MODEL, num_classes or 1000), None
     if weights == "pretrained":
         name = name or DEFAULT_MODEL
-        weights = model_spec(name).pretrained_url
-        if weights is None:
-            raise WeightsError(f"model {name!r} has no published weights")
-    state, metadata, digest = _fetch_and_read(weights, sha256, None)
+        weights = _pretrained_url(name)
+    state, metadata, digest, source = _fetch_and_read(weights, sha256, None)
     name = name or metadata.get("architecture") or DEFAULT_MODEL
     classes = num_classes or (state["fc.weight"].shape[0] if "fc.weight" in state else 1000)
     model = create_model(name, classes)
-    return model, _apply(model, state, metadata, _redact(weights), digest)
+    return model, _apply(model, state, metadata, source, digest)
