@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +21,7 @@ import httpx
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import PROJECT, SMALL
 from skray.cli import main
@@ -30,6 +34,7 @@ from skray.weights import save_weights
 
 CLASSES = [f"class-{i}" for i in range(10)]
 BODY_LIMIT = 256 * 1024
+BODY_TIMEOUT_S = 2.0
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
@@ -109,7 +114,8 @@ def serve_port(ray_cluster: LocalRayHead) -> Iterator[int]:
 def url(serve_port: int, weights: str) -> str:
     """The classifier app at the root of the proxy (small model, 10 classes, tight limits)."""
     cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=8, batch_wait_timeout_s=0.2,
-                      max_body_bytes=BODY_LIMIT, max_images_per_request=6, warmup_batches=1, top_k=3)
+                      max_body_bytes=BODY_LIMIT, max_images_per_request=6, warmup_batches=1, top_k=3,
+                      body_timeout_s=BODY_TIMEOUT_S)
     deploy(cfg, "skray", "/")
     base = f"http://{LOOPBACK}:{serve_port}"
     wait_ready(base)
@@ -232,6 +238,77 @@ def test_bad_input_gets_a_4xx_json_error_naming_it_and_the_replica_carries_on(ur
     assert after.status_code == 200
 
 
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def resize_bombs() -> dict[str, bytes]:
+    """A few KB each; the eval resize (shorter side -> 256) of each would need GBs."""
+    return {
+        "jpeg 1x65000": encoded(Image.new("L", (1, 65_000)), "JPEG"),  # 65k pixels, resize 4.3G
+        "1-bit png 16x2000000": encoded(Image.new("1", (16, 2_000_000)), "PNG"),  # 32M pixels, resize 8G
+        "1-bit png 16x5500000": encoded(Image.new("1", (16, 5_500_000)), "PNG"),  # 88M: over the limit itself
+    }
+
+
+def test_resize_bombs_get_a_quick_400_and_the_replica_keeps_serving(url, images, expected, resize_bombs):
+    timings = {}
+    for name, data in resize_bombs.items():
+        assert len(data) < 20_000, name
+        started = time.monotonic()
+        reply = httpx.post(f"{url}/v1/classify", content=data, headers={"content-type": "image/png"}, timeout=30)
+        timings[name] = time.monotonic() - started
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "image_too_many_pixels", reply.text
+    assert max(timings.values()) < 1.0, timings
+
+    async def ordinary() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(f"{url}/v1/classify?top_k=5", content=path.read_bytes(),
+                            headers={"content-type": FORMATS[path.suffix[1:].upper()]})
+                for path in images
+            ))
+
+    replies = asyncio.run(ordinary())
+    assert [r.status_code for r in replies] == [200] * len(images)
+    for path, reply in zip(images, replies):
+        assert_same_answer(reply.json(), expected[str(path)])
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+
+
+def stalled_upload(port: int, declared: int, sent: bytes, wait_s: float) -> tuple[int, dict, float]:
+    """POST headers declaring ``declared`` body bytes, send only ``sent`` and stall: the status and
+    JSON body the server answers with, and the seconds it took (socket errors after ``wait_s``)."""
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    with socket.create_connection((LOOPBACK, port), timeout=wait_s) as sock:
+        started = time.monotonic()
+        sock.sendall(head + sent)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            header, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", header)
+            if sep and length and len(body) >= int(length[1]):
+                break
+        elapsed = time.monotonic() - started
+    header, _, body = data.partition(b"\r\n\r\n")
+    return int(header.split(b" ", 2)[1]), json.loads(body), elapsed
+
+
+def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
+    status, body, elapsed = stalled_upload(serve_port, 100_000, b"\xff" * 10, wait_s=BODY_TIMEOUT_S + 10)
+
+    assert status == 408 and body["error"]["code"] == "request_timeout", body
+    assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 3
+    after = httpx.post(f"{url}/v1/classify", content=images[0].read_bytes(),
+                       headers={"content-type": "image/jpeg"}, timeout=30)
+    assert after.status_code == 200
+
+
 def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weights):
     from skray.weights import file_sha256
 
@@ -242,6 +319,8 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
     assert info["preprocessing"]["image_size"] == 224 and info["preprocessing"]["resize_size"] == 256
     assert info["preprocessing"]["interpolation"] == "bicubic"
     assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}
+    assert info["limits"]["max_pixels"] == info["preprocessing"]["max_pixels"] == 40_000_000  # serving's own
+    assert info["limits"]["body_timeout_s"] == BODY_TIMEOUT_S and info["limits"]["decode_concurrency"] == 2
     assert info["auth"] is None
     schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/classify", "/v1/classify/batch", "/v1/model", "/healthz"} <= set(schema["paths"])

@@ -31,7 +31,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
@@ -58,6 +58,10 @@ DEPLOYMENT = "Classifier"
 IMPORT_PATH = "skray.serving:build_app"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 BATCH_SIZE_HEADER = "X-Skray-Batch-Size"  # how many images shared this one's forward pass
+# Lower than the batch default (89M): a replica decodes ``decode_concurrency`` uploads at once and
+# each can hold its source and an RGB copy (about 8 bytes a pixel), so 40M keeps two under 700 MB
+# while still taking any camera up to 40 MP; JPEGs are draft-decoded far smaller anyway.
+SERVE_MAX_PIXELS = 40_000_000
 
 
 class ServeConfig(StrictModel):
@@ -70,12 +74,22 @@ class ServeConfig(StrictModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
     max_body_bytes: int = Field(16 << 20, ge=1024)  # per request, multipart included
     max_images_per_request: int = Field(64, ge=1)  # /v1/classify/batch
-    preprocessing: PreprocessingConfig = PreprocessingConfig()
+    preprocessing: PreprocessingConfig = PreprocessingConfig(max_pixels=SERVE_MAX_PIXELS)
+    body_timeout_s: float = Field(10, gt=0, le=3600)  # the whole body must arrive within it, else 408
+    decode_concurrency: int = Field(2, ge=1, le=64)  # uploads decoded at once per replica: bounds memory
     warmup_batches: int = Field(2, ge=0)  # full batches through the model before /healthz says ready
     auth_token_env: str | None = None  # if set: the environment variable holding the bearer token
     cpus_per_replica: float = Field(1, gt=0)
     gpus_per_replica: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU replica
+
+    @field_validator("preprocessing", mode="before")
+    @classmethod
+    def _serving_pixel_limit(cls, value: Any) -> Any:
+        """A ``preprocessing`` section without ``max_pixels`` gets the serving limit, not the batch one."""
+        if isinstance(value, dict) and "max_pixels" not in value:
+            return {**value, "max_pixels": SERVE_MAX_PIXELS}
+        return value
 
 
 # ---- the HTTP contract (also the OpenAPI schema at /docs) --------------------------------------
@@ -141,6 +155,7 @@ ERRORS = {
     for status, why in {
         400: "the image (or multipart body) cannot be decoded",
         401: "missing or wrong bearer token (when auth is on)",
+        408: "the body did not arrive within body_timeout_s",
         413: "body or image count over the configured limit",
         415: "content type is not an image, octet-stream or multipart",
         422: "bad query parameter (top_k)",
@@ -214,6 +229,7 @@ class ClassifierDeployment:
         self.num_classes = len(self.classifier.class_names)
         self._predict_batch.set_max_batch_size(cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._decode_slots = asyncio.Semaphore(cfg.decode_concurrency)
         self._warm = threading.Event()
         self._warmup_error: str | None = None
         self._warmup_s: float | None = None
@@ -271,7 +287,9 @@ class ClassifierDeployment:
             "preprocessing": {**cfg.preprocessing.model_dump(), "resize_size": c.preprocessing.resize_size,
                               "mean": list(c.preprocessing.mean), "std": list(c.preprocessing.std)},
             "batching": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
-            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_images_per_request": cfg.max_images_per_request},
+            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_images_per_request": cfg.max_images_per_request,
+                       "max_pixels": cfg.preprocessing.max_pixels, "body_timeout_s": cfg.body_timeout_s,
+                       "decode_concurrency": cfg.decode_concurrency},
             "device": str(c.device),
             "auth": "bearer" if self.token else None,
         }
@@ -325,8 +343,10 @@ class ClassifierDeployment:
         return BatchClassification(results=results, **self._served_by(started))
 
     async def _classify(self, data: bytes, top_k: int) -> tuple[Prediction, int]:
-        """Decode off the event loop, then join the next batch; returns the answer and that batch's size."""
-        crop = await asyncio.to_thread(self.classifier.decode, data)
+        """Decode off the event loop, ``decode_concurrency`` at a time so a burst of large images cannot
+        multiply memory, then join the next batch; returns the answer and that batch's size."""
+        async with self._decode_slots:
+            crop = await asyncio.to_thread(self.classifier.decode, data)
         await self._ready()
         return await self._predict_batch(crop, top_k)
 
@@ -354,17 +374,23 @@ class ClassifierDeployment:
         return k
 
     async def _read_body(self, request: Request) -> bytes:
-        """The whole body, refused with 413 as soon as it is known to exceed the limit."""
-        limit = self.config.max_body_bytes
+        """The whole body, refused with 413 as soon as it is known to exceed the limit, and with 408
+        if it takes longer than ``body_timeout_s``: a stalled upload must not hold a slot forever."""
+        limit, timeout = self.config.max_body_bytes, self.config.body_timeout_s
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, "payload_too_large", f"body is {int(declared)} bytes; the limit is {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, "request_timeout", f"the body did not arrive within {timeout} s "
+                           f"({size} bytes received)") from None
         return b"".join(chunks)
 
     async def _read_files(self, request: Request) -> list[tuple[str | None, bytes]]:
