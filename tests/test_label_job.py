@@ -216,3 +216,83 @@ def test_s3_endpoint_from_the_config_wins_over_the_environment(
                                s3={"endpoint_url": embedded_s3.endpoint_url}))
 
     assert manifest["labeled"] == len(keys) and sorted(output_keys(labels)) == keys
+
+
+def write_images(root: str, names: list[str]) -> list[str]:
+    for i, name in enumerate(names):
+        write_bytes_atomic(join(root, name), synthetic_image(i))
+    return [join(root, name) for name in names]
+
+
+def test_a_rerun_after_files_were_added_anywhere_and_some_removed_labels_only_the_new_keys(
+    ray_cluster: LocalRayHead, tmp_path
+):
+    data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
+    first = write_images(data, [f"m/{i:03d}.jpg" for i in range(120)])
+    cfg = LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=16, batch_size=16)
+    run(cfg)
+    added = write_images(data, [f"a/{i:02d}.jpg" for i in range(15)]          # sort first
+                         + [f"m/{i:03d}x.jpg" for i in range(0, 120, 6)]       # in the middle
+                         + [f"z/{i:02d}.jpg" for i in range(15)])             # sort last
+    removed = first[3:120:25]
+    for uri in removed:
+        os.remove(uri)
+
+    manifest = run(cfg)
+
+    assert len(added) == 50 and len(removed) == 5
+    assert manifest["timings"]["images_this_run"] == 50
+    assert manifest["removed_from_input"] == 5 and manifest["duplicates"] == 0
+    got = output_keys(labels)
+    assert len(got) == len(set(got)) == 170, "every key once; rows of removed keys stay"
+    assert set(got) >= set(first) | set(added)
+    assert run(cfg)["timings"]["images_this_run"] == 0
+
+
+def test_two_runs_on_one_output_started_a_second_apart_one_labels_and_one_is_refused_by_name(
+    ray_cluster: LocalRayHead, bucket: str
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_sample_dataset(data, files=48, shards=0, broken=False)
+    command = ray_cluster.submit_command(label_command(data + "/", labels + "/"), working_dir=str(PROJECT))
+    runs = []
+    for _ in range(2):
+        runs.append(subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
+        time.sleep(1)  # the scenario itself: the second run starts a second after the first
+    outputs = [r.communicate(timeout=540)[0] for r in runs]
+
+    codes = sorted(r.returncode for r in runs)
+    refused = next(out for r, out in zip(runs, outputs) if r.returncode != 0)
+    assert codes[0] == 0 and codes[1] != 0, outputs
+    assert "is held by run" in refused and "pid" in refused and "one run per output" in refused
+    got = output_keys(labels)
+    assert len(got) == len(set(got)) and sorted(got) == keys
+
+
+def test_a_secret_in_the_weights_url_is_neither_printed_nor_stored(ray_cluster: LocalRayHead, tmp_path, capsys):
+    import http.server
+    import threading
+    from functools import partial
+
+    from skray.model import create_model
+    from skray.weights import save_weights
+
+    secret = "s3cretpassw0rd"
+    served = tmp_path / "served"
+    save_weights(create_model(SMALL, 4), str(served / "w.safetensors"), architecture=SMALL)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
+    write_images(data, [f"{i}.jpg" for i in range(4)])
+    weights = f"http://127.0.0.1:{server.server_port}/w.safetensors?X-Amz-Signature={secret}&token={secret}"
+    try:
+        manifest = run(LabelConfig(input=data, output=labels, weights=weights, batch_size=4))
+    finally:
+        server.shutdown()
+
+    assert manifest["labeled"] == 4
+    stored = [open(os.path.join(labels, name)).read() for name in os.listdir(labels) if name.endswith(".json")]
+    assert len(stored) >= 2 and all(secret not in text for text in stored)
+    assert secret not in capsys.readouterr().out

@@ -18,6 +18,7 @@ from skray.classifier import PreprocessingConfig
 from skray.config import ConfigError, load_config, parse_overrides
 from skray.demo import synthetic_image, webdataset_shard
 from skray.label import LabelConfig, Progress, UnitCommitter, format_summary, prepare
+from skray.lease import LEASE_FILE, LeaseHeld
 from skray.model import create_model
 from skray.sinks import (
     JOB_FILE,
@@ -768,23 +769,56 @@ def job(tmp_path) -> LabelConfig:
     return LabelConfig(input=str(data), output=str(tmp_path / "out"), model=SMALL, files_per_unit=2)
 
 
-def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: LabelConfig):
-    units, pending, weights = prepare(job)
+@pytest.fixture
+def prepared():
+    """``prepare(cfg)`` that releases the run's lease when the test ends."""
+    leases = []
 
-    assert [u.rows for u in units] == [2, 2, 1] and pending == units
-    assert read_json(join(job.output, JOB_FILE)) == {"fingerprint": job.fingerprint(), "units": 3}
-    assert weights["random_weights"] and weights["model"] == SMALL
-    assert weights["num_classes"] == 1000
+    def run_prepare(cfg: LabelConfig) -> label.Prepared:
+        result = prepare(cfg)
+        leases.append(result.lease)
+        return result
+
+    yield run_prepare
+    for lease in leases:
+        lease.release()
 
 
-def test_prepare_leaves_out_units_already_committed(job: LabelConfig):
-    units, _, _ = prepare(job)
-    write_part(job.output, units[1].id, [])
+def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: LabelConfig, prepared):
+    p = prepared(job)
 
-    again, pending, _ = prepare(job)
+    assert [u.rows for u in p.plan.units] == [2, 2, 1] and p.plan.committed_rows == 0
+    assert read_json(join(job.output, JOB_FILE)) == {
+        "fingerprint": job.fingerprint(), "weights_sha256": None, "weights_version": None}
+    assert p.weights["random_weights"] and p.weights["model"] == SMALL
+    assert p.weights["num_classes"] == 1000
 
-    assert again == units
-    assert pending == [units[0], units[2]]
+
+def test_prepare_leaves_out_the_keys_already_committed(job: LabelConfig, prepared):
+    first = prepared(job)
+    first.lease.release()
+    write_part(job.output, first.plan.units[1].id, [label_row(k) for k in first.plan.units[1].uris])
+
+    again = prepared(job)
+
+    assert again.plan.units == [first.plan.units[0], first.plan.units[2]]
+    assert again.plan.committed_rows == 2
+
+
+def test_prepare_holds_the_output_so_a_second_run_is_refused_naming_the_first(job: LabelConfig, prepared):
+    first = prepared(job)
+
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
+        prepare(job)
+    assert first.lease.token is not None
+
+
+def test_prepare_withdraws_the_manifest_of_an_earlier_run(job: LabelConfig, prepared):
+    write_json(join(job.output, MANIFEST), {"old": True})
+
+    prepared(job)
+
+    assert not exists(join(job.output, MANIFEST))
 
 
 def test_prepare_refuses_an_output_of_a_different_config_pointing_to_overwrite(job: LabelConfig):
@@ -792,36 +826,54 @@ def test_prepare_refuses_an_output_of_a_different_config_pointing_to_overwrite(j
 
     with pytest.raises(OutputError, match="--overwrite"):
         prepare(job)
+    assert not exists(join(job.output, LEASE_FILE)), "a refused run leaves no lease behind"
 
 
-def test_prepare_with_overwrite_clears_the_earlier_output_and_proceeds(job: LabelConfig):
+def test_prepare_refuses_weights_that_changed_behind_the_same_path_naming_both_hashes(
+    job: LabelConfig, prepared, tmp_path
+):
+    weights = str(tmp_path / "w.safetensors")
+    old = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
+    cfg = job.model_copy(update={"weights": weights, "model": None})
+    prepared(cfg).lease.release()
+    new = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
+
+    with pytest.raises(OutputError) as refused:
+        prepare(cfg)
+    assert old in str(refused.value) and new in str(refused.value) and old != new
+    prepared(cfg.model_copy(update={"overwrite": True}))  # --overwrite starts over with the new weights
+
+
+def test_prepare_with_overwrite_clears_the_earlier_output_and_proceeds(job: LabelConfig, prepared):
     write_json(join(job.output, JOB_FILE), {"fingerprint": "another-job"})
     write_part(job.output, "stale-unit", [label_row("old")])
     write_json(join(job.output, MANIFEST), {"old": True})
 
-    units, pending, _ = prepare(job.model_copy(update={"overwrite": True}))
+    p = prepared(job.model_copy(update={"overwrite": True}))
 
-    assert pending == units
+    assert p.plan.committed_rows == 0 and len(p.plan.units) == 3
     assert committed_units(job.output) == set()
     assert not exists(join(job.output, MANIFEST))
     assert read_json(join(job.output, JOB_FILE))["fingerprint"] == job.fingerprint()
 
 
-def test_prepare_raises_weights_error_for_weights_that_cannot_be_loaded(job: LabelConfig, tmp_path):
+def test_overwrite_deletes_nothing_when_the_new_weights_do_not_load(job: LabelConfig, tmp_path):
+    write_part(job.output, "kept", [label_row("old")])
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(os.urandom(4096))
 
     with pytest.raises(WeightsError):
-        prepare(job.model_copy(update={"weights": str(weights)}))
+        prepare(job.model_copy(update={"weights": str(weights), "overwrite": True}))
+    assert committed_units(job.output) == {"kept"}
 
 
-def test_prepare_reports_the_weights_it_checked(job: LabelConfig, tmp_path):
+def test_prepare_reports_the_weights_it_pinned(job: LabelConfig, prepared, tmp_path):
     weights = str(tmp_path / "w.safetensors")
     sha = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
 
-    _, _, info = prepare(job.model_copy(update={"weights": weights, "model": None}))
+    info = prepared(job.model_copy(update={"weights": weights, "model": None})).weights
 
-    assert info == {"model": SMALL, "weights": weights, "weights_sha256": sha,
+    assert info == {"model": SMALL, "weights": weights, "weights_version": None, "weights_sha256": sha,
                     "random_weights": False, "num_classes": 10}
 
 

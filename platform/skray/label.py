@@ -10,34 +10,38 @@ unit is complete, and writes the manifest last.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
 import logging
+import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from skray.classifier import ModelName, PreprocessingConfig
-from skray.config import StrictModel, dump_config, resolve_gpus
+from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
+from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
+from skray.plan import Plan, plan
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
     OutputError,
     check_writable,
     clear_output,
-    committed_units,
     join,
     read_json,
     summarize_output,
+    withdraw_manifest,
     write_json,
     write_part,
 )
-from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs, plan_units
-from skray.weights import load_model, pin_weights
+from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs
+from skray.storage import redact_uri
+from skray.weights import PinnedWeights, load_model, pin_weights
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +90,15 @@ class LabelConfig(StrictModel):
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
     overwrite: bool = False
+    lease_ttl_s: float = Field(DEFAULT_TTL_S, ge=5)  # a killed run's lease is taken over after this
     progress_interval_s: float = Field(5, gt=0)
 
     def fingerprint(self) -> str:
-        """What decides the output's content: a rerun must match it to resume."""
-        keys = ("input", "format", "exclude", "model", "weights", "top_k", "files_per_unit",
-                "image_column", "id_column", "preprocessing")
+        """What decides the output's content, besides the weights (pinned by sha256 in the job
+        record): a rerun must match it to resume. ``files_per_unit`` is not part of it:
+        units are cut from the keys still to do, so it changes nothing committed."""
+        keys = ("input", "format", "exclude", "model", "top_k", "image_column", "id_column", "preprocessing",
+                "max_object_bytes")
         blob = json.dumps(self.model_dump(mode="json", include=set(keys)), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -188,35 +195,68 @@ def schedulable_memory(memory: int, nodes: list[dict[str, Any]]) -> int:
     return memory
 
 
-def prepare(cfg: LabelConfig) -> tuple[list[Unit], list[Unit], dict[str, Any]]:
-    """All checks that need no cluster: returns (all units, units still to do, weights info)."""
+@dataclass
+class Prepared:
+    """What a run settled before any work: the plan, the pinned weights, the output's lease."""
+
+    plan: Plan
+    pinned: PinnedWeights | None
+    weights: dict[str, Any]
+    lease: Lease
+
+
+def _check_previous(cfg: LabelConfig, previous: dict[str, Any] | None, sha256: str | None) -> None:
+    """A rerun must match the config and the exact weights that made the output so far."""
+    if not previous:
+        return
+    if previous.get("fingerprint") != cfg.fingerprint():
+        raise OutputError(
+            f"{redact_uri(cfg.output)} holds results of a different labeling config "
+            f"(fingerprint {previous.get('fingerprint')} != {cfg.fingerprint()}): "
+            "use another output or --overwrite"
+        )
+    if previous.get("weights_sha256", sha256) != sha256:
+        raise OutputError(
+            f"{redact_uri(cfg.output)} was labeled with weights sha256 {previous['weights_sha256']}, "
+            f"but {redact_uri(cfg.weights or 'random weights')} now has sha256 {sha256}: the weights "
+            "changed behind the same name. Use another output, or --overwrite to relabel everything"
+        )
+
+
+def prepare(cfg: LabelConfig) -> Prepared:
+    """Everything checked before any work: the input, the weights (pinned), the output and its
+    lease. Only then does ``--overwrite`` delete, and the earlier manifest is withdrawn so a
+    reader never takes a partial output for a complete one."""
     files = list_inputs(cfg.input, cfg.exclude)
-    columns = (cfg.image_column,) + ((cfg.id_column,) if cfg.id_column else ())
-    units = plan_units(files, cfg.format, cfg.files_per_unit, columns)
-    check_writable(cfg.output)
-    job_uri = join(cfg.output, JOB_FILE)
-    if cfg.overwrite:
-        clear_output(cfg.output)
-    else:
-        previous = read_json(job_uri)
-        if previous and previous.get("fingerprint") != cfg.fingerprint():
-            raise OutputError(
-                f"{cfg.output} holds results of a different labeling config "
-                f"(fingerprint {previous.get('fingerprint')} != {cfg.fingerprint()}): "
-                "use another output or --overwrite"
-            )
-    model, loaded = load_model(cfg.model, cfg.weights)  # weights that do not fit fail here
+    pinned = pin_weights(cfg.weights, cfg.model)
+    model, loaded = load_model(cfg.model, pinned)  # weights that do not fit fail here
     weights = {
         "model": cfg.model or (loaded.architecture if loaded else None) or DEFAULT_MODEL,
-        "weights": loaded.source if loaded else None,
-        "weights_sha256": loaded.sha256 if loaded else None,
-        "random_weights": loaded is None,
+        "weights": redact_uri(pinned.source) if pinned else None,
+        "weights_version": pinned.version if pinned else None,
+        "weights_sha256": pinned.sha256 if pinned else None,
+        "random_weights": pinned is None,
         "num_classes": model.num_classes,
     }
     del model
-    write_json(job_uri, {"fingerprint": cfg.fingerprint(), "units": len(units)})
-    done = committed_units(cfg.output)
-    return units, [u for u in units if u.id not in done], weights
+    check_writable(cfg.output)
+    lease = Lease(cfg.output, cfg.lease_ttl_s)
+    lease.acquire()
+    try:
+        job_uri = join(cfg.output, JOB_FILE)
+        if cfg.overwrite:
+            clear_output(cfg.output)
+        else:
+            _check_previous(cfg, read_json(job_uri), weights["weights_sha256"])
+        withdraw_manifest(cfg.output)
+        write_json(job_uri, {"fingerprint": cfg.fingerprint(), "weights_sha256": weights["weights_sha256"],
+                             "weights_version": weights["weights_version"]})
+        columns = (cfg.image_column,) + ((cfg.id_column,) if cfg.id_column else ())
+        planned = plan(files, cfg.output, cfg.format, cfg.files_per_unit, columns)
+    except BaseException:
+        lease.release()
+        raise
+    return Prepared(planned, pinned, weights, lease)
 
 
 def worker_env(cfg: LabelConfig) -> dict[str, str]:
@@ -225,7 +265,7 @@ def worker_env(cfg: LabelConfig) -> dict[str, str]:
     return cfg.s3.env()
 
 
-def build_dataset(cfg: LabelConfig, units: list[Unit]):
+def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | None):
     import ray
     import ray.data
 
@@ -256,7 +296,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
         Predictor,
         fn_constructor_kwargs={
             "model": cfg.model,
-            "pinned": pin_weights(cfg.weights, cfg.model),
+            "pinned": pinned,
             "top_k": cfg.top_k,
             "preprocessing": preprocessing,
             "threads": cfg.actors.threads,
@@ -271,52 +311,60 @@ def build_dataset(cfg: LabelConfig, units: list[Unit]):
 
 
 def run(cfg: LabelConfig) -> dict[str, Any]:
-    """Label everything under ``cfg.input`` not yet in ``cfg.output``; returns the manifest."""
+    """Label every key under ``cfg.input`` not yet in ``cfg.output``; returns the manifest."""
     import ray
 
     started = time.time()
     os.environ.update(cfg.s3.env())
     print("[label] resolved config:\n" + dump_config(cfg), flush=True)
-    units, pending, weights = prepare(cfg)
-    if weights["random_weights"]:
-        print("[label] WARNING: no weights given: the model has RANDOM weights, labels are meaningless",
-              flush=True)
-    print(f"[label] {len(units)} units, {len(units) - len(pending)} already committed, "
-          f"{len(pending)} to do", flush=True)
-    known = [u.rows for u in pending]
-    progress = Progress(None if None in known else sum(known), cfg.progress_interval_s)
-    committer = UnitCommitter(cfg.output)
-    ray_started = time.time()
-    if pending:
-        ray.init(ignore_reinit_error=True)
-        for batch in build_dataset(cfg, pending).iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.add(committer.add(batch))
-        if committer.pending:
-            raise RuntimeError(f"{len(committer.pending)} units ended incomplete: rerun to finish them")
-    print(progress.line(), flush=True)
-    summary = summarize_output(cfg.output)
-    finished = time.time()
-    manifest = {
-        "output": cfg.output,
-        "inputs": summary["rows"],
-        "labeled": summary["labeled"],
-        "failed": summary["failed"],
-        "failed_by_reason": summary["failed_by_reason"],
-        "skipped_already_done": summary["rows"] - progress.done,
-        "units": {"total": len(units), "skipped": len(units) - len(pending), "committed": committer.committed},
-        "duplicates": summary["rows"] - summary["distinct_keys"],
-        "top_labels": summary["top_labels"],
-        **weights,
-        "timings": {
-            "total_s": round(finished - started, 3),
-            "pipeline_s": round(finished - ray_started, 3),
-            "images_this_run": progress.done,
-            "img_per_s": round(progress.rate, 3),
-            "steady_img_per_s": round(progress.steady_rate, 3),
-        },
-        "config": json.loads(cfg.model_dump_json()),
-    }
-    write_json(join(cfg.output, MANIFEST), manifest)
+    prepared = prepare(cfg)
+    planned, weights = prepared.plan, prepared.weights
+    with prepared.lease as lease:
+        if weights["random_weights"]:
+            print("[label] WARNING: no weights given: the model has RANDOM weights, labels are meaningless",
+                  flush=True)
+        print(f"[label] {planned.listed} inputs listed, {planned.committed_rows} keys already committed "
+              f"({planned.committed_parts} parts), {planned.removed_rows} no longer in the input; "
+              f"{len(planned.units)} units to do", flush=True)
+        progress = Progress(planned.pending_rows, cfg.progress_interval_s)
+        committer = UnitCommitter(cfg.output)
+        ray_started = time.time()
+        if planned.units:
+            ray.init(ignore_reinit_error=True)
+            dataset = build_dataset(cfg, planned.units, prepared.pinned)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                lease.check()
+                progress.add(committer.add(batch))
+            if committer.pending:
+                raise RuntimeError(f"{len(committer.pending)} units ended incomplete: rerun to finish them")
+        print(progress.line(), flush=True)
+        summary = summarize_output(cfg.output)
+        finished = time.time()
+        manifest = {
+            "output": redact_uri(cfg.output),
+            "inputs": summary["rows"] - planned.removed_rows,
+            "rows": summary["rows"],
+            "labeled": summary["labeled"],
+            "failed": summary["failed"],
+            "failed_by_reason": summary["failed_by_reason"],
+            "skipped_already_done": planned.committed_rows - planned.removed_rows,
+            "removed_from_input": planned.removed_rows,
+            "units": {"total": summary["parts"], "skipped": planned.committed_parts,
+                      "committed": committer.committed},
+            "duplicates": summary["rows"] - summary["distinct_keys"],
+            "top_labels": summary["top_labels"],
+            **weights,
+            "timings": {
+                "total_s": round(finished - started, 3),
+                "pipeline_s": round(finished - ray_started, 3),
+                "images_this_run": progress.done,
+                "img_per_s": round(progress.rate, 3),
+                "steady_img_per_s": round(progress.steady_rate, 3),
+            },
+            "config": redact_values(json.loads(cfg.model_dump_json())),
+        }
+        lease.check()
+        write_json(join(cfg.output, MANIFEST), manifest)
     return manifest
 
 

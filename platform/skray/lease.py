@@ -255,7 +255,8 @@ class Lease:
             self.token = None
 
     def __enter__(self) -> "Lease":
-        self.acquire()
+        if self.token is None:  # ``with`` over a lease taken earlier holds it until the block ends
+            self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:

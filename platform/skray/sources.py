@@ -148,12 +148,15 @@ def shard_unit(fmt: Format, uri: str, parquet_columns: tuple[str, ...] = ("image
     return Unit(unit_id(fmt, [uri]), fmt, (uri,), rows)
 
 
-def _parquet_rows(uri: str, columns: tuple[str, ...]) -> int:
+def _parquet_rows(uri: str, columns: tuple[str, ...]) -> int | None:
+    """The file's row count from its footer, after checking it has ``columns`` (a config
+    mistake: fails before any work). None for an unreadable footer: a corrupt file is
+    data, and becomes an ``unreadable_parquet`` row when its unit is read."""
     fs, path = filesystem_for(uri)
     try:
         parquet = pq.ParquetFile(path, filesystem=fs)
-    except Exception as err:  # noqa: BLE001 - any unreadable footer is an input problem
-        raise InputError(f"cannot read Parquet file {uri}: {err}") from None
+    except Exception:  # noqa: BLE001 - any unreadable footer is the file's problem, reported as a row
+        return None
     names = parquet.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if missing:
