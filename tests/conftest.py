@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from skray.embedded import EmbeddedS3, LocalRayHead
+from skray.sinks import join
+from skray.storage import write_bytes_atomic
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -78,3 +84,46 @@ def bucket(embedded_s3: EmbeddedS3, request: pytest.FixtureRequest) -> str:
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     embedded_s3.create_bucket(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A place to write, on the local disk or in a fresh bucket on the embedded S3."""
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("bucket")
+
+
+# --- inputs and outputs written by hand --------------------------------------
+
+
+def write_files(root: str, names: list[str], data: bytes = b"x") -> None:
+    for name in names:
+        write_bytes_atomic(join(root, name), data)
+
+
+def parquet_bytes(columns: dict[str, list]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def label_row(key: str, label: str | None = "cat", error: str | None = None) -> dict:
+    """One output row as the sink stores it (error None = labeled)."""
+    ok = error is None
+    return {
+        "key": key, "label_id": 1 if ok else None, "label": label if ok else None,
+        "score": 0.9 if ok else None, "topk_ids": [1, 2] if ok else None,
+        "topk_scores": [0.9, 0.1] if ok else None, "model": SMALL, "weights_sha256": None,
+        "error": error, "meta": None,
+    }

@@ -18,7 +18,7 @@ from skray.plan import plan
 from skray.sinks import join, read_json, write_part
 from skray.storage import write_bytes_atomic
 
-from test_label_units import label_row, parquet_bytes, tar_bytes
+from conftest import label_row, parquet_bytes, tar_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,11 +100,9 @@ def test_shards_are_done_when_their_part_exists_and_their_rows_count_as_listed(t
 # --- the lease: one run per output -----------------------------------------
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "out")
-    return request.getfixturevalue("bucket") + "/out"
+@pytest.fixture
+def output(location: str) -> str:
+    return location + "/out"
 
 
 def test_a_second_run_on_a_held_output_fails_at_once_naming_the_holder(output: str):

@@ -40,44 +40,12 @@ from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit, 
 from skray.storage import exists, filesystem_for, write_bytes_atomic
 from skray.weights import WeightsError, save_weights
 
-from conftest import PROJECT, SMALL
+from conftest import PROJECT, SMALL, label_row, parquet_bytes, tar_bytes, write_files
 
 pytestmark = pytest.mark.timeout(60)
 
 
 # --- helpers ---------------------------------------------------------------
-
-
-def write_files(root: str, names: list[str], data: bytes = b"x") -> None:
-    for name in names:
-        write_bytes_atomic(join(root, name), data)
-
-
-def parquet_bytes(columns: dict[str, list]) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
-    return buf.getvalue()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def label_row(key: str, label: str | None = "cat", error: str | None = None) -> dict:
-    """One output row as the sink stores it (error None = labeled)."""
-    ok = error is None
-    return {
-        "key": key, "label_id": 1 if ok else None, "label": label if ok else None,
-        "score": 0.9 if ok else None, "topk_ids": [1, 2] if ok else None,
-        "topk_scores": [0.9, 0.1] if ok else None, "model": SMALL, "weights_sha256": None,
-        "error": error, "meta": None,
-    }
 
 
 def predictor_batch(rows: list[tuple[str, str, int]]) -> pa.Table:
@@ -93,12 +61,10 @@ def part_keys(output: str, unit_id: str) -> list[str]:
     return pq.read_table(path, filesystem=fs).column("key").to_pylist()
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request: pytest.FixtureRequest, tmp_path) -> str:
+@pytest.fixture
+def root(location: str) -> str:
     """An input prefix, on the local disk or in a fresh bucket on the embedded S3."""
-    if request.param == "local":
-        return str(tmp_path / "data")
-    return request.getfixturevalue("bucket") + "/data"
+    return location + "/data"
 
 
 # --- sources.list_inputs ---------------------------------------------------

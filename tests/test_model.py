@@ -125,3 +125,15 @@ def test_small_variant_uses_the_same_blocks():
 def test_unknown_model_name_lists_the_registered_ones():
     with pytest.raises(ValueError, match="skresnext50_32x4d"):
         create_model("resnet50")
+
+
+def test_classifiers_without_weights_hold_one_and_the_same_model_in_every_process():
+    from skray.classifier import Classifier
+
+    crops = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    torch.manual_seed(1)
+    first = Classifier(SMALL).predict_tensors(crops)
+    torch.manual_seed(2)  # another actor's global RNG state
+    second = Classifier(SMALL).predict_tensors(crops)
+
+    assert [p.topk_scores for p in first] == [p.topk_scores for p in second]

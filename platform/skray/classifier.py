@@ -18,6 +18,8 @@ from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeErr
 from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
 from skray.weights import PinnedWeights, load_model
 
+RANDOM_WEIGHTS_SEED = 0  # without weights, every actor and replica still holds one and the same model
+
 
 def registered_model(name: str) -> str:
     if name not in list_models():
@@ -70,7 +72,9 @@ class Classifier:
         preprocessing: EvalTransformConfig = EvalTransformConfig(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        net, loaded = load_model(model, weights)  # PinnedWeights: only the bytes they were pinned to
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            net, loaded = load_model(model, weights)  # PinnedWeights: only the bytes they were pinned to
         self.pinned = weights if isinstance(weights, PinnedWeights) else None
         self.architecture = model or (loaded.architecture if loaded else None) or DEFAULT_MODEL
         self.weights_source = loaded.source if loaded else None
