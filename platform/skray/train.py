@@ -9,13 +9,16 @@ fits, and registers the best checkpoint's model.
 
 from __future__ import annotations
 
+import json
 import math
+import posixpath
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import yaml
@@ -28,7 +31,7 @@ from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_d
 from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
 from skray.sinks import join, read_json, write_json
-from skray.storage import exists, read_bytes, write_bytes_atomic
+from skray.storage import exists, filesystem_for, read_bytes, write_bytes_atomic
 from skray.weights import PinnedWeights, load_weights, pin_weights, save_weights
 
 RUN_FILE = "skray_run.json"
@@ -138,6 +141,75 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return cfg.optim.min_lr + 0.5 * (cfg.lr - cfg.optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum over ``model``'s parameters, at the scaled LR, no decay on norms and biases."""
+    return torch.optim.SGD(
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.no_weight_decay_on_norm_and_bias),
+        lr=cfg.lr, momentum=cfg.optim.momentum,
+    )
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean label-smoothed cross-entropy over the decodable rows of a batch.
+
+    Undecodable rows (label ``BAD_LABEL``) stay in the batch, since DDP needs equal work
+    per rank, with zero weight. A mean per worker: DDP's gradient average is then the
+    gradient of the global batch's mean.
+    """
+    good = labels != BAD_LABEL
+    loss = (nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none",
+                                        label_smoothing=label_smoothing) * good).sum()
+    return loss / good.sum().clamp(min=1)
+
+
+def build_training_state(
+    cfg: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    *,
+    pretrained: PinnedWeights | None = None,
+    state: dict[str, Any] | None = None,
+    prepare: Callable[[nn.Module], nn.Module] = lambda model: model,
+) -> tuple[nn.Module, SKResNeXt, torch.optim.SGD, torch.amp.GradScaler]:
+    """The model, its optimizer and grad scaler, restored from a checkpoint's ``state`` if given.
+
+    The order puts every tensor on the training device: the model is prepared (moved to
+    ``device``, wrapped in DDP) first, the optimizer is built over the prepared parameters,
+    and only then is its state loaded (``Optimizer.load_state_dict`` casts each state
+    tensor to its parameter's device and dtype). Returns (the prepared model, the bare
+    model inside it, optimizer, scaler).
+    """
+    model = create_model(cfg.model.name, num_classes=num_classes)
+    if pretrained:
+        load_weights(model, pretrained)
+    if state:
+        model.load_state_dict(state["model"])
+    prepared = prepare(model)
+    raw_model: SKResNeXt = prepared.module if hasattr(prepared, "module") else prepared
+    optimizer = build_optimizer(raw_model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    return prepared, raw_model, optimizer, scaler
+
+
+def checkpoint_state(
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    epoch: int,
+    best_top1: float,
+    config: dict[str, Any],
+    class_names: list[str],
+) -> dict[str, Any]:
+    """What a checkpoint's ``state.pt`` holds: everything a restart needs to continue exactly."""
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best_top1,
+            "config": config, "class_names": list(class_names)}
+
+
 def all_reduce(*values: float, device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -166,26 +238,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     use_amp = cfg.amp != "off" and device.type == "cuda"
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
 
-    model = create_model(cfg.model.name, num_classes=len(data.class_names))
-    if loop_config["pretrained"]:  # pinned by the driver: every worker and every retry, the same bytes
-        load_weights(model, PinnedWeights.from_dict(loop_config["pretrained"]))
-    optimizer = torch.optim.SGD(
-        param_groups(model, cfg.optim.weight_decay, cfg.optim.no_weight_decay_on_norm_and_bias),
-        lr=cfg.lr, momentum=cfg.optim.momentum,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and cfg.amp == "fp16")
-    start_epoch, best_top1 = 0, 0.0
+    start_epoch, best_top1, state = 0, 0.0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
         start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
+    # pretrained: pinned by the driver, so every worker and every retry loads the same bytes
+    pretrained = PinnedWeights.from_dict(loop_config["pretrained"]) if loop_config["pretrained"] else None
+    ddp_model, raw_model, optimizer, scaler = build_training_state(
+        cfg, len(data.class_names), device, pretrained=pretrained, state=state,
+        prepare=ray.train.torch.prepare_model)
+    if state:
         print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
-    ddp_model = ray.train.torch.prepare_model(model)
-    raw_model: SKResNeXt = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     per_worker_batch = cfg.batch_size // world
     steps_per_epoch = max(1, (data.num_images or cfg.batch_size) // cfg.batch_size)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -209,11 +274,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = ddp_model(images)
-                # Undecodable rows stay in the batch (DDP needs equal work per rank) with zero weight.
-                loss = (nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none",
-                                                   label_smoothing=cfg.optim.label_smoothing) * good).sum()
-                loss = loss / good.sum().clamp(min=1)
+                loss = batch_loss(ddp_model(images), labels, cfg.optim.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if frozen:
@@ -258,9 +319,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best_top1,
-                            "config": loop_config["config"], "class_names": list(data.class_names)},
+                torch.save(checkpoint_state(raw_model, optimizer, scaler, epoch=epoch, best_top1=best_top1,
+                                            config=loop_config["config"], class_names=list(data.class_names)),
                            Path(directory) / "state.pt")
                 save_weights(raw_model, Path(directory) / "model.safetensors",
                              architecture=cfg.model.name, class_names=list(data.class_names))
@@ -277,6 +337,53 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def run_name(cfg: TrainConfig) -> str:
     return cfg.name or "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _run_dir_entries(run_dir: str) -> list[str]:
+    """The names directly in ``run_dir`` (none when it does not exist), local or on S3."""
+    fs, path = filesystem_for(run_dir)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return [posixpath.basename(path)] if fs.get_file_info(path).type == pafs.FileType.File else []
+    return sorted(posixpath.basename(info.path) for info in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def checkpoint_class_names(run_dir: str) -> list[str] | None:
+    """The class names the run's latest checkpoint was trained on (None before its first one)."""
+    checkpoints = [name for name in _run_dir_entries(run_dir) if name.startswith("checkpoint_")]
+    for name in reversed(checkpoints):
+        fs, path = filesystem_for(join(join(run_dir, name), "model.safetensors"))
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            continue  # a checkpoint still being written
+        with fs.open_input_file(path) as f:
+            size = int.from_bytes(f.read(8), "little")
+            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+        return json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    return None
+
+
+def check_run_dir(run_dir: str, *, resume: bool, class_names: list[str]) -> None:
+    """Before anything is written: Ray Train restores whatever checkpoints ``run_dir`` holds,
+    so a new run refuses a directory in use, and a resumed one refuses data whose classes
+    differ from the ones its checkpoints were trained on."""
+    if not resume:
+        if _run_dir_entries(run_dir):
+            raise ConfigError(f"run directory {run_dir} already holds a run: a new run there would continue "
+                              f"its checkpoints. Choose another name (or storage_path), or continue that run "
+                              f"with --resume {run_dir}")
+        return
+    trained = checkpoint_class_names(run_dir)
+    if trained is None or list(trained) == list(class_names):
+        return
+    missing = [c for c in trained if c not in class_names]
+    added = [c for c in class_names if c not in trained]
+    if missing or added:
+        detail = "; ".join(part for part in (
+            f"not in the data: {', '.join(missing)}" if missing else "",
+            f"new in the data: {', '.join(added)}" if added else "") if part)
+    else:
+        detail = f"the same names in another order: checkpoint {trained}, data {list(class_names)}"
+    raise ConfigError(f"--resume {run_dir}: the data's classes differ from the ones its checkpoints were "
+                      f"trained on ({len(trained)} in the checkpoint, {len(class_names)} in the data): {detail}")
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData, PinnedWeights | None]:
@@ -351,6 +458,7 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
         name, storage_path = run_name(cfg), cfg.storage_path
         run_dir = join(storage_path, name)
     train, val, pretrained = check_inputs(cfg)
+    check_run_dir(run_dir, resume=bool(resume), class_names=list(train.class_names))
     print("[train] resolved config:\n" + dump_config(cfg), flush=True)
     print(f"[train] {len(train.class_names)} classes, lr {cfg.lr:g} (= {cfg.optim.lr:g} x "
           f"{cfg.batch_size} / {cfg.optim.base_batch_size}), run at {run_dir}", flush=True)

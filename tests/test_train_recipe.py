@@ -1,0 +1,314 @@
+"""The training recipe, checkpoint state, resume safety and DDP, proven piece by piece.
+
+Most of these call the functions ``train_loop`` is made of directly, without Ray; only
+the DDP test starts Ray Train, since splitting and averaging across workers is its point.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+import skray.train as train_module
+from skray.config import ConfigError, dump_config
+from skray.datasets import BAD_LABEL, LabeledData, discover, read_labeled
+from skray.demo import write_labeled_folder
+from skray.images import EvalTransformConfig
+from skray.model import create_model
+from skray.sinks import join, write_json
+from skray.storage import write_bytes_atomic
+from skray.train import (
+    CONFIG_FILE,
+    METRICS,
+    RUN_FILE,
+    TrainConfig,
+    batch_loss,
+    build_optimizer,
+    build_trainer,
+    build_training_state,
+    check_run_dir,
+    checkpoint_state,
+    lr_at,
+    param_groups,
+    run,
+)
+from skray.weights import save_weights
+
+from conftest import SMALL
+
+pytestmark = pytest.mark.timeout(300)
+CPU = torch.device("cpu")
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "data": {"train": "unused"}, "model": {"name": SMALL}, "amp": "off", "batch_size": 32,
+        "scaling": {"workers": 2, "use_gpu": False}, **overrides})
+
+
+def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int = 0) -> None:
+    """One SGD step of ``model`` (4 classes) on a tiny seeded batch."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(4, 3, 32, 32, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3])
+    optimizer.zero_grad()
+    batch_loss(model(images), labels, 0.1).backward()
+    optimizer.step()
+
+
+# --- the LR schedule ------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_min_lr():
+    # lr 0.4 at base batch 256 -> 0.05 at batch 32; 5 steps an epoch: warm-up is steps 0-9, cosine 10-49.
+    cfg = config(optim={"lr": 0.4, "warmup_epochs": 2, "min_lr": 0.001}, epochs=10)
+    assert cfg.lr == pytest.approx(0.05)
+
+    def at(step: int) -> float:
+        return lr_at(step, 5, cfg)
+
+    assert at(0) == pytest.approx(0.005), "1/10 of the peak on the first warm-up step"
+    assert at(4) == pytest.approx(0.025)
+    assert at(9) == pytest.approx(0.05), "the peak on the last warm-up step"
+    assert at(10) == pytest.approx(0.05), "the cosine starts at the peak"
+    assert at(20) == pytest.approx(0.001 + 0.5 * 0.049 * (1 + math.cos(math.pi / 4)))
+    assert at(30) == pytest.approx((0.05 + 0.001) / 2), "halfway through the cosine: halfway down"
+    assert at(49) == pytest.approx(0.001 + 0.5 * 0.049 * (1 + math.cos(math.pi * 39 / 40)))
+    assert at(50) == pytest.approx(0.001) and at(60) == pytest.approx(0.001), "then it stays at min_lr"
+    steps = [at(s) for s in range(50)]
+    assert steps[:10] == sorted(steps[:10]) and steps[10:] == sorted(steps[10:], reverse=True)
+
+
+def test_without_warm_up_the_schedule_starts_at_the_peak():
+    cfg = config(optim={"lr": 0.4, "warmup_epochs": 0}, epochs=4)
+    assert lr_at(0, 10, cfg) == pytest.approx(0.05)
+    assert lr_at(20, 10, cfg) == pytest.approx(0.025)
+
+
+# --- weight decay -----------------------------------------------------------------
+
+
+def norm_and_bias_params(model: nn.Module) -> set[int]:
+    """Every normalization layer's parameters and every bias, by identity."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    found = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, norms) or name == "bias":
+                found.add(id(param))
+    return found
+
+
+def test_weight_decay_applies_to_conv_and_linear_weights_only():
+    model = create_model(SMALL, num_classes=4)
+    exempt = norm_and_bias_params(model)
+    everything = list(model.parameters())
+
+    decay, no_decay = param_groups(model, 1e-4, skip_norm_and_bias=True)
+
+    assert {id(p) for p in no_decay["params"]} == exempt
+    assert {id(p) for p in decay["params"]} == {id(p) for p in everything} - exempt
+    assert len(decay["params"]) + len(no_decay["params"]) == len(everything), "each parameter once"
+    assert len(exempt) > 2 * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - 1
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-4, 0.0)
+    (single,) = param_groups(model, 1e-4, skip_norm_and_bias=False)
+    assert len(single["params"]) == len(everything) and single["weight_decay"] == 1e-4
+
+
+def test_the_optimizer_decays_weights_and_leaves_norms_and_biases_alone():
+    cfg = config(optim={"lr": 25.6, "weight_decay": 0.01})  # lr 3.2 at batch 32
+    model = create_model(SMALL, num_classes=4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    exempt = norm_and_bias_params(model)
+    optimizer = build_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a step driven by weight decay alone
+
+    optimizer.step()
+
+    for name, p in model.named_parameters():
+        expected = before[name] if id(p) in exempt else before[name] * (1 - 3.2 * 0.01)
+        torch.testing.assert_close(p.detach(), expected, msg=f"{name} after a zero-gradient step")
+
+
+# --- the loss -------------------------------------------------------------------
+
+
+def test_label_smoothing_mixes_the_true_class_with_a_uniform_target():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.0, 3.0]])
+    labels = torch.tensor([0, 2])
+    eps = 0.1
+
+    def expected(row: list[float], label: int) -> float:
+        log_z = math.log(sum(math.exp(v) for v in row))
+        nll = [log_z - v for v in row]  # -log softmax
+        return (1 - eps) * nll[label] + eps * sum(nll) / len(row)
+
+    want = (expected([2.0, 0.0, -1.0], 0) + expected([0.5, 1.0, 3.0], 2)) / 2
+    assert batch_loss(logits, labels, eps).item() == pytest.approx(want, rel=1e-6)
+    unsmoothed = nn.functional.cross_entropy(logits, labels).item()
+    assert batch_loss(logits, labels, 0.0).item() == pytest.approx(unsmoothed, rel=1e-6)
+    assert batch_loss(logits, labels, eps).item() > unsmoothed, "confident right answers cost more"
+
+
+def test_undecodable_rows_weigh_nothing_in_the_loss():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [9.0, -9.0, 0.0], [0.5, 1.0, 3.0]])
+    labels = torch.tensor([0, BAD_LABEL, 2])
+    good_only = batch_loss(logits[[0, 2]], labels[[0, 2]], 0.1)
+    assert batch_loss(logits, labels, 0.1).item() == pytest.approx(good_only.item(), rel=1e-6)
+    assert batch_loss(logits[[1]], labels[[1]], 0.1).item() == 0.0
+
+
+# --- augmentation -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> LabeledData:
+    root = tmp_path_factory.mktemp("images")
+    write_labeled_folder(str(root), classes=2, per_class=4, seed=0)
+    return discover(str(root), "folder")
+
+
+def crops(data, *, train: bool, augment: dict, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    units = pa.Table.from_pylist([u.to_row() for u in data.units])
+    batches = list(read_labeled(units, data, 48, train, EvalTransformConfig(48), augment, batch_size=64))
+    assert all((b["label"] != BAD_LABEL).all() for b in batches)
+    return torch.cat([torch.from_numpy(b["image"]) for b in batches])
+
+
+def test_randaugment_changes_the_training_crops(folder):
+    plain = crops(folder, train=True, augment={"randaugment": False}, seed=3)
+    augmented = crops(folder, train=True, augment={"randaugment": True, "randaugment_magnitude": 9}, seed=3)
+
+    assert torch.equal(plain, crops(folder, train=True, augment={"randaugment": False}, seed=3)), "seeded"
+    changed = sum(not torch.equal(a, b) for a, b in zip(plain, augmented))
+    assert changed >= len(plain) // 2, f"RandAugment changed only {changed} of {len(plain)} crops"
+
+
+def test_randaugment_never_touches_the_eval_crops(folder):
+    plain = crops(folder, train=False, augment={}, seed=3)
+    for seed in (3, 4):
+        asked = crops(folder, train=False, augment={"randaugment": True, "randaugment_magnitude": 30}, seed=seed)
+        assert torch.equal(asked, plain)
+
+
+def test_the_trainer_augments_the_train_dataset_and_not_the_val_one_and_keeps_the_best_k(monkeypatch):
+    made: dict[bool, dict] = {}
+    monkeypatch.setattr(train_module, "ray_dataset", lambda data, **kw: made.setdefault(kw["train"], kw))
+    cfg = config(randaugment=True, keep_checkpoints=3)
+
+    trainer = build_trainer(cfg, None, None, None, name="n", storage_path="/tmp/unused", run_id=None,
+                            tracking_uri=None)
+
+    assert made[True]["augment"]["randaugment"] is True
+    assert not (made[False].get("augment") or {}).get("randaugment"), "validation is never augmented"
+    kept = trainer.run_config.checkpoint_config
+    assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (3, "val_top1", "max")
+    assert "val_top1" in METRICS, "the loop reports the score the checkpoints are ranked by"
+
+
+# --- checkpoint state and resume ------------------------------------------------
+
+
+def test_a_checkpoint_holds_the_optimizer_and_scaler_state_and_continues_exactly(tmp_path):
+    cfg = config()
+    _, model, optimizer, _ = build_training_state(cfg, 4, CPU)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)  # as on a GPU with fp16
+    one_step(model, optimizer)
+
+    state = checkpoint_state(model, optimizer, scaler, epoch=3, best_top1=55.0, config={"k": 1},
+                             class_names=["a", "b", "c", "d"])
+    torch.save(state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    params = list(model.parameters())
+    assert len(state["optimizer"]["state"]) == len(params), "a momentum buffer for every parameter"
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [1e-4, 0.0]
+    assert state["scaler"]["scale"] == 1024.0
+    assert (state["epoch"], state["best_top1"], state["class_names"]) == (3, 55.0, ["a", "b", "c", "d"])
+
+    _, restored, restored_optimizer, _ = build_training_state(cfg, 4, CPU, state={**state, "scaler": {}})
+    one_step(model, optimizer, seed=1)
+    one_step(restored, restored_optimizer, seed=1)
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after the same step from the checkpoint")
+
+
+@pytest.mark.parametrize("move", ["meta device", "float64"])
+def test_restored_optimizer_state_lives_where_the_prepared_model_does(move):
+    """prepare_model moves the model to the training device; a restore must follow it.
+    On CPU a move to the meta device (or to float64) stands in for the move to a GPU."""
+    cfg = config()
+    _, model, optimizer, _ = build_training_state(cfg, 4, CPU)
+    one_step(model, optimizer)
+    state = checkpoint_state(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), epoch=0,
+                             best_top1=0.0, config={}, class_names=list("abcd"))
+    target = torch.device("meta") if move == "meta device" else torch.float64
+
+    prepared, raw, restored, _ = build_training_state(cfg, 4, CPU, state=state,
+                                                      prepare=lambda m: m.to(target))
+
+    params = list(raw.parameters())
+    assert {id(p) for g in restored.param_groups for p in g["params"]} == {id(p) for p in params}, \
+        "the optimizer steps the prepared model's parameters"
+    for p in params:
+        buffer = restored.state[p]["momentum_buffer"]
+        assert (buffer.device, buffer.dtype) == (p.device, p.dtype)
+
+
+# --- run directories --------------------------------------------------------------
+
+
+def fake_run(run_dir: str, class_names: list[str]) -> None:
+    """What an earlier run leaves: its record, its config and a checkpoint."""
+    write_json(join(run_dir, RUN_FILE), {"mlflow_run_id": "0" * 32, "name": run_dir.rsplit("/", 1)[1]})
+    save_weights(create_model(SMALL, num_classes=len(class_names)),
+                 join(join(run_dir, "checkpoint_2024-01-01_00-00-00.000000"), "model.safetensors"),
+                 architecture=SMALL, class_names=class_names)
+
+
+def test_a_new_run_refuses_a_directory_that_holds_a_run(location):
+    run_dir = join(location, "runs/taken")
+    check_run_dir(run_dir, resume=False, class_names=["a", "b"])  # nothing there yet
+    fake_run(run_dir, ["a", "b"])
+
+    with pytest.raises(ConfigError, match=f"{run_dir} already holds a run.*--resume {run_dir}"):
+        check_run_dir(run_dir, resume=False, class_names=["a", "b"])
+    check_run_dir(run_dir, resume=True, class_names=["a", "b"])
+
+
+def test_resume_refuses_data_whose_classes_differ_from_the_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    fake_run(run_dir, ["cat", "dog", "fox"])
+
+    with pytest.raises(ConfigError, match="3 in the checkpoint, 3 in the data.*not in the data: fox; "
+                                          "new in the data: owl"):
+        check_run_dir(run_dir, resume=True, class_names=["cat", "dog", "owl"])
+    with pytest.raises(ConfigError, match="another order"):
+        check_run_dir(run_dir, resume=True, class_names=["dog", "cat", "fox"])
+    with pytest.raises(ConfigError, match="new in the data: eel"):
+        check_run_dir(run_dir, resume=True, class_names=["cat", "dog", "fox", "eel"])
+
+
+def test_run_refuses_before_it_opens_an_mlflow_run_or_starts_ray(tmp_path, mlflow_store, monkeypatch):
+    import mlflow
+
+    write_labeled_folder(str(tmp_path / "data"), classes=2, per_class=2)
+    cfg = config(data={"train": str(tmp_path / "data")}, storage_path=str(tmp_path / "runs"), name="taken")
+    fake_run(str(tmp_path / "runs" / "taken"), ["class0", "class1"])
+    monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("Ray started"))
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(cfg)
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+    write_bytes_atomic(str(tmp_path / "runs" / "taken" / CONFIG_FILE), dump_config(cfg, redact=False).encode())
+    (tmp_path / "data" / "class1").rename(tmp_path / "data" / "class9")
+    with pytest.raises(ConfigError, match="not in the data: class1; new in the data: class9"):
+        run(None, resume=str(tmp_path / "runs" / "taken"))
