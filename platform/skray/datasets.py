@@ -14,10 +14,13 @@ blank crop and ``label = -1`` so that the training loop can count and skip it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
 import posixpath
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -27,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from skray.images import EvalTransformConfig, ImageDecodeError, decode_image, eval_crop, train_augment
-from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit
+from skray.sources import InputError, Unit, _BoundedTarInfo, _is_hidden, list_inputs, plan_units, read_unit
 from skray.storage import filesystem_for
 
 DatasetFormat = Literal["folder", "webdataset", "parquet"]
@@ -129,6 +132,49 @@ def discover(
         units = plan_units(files, "parquet", files_per_unit, (image_column, label_column))
         names = tuple(class_names) if class_names else _parquet_classes(files, label_column)
     return LabeledData(uri, fmt, tuple(units), names, label_column, image_column)
+
+
+def count_tar_samples(uri: str) -> int:
+    """The samples a WebDataset shard holds, as :func:`read_labeled` will yield them (members
+    grouped by their key, hidden and directory entries left out), from the tar headers only:
+    the reader seeks past every member's data. A shard that breaks off counts the samples
+    before the break plus the one error row its reader yields there, an empty shard as one."""
+    fs, path = filesystem_for(uri)
+    count, current = 0, None
+    with fs.open_input_file(path) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:", tarinfo=_BoundedTarInfo) as tar:
+                for info in tar:
+                    tar.members.clear()
+                    if info.isdir() or _is_hidden(info.name):
+                        continue
+                    dirname, basename = posixpath.split(info.name)
+                    key = posixpath.join(dirname, basename.partition(".")[0])
+                    if key != current:
+                        count, current = count + 1, key
+        except (tarfile.TarError, OSError, EOFError):
+            count += 1
+    return max(count, 1)  # an empty shard still yields one (error) row
+
+
+def with_row_counts(data: LabeledData, threads: int = 32) -> LabeledData:
+    """``data`` with every unit's row count known, so a training schedule can be laid out
+    in steps: WebDataset shards are counted from their tar headers, in parallel (I/O bound,
+    one thread per shard at a time); folder and Parquet units already carry theirs (file
+    listing, Parquet footers). A Parquet file whose footer cannot be read counts as the one
+    error row its reader yields."""
+    unknown = [i for i, u in enumerate(data.units) if u.rows is None]
+    if not unknown:
+        return data
+    units = list(data.units)
+    if data.format == "webdataset":
+        with ThreadPoolExecutor(max_workers=min(threads, len(unknown))) as pool:
+            counts = list(pool.map(lambda i: count_tar_samples(units[i].uris[0]), unknown))
+    else:
+        counts = [1] * len(unknown)
+    for i, rows in zip(unknown, counts):
+        units[i] = dataclasses.replace(units[i], rows=rows)
+    return dataclasses.replace(data, units=tuple(units))
 
 
 def read_labeled(
