@@ -181,3 +181,136 @@ def test_an_optuna_tpe_sweep_samples_inside_the_space(ray_cluster: LocalRayHead,
     assert [t["state"] for t in summary["trials"]] == ["completed", "completed"]
     assert all(0.05 <= t["config"]["optim.lr"] <= 1.0 for t in summary["trials"])
     assert MlflowClient().get_run(summary["parent_run_id"]).data.params["sweep.search"] == "optuna"
+
+
+# --- compare ranks by the sweep's mode and plots what it says --------------------------
+
+
+def logged_sweep(metric: str, curves: dict[str, list[float]], mode: str = "max", **sweep) -> str:
+    """A sweep's parent run (its config recorded as ``run`` records it) and one child run per
+    trial, named as Tune names them, with ``metric`` logged per epoch; returns the parent id."""
+    from skray import tracking
+
+    cfg = validate(SweepConfig, {"base": "unused.yaml", "metric": metric, "mode": mode,
+                                 "space": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}, **sweep},
+                   source="sweep config")
+    parent = tracking.start_run("skray-sweeps", "sweep", params={"sweep": cfg.model_dump(mode="json")}, tags={})
+    for name, curve in curves.items():
+        child = tracking.start_run("skray-sweeps", name, params={"optim": {"lr": 0.1, "weight_decay": 1e-4}},
+                                   tags={tracking.TRIAL_TAG: name}, parent_run_id=parent)
+        for epoch, value in enumerate(curve):
+            tracking.log_metrics(child, {metric: value}, step=epoch)
+    return parent
+
+
+def test_compare_ranks_a_min_mode_sweep_lowest_first(mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the store's artifacts land here
+    parent = logged_sweep("train_loss", {"_trial_a_00000": [2.0, 1.5, 1.2], "_trial_a_00001": [2.0, 0.4, 0.3],
+                                         "_trial_a_00002": [3.0, 2.5, 2.6]}, mode="min")
+
+    rows, _ = compare(parent=parent, metric="train_loss", out_dir=str(tmp_path / "plots"))
+
+    assert [(r["run"], r["best"]) for r in rows] == [
+        ("_trial_a_00001", 0.3), ("_trial_a_00000", 1.2), ("_trial_a_00002", 2.5)]
+
+
+def test_compare_takes_the_mode_from_the_sweep_then_the_flag_then_the_metric_name(mlflow_store):
+    from skray.compare import resolve_mode
+
+    min_sweep = logged_sweep("val_top1", {}, mode="min")  # a sweep may rank any metric either way
+    assert resolve_mode(min_sweep, "val_top1") == "min"
+    assert resolve_mode(min_sweep, "val_top1", mode="max") == "max"
+    assert resolve_mode(min_sweep, "train_loss") == "min"  # not the metric the sweep ranked: by its name
+    assert resolve_mode(None, "train_loss") == "min" and resolve_mode(None, "val_top5") == "max"
+    with pytest.raises(ValueError, match="mode must be max or min"):
+        resolve_mode(None, "val_top1", mode="lowest")
+
+
+def test_the_learning_curves_plot_has_a_labeled_line_per_run_best_first(mlflow_store, tmp_path, monkeypatch, recwarn):
+    from skray.compare import collect, learning_curves
+
+    monkeypatch.chdir(tmp_path)
+    curves = {f"_trial_b_{i:05d}": [10.0 * i, 10.0 * i + 5] for i in range(7)}
+    parent = logged_sweep("val_top1", curves)
+
+    rows, plots = compare(parent=parent, out_dir=str(tmp_path / "plots"))
+
+    assert not [w for w in recwarn if "legend" in str(w.message)], [str(w.message) for w in recwarn]
+    assert all(p.stat().st_size > 1000 for p in plots)
+    figure = learning_curves(collect(None, parent, "val_top1"), "val_top1", top=5)
+    axes = figure.axes[0]
+    legend = [t.get_text() for t in axes.get_legend().get_texts()]
+    assert legend == [f"trial_b_{i:05d} ({10 * i + 5:g})" for i in (6, 5, 4, 3, 2)]
+    assert len(axes.get_lines()) == 5 and axes.get_title() == "learning curves of the best 5 runs"
+    assert [list(line.get_ydata()) for line in axes.get_lines()] == [curves[f"_trial_b_{i:05d}"] for i in (6, 5, 4, 3, 2)]
+
+
+# --- optuna is TPE ------------------------------------------------------------------------
+
+
+def test_optuna_search_is_tpe_its_suggestions_after_the_random_start_close_in_on_the_best_region():
+    import math
+
+    from skray.sweep import search_algorithm
+
+    pytest.importorskip("optuna")
+    cfg = validate(SweepConfig, {
+        "base": "unused.yaml", "search": "optuna", "seed": 0, "optuna_startup_trials": 10,
+        "space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1.0},
+                  "optim.weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-2}}}, source="sweep config")
+    searcher = search_algorithm(cfg)
+    # What tune.Tuner does with the search algorithm and the space it is given.
+    assert searcher.set_search_properties(cfg.metric, cfg.mode, {k: d.to_tune() for k, d in cfg.space.items()})
+
+    def decades_from_best(c: dict) -> float:  # val_top1 is best at lr 1e-2, weight decay 1e-4
+        return math.hypot(math.log10(c["optim.lr"]) + 2, math.log10(c["optim.weight_decay"]) + 4)
+
+    distances = []
+    for i in range(50):
+        config = searcher.suggest(f"trial{i}")
+        distances.append(decades_from_best(config))
+        searcher.on_trial_complete(f"trial{i}", {"val_top1": 100 - 10 * distances[-1] ** 2, "config": config})
+
+    # Within a decade of the best: about 1 in 10 random suggestions (often 3 to 9 of the last 25).
+    assert all(0 <= d <= math.hypot(2, 2) * 1.5 for d in distances)
+    assert sum(d < 1 for d in distances[25:]) >= 12, [round(d, 2) for d in distances]
+
+
+# --- failed and stopped trials in MLflow ---------------------------------------------------
+
+
+def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_rest_are_ranked(mlflow_store):
+    import pandas as pd
+    from ray.tune import Result
+
+    from skray import tracking
+    from skray.sweep import finish
+    from skray.train import TrainConfig
+
+    names = ["_trial_c_00000", "_trial_c_00001", "_trial_c_00002", "_trial_c_00003"]
+    curves = {names[0]: [40.0, 60.0, 70.0, 75.0], names[1]: [50.0, 80.0, 85.0, 82.0],
+              names[2]: [10.0, 12.0], names[3]: []}
+    parent = logged_sweep("val_top1", curves, mlflow={"registered_model": None})
+
+    def result(name: str, error: Exception | None = None) -> Result:
+        frame = pd.DataFrame({"epoch": range(len(curves[name])), "val_top1": curves[name]})
+        return Result(metrics={"config": {"optim.lr": 0.1}}, checkpoint=None, error=error,
+                      path=f"/sweeps/lrwd/{name}_{name[-1]}_optim.lr=0.1", metrics_dataframe=frame)
+
+    cfg = validate(SweepConfig, {"base": "unused.yaml", "mlflow": {"registered_model": None},
+                                 "space": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}},
+                   source="sweep config")
+    grid = [result(names[0]), result(names[1]), result(names[2]),
+            result(names[3], error=RuntimeError("the trial raised before its first epoch"))]
+
+    summary = finish(cfg, grid, parent, TrainConfig(data={"train": "x", "val": "y"}, epochs=4))
+
+    client = MlflowClient()
+    runs = {name: client.get_run(tracking.child_runs(parent)[name]) for name in names}
+    assert {n: (r.info.status, r.data.tags[tracking.STATE_TAG]) for n, r in runs.items()} == {
+        names[0]: ("FINISHED", "completed"), names[1]: ("FINISHED", "completed"),
+        names[2]: ("KILLED", "stopped_early"), names[3]: ("FAILED", "failed")}
+    assert [t["state"] for t in summary["trials"]] == ["completed", "completed", "stopped_early", "failed"]
+    assert summary["best"]["run_id"] == runs[names[1]].info.run_id and summary["best"]["best"] == 85.0
+    finished_parent = client.get_run(parent)
+    assert finished_parent.info.status == "FINISHED" and finished_parent.data.metrics["best_val_top1"] == 85.0

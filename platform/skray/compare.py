@@ -3,21 +3,52 @@
 Reads MLflow only: the runs of an experiment, or the trials nested under a sweep's
 parent run. The table is for the terminal; the PNGs (LR x weight decay coloured by
 the metric, learning curves of the best runs) are saved and logged to the parent.
+
+"Best" follows the mode: a sweep's own ``mode`` (recorded on its parent run), else the
+one given, else ``min`` for metrics named like a loss or an error and ``max`` otherwise.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from skray import tracking
 
 
-def collect(experiment: str | None, parent: str | None, metric: str) -> list[dict[str, Any]]:
-    """One row per run, best first (runs that never reported the metric last)."""
+Mode = Literal["max", "min"]
+
+
+def infer_mode(metric: str) -> Mode:
+    """``min`` for a loss or an error (``train_loss``, ``val_error``), else ``max``."""
+    return "min" if metric.lower().endswith(("loss", "error", "err")) else "max"
+
+
+def resolve_mode(parent: str | None, metric: str, mode: str | None = None) -> Mode:
+    """The given mode, else the sweep's (its parent run's ``sweep.mode`` when it ranked this
+    metric), else :func:`infer_mode`."""
+    if mode is not None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be max or min, not {mode!r}")
+        return mode  # type: ignore[return-value]
+    if parent:
+        from mlflow import MlflowClient
+
+        params = MlflowClient().get_run(parent).data.params
+        if params.get("sweep.metric") == metric and params.get("sweep.mode") in ("max", "min"):
+            return params["sweep.mode"]  # type: ignore[return-value]
+    return infer_mode(metric)
+
+
+def collect(experiment: str | None, parent: str | None, metric: str,
+            mode: str | None = None) -> list[dict[str, Any]]:
+    """One row per run, best first by ``mode`` (see :func:`resolve_mode`); runs that never
+    reported the metric last."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    mode = resolve_mode(parent, metric, mode)
+    pick = max if mode == "max" else min
     if parent:
         experiment_ids = [client.get_run(parent).info.experiment_id]
         query = f"tags.mlflow.parentRunId = '{parent}'"
@@ -33,10 +64,11 @@ def collect(experiment: str | None, parent: str | None, metric: str) -> list[dic
             "run": run.info.run_name, "run_id": run.info.run_id,
             "lr": _number(run.data.params.get("optim.lr")),
             "weight_decay": _number(run.data.params.get("optim.weight_decay")),
-            "epochs": len(curve), "best": max(curve) if curve else None, "curve": curve,
+            "epochs": len(curve), "best": pick(curve) if curve else None, "curve": curve,
             "state": run.data.tags.get(tracking.STATE_TAG, run.info.status.lower()),
         })
-    return sorted(rows, key=lambda r: (r["best"] is None, -(r["best"] or 0.0)))
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(rows, key=lambda r: (r["best"] is None, sign * (r["best"] or 0.0)))
 
 
 def _number(value: str | None) -> float | None:
@@ -72,23 +104,45 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path, top: int = 5) -
     fig.savefig(space, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in [r for r in rows if r["curve"]][:top]:
-        ax.plot(range(len(r["curve"])), r["curve"], marker="o", label=r["run"][-24:])
-    ax.set(xlabel="epoch", ylabel=metric, title=f"learning curves of the best {top} runs")
-    ax.legend(fontsize=7)
+    fig = learning_curves(rows, metric, top)
     curves = out_dir / "learning_curves.png"
     fig.savefig(curves, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return [space, curves]
 
 
+def curve_label(run: str) -> str:
+    """A run's name as a legend entry: matplotlib leaves out labels that start with ``_``,
+    and Tune names trials after the trainable (``_trial_1a2b3_00000``)."""
+    return run.lstrip("_")[-24:] or "run"
+
+
+def learning_curves(rows: list[dict[str, Any]], metric: str, top: int = 5):
+    """The figure: one labeled line per run for the ``top`` first rows with a curve (``rows``
+    come best first), the legend naming each run and its best value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["curve"]][:top]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in shown:
+        ax.plot(range(len(r["curve"])), r["curve"], marker="o",
+                label=f"{curve_label(r['run'])} ({r['best']:.4g})")
+    ax.set(xlabel="epoch", ylabel=metric,
+           title=f"learning curves of the best {len(shown)} runs" if shown else f"no run reported {metric}")
+    if shown:
+        ax.legend(fontsize=7, title=f"run (best {metric})", title_fontsize=7)
+    return fig
+
+
 def compare(experiment: str | None = None, parent: str | None = None, metric: str = "val_top1",
-            out_dir: str | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+            out_dir: str | None = None, mode: str | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
     from mlflow import MlflowClient
 
     tracking.configure()
-    rows = collect(experiment, parent, metric)
+    rows = collect(experiment, parent, metric, mode)
     target = Path(out_dir or Path(".skray") / "compare" / (parent or experiment or "skray-train"))
     paths = plot(rows, metric, target) if rows else []
     if parent:

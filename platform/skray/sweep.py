@@ -75,6 +75,8 @@ class SweepConfig(StrictModel):
     set: list[str] = []  # overrides applied to the base config, as with --set
     space: dict[str, Dimension]  # dotted training keys -> how to search them
     search: Literal["random", "grid", "optuna"] = "random"
+    optuna_startup_trials: int = Field(10, ge=1)  # optuna: random trials before TPE models the results
+    seed: int | None = None  # optuna: the sampler's seed, for a sweep that suggests the same again
     metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
     asha: AshaConfig = AshaConfig()
@@ -192,7 +194,7 @@ def run(cfg: SweepConfig, resume: str | None = None) -> dict[str, Any]:
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
                 max_concurrent_trials=cfg.max_concurrent_trials,
-                search_alg=_search_alg(cfg),
+                search_alg=search_algorithm(cfg),
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=train_cfg.epochs,
                                         grace_period=cfg.asha.grace_period,
                                         reduction_factor=cfg.asha.reduction_factor) if cfg.asha.enabled else None,
@@ -203,12 +205,16 @@ def run(cfg: SweepConfig, resume: str | None = None) -> dict[str, Any]:
     return finish(cfg, grid, parent, train_cfg)
 
 
-def _search_alg(cfg: SweepConfig):
+def search_algorithm(cfg: SweepConfig):
+    """Tune's search algorithm for ``cfg.search``: for ``optuna``, Optuna's TPE sampler (its
+    first ``optuna_startup_trials`` suggestions random, then drawn towards the best trials),
+    seeded with ``seed``; None for random and grid, which Tune does itself."""
     if cfg.search == "optuna":
+        from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch()
-    return None  # random sampling (and grid expansion) is Tune's default
+        return OptunaSearch(sampler=TPESampler(n_startup_trials=cfg.optuna_startup_trials, seed=cfg.seed))
+    return None
 
 
 def finish(cfg: SweepConfig, grid, parent: str, train_cfg: TrainConfig) -> dict[str, Any]:
