@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -14,14 +15,27 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from skray.config import ConfigError, load_config
-from skray.datasets import DatasetError
+from skray.datasets import BAD_LABEL, DatasetError
 from skray.demo import labeled_image, write_labeled_folder
 from skray.embedded import LocalRayHead
 from skray.sinks import join, read_json
 from skray.storage import write_bytes_atomic
-from skray.train import CONFIG_FILE, RUN_FILE, TrainConfig, check_inputs, run
+from skray.train import (
+    CONFIG_FILE,
+    RUN_FILE,
+    IngestStalledError,
+    TrainConfig,
+    batch_loss,
+    check_inputs,
+    lr_at,
+    plan_cpus,
+    run,
+    stall_guarded,
+    steps_per_epoch,
+    train_epoch,
+)
 
-from conftest import PROJECT, labeled_dataset
+from conftest import PROJECT, SMALL, labeled_dataset
 
 pytestmark = pytest.mark.timeout(600)
 CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
@@ -225,3 +239,198 @@ def test_the_baseline_config_is_the_published_recipe():
     assert (cfg.scaling.workers, cfg.scaling.use_gpu, cfg.eval_crop_pct) == (8, True, 0.875)
     assert cfg.lr == 0.1
     assert load_config(TrainConfig, PROJECT / "configs" / "train_baseline.yaml", ["batch_size=512"]).lr == 0.2
+
+
+# --- the cluster's CPUs, a stalled input, the schedule's steps, the loop's syncs -------------
+
+
+def test_the_readme_cpu_command_finishes_on_a_ray_with_two_cpus(tmp_path):
+    """The README's `skray train --config configs/train_cpu_small.yaml --set data.train=DIR --set
+    data.val=DIR`, on a Ray of this machine's size: its 2 workers x 1 CPU must not starve the
+    ingest's decode tasks (they used to wait forever, silently)."""
+    data = labeled_dataset(tmp_path / "data", per_class=16)
+    argv = ["train", "--config", str(CPU_CONFIG), "--set", f"data.train={data['train']}",
+            "--set", f"data.val={data['val']}", "--set", f"storage_path={tmp_path}/runs", "--set", "epochs=2",
+            "--set", "image_size=48", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    script = ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False); "
+              "from skray.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["SKRAY_HOME"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv], cwd=PROJECT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: its local Ray goes with it
+        out, _ = proc.communicate()
+        pytest.fail("the README's CPU command did not finish on 2 CPUs within 420 s:\n" + out[-4000:])
+
+    assert proc.returncode == 0, out[-4000:]
+    assert "[train] done: best val_top1" in out
+
+
+def test_workers_that_would_take_every_cpu_leave_room_for_the_ingest_and_say_so():
+    cfg = TrainConfig(data={"train": "unused"}, scaling={"workers": 2, "use_gpu": False, "cpus_per_worker": 1})
+
+    tight = plan_cpus(cfg, cluster_cpus=2)
+    roomy = plan_cpus(cfg, cluster_cpus=4)
+
+    assert 2 * tight.cpus_per_worker + tight.decode_cpus <= 2, "one decode task fits beside the workers"
+    assert tight.decode_cpus > 0 and "scaling.cpus_per_worker" in tight.note and "data.decode_cpus" in tight.note
+    assert (roomy.cpus_per_worker, roomy.decode_cpus, roomy.note) == (1, 0.5, None), "as asked when it fits"
+
+
+@pytest.mark.timeout(60)
+def test_an_input_that_stops_delivering_batches_fails_naming_the_timeout_instead_of_hanging():
+    release = threading.Event()
+
+    def stalls_after_two():
+        yield "b0"
+        yield "b1"
+        release.wait()  # a decode task that never gets a CPU
+        yield "b2"
+
+    got = []
+    started = time.monotonic()
+    with pytest.raises(IngestStalledError, match=r"no training batch for 0.5 s \(data.stall_timeout_s\)"):
+        for batch in stall_guarded(stalls_after_two(), 0.5, "training"):
+            got.append(batch)
+    release.set()
+
+    assert got == ["b0", "b1"] and time.monotonic() - started < 10
+    assert list(stall_guarded(iter(["a", "b"]), 5, "training")) == ["a", "b"], "a flowing input passes through"
+    with pytest.raises(ZeroDivisionError):
+        list(stall_guarded((1 / 0 for _ in range(1)), 5, "training"))
+
+
+def as_webdataset(folder: str, out, shards: int) -> None:
+    """The folder dataset as WebDataset shards (a .png and a .cls member per sample)."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("class*/*.png"))
+    out.mkdir()
+    for s in range(shards):
+        with tarfile.open(out / f"shard-{s:03d}.tar", "w") as tar:
+            for i, path in enumerate(files[s::shards]):
+                for ext, payload in (("png", path.read_bytes()), ("cls", path.parent.name[5:].encode())):
+                    info = tarfile.TarInfo(f"{path.parent.name}/{s}-{i:04d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def as_parquet(folder: str, path) -> None:
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(folder).glob("class*/*.png"))
+    pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "label": [f.parent.name for f in files]}),
+                   path, row_group_size=50)
+
+
+def test_webdataset_and_parquet_datasets_get_the_schedule_of_a_folder_of_the_same_images(dataset, tmp_path):
+    as_webdataset(dataset["train"], tmp_path / "wds", shards=3)
+    as_parquet(dataset["train"], tmp_path / "train.parquet")
+    cfg = TrainConfig(data={"train": "unused"}, batch_size=32, epochs=4, optim={"warmup_epochs": 1})
+
+    folder = check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": dataset["train"]})}))[0]
+    webdataset = check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "train": str(tmp_path / "wds"), "format": "webdataset", "num_classes": 4})}))[0]
+    parquet = check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "train": str(tmp_path / "train.parquet"), "format": "parquet"})}))[0]
+
+    assert folder.num_images == webdataset.num_images == parquet.num_images == 192
+    steps = steps_per_epoch(folder, cfg)
+    assert steps == 6 and steps_per_epoch(webdataset, cfg) == steps_per_epoch(parquet, cfg) == steps
+    # the LR then warms up over the first epoch and decays over the rest, as for the folder
+    assert lr_at(steps - 1, steps, cfg) == pytest.approx(cfg.lr) and 0 < lr_at(3 * steps, steps, cfg) < cfg.lr
+
+
+def test_a_webdataset_run_logs_the_lr_curve_of_a_folder_run_of_the_same_size(
+    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
+):
+    as_webdataset(dataset["train"], tmp_path / "wds", shards=3)
+    cfg = small_config(dataset, tmp_path, "epochs=3", "name=wds", f"data.train={tmp_path}/wds",
+                       "data.format=webdataset", "data.num_classes=4", "data.val=null",
+                       "mlflow.registered_model=null")
+    folder_steps = 192 // 32
+
+    summary = run(cfg)
+
+    expected = [lr_at((epoch + 1) * folder_steps - 1, folder_steps, cfg) for epoch in range(3)]
+    assert metric_history(summary["mlflow_run_id"], "lr") == pytest.approx(expected)
+    assert expected[0] == pytest.approx(cfg.lr) and 0 < expected[1] < cfg.lr, "warm-up over epoch 0, cosine after"
+
+
+class SyncCounter:
+    """Counts device-to-host reads of a tensor's value (float(t), t.item(), bool(t)): each one
+    waits for the device to finish everything queued before it."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        import torch
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.syncs += 1
+                return func(*args, **(kwargs or {}))
+
+        self.syncs, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def epoch_fixture(steps: int):
+    import torch
+
+    from skray.model import create_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(data={"train": "unused"}, model={"name": SMALL}, batch_size=6, epochs=2, scaling={"workers": 1},
+                      optim={"label_smoothing": 0.1})
+    model = create_model(SMALL, num_classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = [{"image": torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8),
+                "label": torch.tensor([0, 1, 2, 3, BAD_LABEL, i % 4][: 6 - i % 2] + [BAD_LABEL] * (i % 2))}
+               for i in range(steps)]
+    return cfg, model, optimizer, scaler, batches
+
+
+def test_a_training_epoch_never_reads_the_loss_back_between_steps():
+    import torch
+
+    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=2)
+
+    with SyncCounter() as counter:
+        train_epoch(model, model, optimizer, scaler, batches, cfg, device=torch.device("cpu"), epoch=0,
+                    steps_per_epoch=2)
+
+    assert counter.syncs == 0, f"{counter.syncs} device syncs in 2 steps: the sums belong on the device"
+
+
+def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable_images():
+    import torch
+
+    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=4)
+    logits = []
+    model.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
+
+    sums = train_epoch(model, model, optimizer, scaler, batches, cfg, device=torch.device("cpu"), epoch=0,
+                       steps_per_epoch=4)
+
+    goods = [int((b["label"] != BAD_LABEL).sum()) for b in batches]
+    losses = [float(batch_loss(out, b["label"], 0.1)) for out, b in zip(logits, batches)]
+    assert (sums["seen"], sums["skipped"]) == (sum(goods), 4 * 6 - sum(goods))
+    assert sums["loss_sum"] / sums["seen"] == pytest.approx(sum(l * g for l, g in zip(losses, goods)) / sum(goods))
+    assert sums["lr"] == lr_at(3, 4, cfg), "the last step's LR"

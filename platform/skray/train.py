@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import queue
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import pyarrow.fs as pafs
 import torch
@@ -27,7 +30,7 @@ from torch import nn
 
 from skray.classifier import ModelName
 from skray.config import ConfigError, StrictModel, dump_config, validate
-from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset
+from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset, with_row_counts
 from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
 from skray.sinks import join, read_json, write_json
@@ -50,7 +53,8 @@ class DataConfig(StrictModel):
     label_column: str = "label"
     files_per_unit: int = Field(64, ge=1)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # undecodable images are skipped; above this the run fails
-    decode_cpus: float = Field(0.5, gt=0)
+    decode_cpus: float = Field(0.5, gt=0)  # per read+decode task; lowered when the workers leave no room
+    stall_timeout_s: float = Field(600, gt=0)  # no batch for this long: the run fails saying the input stalled
     shuffle_buffer: int = Field(0, ge=0)  # rows shuffled on each worker; folder units are already class-mixed
 
 
@@ -217,6 +221,114 @@ def all_reduce(*values: float, device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def steps_per_epoch(data: LabeledData, cfg: TrainConfig) -> int:
+    """Optimizer steps in one epoch, which the warm-up and cosine schedule is laid out in:
+    the rows (undecodable ones included: they stay in their batches) over the global batch,
+    rounded down, as every worker drops its last partial batch. WebDataset shards carry no
+    count of their own: :func:`skray.datasets.with_row_counts` counts them before training."""
+    if data.num_images is None:
+        raise DatasetError(f"{data.uri}: the number of images is unknown, so the LR schedule cannot be laid "
+                           f"out in steps (count them first: skray.datasets.with_row_counts)")
+    return max(1, data.num_images // cfg.batch_size)
+
+
+class IngestStalledError(RuntimeError):
+    """No batch came from the input pipeline for ``data.stall_timeout_s``."""
+
+
+def stall_guarded(batches: Iterable, timeout_s: float, what: str) -> Iterator:
+    """``batches``, read one thread ahead (at most two waiting), raising
+    :class:`IngestStalledError` when the next one does not come within ``timeout_s``:
+    a pipeline that stalls says so and fails the run instead of hanging silently."""
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def offer(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not offer(("batch", batch)):
+                    return
+            offer(("end", None))
+        except BaseException as err:  # noqa: BLE001 - raised again where the batches are used
+            offer(("error", err))
+
+    threading.Thread(target=produce, name=f"skray-{what}-batches", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = items.get(timeout=timeout_s)
+            except queue.Empty:
+                raise IngestStalledError(
+                    f"no {what} batch for {timeout_s:g} s (data.stall_timeout_s): the input pipeline is stalled. "
+                    f"Most often its read+decode tasks (data.decode_cpus CPUs each) find no CPU left beside the "
+                    f"training workers (scaling.workers x scaling.cpus_per_worker): `ray status` shows them "
+                    f"under Pending Demands. Lower those or add CPUs; raise data.stall_timeout_s if the "
+                    f"batches are only slow.") from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def train_epoch(
+    model: nn.Module,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: Iterable[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    epoch: int,
+    steps_per_epoch: int,
+    frozen: bool = False,
+    use_amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, float]:
+    """One epoch of steps over ``batches`` (``model`` the prepared one, ``raw_model`` inside it).
+
+    Returns this worker's sums: ``seen`` (decodable rows trained on), ``skipped``
+    (undecodable ones), ``loss_sum`` (each batch's mean loss x its decodable rows), and the
+    last step's ``lr``. The sums stay on the device until the epoch ends: no step waits for
+    the device to catch up (as ``float(loss)`` would), one sync per epoch.
+    """
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # seen, skipped, loss x seen
+    lr = lr_at(epoch * steps_per_epoch, steps_per_epoch, cfg)
+    for step, batch in enumerate(batches):
+        labels = batch["label"].to(device)
+        good = labels != BAD_LABEL
+        images = normalize(batch["image"].to(device), IMAGENET_MEAN, IMAGENET_STD)
+        lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            loss = batch_loss(model(images), labels, cfg.optim.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if frozen:
+            for name, param in raw_model.named_parameters():
+                if not name.startswith("fc."):
+                    param.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        seen = good.sum().double()
+        sums += torch.stack([seen, (~good).sum().double(), loss.detach().double() * seen])
+    seen_sum, skipped, loss_sum = sums.tolist()
+    return {"seen": seen_sum, "skipped": skipped, "loss_sum": loss_sum, "lr": lr}
+
+
 def set_backbone_frozen(model: SKResNeXt, frozen: bool) -> None:
     """Frozen: BatchNorm statistics stay put and only the head learns (grads dropped after backward)."""
     for name, module in model.named_modules():
@@ -252,54 +364,38 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if state:
         print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
     per_worker_batch = cfg.batch_size // world
-    steps_per_epoch = max(1, (data.num_images or cfg.batch_size) // cfg.batch_size)
+    epoch_steps = steps_per_epoch(data, cfg)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    lr = lr_at(start_epoch * steps_per_epoch, steps_per_epoch, cfg)
 
     for epoch in range(start_epoch, cfg.epochs):
         frozen = epoch < cfg.model.freeze_backbone_epochs
         ddp_model.train()
         set_backbone_frozen(raw_model, frozen)
-        seen = skipped = loss_sum = 0.0
         started = time.perf_counter()
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_torch_batches(batch_size=per_worker_batch, drop_last=True,
                                            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
-        for step, batch in enumerate(batches):
-            labels = batch["label"].to(device)
-            good = labels != BAD_LABEL
-            skipped += float((~good).sum())
-            images = normalize(batch["image"].to(device), mean, std)
-            lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = batch_loss(ddp_model(images), labels, cfg.optim.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if frozen:
-                for name, param in raw_model.named_parameters():
-                    if not name.startswith("fc."):
-                        param.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            seen += float(good.sum())
-            loss_sum += float(loss.detach()) * float(good.sum())
+        trained = train_epoch(ddp_model, raw_model, optimizer, scaler,
+                              stall_guarded(batches, cfg.data.stall_timeout_s, "training"), cfg,
+                              device=device, epoch=epoch, steps_per_epoch=epoch_steps, frozen=frozen,
+                              use_amp=use_amp, amp_dtype=amp_dtype)
+        seen, skipped, loss_sum, lr = trained["seen"], trained["skipped"], trained["loss_sum"], trained["lr"]
         elapsed = time.perf_counter() - started
 
         ddp_model.eval()
-        correct1 = correct5 = total = 0.0
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 and top-5 hits, decodable, not
+        val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=per_worker_batch)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=per_worker_batch):
+            for batch in stall_guarded(val_batches, cfg.data.stall_timeout_s, "validation"):
                 labels = batch["label"].to(device)
                 good = labels != BAD_LABEL
                 logits = raw_model(normalize(batch["image"].to(device), mean, std))
                 top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top5 == labels[:, None]
-                correct1 += float((hits[:, 0] & good).sum())
-                correct5 += float((hits.any(dim=1) & good).sum())
-                total += float(good.sum())
-                skipped += float((~good).sum())
+                sums += torch.stack([(hits[:, 0] & good).sum(), (hits.any(dim=1) & good).sum(), good.sum(),
+                                     (~good).sum()]).double()
+        correct1, correct5, total, val_skipped = sums.tolist()  # one sync per epoch
+        skipped += val_skipped
         seen_all, skipped_all, loss_all, c1, c5, n, time_max = all_reduce(
             seen, skipped, loss_sum, correct1, correct5, total, elapsed, device=device)
         metrics = {
@@ -392,13 +488,49 @@ def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData, PinnedWeig
     common = {"class_names": cfg.data.class_names, "num_classes": cfg.data.num_classes,
               "image_column": cfg.data.image_column, "label_column": cfg.data.label_column,
               "files_per_unit": cfg.data.files_per_unit}
-    train = discover(cfg.data.train, cfg.data.format, **common)
+    train = with_row_counts(discover(cfg.data.train, cfg.data.format, **common))  # the schedule's steps
     val = discover(cfg.data.val, cfg.data.format, **{**common, "class_names": list(train.class_names)}) \
         if cfg.data.val else train
     pretrained = pin_weights(cfg.model.pretrained, cfg.model.name)
     if pretrained:
         load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), pretrained)
     return train, val, pretrained
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The CPUs each training worker and each read+decode task of the ingest ask Ray for."""
+
+    cpus_per_worker: float
+    decode_cpus: float
+    note: str | None = None  # what was changed and why, or what will wait
+
+
+def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
+    """Fit the workers *and* the ingest into a cluster of ``cluster_cpus`` logical CPUs.
+
+    The workers hold their CPUs for the whole run; a decode task that finds none left waits
+    forever, and training with it. So when the workers would leave less than one decode
+    task's CPUs (2 workers x 1 CPU on a 2-CPU machine; a GPU node whose CPUs all go to
+    ``cpus_per_worker``), each worker gives up ``data.decode_cpus`` (at most half its own)
+    for the ingest beside it, and the note says so. Workers that do not fit at all are left
+    as asked: an autoscaler may add nodes; the note says what to lower on a fixed cluster.
+    """
+    workers, per_worker, decode = cfg.scaling.workers, cfg.scaling.cpus_per_worker, cfg.data.decode_cpus
+    need = workers * per_worker
+    if cluster_cpus - need >= decode:
+        return CpuPlan(per_worker, decode)
+    asked = f"scaling.workers {workers} x scaling.cpus_per_worker {per_worker:g}"
+    if need > cluster_cpus:
+        return CpuPlan(per_worker, decode, note=(
+            f"the cluster has {cluster_cpus:g} CPUs now and the training workers ask for {need:g} ({asked}): "
+            f"training waits until nodes join; on a fixed cluster, lower those"))
+    given = min(decode, per_worker / 2)
+    return CpuPlan(per_worker - given, given, note=(
+        f"{asked} would leave {max(cluster_cpus - need, 0):g} of the cluster's {cluster_cpus:g} CPUs to the "
+        f"ingest, less than one read+decode task (data.decode_cpus {decode:g}), which would wait forever: "
+        f"each worker gets {per_worker - given:g} CPUs and each decode task {given:g}. To choose yourself, "
+        f"set them so that workers x cpus_per_worker + decode_cpus <= {cluster_cpus:g}"))
 
 
 def build_trainer(
@@ -421,6 +553,10 @@ def build_trainer(
     augment = {"interpolation": cfg.interpolation, "randaugment": cfg.randaugment,
                "randaugment_magnitude": cfg.randaugment_magnitude}
     per_task = max(1, cfg.batch_size // cfg.scaling.workers)
+    cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 0.0)) if ray.is_initialized() \
+        else CpuPlan(cfg.scaling.cpus_per_worker, cfg.data.decode_cpus)
+    if cpus.note:
+        print(f"[train] {cpus.note}", flush=True)
     return TorchTrainer(
         train_loop,
         # The tracking URI travels here, not in runtime_env: the Ray dashboard shows env_vars.
@@ -429,7 +565,7 @@ def build_trainer(
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            resources_per_worker={"CPU": cpus.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=_absolute(storage_path), callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -438,9 +574,9 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets={
             "train": ray_dataset(train, image_size=cfg.image_size, train=True, eval_cfg=eval_cfg,
-                                 augment=augment, batch_size=per_task, num_cpus=cfg.data.decode_cpus),
+                                 augment=augment, batch_size=per_task, num_cpus=cpus.decode_cpus),
             "val": ray_dataset(val, image_size=cfg.image_size, train=False, eval_cfg=eval_cfg,
-                               batch_size=per_task, num_cpus=cfg.data.decode_cpus),
+                               batch_size=per_task, num_cpus=cpus.decode_cpus),
         },
     )
 
