@@ -396,3 +396,22 @@ def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
     logged = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     for text in (repr(run.data.params), repr(run.data.tags), logged, capsys.readouterr().out):
         assert secret not in text
+
+
+def test_registering_the_model_of_a_trial_asha_stopped_leaves_its_run_killed(
+    mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from skray import tracking
+
+    monkeypatch.chdir(tmp_path)  # the store's artifacts land here
+    run_id = start_run("skray-tests", "_trial_d_00000", params={}, tags={})
+    tracking.set_state(run_id, "stopped_early")  # what a sweep's finish does before registering the best
+    ended = MlflowClient().get_run(run_id).info
+
+    tracking.log_model_to_run(run_id, create_model(SMALL, num_classes=2), architecture=SMALL,
+                              class_names=["a", "b"], image_size=32, registered_model_name="skray-stopped")
+
+    run = MlflowClient().get_run(run_id)
+    assert (run.info.status, run.info.end_time) == ("KILLED", ended.end_time)
+    assert run.data.tags[tracking.STATE_TAG] == "stopped_early"
+    assert MlflowClient().get_model_version("skray-stopped", "1").run_id == run_id

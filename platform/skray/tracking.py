@@ -227,9 +227,18 @@ def set_state(run_id: str, state: str) -> None:
 
 
 def log_model_to_run(run_id: str, model: SKResNeXt, **kwargs: Any) -> dict[str, str | None]:
-    """:func:`log_model` into the run ``run_id`` (reopened for the purpose)."""
-    with mlflow.start_run(run_id=run_id):
-        return log_model(model, **kwargs)
+    """:func:`log_model` into the run ``run_id`` (reopened for the purpose).
+
+    A run that had ended keeps its status and end time (a sweep trial stopped by ASHA stays
+    ``KILLED`` when its model is the one registered): reopening it would end it ``FINISHED``.
+    """
+    before = MlflowClient().get_run(run_id).info
+    try:
+        with mlflow.start_run(run_id=run_id):
+            return log_model(model, **kwargs)
+    finally:
+        if before.status != "RUNNING":
+            MlflowClient().set_terminated(run_id, before.status, end_time=before.end_time)
 
 
 def log_model(
