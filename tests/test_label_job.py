@@ -184,8 +184,19 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
     subprocess.run(ray_cluster.submit_command(args, str(PROJECT), submission_id=job_id, wait=False),
                    env=ray_cluster.env, capture_output=True, check=True)
 
-    wait_for(lambda: len(committed_units(labels)) >= 1, 300, "a committed unit")
+    def labeling_actors_on_the_worker() -> list:
+        from ray.util.state import list_actors
+
+        alive = list_actors(filters=[("node_id", "=", worker["NodeID"]), ("state", "=", "ALIVE")], limit=100)
+        return [a for a in alive if a.class_name.endswith("MapWorker")]  # Ray Data's pool of Predictor actors
+
+    wait_for(lambda: len(committed_units(labels)) >= 1 and labeling_actors_on_the_worker(), 300,
+             "a committed unit and a labeling actor on the worker node")
+    assert "running" in job_status(ray_cluster, job_id)
     os.kill(raylet_pid(worker["RayletSocketName"]), signal.SIGKILL)
+    units = -(-len(keys) // 8)  # files_per_unit=8
+    committed_at_kill = len(committed_units(labels))  # an upper bound: read just after the kill
+    assert committed_at_kill < units, "the node died while the job still had units to label"
     wait_for(lambda: not [n for n in ray.nodes() if n["NodeID"] == worker["NodeID"] and n["Alive"]], 120,
              "the node to be declared dead")
 
@@ -270,10 +281,14 @@ def test_two_runs_on_one_output_started_a_second_apart_one_labels_and_one_is_ref
     assert len(got) == len(set(got)) and sorted(got) == keys
 
 
-def test_a_secret_in_the_weights_url_is_neither_printed_nor_stored(ray_cluster: LocalRayHead, tmp_path, capsys):
+def test_hostile_files_become_error_rows_and_a_secret_in_the_weights_url_is_neither_printed_nor_stored(
+    ray_cluster: LocalRayHead, tmp_path, capsys
+):
     import http.server
     import threading
     from functools import partial
+
+    from PIL import Image
 
     from skray.model import create_model
     from skray.weights import save_weights
@@ -286,13 +301,19 @@ def test_a_secret_in_the_weights_url_is_neither_printed_nor_stored(ray_cluster: 
     threading.Thread(target=server.serve_forever, daemon=True).start()
     data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
     write_images(data, [f"{i}.jpg" for i in range(4)])
+    bomb = io.BytesIO()
+    Image.new("L", (1, 65_000)).save(bomb, "JPEG")  # 6 KB whose eval resize is 256 x 16.6M pixels
+    write_bytes_atomic(join(data, "bomb.jpg"), bomb.getvalue())
+    write_bytes_atomic(join(data, "huge.jpg"), os.urandom(300_000))
     weights = f"http://127.0.0.1:{server.server_port}/w.safetensors?X-Amz-Signature={secret}&token={secret}"
     try:
-        manifest = run(LabelConfig(input=data, output=labels, weights=weights, batch_size=4))
+        manifest = run(LabelConfig(input=data, output=labels, weights=weights, batch_size=4,
+                                   max_object_bytes=200_000))
     finally:
         server.shutdown()
 
     assert manifest["labeled"] == 4
+    assert manifest["failed_by_reason"] == {"too_many_pixels": 1, "too_large": 1}
     stored = [open(os.path.join(labels, name)).read() for name in os.listdir(labels) if name.endswith(".json")]
     assert len(stored) >= 2 and all(secret not in text for text in stored)
     assert secret not in capsys.readouterr().out
