@@ -7,6 +7,7 @@ the DDP test starts Ray Train, since splitting and averaging across workers is i
 from __future__ import annotations
 
 import math
+import sys
 
 import pyarrow as pa
 import pytest
@@ -113,7 +114,10 @@ def test_weight_decay_applies_to_conv_and_linear_weights_only():
     assert {id(p) for p in no_decay["params"]} == exempt
     assert {id(p) for p in decay["params"]} == {id(p) for p in everything} - exempt
     assert len(decay["params"]) + len(no_decay["params"]) == len(everything), "each parameter once"
-    assert len(exempt) > 2 * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - 1
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    biases = sum(getattr(m, "bias", None) is not None for m in model.modules() if not isinstance(m, nn.BatchNorm2d))
+    assert len(no_decay["params"]) == 2 * norms + biases, "a weight and a bias per BatchNorm, every other bias"
+    assert len(decay["params"]) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-4, 0.0)
     (single,) = param_groups(model, 1e-4, skip_norm_and_bias=False)
     assert len(single["params"]) == len(everything) and single["weight_decay"] == 1e-4
@@ -233,7 +237,7 @@ def test_a_checkpoint_holds_the_optimizer_and_scaler_state_and_continues_exactly
     assert state["scaler"]["scale"] == 1024.0
     assert (state["epoch"], state["best_top1"], state["class_names"]) == (3, 55.0, ["a", "b", "c", "d"])
 
-    _, restored, restored_optimizer, _ = build_training_state(cfg, 4, CPU, state={**state, "scaler": {}})
+    _, restored, restored_optimizer, _ = build_training_state(cfg, 4, CPU, state=state)
     one_step(model, optimizer, seed=1)
     one_step(restored, restored_optimizer, seed=1)
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
@@ -312,3 +316,84 @@ def test_run_refuses_before_it_opens_an_mlflow_run_or_starts_ray(tmp_path, mlflo
     (tmp_path / "data" / "class1").rename(tmp_path / "data" / "class9")
     with pytest.raises(ConfigError, match="not in the data: class1; new in the data: class9"):
         run(None, resume=str(tmp_path / "runs" / "taken"))
+
+
+# --- DDP ------------------------------------------------------------------------
+
+
+def ddp_data(rows: int) -> list[dict]:
+    """Rows with an id, a seeded 4x4 uint8 image and one of 4 labels."""
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (rows, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    return [{"id": i, "image": images[i].numpy(), "label": i % 4} for i in range(rows)]
+
+
+def tiny_model() -> nn.Module:
+    """No BatchNorm: per-worker batch statistics would make 2 x B/2 differ from B by design."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+
+
+def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_whole_batch(
+    ray_cluster, tmp_path
+):
+    import ray.cloudpickle
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from skray.train import train_epoch
+
+    batch = 8
+    cfg = config(batch_size=batch, optim={"lr": 25.6, "warmup_epochs": 0, "label_smoothing": 0.1},
+                 epochs=1)  # lr 0.8: a step that moves the weights well past float noise
+    out = tmp_path / "workers"
+    out.mkdir()
+
+    def one_ddp_step(loop_config: dict) -> None:  # the per-worker part of train_loop, one step
+        import ray.train.torch
+
+        cfg = TrainConfig.model_validate(loop_config["config"])
+        context = ray.train.get_context()
+        model = ray.train.torch.prepare_model(tiny_model())
+        raw = model.module if hasattr(model, "module") else model
+        optimizer = build_optimizer(raw, cfg)
+        seen: list[int] = []
+
+        def batches():
+            shard = ray.train.get_dataset_shard("train")
+            for b in shard.iter_torch_batches(batch_size=cfg.batch_size // context.get_world_size(),
+                                              drop_last=True):
+                seen.extend(b.pop("id").tolist())
+                yield b
+
+        train_epoch(model, raw, optimizer, torch.amp.GradScaler("cpu", enabled=False), batches(), cfg,
+                    device=torch.device("cpu"), epoch=0, steps_per_epoch=1)
+        torch.save({"ids": seen, "weights": raw.state_dict()},
+                   f"{loop_config['out']}/rank{context.get_world_rank()}.pt")
+
+    # Workers cannot import this test module: its functions travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    TorchTrainer(
+        one_ddp_step, train_loop_config={"config": cfg.model_dump(mode="json"), "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "runs")),
+        datasets={"train": ray.data.from_items(ddp_data(batch))},
+    ).fit()
+
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [len(r["ids"]) for r in ranks] == [batch // 2, batch // 2], "each worker gets half the batch"
+    assert set(ranks[0]["ids"]).isdisjoint(ranks[1]["ids"]), "and not the other's half"
+    assert set(ranks[0]["ids"]) | set(ranks[1]["ids"]) == set(range(batch))
+    alone = tiny_model()
+    rows = ddp_data(batch)
+    whole = {"image": torch.stack([torch.from_numpy(r["image"]) for r in rows]),
+             "label": torch.tensor([r["label"] for r in rows])}
+    train_epoch(alone, alone, build_optimizer(alone, cfg), torch.amp.GradScaler("cpu", enabled=False), [whole],
+                cfg, device=CPU, epoch=0, steps_per_epoch=1)
+    before = tiny_model().state_dict()
+    for name, expected in alone.state_dict().items():
+        assert not torch.allclose(expected, before[name], atol=1e-3), f"{name}: the step moved it"
+        for r in ranks:
+            torch.testing.assert_close(r["weights"][name], expected, rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}: 2 workers x {batch // 2} differ from 1 worker x {batch}")
