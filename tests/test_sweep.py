@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from skray.compare import compare
+from skray.compare import compare, learning_curves
 from skray.config import ConfigError, load_config, validate
 from skray.embedded import LocalRayHead
 from skray.sweep import SweepConfig, resolve, run
@@ -50,6 +50,9 @@ def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_mod
     assert len(children) == 4
     assert all(client.get_metric_history(c.info.run_id, "val_top1") for c in children)
     assert {c.data.tags["skray.trial_state"] for c in children} == set(states)
+    # MLflow's own status says the same: ASHA's stopped trials are KILLED, finished ones FINISHED.
+    assert {(c.data.tags["skray.trial_state"], c.info.status) for c in children} <= {
+        ("completed", "FINISHED"), ("stopped_early", "KILLED")}
     assert parent.data.metrics["best_val_top1"] == summary["best"]["best"]
     version = client.get_model_version_by_alias("skray-sweep", "sweep-best")
     assert version.run_id == summary["best"]["run_id"]
@@ -62,6 +65,8 @@ def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_mod
     assert rows[0]["best"] == summary["best"]["best"] and rows[0]["lr"] in (0.8, 0.6)
     assert [p.name for p in plots] == ["lr_wd.png", "learning_curves.png"]
     assert all(p.stat().st_size > 1000 for p in plots)
+    legend = learning_curves(rows, "val_top1").axes[0].get_legend()
+    assert len(legend.get_texts()) == 4, "one labeled curve per trial (Tune names them _trial_...)"
     assert {a.path for a in client.list_artifacts(summary["parent_run_id"], "compare")} == \
         {"compare/lr_wd.png", "compare/learning_curves.png"}
 
