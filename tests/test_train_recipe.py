@@ -397,3 +397,15 @@ def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_w
         for r in ranks:
             torch.testing.assert_close(r["weights"][name], expected, rtol=1e-5, atol=1e-6,
                                        msg=f"{name}: 2 workers x {batch // 2} differ from 1 worker x {batch}")
+
+
+def test_channels_last_is_for_gpus_and_turns_the_model_and_its_inputs_nhwc():
+    cfg = config()
+    crops = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
+
+    assert cfg.channels_last and not train_module.uses_channels_last(cfg, CPU)
+    assert train_module.uses_channels_last(cfg, torch.device("cuda"))
+    assert not train_module.uses_channels_last(config(channels_last=False), torch.device("cuda"))
+    nhwc = train_module.device_images(crops, CPU, channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    assert torch.equal(nhwc, train_module.device_images(crops, CPU, channels_last=False))

@@ -104,6 +104,7 @@ class TrainConfig(StrictModel):
     randaugment: bool = False
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # on GPU only
+    channels_last: bool = True  # on GPU only: NHWC model and inputs, what tensor cores want
     keep_checkpoints: int = Field(2, ge=1)  # best k by val_top1
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the latest checkpoint
 
@@ -166,6 +167,16 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     return loss / good.sum().clamp(min=1)
 
 
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last and device.type == "cuda"
+
+
+def device_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 crops -> normalized float on ``device``, NHWC when the model is."""
+    x = normalize(images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def build_training_state(
     cfg: TrainConfig,
     num_classes: int,
@@ -188,6 +199,8 @@ def build_training_state(
         load_weights(model, pretrained)
     if state:
         model.load_state_dict(state["model"])
+    if uses_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
     prepared = prepare(model)
     raw_model: SKResNeXt = prepared.module if hasattr(prepared, "module") else prepared
     optimizer = build_optimizer(raw_model, cfg)
@@ -309,7 +322,7 @@ def train_epoch(
     for step, batch in enumerate(batches):
         labels = batch["label"].to(device)
         good = labels != BAD_LABEL
-        images = normalize(batch["image"].to(device), IMAGENET_MEAN, IMAGENET_STD)
+        images = device_images(batch["image"], device, uses_channels_last(cfg, device))
         lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -365,8 +378,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
     per_worker_batch = cfg.batch_size // world
     epoch_steps = steps_per_epoch(data, cfg)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-
     for epoch in range(start_epoch, cfg.epochs):
         frozen = epoch < cfg.model.freeze_backbone_epochs
         ddp_model.train()
@@ -389,7 +400,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             for batch in stall_guarded(val_batches, cfg.data.stall_timeout_s, "validation"):
                 labels = batch["label"].to(device)
                 good = labels != BAD_LABEL
-                logits = raw_model(normalize(batch["image"].to(device), mean, std))
+                logits = raw_model(device_images(batch["image"], device, uses_channels_last(cfg, device)))
                 top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top5 == labels[:, None]
                 sums += torch.stack([(hits[:, 0] & good).sum(), (hits.any(dim=1) & good).sum(), good.sum(),
