@@ -319,3 +319,15 @@ def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_re
     assert summary["best"]["run_id"] == runs[names[1]].info.run_id and summary["best"]["best"] == 85.0
     finished_parent = client.get_run(parent)
     assert finished_parent.info.status == "FINISHED" and finished_parent.data.metrics["best_val_top1"] == 85.0
+
+
+def test_skray_compare_mode_flag_overrides_the_sweeps_mode(mlflow_store, tmp_path, monkeypatch, capsys):
+    from skray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    parent = logged_sweep("train_loss", {"_trial_b_00000": [1.0, 0.2], "_trial_b_00001": [1.0, 0.9]}, mode="min")
+
+    assert main(["compare", "--parent", parent, "--metric", "train_loss", "--mode", "max",
+                 "--out", str(tmp_path / "plots")]) == 0
+    table = capsys.readouterr().out
+    assert table.index("_trial_b_00001") < table.index("_trial_b_00000")

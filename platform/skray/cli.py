@@ -146,7 +146,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from skray.compare import compare, format_table
 
     try:
-        rows, paths = compare(args.experiment, args.parent, args.metric, args.out)
+        rows, paths = compare(args.experiment, args.parent, args.metric, args.out, args.mode)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--parent", help="a sweep's parent run id: compare its trials")
     compare.add_argument("--metric", default="val_top1")
     compare.add_argument("--out", help="folder for the PNGs (default .skray/compare/...)")
+    compare.add_argument("--mode", choices=["max", "min"],
+                         help="best is max or min (default: the sweep's mode, else min for a loss or error)")
     compare.set_defaults(func=cmd_compare)
 
     serve = sub.add_parser("serve", help="the classifier behind a Ray Serve HTTP endpoint (until Ctrl-C)")
