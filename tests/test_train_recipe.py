@@ -342,7 +342,7 @@ def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_w
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skray.train import train_epoch
+    from skray.train import share_buffers, train_epoch
 
     batch = 8
     cfg = config(batch_size=batch, optim={"lr": 25.6, "warmup_epochs": 0, "label_smoothing": 0.1},
@@ -369,7 +369,10 @@ def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_w
 
         train_epoch(model, raw, optimizer, torch.amp.GradScaler("cpu", enabled=False), batches(), cfg,
                     device=torch.device("cpu"), epoch=0, steps_per_epoch=1)
-        torch.save({"ids": seen, "weights": raw.state_dict()},
+        norm = nn.BatchNorm1d(2)  # statistics each worker's own batches left behind
+        norm.running_mean.fill_(context.get_world_rank() + 1.0)
+        share_buffers(norm, context.get_world_size())
+        torch.save({"ids": seen, "weights": raw.state_dict(), "norm_mean": norm.running_mean},
                    f"{loop_config['out']}/rank{context.get_world_rank()}.pt")
 
     # Workers cannot import this test module: its functions travel by value.
@@ -385,6 +388,7 @@ def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_w
     assert [len(r["ids"]) for r in ranks] == [batch // 2, batch // 2], "each worker gets half the batch"
     assert set(ranks[0]["ids"]).isdisjoint(ranks[1]["ids"]), "and not the other's half"
     assert set(ranks[0]["ids"]) | set(ranks[1]["ids"]) == set(range(batch))
+    assert ranks[1]["norm_mean"].tolist() == [1.0, 1.0], "validation uses rank 0's (checkpointed) statistics"
     alone = tiny_model()
     rows = ddp_data(batch)
     whole = {"image": torch.stack([torch.from_numpy(r["image"]) for r in rows]),

@@ -167,6 +167,14 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     return loss / good.sum().clamp(min=1)
 
 
+def share_buffers(model: nn.Module, world: int) -> None:
+    """Give every worker rank 0's BatchNorm statistics before validating: each worker's last
+    step updated them with its own batch, and rank 0's model is the one checkpointed."""
+    if world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.channels_last and device.type == "cuda"
 
@@ -394,6 +402,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - started
 
         ddp_model.eval()
+        share_buffers(raw_model, world)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 and top-5 hits, decodable, not
         val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=per_worker_batch)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
