@@ -25,6 +25,7 @@ from typing import Iterator, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from skray.sinks import part_name, part_paths
@@ -50,16 +51,17 @@ class Plan:
         return None if None in known else sum(known)
 
 
-def committed_batches(output: str) -> Iterator[pa.Array]:
+def committed_batches(fs: pafs.FileSystem, paths: list[str]) -> Iterator[pa.Array]:
     """The keys of the output's parts, about ``BATCH_KEYS`` at a time (the key column only).
 
     Parts are read one by one (a few in flight, for S3's latency): a dataset scan over
     thousands of small files holds far more memory than the keys themselves."""
-    fs, paths = part_paths(output)
+    def read(path: str) -> pa.ChunkedArray:
+        return pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)
+
     pending: list[pa.Array] = []
     size = 0
     with ThreadPoolExecutor(PARTS_IN_FLIGHT) as pool:
-        read = lambda path: pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)  # noqa: E731
         for keys in pool.map(read, paths):
             pending += keys.chunks
             size += len(keys)
@@ -79,9 +81,9 @@ class _Merge:
     listed_rows: int = 0  # committed rows whose key, or shard, is still in the input
 
 
-def _merge(output: str, images: pa.ChunkedArray, shards: pa.Array) -> _Merge:
+def _merge(parts: tuple[pafs.FileSystem, list[str]], images: pa.ChunkedArray, shards: pa.Array) -> _Merge:
     merged = _Merge(pa.array(np.zeros(len(images), dtype=bool)))
-    for keys in committed_batches(output):
+    for keys in committed_batches(*parts):
         hit = pc.is_in(images, value_set=keys)
         merged.done = pc.or_(merged.done, hit)
         merged.rows += len(keys)
@@ -128,9 +130,9 @@ def plan(
     none = pa.array([], pa.string())
     images = by_format.get("images", none)
     shards = {kind: by_format.get(kind, none).to_pylist() for kind in ("webdataset", "parquet")}
-    merged = _merge(output, images, pa.array(shards["webdataset"] + shards["parquet"], pa.string()))
+    fs, paths = part_paths(output)  # listed once: on S3 a listing of every part
+    merged = _merge((fs, paths), images, pa.array(shards["webdataset"] + shards["parquet"], pa.string()))
     units = image_units(images.filter(pc.invert(merged.done)), files_per_unit)
-    _, paths = part_paths(output)
     done_parts = {posixpath.basename(p) for p in paths}
     for kind, uris in shards.items():
         units += [shard_unit(kind, uri, parquet_columns) for uri in uris
