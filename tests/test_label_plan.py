@@ -184,3 +184,25 @@ def test_two_runs_racing_for_a_stale_lease_never_both_win(output: str):
         lease.release()
 
     assert sorted(results) == ["refused"] * 3 + ["won"]
+
+
+def test_a_record_read_while_it_is_rewritten_is_the_old_or_the_new_never_a_cut(output: str):
+    record = join(output, "_record.json")
+    versions = [{"n": "short"}, {"n": "a much longer value than the first " * 4}]
+    write_bytes_atomic(record, json.dumps(versions[0]).encode())
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            write_bytes_atomic(record, json.dumps(versions[i % 2]).encode())
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        seen = [read_json(record) for _ in range(150)]
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+    assert all(value in versions for value in seen)

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from skray.storage import filesystem_for, write_bytes_atomic
+from skray.storage import filesystem_for, read_bytes, write_bytes_atomic
 
 PART_PREFIX = "part-"
 MANIFEST = "_manifest.json"
@@ -77,11 +77,10 @@ def write_part(output: str, unit_id: str, rows: list[dict[str, Any]]) -> None:
 
 
 def read_json(uri: str) -> dict[str, Any] | None:
-    fs, path = filesystem_for(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    try:
+        return json.loads(read_bytes(uri))
+    except FileNotFoundError:
         return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.readall())
 
 
 def write_json(uri: str, value: dict[str, Any]) -> None:

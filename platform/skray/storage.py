@@ -105,7 +105,21 @@ def is_remote(uri: str | os.PathLike) -> bool:
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
-    fs, path = filesystem_for(os.fspath(uri))
+    """The whole object as one snapshot.
+
+    On S3 this is a single GET: pyarrow's reader takes the size from a HEAD and then
+    reads ranges, so an object rewritten in between (a lease heartbeat, a manifest)
+    comes back cut at the old length. Raises ``FileNotFoundError`` when absent.
+    """
+    uri = os.fspath(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        client = s3_client()
+        try:
+            return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise FileNotFoundError(uri) from None
+    fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as stream:
         return stream.readall()
 
