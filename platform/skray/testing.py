@@ -49,3 +49,69 @@ def write_digits_folder(root: str, *, size: int = 32, val_fraction: float = 0.2,
             write_bytes_atomic(join(out[split], f"{name}/{index:04d}.png"),
                                digit_png(digits.images[index], size))
     return out
+
+
+# Real photos bundled inside packages (no download): scikit-learn's two sample images and the
+# photographs in scikit-image's wheel (its skimage.data directory; files read directly, so
+# skimage's pooch fetcher is never involved). Greyscale photos stay greyscale JPEGs.
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "retina.jpg",
+                   "hubble_deep_field.jpg", "motorcycle_left.png", "ihc.png", "camera.png",
+                   "coins.png")
+_CORPUS_SIDES = (96, 180, 256, 384, 512, 800, 1024, 1600)  # longer side; >= 1000 draft-decodes
+
+
+def _bundled_photos() -> list[tuple[str, Image.Image]]:
+    import os
+
+    import sklearn.datasets
+    import skimage.data
+
+    dirs = [(os.path.join(os.path.dirname(sklearn.datasets.__file__), "images"), _SKLEARN_PHOTOS),
+            (os.path.dirname(skimage.data.__file__), _SKIMAGE_PHOTOS)]
+    photos = []
+    for folder, names in dirs:
+        for name in names:
+            with Image.open(os.path.join(folder, name)) as im:
+                photos.append((name.rsplit(".", 1)[0], im.convert("L" if im.mode == "L" else "RGB")))
+    return photos
+
+
+def photo_corpus(n: int, seed: int = 0, *, png_every: int = 8) -> list[tuple[str, bytes]]:
+    """``n`` real photos as encoded files: ``[(name, bytes)]``, deterministic in ``seed``.
+
+    Each item is a random crop of one bundled photo (area 30-100 %, aspect ratio 1:3 to 3:1,
+    random position), flipped half the time, resized so its longer side is one of
+    ``_CORPUS_SIDES`` (up to 1600 px, so JPEG draft decoding kicks in), and saved as a JPEG at
+    quality 40-95 with 4:4:4 or 4:2:0 chroma, sometimes progressive; every ``png_every``-th
+    item is a PNG instead. Photos are cycled so every source appears. Needs the ``test`` extra
+    (scikit-learn, scikit-image).
+    """
+    photos = _bundled_photos()
+    rng = random.Random(seed)
+    corpus = []
+    for i in range(n):
+        source, im = photos[i % len(photos)]
+        w, h = im.size
+        area = rng.uniform(0.3, 1.0) * w * h
+        ratio = 3 ** rng.uniform(-1, 1)
+        cw = max(8, min(w, round((area * ratio) ** 0.5)))
+        ch = max(8, min(h, round((area / ratio) ** 0.5)))
+        left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = im.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        side = rng.choice(_CORPUS_SIDES)
+        scale = side / max(cw, ch)
+        crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))),
+                           Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        if png_every and i % png_every == png_every - 1:
+            crop.save(buf, "PNG")
+            ext = "png"
+        else:
+            crop.save(buf, "JPEG", quality=rng.randint(40, 95), subsampling=rng.choice([0, 2]),
+                      progressive=rng.random() < 0.25)
+            ext = "jpg"
+        corpus.append((f"{i:04d}-{source}-{crop.width}x{crop.height}.{ext}", buf.getvalue()))
+    return corpus
