@@ -14,8 +14,10 @@ from pydantic import AfterValidator, Field
 
 from skray.classes import default_class_names
 from skray.config import StrictModel
+from skray.device_decode import DeviceDecoder
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
 from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
+from skray.quantize import DEFAULT_BATCH_SIZE, Precision, check_int8, quantize_int8
 from skray.weights import PinnedWeights, load_model
 
 RANDOM_WEIGHTS_SEED = 0  # without weights, every actor and replica still holds one and the same model
@@ -38,9 +40,41 @@ class PreprocessingConfig(StrictModel):
     crop_pct: float = Field(0.875, gt=0, le=1)
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    jpeg_draft: bool = False  # libjpeg downscaling while decoding: faster, not timm's eval pipeline (README)
 
     def transform(self) -> EvalTransformConfig:
-        return EvalTransformConfig(self.image_size, self.crop_pct, self.interpolation)
+        return EvalTransformConfig(self.image_size, self.crop_pct, self.interpolation,
+                                   jpeg_draft=self.jpeg_draft)
+
+
+Decode = Literal["cpu", "gpu", "auto"]
+"""Where images are decoded: Pillow on the CPU, or batched next to the model (nvJPEG on a GPU,
+see :mod:`skray.device_decode`); ``auto`` is ``gpu`` when the model runs on a GPU."""
+
+
+def resolve_decode(decode: Decode, on_gpu: bool) -> Literal["cpu", "gpu"]:
+    return "gpu" if decode == "gpu" or (decode == "auto" and on_gpu) else "cpu"
+
+
+def probe_batch_size(forward, image_size: int, device: torch.device, *,
+                     memory_fraction: float = 0.8, limit: int = 1024) -> int:
+    """GPU only: the largest power-of-two batch (<= ``limit``) whose forward peaks within
+    ``memory_fraction`` of the GPU's memory; probed once, at start, with the uncompiled model."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    best, size = 1, 1
+    while size <= limit:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            forward(torch.zeros(size, 3, image_size, image_size, device=device))
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            break
+        if torch.cuda.max_memory_allocated(device) > memory_fraction * total:
+            break
+        best, size = size, size * 2
+    torch.cuda.empty_cache()
+    return best
 
 
 @dataclass(frozen=True)
@@ -71,6 +105,10 @@ class Classifier:
         amp_dtype: torch.dtype | None = None,
         preprocessing: EvalTransformConfig = EvalTransformConfig(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode: Decode = "cpu",
+        batch_size: int | Literal["auto"] | None = None,
+        precision: Precision = "fp32",
+        calibration: torch.Tensor | None = None,
     ) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -83,16 +121,56 @@ class Classifier:
         self.random_weights = loaded is None
         self.preprocessing, self.max_pixels = preprocessing, max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision == "int8":  # uint8 eval crops to calibrate on, e.g. skray.quantize.calibration_crops
+            check_int8(self.device, calibration)
         self._forward = prepare_for_inference(net, self.device, compile=compile, amp_dtype=amp_dtype)
+        self.compiled = compile
+        if batch_size == "auto":  # a GPU is probed; elsewhere, batches run as they come
+            uncompiled = prepare_for_inference(net, self.device, amp_dtype=amp_dtype)
+            on_gpu = self.device.type == "cuda"
+            batch_size = probe_batch_size(uncompiled, preprocessing.image_size, self.device) if on_gpu else None
+        self.batch_size = batch_size  # the forward's batch shape: inputs run in chunks of it
+        self.precision = precision
+        if precision == "int8":  # compiled for one batch shape: logits() pads short chunks to it
+            self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+            self._forward = quantize_int8(net, calibration, self.batch_size, preprocessing)
+            self.compiled = True
+        self.decode_on = resolve_decode(decode, self.device.type == "cuda")
+        self._decoder = (DeviceDecoder(preprocessing, device=self.device, max_pixels=max_pixels)
+                         if self.decode_on == "gpu" else None)
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
         return decode_for_eval(data, self.preprocessing, max_pixels=self.max_pixels)
 
+    def decode_batch(self, images: list[bytes]) -> tuple[torch.Tensor, list[ImageDecodeError | None]]:
+        """Bytes -> uint8 crops (N, 3, S, S) on the model's device and one error or ``None`` each
+        (a failed image keeps a zero crop); only with ``decode="gpu"`` (or ``auto`` on a GPU)."""
+        if self._decoder is None:
+            raise RuntimeError("decode_batch needs a device decoder: Classifier(decode='gpu')")
+        return self._decoder(images)
+
+    def logits(self, crops: torch.Tensor) -> torch.Tensor:
+        """fp32 logits for uint8 crops (N, 3, S, S), run in chunks of ``batch_size``; with
+        ``compile``, a short last chunk is zero-padded to it, so the compiled graph is reused."""
+        step = self.batch_size or len(crops)
+        out = []
+        for start in range(0, len(crops), step):
+            chunk = crops[start:start + step].to(self.device, non_blocking=True)
+            n = len(chunk)
+            if self.compiled and n < step:
+                chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
+            batch = normalize(chunk, self.preprocessing.mean, self.preprocessing.std)
+            out.append(self._forward(batch)[:n])
+        return torch.cat(out)
+
     def predict_tensors(self, crops: torch.Tensor, top_k: int = 5) -> list[Prediction]:
         """Top-k for a batch of uint8 eval crops (N, 3, S, S), normalized on the model's device."""
-        batch = normalize(crops.to(self.device, non_blocking=True), self.preprocessing.mean, self.preprocessing.std)
-        probs = torch.softmax(self._forward(batch), dim=1).cpu()
+        return self.rank(self.logits(crops), top_k)
+
+    def rank(self, logits: torch.Tensor, top_k: int = 5) -> list[Prediction]:
+        """Logits (N, classes) -> one top-k :class:`Prediction` per row."""
+        probs = torch.softmax(logits, dim=1).cpu()
         scores, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [self._prediction(i.tolist(), s.tolist()) for i, s in zip(ids, scores)]
 
@@ -100,6 +178,11 @@ class Classifier:
         self, images: list[bytes], top_k: int = 5
     ) -> list[Prediction | ImageDecodeError]:
         """Classify what decodes; a broken image yields its error in its place."""
+        if self._decoder is not None:
+            crops, errors = self._decoder(images)
+            ok = [i for i, e in enumerate(errors) if e is None]
+            predictions = iter(self.predict_tensors(crops[ok], top_k) if ok else [])
+            return [next(predictions) if e is None else e for e in errors]
         results: list[Prediction | ImageDecodeError] = []
         tensors: list[torch.Tensor] = []
         for data in images:

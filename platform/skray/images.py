@@ -38,6 +38,8 @@ __all__ = [
     "decode_for_eval",
     "decode_image",
     "eval_crop",
+    "open_image",
+    "resized_size",
     "eval_transform",
     "normalize",
     "preprocess",
@@ -91,6 +93,9 @@ class EvalTransformConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Let libjpeg downscale by 1/2, 1/4 or 1/8 while decoding large JPEGs (never below the
+    # resize target). Faster, but not timm's eval pipeline: see the README's decode section.
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -130,6 +135,22 @@ def decode_image(
 
     Raises :class:`ImageDecodeError` and nothing else for bad input.
     """
+    with _typed_errors():
+        img = open_image(data, max_pixels=max_pixels, resize_to=resize_to)
+        if draft_size is not None:
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               resize_to: int | None = None) -> Image.Image:
+    """Parse the header only (no pixel decoded) and apply :func:`decode_image`'s checks:
+    a known format, at most ``max_pixels``, and a resize to ``resize_to`` within it too.
+
+    Every decoder (Pillow here, nvJPEG in :mod:`skray.device_decode`) starts from this, so
+    they refuse the same inputs for the same reasons. Raises :class:`ImageDecodeError`.
+    """
     if not data:
         raise ImageDecodeError("empty", "no bytes to decode")
     with _typed_errors():
@@ -137,10 +158,7 @@ def decode_image(
         _check_pixel_count(img, max_pixels)
         if resize_to is not None:
             _check_resize_target(img.size, resize_to, max_pixels)
-        if draft_size is not None:
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
+        return img
 
 
 @contextlib.contextmanager
@@ -186,7 +204,7 @@ def _check_pixel_count(img: Image.Image, max_pixels: int) -> None:
 
 def _check_resize_target(size: tuple[int, int], shorter: int, max_pixels: int) -> None:
     """Refuse an image whose resize (shorter side -> ``shorter``) would exceed ``max_pixels``."""
-    width, height = _resized_size(size, shorter)
+    width, height = resized_size(size, shorter)
     if width * height > max_pixels:
         raise ImageDecodeError(
             "too_many_pixels",
@@ -195,7 +213,7 @@ def _check_resize_target(size: tuple[int, int], shorter: int, max_pixels: int) -
         )
 
 
-def _resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
     """(width, height) with the shorter side scaled to ``shorter``, as torchvision rounds it."""
     width, height = size
     if width <= height:
@@ -336,12 +354,13 @@ def decode_for_eval(
 ) -> torch.Tensor:
     """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of :func:`preprocess`.
 
-    JPEGs are draft-decoded at no less than the resize target, so the result
-    is never upscaled afterwards. Raises :class:`ImageDecodeError` and nothing
+    With ``cfg.jpeg_draft``, JPEGs are draft-decoded at no less than the resize
+    target, so the result is never upscaled afterwards. Raises :class:`ImageDecodeError` and nothing
     else for bad input, whichever step fails.
     """
     size = cfg.resize_size
-    image = decode_image(data, max_pixels=max_pixels, draft_size=size, resize_to=size)
+    draft = size if cfg.jpeg_draft else None
+    image = decode_image(data, max_pixels=max_pixels, draft_size=draft, resize_to=size)
     with _typed_errors():
         return eval_crop(cfg)(image)
 

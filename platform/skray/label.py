@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from skray.classifier import ModelName, PreprocessingConfig
+from skray.classifier import Decode, ModelName, PreprocessingConfig, resolve_decode
 from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
@@ -86,6 +86,7 @@ class LabelConfig(StrictModel):
     decode_concurrency: int | None = Field(None, ge=1)  # max read+decode tasks at once (None: as CPUs allow)
     max_object_bytes: int = Field(DEFAULT_MAX_OBJECT_BYTES, ge=1)  # per image file, tar member, Parquet cell
     decode_memory_mb: int | None = Field(None, ge=1)  # per read+decode task (None: from the bounds above)
+    decode: Decode = "auto"  # gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs
     preprocessing: PreprocessingConfig = PreprocessingConfig()
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
@@ -284,6 +285,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
             "max_object_bytes": cfg.max_object_bytes,
+            "decode": resolve_decode(cfg.decode, resolve_gpus(cfg.actors.gpus) > 0),
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -301,6 +303,9 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "preprocessing": preprocessing,
             "threads": cfg.actors.threads,
             "compile": cfg.actors.compile,
+            "max_pixels": cfg.preprocessing.max_pixels,
+            "decode": resolve_decode(cfg.decode, resolve_gpus(cfg.actors.gpus) > 0),
+            "batch_size": cfg.batch_size,
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=max(cfg.actors.min, cfg.actors.max)),

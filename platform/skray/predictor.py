@@ -1,24 +1,31 @@
 """The labeling job's two stages, as Ray Data UDFs.
 
-``read_and_decode`` (stateless CPU tasks, scaled on their own): reads a unit and
-turns its bytes into uint8 center crops, batch by batch, or an error per row;
-bytes never enter the object store and are decoded once. ``Predictor`` (an actor
-pool): loads the model once per actor in its fast form and turns crops into
-top-k labels. Crops travel as uint8 and are normalized next to the model: a
-quarter of the bytes of float32, and the same arithmetic as
+``read_and_decode`` (stateless CPU tasks, scaled on their own): reads a unit and, with
+``decode="cpu"``, turns its bytes into uint8 center crops, batch by batch, or an error per
+row; with ``decode="gpu"`` it ships the encoded bytes (a fraction of the crops' size) and
+the actors decode them next to the model (:mod:`skray.device_decode`). ``Predictor`` (an
+actor pool): loads the model once per actor in its fast form and turns crops into top-k
+labels. Crops are normalized next to the model, the same arithmetic as
 :func:`skray.images.preprocess`.
+
+Stage figures ride along as float64 columns, per row (the batch's seconds / its rows), for
+the driver to sum: ``decode_s`` (read + decode), ``model_s`` (forward) and ``wait_s`` (the
+actor idle before this batch arrived).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from skray.classifier import Classifier
+from skray.classifier import Classifier, Decode
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval
+from skray.quantize import Precision
 from skray.sources import Unit, unit_batches
 from skray.weights import PinnedWeights
 
@@ -46,6 +53,15 @@ def decode_rows(
     return out
 
 
+def bytes_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The ``decode="gpu"`` batch: rows keep their encoded bytes (sizes already checked
+    against ``max_object_bytes`` when read) for the actor to decode; a failed read ships none."""
+    out = {name: np.array([row[name] for row in rows], dtype=object) for name in PASSTHROUGH}
+    out["unit_rows"] = out["unit_rows"].astype(np.int64)
+    out["data"] = np.array([b"" if row["error"] else row["data"] for row in rows], dtype=object)
+    return out
+
+
 def read_and_decode(
     units: pa.Table,
     preprocessing: EvalTransformConfig,
@@ -54,17 +70,31 @@ def read_and_decode(
     image_column: str,
     id_column: str | None,
     max_object_bytes: int,
+    decode: Literal["cpu", "gpu"] = "cpu",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Stream each unit's decoded crops ``batch_size`` at a time, as they are read, so a task
-    holds one batch of bytes, not a shard; the rows of a unit's last batch carry its row count."""
+    """Stream each unit's decoded crops (or, with ``decode="gpu"``, its bytes) ``batch_size`` at
+    a time, as they are read, so a task holds one batch of bytes, not a shard; the rows of a
+    unit's last batch carry its row count."""
     for unit in units.to_pylist():
-        for rows in unit_batches(Unit.from_row(unit), batch_size, image_column, id_column,
-                                 max_object_bytes=max_object_bytes):
-            yield decode_rows(rows, preprocessing, max_pixels)
+        batches = unit_batches(Unit.from_row(unit), batch_size, image_column, id_column,
+                               max_object_bytes=max_object_bytes)
+        while True:
+            start = time.perf_counter()
+            rows = next(batches, None)
+            if rows is None:
+                break
+            out = decode_rows(rows, preprocessing, max_pixels) if decode == "cpu" else bytes_rows(rows)
+            out["decode_s"] = np.full(len(rows), (time.perf_counter() - start) / len(rows))
+            yield out
 
 
 class Predictor:
-    """Ray Data class UDF: the model is loaded once, in ``__init__``; ``__call__`` labels a batch."""
+    """Ray Data class UDF: the model is loaded once, in ``__init__``; ``__call__`` labels a batch.
+
+    With ``decode="gpu"`` (or ``auto`` on a GPU actor) batches carry bytes: the batch is cut
+    into chunks of the model's batch shape and the next chunk is decoded by a prefetch thread
+    (on its own CUDA stream) while the current one runs through the model.
+    """
 
     def __init__(
         self,
@@ -74,24 +104,93 @@ class Predictor:
         preprocessing: EvalTransformConfig,
         threads: int | None = None,
         compile: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode: Decode = "cpu",
+        batch_size: int | Literal["auto"] | None = None,
+        precision: Precision = "fp32",
+        calibration: torch.Tensor | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        amp = torch.bfloat16 if torch.cuda.is_available() else None
+        on_gpu = torch.cuda.is_available()
+        amp = torch.bfloat16 if on_gpu else None
         self.classifier = Classifier(
-            model, pinned, compile=compile, amp_dtype=amp, preprocessing=preprocessing
+            model, pinned, compile=compile, amp_dtype=amp, preprocessing=preprocessing,
+            max_pixels=max_pixels, decode=decode, batch_size=batch_size,
+            precision=precision, calibration=calibration,
         )
         self.top_k = top_k
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="skray-prefetch")
+        self._stream = torch.cuda.Stream() if on_gpu else None  # GPU only: decode beside the forward
+        self._returned: float | None = None  # when the previous batch was handed back
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        start = time.perf_counter()
         n = len(batch["key"])
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        predictions = iter(
-            self.classifier.predict_tensors(torch.from_numpy(batch["image"][ok]), self.top_k)
-            if ok.any()
-            else []
-        )
-        results = [next(predictions) if good else None for good in ok]
+        errors = [e or None for e in batch["error"]]
+        ok = [i for i, e in enumerate(errors) if not e]
+        if "data" in batch:
+            logits, decode_s, model_s = self._decode_and_forward([batch["data"][i] for i in ok], ok, errors)
+        else:
+            logits, model_s = self._forward(torch.from_numpy(batch["image"][ok])) if ok else (None, 0.0)
+            decode_s = 0.0
+        results: list = [None] * n
+        for i, prediction in zip(ok, self.classifier.rank(logits, self.top_k) if ok else []):
+            results[i] = None if errors[i] else prediction  # errors[i]: the actor's decode failed
+        wait_s = start - self._returned if self._returned is not None else 0.0
+        table = self._table(batch, results, errors, {
+            "decode_s": np.asarray(batch["decode_s"], dtype=np.float64) + decode_s / n,
+            "model_s": np.full(n, model_s / n),
+            "wait_s": np.full(n, wait_s / n),
+        })
+        self._returned = time.perf_counter()
+        return table
+
+    def _decode_and_forward(
+        self, blobs: list[bytes], rows: list[int], errors: list[str | None]
+    ) -> tuple[torch.Tensor | None, float, float]:
+        """Logits for ``blobs`` (rows ``rows`` of the batch), decoding chunk k+1 while chunk k runs;
+        decode errors are written into ``errors``. Returns the logits and the decode and model seconds."""
+        if not blobs:
+            return None, 0.0, 0.0
+        step = self.classifier.batch_size or len(blobs)
+        chunks = [slice(s, s + step) for s in range(0, len(blobs), step)]
+        pending: Future = self._prefetch.submit(self._decode, blobs[chunks[0]])
+        logits, decode_s, model_s = [], 0.0, 0.0
+        for k, chunk in enumerate(chunks):
+            crops, chunk_errors, seconds = pending.result()
+            decode_s += seconds
+            if k + 1 < len(chunks):
+                pending = self._prefetch.submit(self._decode, blobs[chunks[k + 1]])
+            for row, err in zip(rows[chunk], chunk_errors):
+                if err is not None:
+                    errors[row] = str(err)
+            chunk_logits, seconds = self._forward(crops)
+            logits.append(chunk_logits)
+            model_s += seconds
+        return torch.cat(logits), decode_s, model_s
+
+    def _forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        logits = self.classifier.logits(crops)
+        if self._stream is not None:  # GPU only: time the forward, not just its launch
+            torch.cuda.current_stream().synchronize()
+        return logits, time.perf_counter() - start
+
+    def _decode(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[ImageDecodeError | None], float]:
+        start = time.perf_counter()
+        if self._stream is None:
+            crops, errors = self.classifier.decode_batch(blobs)
+        else:  # GPU only
+            with torch.cuda.stream(self._stream):
+                crops, errors = self.classifier.decode_batch(blobs)
+            self._stream.synchronize()
+            crops.record_stream(torch.cuda.current_stream())
+        return crops, errors, time.perf_counter() - start
+
+    def _table(self, batch: dict[str, np.ndarray], results: list, errors: list[str | None],
+               stages: dict[str, np.ndarray]) -> pa.Table:
+        n = len(results)
         names = self.classifier.class_names
 
         def column(field: str) -> list:
@@ -107,9 +206,10 @@ class Predictor:
                 "topk_scores": pa.array(column("topk_scores"), pa.list_(pa.float32())),
                 "model": pa.array([self.classifier.architecture] * n, pa.string()),
                 "weights_sha256": pa.array([self.classifier.weights_sha256] * n, pa.string()),
-                "error": pa.array([e or None for e in batch["error"]], pa.string()),
+                "error": pa.array(errors, pa.string()),
                 "meta": pa.array([m or None for m in batch["meta"]], pa.string()),
                 "unit": pa.array(batch["unit"], pa.string()),
                 "unit_rows": pa.array(batch["unit_rows"], pa.int64()),
+                **{name: pa.array(values, pa.float64()) for name, values in stages.items()},
             }
         )
