@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from skray.classifier import Decode, ModelName, PreprocessingConfig, resolve_decode
 from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
 from skray.plan import Plan, plan
+from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
@@ -57,6 +58,17 @@ class ActorsConfig(StrictModel):
     cpus: float = Field(1, gt=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU actor
     compile: bool = False
+    precision: Precision = "fp32"  # int8: quantized on CPU actors (always compiled), from `calibration`
+    calibration: str | None = None  # int8: images (folder, prefix, glob) like the input; read on the driver
+    calibration_images: int = Field(DEFAULT_CALIBRATION_IMAGES, ge=1)  # the first N that decode, sorted
+
+    @model_validator(mode="after")
+    def _int8_needs_cpu_and_calibration(self) -> "ActorsConfig":
+        if self.precision == "int8" and self.gpus != 0:
+            raise ValueError(f"precision: int8 runs on CPU actors only: set gpus: 0 (got {self.gpus!r})")
+        if self.precision == "int8" and not self.calibration:
+            raise ValueError("precision: int8 needs calibration: a folder, prefix or glob of images")
+        return self
 
 
 class S3Config(StrictModel):
@@ -306,6 +318,10 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "max_pixels": cfg.preprocessing.max_pixels,
             "decode": resolve_decode(cfg.decode, resolve_gpus(cfg.actors.gpus) > 0),
             "batch_size": cfg.batch_size,
+            "precision": cfg.actors.precision,
+            "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,
+                                             preprocessing, cfg.preprocessing.max_pixels)
+            if cfg.actors.precision == "int8" else None,
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=max(cfg.actors.min, cfg.actors.max)),
