@@ -26,7 +26,7 @@ from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
 from skray.plan import Plan, plan
-from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops
+from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
@@ -64,10 +64,7 @@ class ActorsConfig(StrictModel):
 
     @model_validator(mode="after")
     def _int8_needs_cpu_and_calibration(self) -> "ActorsConfig":
-        if self.precision == "int8" and self.gpus != 0:
-            raise ValueError(f"precision: int8 runs on CPU actors only: set gpus: 0 (got {self.gpus!r})")
-        if self.precision == "int8" and not self.calibration:
-            raise ValueError("precision: int8 needs calibration: a folder, prefix or glob of images")
+        check_int8_config(self.precision, self.gpus, self.calibration, "gpus")
         return self
 
 

@@ -26,7 +26,8 @@ from skray.model import prepare_for_inference
 from skray.sources import list_inputs
 from skray.storage import read_bytes
 
-__all__ = ["Precision", "DEFAULT_BATCH_SIZE", "DEFAULT_CALIBRATION_IMAGES", "calibration_crops", "check_int8", "quantize_int8"]
+__all__ = ["Precision", "DEFAULT_BATCH_SIZE", "DEFAULT_CALIBRATION_IMAGES", "calibration_crops", "check_int8",
+           "check_int8_config", "quantize_int8"]
 
 Precision = Literal["fp32", "int8"]
 DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred images
@@ -49,6 +50,15 @@ def calibration_crops(uri: str, count: int, preprocessing: EvalTransformConfig,
     if not crops:
         raise ValueError(f"calibration: no decodable image under {uri}")
     return torch.stack(crops)
+
+
+def check_int8_config(precision: Precision, gpus: object, calibration: str | None, gpus_key: str) -> None:
+    """The config-time form of :func:`check_int8` (labeling actors, Serve replicas): int8 asks
+    for CPU workers (``gpus_key: 0``) and a ``calibration`` source."""
+    if precision == "int8" and gpus != 0:
+        raise ValueError(f"precision: int8 runs on CPU only: set {gpus_key}: 0 (got {gpus!r})")
+    if precision == "int8" and not calibration:
+        raise ValueError("precision: int8 needs calibration: a folder, prefix or glob of images")
 
 
 def check_int8(device: torch.device, calibration: torch.Tensor | None) -> None:
