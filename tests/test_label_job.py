@@ -15,8 +15,10 @@ import pytest
 from skray.demo import synthetic_image, write_sample_dataset
 from skray.embedded import LocalRayHead, ray_cli
 from skray.label import LabelConfig, run
-from skray.sinks import MANIFEST, PART_PREFIX, committed_units, join, read_json
-from skray.storage import filesystem_for, write_bytes_atomic
+from skray.plan import plan
+from skray.sinks import MANIFEST, PART_PREFIX, committed_units, join, part_name, read_json
+from skray.sources import list_inputs
+from skray.storage import exists, filesystem_for, write_bytes_atomic
 
 from conftest import PROJECT, SMALL
 
@@ -148,6 +150,28 @@ def test_rerun_skips_committed_units_and_overwrite_starts_over(ray_cluster: Loca
     assert again["units"]["skipped"] == 0 and again["timings"]["images_this_run"] == len(keys)
     assert sorted(output_keys(labels)) == keys
     assert not [p for p in os.listdir(labels) if not p.startswith((PART_PREFIX, "_"))]
+
+
+def test_a_part_that_cannot_be_written_fails_the_run_without_a_manifest_and_the_rerun_completes(
+    ray_cluster: LocalRayHead, tmp_path
+):
+    data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
+    keys = write_sample_dataset(data, files=16, shards=0, broken=False)
+    cfg = LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=4, batch_size=4)
+    blocked = join(labels, part_name(plan(list_inputs(data, []), labels, files_per_unit=4).units[2].id))
+    os.makedirs(blocked)  # the third unit's part name is taken by a folder: its write fails
+
+    with pytest.raises(OSError):
+        run(cfg)
+    assert len(committed_units(labels)) < 4 and not exists(join(labels, MANIFEST))
+
+    os.rmdir(blocked)
+    manifest = run(cfg)
+
+    assert sorted(output_keys(labels)) == keys and manifest["rows"] == len(keys)
+    timings = manifest["timings"]
+    assert timings["model_img_per_s"] > 0 and timings["decode_img_per_s"] > 0
+    assert 0 < timings["actor_busy_fraction"] <= 1 and timings["actor_wait_s"] >= 0
 
 
 def raylet_pid(socket_name: str) -> int:

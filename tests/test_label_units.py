@@ -1,5 +1,5 @@
 """The labeling job's parts, without a Ray cluster: listing and reading inputs, the config,
-the Parquet sink, committing units, the driver's checks and its progress line."""
+the Parquet sink, the driver's checks and its progress line."""
 
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ from skray import label, sources
 from skray.classifier import PreprocessingConfig
 from skray.config import ConfigError, load_config, parse_overrides
 from skray.demo import synthetic_image, webdataset_shard
-from skray.label import LabelConfig, Progress, UnitCommitter, format_summary, prepare
+from skray.label import LabelConfig, Progress, format_summary, prepare
 from skray.lease import LEASE_FILE, LeaseHeld
 from skray.model import create_model
 from skray.sinks import (
     JOB_FILE,
-    LABEL_SCHEMA,
     MANIFEST,
     OutputError,
     check_writable,
@@ -46,14 +45,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # --- helpers ---------------------------------------------------------------
-
-
-def predictor_batch(rows: list[tuple[str, str, int]]) -> pa.Table:
-    """A table shaped like the Predictor's output, from (key, unit, unit_rows) triples."""
-    records = [{**label_row(key), "unit": unit, "unit_rows": n} for key, unit, n in rows]
-    schema = LABEL_SCHEMA.append(pa.field("unit", pa.string()))
-    schema = schema.append(pa.field("unit_rows", pa.int64()))
-    return pa.Table.from_pylist(records, schema=schema)
 
 
 def part_keys(output: str, unit_id: str) -> list[str]:
@@ -663,41 +654,6 @@ def test_summarize_output_counts_rows_failures_by_reason_and_top_labels(tmp_path
     assert (summary["labeled"], summary["failed"]) == (3, 3)
     assert summary["failed_by_reason"] == {"empty": 2, "not_an_image": 1}
     assert summary["top_labels"] == [("cat", 2), ("dog", 1)]
-
-
-# --- label.UnitCommitter ---------------------------------------------------
-
-
-def test_unit_committer_writes_a_unit_only_once_all_its_rows_arrived(tmp_path):
-    output = str(tmp_path / "out")
-    committer = UnitCommitter(output)
-
-    assert committer.add(predictor_batch([("a2", "A", 3), ("b1", "B", 1)])) == 2
-    assert committed_units(output) == {"B"} and set(committer.pending) == {"A"}
-
-    committer.add(predictor_batch([("a3", "A", 3)]))
-    assert committed_units(output) == {"B"} and len(committer.pending["A"]) == 2
-
-    committer.add(predictor_batch([("c1", "C", 2), ("a1", "A", 3)]))
-    assert committed_units(output) == {"A", "B"} and set(committer.pending) == {"C"}
-    assert part_keys(output, "A") == ["a1", "a2", "a3"]
-    assert committer.committed == 2
-
-
-def test_unit_committer_commits_a_streamed_unit_only_once_its_count_is_known_in_any_order(tmp_path):
-    output = str(tmp_path / "out")
-    committer = UnitCommitter(output)
-
-    committer.add(predictor_batch([("a1", "A", -1), ("a2", "A", -1), ("b3", "B", 3)]))
-    assert committed_units(output) == set()  # A has 2 rows but no count yet; B 1 of 3
-
-    committer.add(predictor_batch([("b1", "B", -1)]))
-    committer.add(predictor_batch([("a3", "A", 3)]))
-    assert committed_units(output) == {"A"} and part_keys(output, "A") == ["a1", "a2", "a3"]
-
-    committer.add(predictor_batch([("b2", "B", -1)]))
-    assert committed_units(output) == {"A", "B"} and part_keys(output, "B") == ["b1", "b2", "b3"]
-    assert not committer.pending and not committer.expected and committer.committed == 2
 
 
 # --- label: the decode stage's memory --------------------------------------

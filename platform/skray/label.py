@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from skray.classifier import Decode, ModelName, PreprocessingConfig, resolve_decode
+from skray.commit import DEFAULT_CONCURRENCY, UnitCommitter
 from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
@@ -38,17 +41,12 @@ from skray.sinks import (
     summarize_output,
     withdraw_manifest,
     write_json,
-    write_part,
 )
 from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs
 from skray.storage import redact_uri
 from skray.weights import PinnedWeights, load_model, pin_weights
 
 log = logging.getLogger(__name__)
-
-OUTPUT_COLUMNS = (
-    "key", "label_id", "label", "score", "topk_ids", "topk_scores", "model", "weights_sha256", "error", "meta",
-)
 
 
 class ActorsConfig(StrictModel):
@@ -102,6 +100,7 @@ class LabelConfig(StrictModel):
     overwrite: bool = False
     lease_ttl_s: float = Field(DEFAULT_TTL_S, ge=5)  # a killed run's lease is taken over after this
     progress_interval_s: float = Field(5, gt=0)
+    commit_concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1)  # parts written at once (S3 PUTs overlap)
 
     def fingerprint(self) -> str:
         """What decides the output's content, besides the weights (pinned by sha256 in the job
@@ -113,11 +112,57 @@ class LabelConfig(StrictModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class Progress:
-    """A driver line every few seconds: images done / total, img/s, ETA."""
+STAGE_COLUMNS = ("decode_s", "model_s", "wait_s")
+STAGE_FIGURES = {  # manifest key -> how the progress line and the summary show it
+    "decode_img_per_s": "decode {:.1f} img/s/task",
+    "model_img_per_s": "model {:.1f} img/s/actor",
+    "actor_busy_fraction": "actors busy {:.0%}",
+    "actor_wait_s": "actors waited {:.1f}s",
+}
 
-    def __init__(self, total: int | None, interval_s: float) -> None:
+
+class StageTimes:
+    """Where the workers' time went, from per-row columns the stages add (a batch's seconds
+    over its rows): ``decode_s`` in a read+decode task, ``model_s`` in a model actor's
+    ``__call__``, ``wait_s`` an actor idle before it (waiting for input). Summed on the
+    driver as batches arrive; a column no stage sent leaves its figures out."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.rows: dict[str, int] = defaultdict(int)
+
+    def add(self, batch: pa.Table) -> None:
+        for name in STAGE_COLUMNS:
+            if name in batch.column_names:
+                self.seconds[name] += pc.sum(batch.column(name)).as_py() or 0.0
+                self.rows[name] += batch.num_rows
+
+    def figures(self) -> dict[str, float]:
+        """decode img/s per decode task, model img/s per actor, the actors' busy fraction
+        (model over model + wait: on GPUs, how busy the GPUs were) and the actors' wait."""
+        seconds, figures = self.seconds, {}
+        for name, stage in (("decode_s", "decode"), ("model_s", "model")):
+            if seconds.get(name, 0) > 0:
+                figures[f"{stage}_img_per_s"] = round(self.rows[name] / seconds[name], 3)
+        if "model_s" in seconds and "wait_s" in seconds:
+            model, wait = seconds["model_s"], seconds["wait_s"]
+            if model + wait > 0:
+                figures["actor_busy_fraction"] = round(model / (model + wait), 4)
+            figures["actor_wait_s"] = round(wait, 3)
+        return figures
+
+    def describe(self) -> str:
+        """The figures as the progress line shows them ('' until a stage reported)."""
+        figures = self.figures()
+        return "; ".join(shown.format(figures[key]) for key, shown in STAGE_FIGURES.items() if key in figures)
+
+
+class Progress:
+    """A driver line every few seconds: images done / total, img/s, ETA, and the stages' figures."""
+
+    def __init__(self, total: int | None, interval_s: float, stages: StageTimes | None = None) -> None:
         self.total, self.interval_s = total, interval_s
+        self.stages = stages or StageTimes()
         self.done = 0
         self.start = self.last = time.monotonic()
         self.first: tuple[float, int] | None = None  # when the first batch arrived, and its size
@@ -148,34 +193,9 @@ class Progress:
         eta = ""
         if self.total is not None and self.rate > 0:
             eta = f", ETA {max(self.total - self.done, 0) / self.rate:.0f}s"
-        return f"[label] {self.done}/{total} images, {self.rate:.1f} img/s{eta}"
-
-
-class UnitCommitter:
-    """Gathers rows per unit and writes a unit's part as soon as all its rows arrived.
-
-    Units stream: only the rows of a unit's last read batch carry its row count
-    (the others ``unit_rows = -1``), and batches may arrive in any order, so a
-    unit is complete once its count is known and that many rows are here."""
-
-    def __init__(self, output: str) -> None:
-        self.output = output
-        self.pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.expected: dict[str, int] = {}  # row count per pending unit, once its last batch came
-        self.committed = 0
-
-    def add(self, batch: pa.Table) -> int:
-        for record in batch.select([*OUTPUT_COLUMNS, "unit", "unit_rows"]).to_pylist():
-            unit, unit_rows = record.pop("unit"), record.pop("unit_rows")
-            rows = self.pending[unit]
-            rows.append(record)
-            if unit_rows >= 0:
-                self.expected[unit] = unit_rows
-            if len(rows) == self.expected.get(unit):
-                write_part(self.output, unit, sorted(rows, key=lambda r: r["key"]))
-                del self.pending[unit], self.expected[unit]
-                self.committed += 1
-        return batch.num_rows
+        stages = self.stages.describe()
+        stages = f" ({stages})" if stages else ""
+        return f"[label] {self.done}/{total} images, {self.rate:.1f} img/s{eta}{stages}"
 
 
 DECODE_BASE_BYTES = 512 * 2**20  # a decode worker's own footprint: Python, pyarrow, torch
@@ -269,6 +289,20 @@ def prepare(cfg: LabelConfig) -> Prepared:
     return Prepared(planned, pinned, weights, lease)
 
 
+def actor_pool_sizes(actors: ActorsConfig, gpus_per_actor: float, cluster_gpus: float) -> tuple[int, int]:
+    """(min_size, max_size) of the model actor pool; Ray Data starts ``min_size`` actors and
+    adds the rest one at a time as the first ones fill up.
+
+    On CPUs the pool autoscales between ``actors.min`` and ``actors.max``. On GPUs it
+    starts at full size, ``actors.max`` or as many actors as the cluster's GPUs hold now
+    if fewer, since the ramp-up costs minutes on a big pool while GPUs sit idle; it may
+    still grow to ``actors.max`` as GPU nodes join. ``actors.min`` does not apply there."""
+    if gpus_per_actor <= 0:
+        return actors.min, max(actors.min, actors.max)
+    fits = math.floor(cluster_gpus / gpus_per_actor + 1e-9)
+    return max(1, min(actors.max, fits)), actors.max
+
+
 def worker_env(cfg: LabelConfig) -> dict[str, str]:
     """What the workers must see: the configured S3 location (no secrets: credentials stay in the
     nodes' environment; pinned weights name a concrete file, so no MLflow store is needed)."""
@@ -282,6 +316,9 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
     from skray.predictor import Predictor, read_and_decode
 
     preprocessing = cfg.preprocessing.transform()
+    gpus = resolve_gpus(cfg.actors.gpus)
+    pool = actor_pool_sizes(cfg.actors, gpus, ray.cluster_resources().get("GPU", 0))
+    print(f"[label] model actors: {pool[0]} at start, up to {pool[1]}, {gpus:g} GPU each", flush=True)
     env = worker_env(cfg)
     runtime_env = {"env_vars": env} if env else None
     ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
@@ -294,7 +331,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
             "max_object_bytes": cfg.max_object_bytes,
-            "decode": resolve_decode(cfg.decode, resolve_gpus(cfg.actors.gpus) > 0),
+            "decode": resolve_decode(cfg.decode, gpus > 0),
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -313,7 +350,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "threads": cfg.actors.threads,
             "compile": cfg.actors.compile,
             "max_pixels": cfg.preprocessing.max_pixels,
-            "decode": resolve_decode(cfg.decode, resolve_gpus(cfg.actors.gpus) > 0),
+            "decode": resolve_decode(cfg.decode, gpus > 0),
             "batch_size": cfg.batch_size,
             "precision": cfg.actors.precision,
             "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,
@@ -321,8 +358,8 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             if cfg.actors.precision == "int8" else None,
         },
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.actors.min, max_size=max(cfg.actors.min, cfg.actors.max)),
-        num_gpus=resolve_gpus(cfg.actors.gpus),
+        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+        num_gpus=gpus,
         num_cpus=cfg.actors.cpus,
         runtime_env=runtime_env,
     )
@@ -345,16 +382,16 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
               f"({planned.committed_parts} parts), {planned.removed_rows} no longer in the input; "
               f"{len(planned.units)} units to do", flush=True)
         progress = Progress(planned.pending_rows, cfg.progress_interval_s)
-        committer = UnitCommitter(cfg.output)
         ray_started = time.time()
-        if planned.units:
-            ray.init(ignore_reinit_error=True)
-            dataset = build_dataset(cfg, planned.units, prepared.pinned)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                lease.check()
-                progress.add(committer.add(batch))
-            if committer.pending:
-                raise RuntimeError(f"{len(committer.pending)} units ended incomplete: rerun to finish them")
+        with UnitCommitter(cfg.output, lease.check, cfg.commit_concurrency) as committer:
+            if planned.units:
+                ray.init(ignore_reinit_error=True)
+                dataset = build_dataset(cfg, planned.units, prepared.pinned)
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    lease.check()
+                    progress.stages.add(batch)
+                    progress.add(committer.add(batch))
+        # every part is written here: only now may the manifest say the output is complete
         print(progress.line(), flush=True)
         summary = summarize_output(cfg.output)
         finished = time.time()
@@ -378,6 +415,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                 "images_this_run": progress.done,
                 "img_per_s": round(progress.rate, 3),
                 "steady_img_per_s": round(progress.steady_rate, 3),
+                **progress.stages.figures(),
             },
             "config": redact_values(json.loads(cfg.model_dump_json())),
         }
@@ -397,6 +435,7 @@ def format_summary(manifest: dict[str, Any]) -> str:
         f"skipped (done)      {manifest['skipped_already_done']}",
         f"duplicates          {manifest['duplicates']}",
         f"img/s (this run)    {timings['img_per_s']}",
+        *(f"  {shown.format(timings[key])}" for key, shown in STAGE_FIGURES.items() if key in timings),
         f"wall time           {timings['total_s']} s",
         f"model               {manifest['model']}"
         + (" (RANDOM weights: labels are meaningless)" if manifest["random_weights"] else ""),

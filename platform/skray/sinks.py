@@ -68,9 +68,12 @@ def committed_units(output: str) -> set[str]:
     return {posixpath.basename(p)[len(PART_PREFIX) : -len(".parquet")] for p in paths}
 
 
-def write_part(output: str, unit_id: str, rows: list[dict[str, Any]]) -> None:
-    """Commit one unit's rows: readers see the whole part or nothing."""
-    table = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+def write_part(output: str, unit_id: str, rows: pa.Table | list[dict[str, Any]]) -> None:
+    """Commit one unit's rows (the label schema's columns): readers see the whole part or nothing."""
+    if isinstance(rows, pa.Table):
+        table = rows.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
+    else:
+        table = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     write_bytes_atomic(join(output, part_name(unit_id)), buffer.getvalue())

@@ -128,11 +128,12 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` so that readers see the old content or the new, never a partial file.
 
     Locally: a temporary file in the same directory, fsynced, then ``os.replace``.
-    On S3 an object only appears once its upload completes, so a plain write is atomic.
+    On S3 an object only appears once its upload completes, so a plain write is atomic;
+    a delayed open makes a small object one PUT, not three requests of a multipart upload.
     """
     uri = os.fspath(uri)
     if is_remote(uri):
-        fs, path = filesystem_for(uri)
+        fs, path = filesystem_for(uri, s3_options_from_env({"allow_delayed_open": True}))
         with fs.open_output_stream(path) as stream:
             stream.write(data)
         return
