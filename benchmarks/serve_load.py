@@ -8,6 +8,11 @@ the mean batch each request shared (``X-Skray-Batch-Size``). Model-only img/s is
 own :class:`Classifier` on ready uint8 crops at ``--batch`` with the same threads, measured
 before and after the HTTP runs; the ratio column divides by their mean.
 
+A second table says where a request's time went (means, ms): the replica's ``Server-Timing``
+stages (read the body, wait for a decode slot, decode, queue for the model, forward pass) and
+the rest of the client-side latency, which is the proxy (HTTP parsing, routing, the hop to the
+replica and back) and the client itself.
+
     python benchmarks/serve_load.py [--model skresnext50_32x4d] [--requests 64] [--batch 16]
 """
 
@@ -28,9 +33,19 @@ from skray.classifier import Classifier
 from skray.demo import synthetic_image
 from skray.embedded import LOOPBACK, free_port
 from skray.model import DEFAULT_MODEL
-from skray.serving import BATCH_SIZE_HEADER, ServeConfig, application
+from skray.serving import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER, ServeConfig, application
 
 CONCURRENCY = (1, 4, 16, 64)
+STAGES = ("read", "decode_wait", "decode", "queue", "forward")
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``read;dur=1.2, decode;dur=4.0`` -> ``{"read": 1.2, "decode": 4.0}`` (ms)."""
+    stages = {}
+    for entry in header.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        stages[name] = float(duration)
+    return stages
 
 
 def model_only(classifier: Classifier, crops: torch.Tensor, rounds: int = 5) -> float:
@@ -48,6 +63,7 @@ async def load(url: str, images: list[bytes], requests: int, concurrency: int) -
     """``requests`` POSTs, ``concurrency`` in flight at a time; latency measured per request."""
     latencies: list[float] = []
     batches: list[int] = []
+    stages: list[dict[str, float]] = []
     errors = 0
     queue = iter(range(requests))
 
@@ -61,11 +77,14 @@ async def load(url: str, images: list[bytes], requests: int, concurrency: int) -
             except httpx.HTTPError:
                 errors += 1
                 continue
-            latencies.append(time.perf_counter() - started)
+            latency = time.perf_counter() - started
+            latencies.append(latency)
             if reply.status_code != 200:
                 errors += 1
             else:
                 batches.append(int(reply.headers[BATCH_SIZE_HEADER]))
+                replica = server_timing(reply.headers[SERVER_TIMING_HEADER])
+                stages.append({**replica, "proxy": 1000 * latency - replica["total"]})
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -77,8 +96,9 @@ async def load(url: str, images: list[bytes], requests: int, concurrency: int) -
     def pct(p: float) -> float:
         return ms[min(len(ms) - 1, int(p / 100 * len(ms)))]
 
+    means = {k: statistics.mean(s[k] for s in stages) if stages else float("nan") for k in (*STAGES, "proxy")}
     return {"rps": len(latencies) / elapsed, "p50": pct(50), "p95": pct(95), "p99": pct(99), "errors": errors,
-            "batch": statistics.mean(batches) if batches else 0.0}
+            "batch": statistics.mean(batches) if batches else 0.0, "ms": {**means, "client": statistics.mean(ms)}}
 
 
 def main() -> None:
@@ -95,7 +115,7 @@ def main() -> None:
     crops = torch.stack([classifier.decode(images[i % len(images)]) for i in range(args.batch)])
     alone = [model_only(classifier, crops)]
 
-    ray.init(num_cpus=args.threads + 2, logging_level="ERROR")
+    ray.init(num_cpus=args.threads + 2, logging_level="ERROR", log_to_driver=False)  # the client, not a log tail
     port = free_port()
     serve.start(http_options={"host": LOOPBACK, "port": port})
     rows = []
@@ -122,6 +142,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['batching']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
               f"{r['p99']:.0f} | {r['errors']} | {r['batch']:.1f} | {r['rps'] / reference:.2f}x |")
+    print("\nWhere a request's time went, mean ms: replica stages (Server-Timing), and proxy + client = "
+          "client-side latency - replica total")
+    print("| batching | concurrency | " + " | ".join(STAGES) + " | proxy + client | client latency |")
+    print("|---|---:|" + "---:|" * (len(STAGES) + 2))
+    for r in rows:
+        print(f"| {r['batching']} | {r['concurrency']} | "
+              + " | ".join(f"{r['ms'][k]:.0f}" for k in (*STAGES, "proxy", "client")) + " |")
 
 
 if __name__ == "__main__":

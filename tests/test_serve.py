@@ -166,6 +166,11 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(url, ima
         assert_same_answer(reply.json(), expected[str(path)])
     batch_sizes = [int(r.headers["x-skray-batch-size"]) for r in replies]
     assert max(batch_sizes) > 1 and max(batch_sizes) <= 8  # batched, never over max_batch_size
+    for reply in replies:  # where its time went in the replica, stage by stage (ms)
+        stages = dict(entry.strip().split(";dur=") for entry in reply.headers["server-timing"].split(","))
+        assert list(stages) == ["read", "decode_wait", "decode", "queue", "forward", "total"]
+        assert float(stages["forward"]) > 0
+        assert float(stages["total"]) >= sum(float(v) for k, v in stages.items() if k != "total")
 
 
 def test_the_batch_endpoint_answers_each_image_and_reports_the_broken_one_alone(url, images, expected):
@@ -418,6 +423,8 @@ def test_shipped_serve_configs_validate_with_serve_and_skray(tmp_path):
     (["--set", "max_batch_size=0"], "max_batch_size"),
     (["--set", "max_batchsize=8"], "max_batchsize: unknown key"),
     (["--app", "nope"], "--app"),
+    (["--set", "precision=int8", "--set", "gpus_per_replica=0"], "needs calibration"),
+    (["--set", "precision=int8", "--set", "calibration=/data"], "gpus_per_replica: 0"),
 ])
 def test_a_bad_serve_config_fails_before_anything_starts_naming_the_key(args, named, capsys):
     assert main(["serve", "--config", str(PROJECT / "configs/serve.yaml"), *args]) == 2

@@ -2,8 +2,10 @@
 
 Each request is read (size-limited), authorized, and decoded with the same
 ``skray.images`` eval transform as the labeling job, off the event loop; its
-uint8 crop then joins a dynamic batch (``@serve.batch``) that runs the model's
-fast path in a worker thread, so new requests keep arriving while a batch runs.
+uint8 crop then queues for the model, and the next batch is taken when the model is
+free (:class:`skray.batching.Batcher`), so batches fill while one runs. Every answer
+says where its time went in the replica: a ``Server-Timing`` header (read, decode
+wait and decode, queue, forward, total; milliseconds) and ``X-Skray-Batch-Size``.
 
 Bad input is the client's problem and gets a 4xx JSON error naming it, never a
 5xx: ``{"error": {"code": ..., "message": ...}}``. A replica only says it is
@@ -31,14 +33,15 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from skray.classifier import Classifier, ModelName, Prediction, PreprocessingConfig
+from skray.batching import Batcher, BatchTiming
+from skray.classifier import Classifier, Decode, ModelName, Prediction, PreprocessingConfig
 from skray.config import (
     ConfigError,
     StrictModel,
@@ -50,6 +53,7 @@ from skray.config import (
 )
 from skray.embedded import LOOPBACK
 from skray.images import ImageDecodeError
+from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops
 from skray.weights import PinnedWeights, pin_weights
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ DEPLOYMENT = "Classifier"
 IMPORT_PATH = "skray.serving:build_app"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 BATCH_SIZE_HEADER = "X-Skray-Batch-Size"  # how many images shared this one's forward pass
+SERVER_TIMING_HEADER = "Server-Timing"  # read, decode_wait, decode, queue, forward, total (ms), in the replica
 # Lower than the batch default (89M): a replica decodes ``decode_concurrency`` uploads at once and
 # each can hold its source and an RGB copy (about 8 bytes a pixel), so 40M keeps two under 700 MB
 # while still taking any camera up to 40 MP; JPEGs are draft-decoded far smaller anyway.
@@ -82,6 +87,10 @@ class ServeConfig(StrictModel):
     cpus_per_replica: float = Field(1, gt=0)
     gpus_per_replica: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU replica
+    decode: Decode = "auto"  # gpu: each batch's bytes are decoded next to the model; auto: gpu on a GPU replica
+    precision: Precision = "fp32"  # int8: a quantized model on CPU replicas (always compiled), from `calibration`
+    calibration: str | None = None  # int8: images (folder, prefix, glob); every replica reads the same ones
+    calibration_images: int = Field(DEFAULT_CALIBRATION_IMAGES, ge=1)  # the first N that decode, sorted
 
     @field_validator("preprocessing", mode="before")
     @classmethod
@@ -90,6 +99,15 @@ class ServeConfig(StrictModel):
         if isinstance(value, dict) and "max_pixels" not in value:
             return {**value, "max_pixels": SERVE_MAX_PIXELS}
         return value
+
+    @model_validator(mode="after")
+    def _int8_needs_cpu_and_calibration(self) -> "ServeConfig":
+        if self.precision == "int8" and self.gpus_per_replica != 0:
+            raise ValueError(f"precision: int8 runs on CPU replicas only: set gpus_per_replica: 0 "
+                             f"(got {self.gpus_per_replica!r})")
+        if self.precision == "int8" and not self.calibration:
+            raise ValueError("precision: int8 needs calibration: a folder, prefix or glob of images")
+        return self
 
 
 # ---- the HTTP contract (also the OpenAPI schema at /docs) --------------------------------------
@@ -223,12 +241,18 @@ class ClassifierDeployment:
             torch.set_num_threads(cfg.threads)
         amp = torch.bfloat16 if torch.cuda.is_available() else None
         weights = PinnedWeights.from_dict(pinned) if pinned else None  # every replica: the same bytes
-        self.classifier = Classifier(cfg.model, weights, amp_dtype=amp,
-                                     preprocessing=cfg.preprocessing.transform(),
-                                     max_pixels=cfg.preprocessing.max_pixels)
+        transform, max_pixels = cfg.preprocessing.transform(), cfg.preprocessing.max_pixels
+        calibration = (calibration_crops(cfg.calibration, cfg.calibration_images, transform, max_pixels)
+                       if cfg.precision == "int8" else None)
+        self.classifier = Classifier(cfg.model, weights, amp_dtype=amp, preprocessing=transform,
+                                     max_pixels=max_pixels, decode=cfg.decode, precision=cfg.precision,
+                                     calibration=calibration, batch_size=cfg.max_batch_size
+                                     if cfg.precision == "int8" else None)
+        # decode on the model's device: requests queue their bytes and each batch decodes together
+        self._device_decode = self.classifier.decode_on == "gpu"
         self.num_classes = len(self.classifier.class_names)
-        self._predict_batch.set_max_batch_size(cfg.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._batcher: Batcher[tuple[torch.Tensor | bytes, int], Prediction | ImageDecodeError] = Batcher(
+            self._forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self._decode_slots = asyncio.Semaphore(cfg.decode_concurrency)
         self._warm = threading.Event()
         self._warmup_error: str | None = None
@@ -291,6 +315,8 @@ class ClassifierDeployment:
                        "max_pixels": cfg.preprocessing.max_pixels, "body_timeout_s": cfg.body_timeout_s,
                        "decode_concurrency": cfg.decode_concurrency},
             "device": str(c.device),
+            "decode": c.decode_on,
+            "precision": c.precision,
             "auth": "bearer" if self.token else None,
         }
 
@@ -300,24 +326,30 @@ class ClassifierDeployment:
         """Classify one image: the raw body (``image/*``, ``application/octet-stream``) or one multipart file."""
         started, k = time.perf_counter(), self._accept(request, top_k)
         content_type = request.headers.get("content-type", "")
+        timing: dict[str, float] = {}
         if content_type.startswith("multipart/form-data"):
             files = await self._read_files(request)
             if len(files) != 1:
                 raise ApiError(422, "one_file_expected", f"expected exactly one file part, got {len(files)} "
                                "(several images go to /v1/classify/batch)")
             data = files[0][1]
+            timing["read"] = time.perf_counter() - started
         elif content_type.startswith(RAW_IMAGE_TYPES):
             data = await self._read_body(request)
+            timing["read"] = time.perf_counter() - started
         else:
             raise ApiError(415, "unsupported_media_type",
                            f"content type {content_type or '(none)'!r} is not an image: send image/*, "
                            "application/octet-stream or multipart/form-data")
         try:
-            prediction, batch_size = await self._classify(data, k)
+            prediction, batch = await self._classify(data, k, timing)
         except ImageDecodeError as err:
             raise ApiError(400, f"image_{err.reason}", str(err)) from None
         answer = Classification(**prediction_fields(prediction), **self._served_by(started))
-        return JSONResponse(answer.model_dump(), headers={BATCH_SIZE_HEADER: str(batch_size)})
+        timing["total"] = time.perf_counter() - started
+        return JSONResponse(answer.model_dump(), headers={
+            BATCH_SIZE_HEADER: str(batch.size),
+            SERVER_TIMING_HEADER: ", ".join(f"{stage};dur={1000 * s:.1f}" for stage, s in timing.items())})
 
     @api.post("/v1/classify/batch", response_model=BatchClassification,
               responses=ERRORS)
@@ -342,19 +374,35 @@ class ClassifierDeployment:
                 results.append(BatchItem(filename=name, **prediction_fields(outcome[0])))
         return BatchClassification(results=results, **self._served_by(started))
 
-    async def _classify(self, data: bytes, top_k: int) -> tuple[Prediction, int]:
+    async def _classify(self, data: bytes, top_k: int,
+                        timing: dict[str, float] | None = None) -> tuple[Prediction, BatchTiming]:
         """Decode off the event loop, ``decode_concurrency`` at a time so a burst of large images cannot
-        multiply memory, then join the next batch; returns the answer and that batch's size."""
-        async with self._decode_slots:
-            crop = await asyncio.to_thread(self.classifier.decode, data)
+        multiply memory, then join the next batch; the answer and its batch. ``timing`` gets the
+        seconds spent waiting for a decode slot, decoding, queued for the model and in its forward
+        (which includes the decode when the model's device decodes)."""
+        waited = decoding = decoded = time.perf_counter()
+        image: torch.Tensor | bytes = data
+        if not self._device_decode:
+            async with self._decode_slots:
+                decoding = time.perf_counter()
+                image = await asyncio.to_thread(self.classifier.decode, data)
+            decoded = time.perf_counter()
         await self._ready()
-        return await self._predict_batch(crop, top_k)
+        answer, batch = await self._batcher.submit((image, top_k))
+        if timing is not None:
+            timing.update(decode_wait=decoding - waited, decode=decoded - decoding,
+                          queue=batch.queue_s, forward=batch.forward_s)
+        if isinstance(answer, ImageDecodeError):
+            raise answer
+        return answer, batch
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, crops: list[torch.Tensor], top_ks: list[int]) -> list[tuple[Prediction, int]]:
-        """One forward pass for every crop queued together (sizes from the config, set in ``__init__``)."""
-        predictions = await asyncio.to_thread(self.classifier.predict_tensors, torch.stack(crops), max(top_ks))
-        return [(p.top(k), len(crops)) for p, k in zip(predictions, top_ks)]
+    def _forward(self, items: list[tuple[torch.Tensor | bytes, int]]) -> list[Prediction | ImageDecodeError]:
+        """One forward pass for every image queued together (crops, or bytes the model's device
+        decodes), each answer cut to its own top_k; an image that does not decode gets its error."""
+        images, k = [image for image, _ in items], max(k for _, k in items)
+        answers = (self.classifier.predict_bytes(images, k) if self._device_decode
+                   else self.classifier.predict_tensors(torch.stack(images), k))
+        return [a if isinstance(a, ImageDecodeError) else a.top(top_k) for a, (_, top_k) in zip(answers, items)]
 
     def _authorize(self, request: Request) -> None:
         if not self.token:
