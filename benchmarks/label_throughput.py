@@ -3,9 +3,16 @@
 One run, same generated images, same model, batch size and threads:
 
 * model-only: uint8 crops already in memory through the actor's own Classifier;
-* the job on N images and on 10 x N images: steady-state img/s (after the first
-  batch), total img/s with start-up, and peak memory (driver PSS, all Ray worker
-  PSS, object store) sampled every second (sampling costs CPU on a 2-core machine).
+* the job on N images and on 10 x N images: img/s from the moment the first model
+  actor was ready (its model loaded) to the end of the job, the job's own steady
+  rate (after the first batch arrived), total img/s with start-up, and peak memory
+  (driver PSS, all Ray worker PSS, object store) sampled every second (sampling
+  costs CPU on a 2-core machine).
+
+The two windows differ on purpose: read+decode tasks run ahead while the model actor
+starts, so by the first batch a backlog of decoded images is waiting and "after the
+first batch" flatters the job (it once read faster than the model alone). From actor
+ready is the honest one: no image can be labeled before it.
 
     python benchmarks/label_throughput.py [--model skresnext50_32x4d] [--images 64] [--batch 16]
 """
@@ -100,13 +107,30 @@ def model_only(model: str, files: list[str], batch: int, threads: int, rounds: i
     return rounds * batch / (time.perf_counter() - start)
 
 
+def first_model_actor_ready(since: float) -> float | None:
+    """Unix time the first Ray Data map actor (a Predictor with its model loaded) of a job started
+    after ``since`` became ALIVE: GCS stamps ``StartTime`` when the actor's ``__init__`` returned."""
+    from ray._private.state import actors
+
+    started = [a["StartTime"] / 1000 for a in actors().values()
+               if "MapWorker" in a["ActorClassName"] and a["StartTime"] / 1000 >= since]
+    return min(started, default=None)
+
+
 def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -> tuple[dict, dict]:
     cfg = LabelConfig(input=data, output=output, model=model, batch_size=batch, files_per_unit=batch,
                       decode_concurrency=2,
                       actors=ActorsConfig(threads=threads), progress_interval_s=30)
+    started = time.time()
     with PeakMemory() as memory:
         manifest = run(cfg)
-    return manifest["timings"], memory.peak
+    finished, timings = time.time(), manifest["timings"]
+    ready = first_model_actor_ready(started)
+    if ready is None:
+        raise RuntimeError("no model actor found in Ray's actor table for this job")
+    timings["actor_ready_s"] = ready - started
+    timings["from_ready_img_per_s"] = timings["images_this_run"] / (finished - ready)
+    return timings, memory.peak
 
 
 def main() -> None:
@@ -135,22 +159,24 @@ def main() -> None:
 
     print(f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, N = {args.images} images "
           f"({torch.get_num_threads()} threads in this process), Ray with 4 logical CPUs")
-    print("| run | images | steady img/s | x model-only | total img/s (with start-up) | s/img steady "
+    print("| run | images | actor ready after s | img/s from actor ready | x model-only "
+          "| img/s after first batch | x model-only | total img/s (with start-up) "
           "| peak driver MiB | peak workers MiB | peak object store MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| model-only (median of {', '.join(f'{r:.2f}' for r in references)}) | {args.batch} x "
-          f"{max(2, args.images // args.batch)} | {reference:.2f} | 1.00 | | {1 / reference:.3f} | | | |")
-    for name, (timings, peak) in runs.items():
-        steady = max(timings["steady_img_per_s"], 1e-9)
-        print(f"| job {name} | {timings['images_this_run']} | {steady:.2f} | {steady / reference:.2f} "
-              f"| {timings['img_per_s']:.2f} | {1 / steady:.3f} | {peak['driver'] / MIB:.0f} "
-              f"| {peak['workers'] / MIB:.0f} | {peak['object_store'] / MIB:.0f} |")
+          f"{max(2, args.images // args.batch)} | | {reference:.2f} | 1.00 | | | | | | |")
+    for name, (t, peak) in runs.items():
+        ready, first = t["from_ready_img_per_s"], t["steady_img_per_s"]
+        print(f"| job {name} | {t['images_this_run']} | {t['actor_ready_s']:.1f} | {ready:.2f} | "
+              f"{ready / reference:.2f} | {first:.2f} | {first / reference:.2f} | {t['img_per_s']:.2f} "
+              f"| {peak['driver'] / MIB:.0f} | {peak['workers'] / MIB:.0f} | {peak['object_store'] / MIB:.0f} |")
     (small_t, small_m), (large_t, large_m) = runs["N"], runs["10N"]
     total = lambda m: m["driver"] + m["workers"] + m["object_store"]  # noqa: E731
-    print(f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), "
-          f"time per image x{small_t['steady_img_per_s'] / large_t['steady_img_per_s']:.2f} (target within 1.10)")
-    print(f"steady state vs model-only: {small_t['steady_img_per_s'] / reference:.2f} / "
-          f"{large_t['steady_img_per_s'] / reference:.2f} (target >= 0.85)")
+    print(f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), time per image "
+          f"x{small_t['from_ready_img_per_s'] / large_t['from_ready_img_per_s']:.2f} (target within 1.10)")
+    print(f"from actor ready vs model-only: {small_t['from_ready_img_per_s'] / reference:.2f} / "
+          f"{large_t['from_ready_img_per_s'] / reference:.2f} (target >= 0.85); after the first batch: "
+          f"{small_t['steady_img_per_s'] / reference:.2f} / {large_t['steady_img_per_s'] / reference:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Model-only throughput: the plain eager model vs its inference fast path.
+"""Model-only throughput: skray's eager model and inference fast path, next to timm's.
 
-Variants are timed interleaved, round by round, in one process so that machine
-noise hits them alike; the table reports medians and the ratio to plain eager.
+Every variant is timed interleaved, round by round, in one process so that machine
+noise hits them alike; warm-up and compilation run before the first timed round.
+The table reports medians and ratios to timm eager and timm compiled (Inductor with
+freezing, timm's best CPU inference) when timm is importable (``pip install skray[bench]``).
 
-    python benchmarks/model_throughput.py [--model skresnext50_32x4d] [--batch 16] [--size 224]
+    python benchmarks/model_throughput.py [--model skresnext50_32x4d] [--batch 16] [--size 224] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -14,14 +16,45 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
 
 from skray.model import DEFAULT_MODEL, create_model, prepare_for_inference
 
+Runner = Callable[[torch.Tensor], torch.Tensor]
+TIMM_EAGER, TIMM_COMPILED = "timm eager", "timm compile + freezing"
 
-def images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+
+def images_per_second(fn: Runner, x: torch.Tensor) -> float:
     start = time.perf_counter()
     fn(x)
     return x.shape[0] / (time.perf_counter() - start)
+
+
+def channels_last_inference(module: nn.Module | Runner) -> Runner:
+    """NCHW float batches in, run channels_last under inference mode (what the fast path does)."""
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return module(x.contiguous(memory_format=torch.channels_last))
+
+    return forward
+
+
+def frozen(module: nn.Module) -> Runner:
+    """``torch.compile`` with Inductor freezing: weights become constants, folded and prepacked."""
+    return channels_last_inference(torch.compile(module, dynamic=False, options={"freezing": True}))
+
+
+def timm_variants(name: str, device: torch.device) -> dict[str, Runner]:
+    """timm's model of the same name, channels_last, eager and compiled with freezing (torch.compile's
+    fastest CPU inference): the bar skray's fast path is held to."""
+    try:
+        import timm
+    except ImportError:
+        print("timm is not installed (pip install skray[bench]): no timm columns")
+        return {}
+    model = timm.create_model(name, pretrained=False).eval().to(device, memory_format=torch.channels_last)
+    return {TIMM_EAGER: channels_last_inference(model), TIMM_COMPILED: frozen(model)}
 
 
 def main() -> None:
@@ -29,7 +62,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -37,7 +70,7 @@ def main() -> None:
     model = create_model(args.model).eval().to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
 
-    def synced(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def synced(fn: Runner) -> Runner:
         def run(batch: torch.Tensor) -> torch.Tensor:
             out = fn(batch)
             if device.type == "cuda":
@@ -47,31 +80,36 @@ def main() -> None:
         return run
 
     variants = {
-        "plain eager fp32": synced(torch.inference_mode()(model)),
-        "fast (BN fold + SK fuse + channels_last)": synced(prepare_for_inference(model, device)),
-        "fast + torch.compile": synced(prepare_for_inference(model, device, compile=True)),
+        "skray eager": torch.inference_mode()(model),
+        "skray fast (BN fold + SK fuse + channels_last)": prepare_for_inference(model, device),
+        "skray fast + torch.compile": prepare_for_inference(model, device, compile=True),
+        "skray fast + compile + freezing (as timm's)": frozen(prepare_for_inference(model, device).module),
+        **timm_variants(args.model, device),
     }
     if device.type == "cuda":
-        variants["fast + compile + bf16 autocast"] = synced(
-            prepare_for_inference(model, device, compile=True, amp_dtype=torch.bfloat16)
-        )
-    for fn in variants.values():  # warm-up, compilation included
+        variants["skray fast + compile + bf16 autocast"] = prepare_for_inference(
+            model, device, compile=True, amp_dtype=torch.bfloat16)
+    variants = {name: synced(fn) for name, fn in variants.items()}
+    for name, fn in variants.items():  # warm-up: compilation and allocator, never timed
+        started = time.perf_counter()
         fn(x)
         fn(x)
+        print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s", flush=True)
 
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():
             rates[name].append(images_per_second(fn, x))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
 
-    base = statistics.median(rates["plain eager fp32"])
+    references = [r for r in ("skray eager", TIMM_EAGER, TIMM_COMPILED) if r in medians]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{args.model}, batch {args.batch}, {args.size} px, {device_name}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
-    print(f"| variant | img/s | x plain |\n|---|---:|---:|")
-    for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
+    print(f"\n{args.model}, batch {args.batch}, {args.size} px, {device_name}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded)")
+    print("| variant | img/s | " + " | ".join(f"x {r}" for r in references) + " |")
+    print("|---|---:|" + "---:|" * len(references))
+    for name, rate in medians.items():
+        print(f"| {name} | {rate:.1f} | " + " | ".join(f"{rate / medians[r]:.2f}" for r in references) + " |")
 
 
 if __name__ == "__main__":

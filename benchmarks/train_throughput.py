@@ -6,6 +6,10 @@ in memory: this measures the loop, not decoding). The Ray Train side is the real
 validation, checkpoint, report); its img/s covers the training steps of an epoch,
 like the plain loop's. Median over epochs after the first.
 
+The plain loop runs with no Ray in the machine: before ``ray.init`` and again after
+``ray.shutdown`` (Ray's own processes would otherwise slow the baseline down, and a
+2-core machine has nothing to spare).
+
     python benchmarks/train_throughput.py [--model skresnext14_8x4d_half] [--size 96] [--batch 32]
 """
 
@@ -64,7 +68,7 @@ def ray_train_loop(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, cla
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": data,
-                           "mlflow_run_id": None, "tracking_uri": None},
+                           "mlflow_run_id": None, "tracking_uri": None, "pretrained": None},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
         run_config=RunConfig(name="bench", storage_path=storage),
         datasets={"train": train, "val": val},
@@ -96,8 +100,11 @@ def main() -> None:
 
     torch.set_num_threads(2)
     plain = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
+    print(f"plain PyTorch, before Ray: {', '.join(f'{r:.1f}' for r in plain)} img/s", flush=True)
     ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
     in_ray = ray_train_loop(cfg, images, labels, classes)
+    print(f"skray train_loop on Ray Train: {', '.join(f'{r:.1f}' for r in in_ray)} img/s", flush=True)
+    ray.shutdown()
     plain_again = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
 
     plain_rate = statistics.median(plain[1:] + plain_again[1:])
@@ -105,7 +112,7 @@ def main() -> None:
     print(f"\n{args.model}, {args.size} px, batch {args.batch}, {args.images} images in memory, "
           f"{args.epochs} epochs, 1 worker x 2 threads, CPU ({os.cpu_count()} cores)")
     print("| loop | img/s per epoch | median (epochs 2+) | ratio |\n|---|---|---:|---:|")
-    print(f"| plain PyTorch (before, after Ray) | {', '.join(f'{r:.1f}' for r in plain + plain_again)} "
+    print(f"| plain PyTorch, no Ray running (before, after) | {', '.join(f'{r:.1f}' for r in plain + plain_again)} "
           f"| {plain_rate:.1f} | 1.00 |")
     print(f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} | {ray_rate:.1f} "
           f"| {ray_rate / plain_rate:.2f} |")
