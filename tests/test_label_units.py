@@ -17,7 +17,7 @@ from skray import label, sources
 from skray.classifier import PreprocessingConfig
 from skray.config import ConfigError, load_config, parse_overrides
 from skray.demo import synthetic_image, webdataset_shard
-from skray.label import LabelConfig, Progress, format_summary, prepare
+from skray.label import ActorsConfig, LabelConfig, Progress, format_summary, prepare
 from skray.lease import LEASE_FILE, LeaseHeld
 from skray.model import create_model
 from skray.sinks import (
@@ -749,6 +749,16 @@ def test_prepare_refuses_an_output_of_a_different_config_pointing_to_overwrite(j
     with pytest.raises(OutputError, match="--overwrite"):
         prepare(job)
     assert not exists(join(job.output, LEASE_FILE)), "a refused run leaves no lease behind"
+
+
+def test_a_rerun_in_another_precision_is_refused_so_one_output_holds_one_models_labels(
+    job: LabelConfig, prepared
+):
+    prepared(job).lease.release()
+    int8 = job.model_copy(update={"actors": ActorsConfig(precision="int8", gpus=0, calibration="calib/")})
+
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare(int8)
 
 
 def test_prepare_refuses_weights_that_changed_behind_the_same_path_naming_both_hashes(

@@ -56,6 +56,7 @@ class ActorsConfig(StrictModel):
     cpus: float = Field(1, gt=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU actor
     compile: bool = False
+    batch_size: int | Literal["auto"] | None = None  # the model's batch shape (None: batch_size); auto: probed per GPU
     precision: Precision = "fp32"  # int8: quantized on CPU actors (always compiled), from `calibration`
     calibration: str | None = None  # int8: images (folder, prefix, glob) like the input; read on the driver
     calibration_images: int = Field(DEFAULT_CALIBRATION_IMAGES, ge=1)  # the first N that decode, sorted
@@ -108,7 +109,8 @@ class LabelConfig(StrictModel):
         units are cut from the keys still to do, so it changes nothing committed."""
         keys = ("input", "format", "exclude", "model", "top_k", "image_column", "id_column", "preprocessing",
                 "max_object_bytes")
-        blob = json.dumps(self.model_dump(mode="json", include=set(keys)), sort_keys=True)
+        content = {**self.model_dump(mode="json", include=set(keys)), "precision": self.actors.precision}
+        blob = json.dumps(content, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -351,7 +353,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "compile": cfg.actors.compile,
             "max_pixels": cfg.preprocessing.max_pixels,
             "decode": resolve_decode(cfg.decode, gpus > 0),
-            "batch_size": cfg.batch_size,
+            "batch_size": cfg.actors.batch_size or cfg.batch_size,
             "precision": cfg.actors.precision,
             "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,
                                              preprocessing, cfg.preprocessing.max_pixels)
