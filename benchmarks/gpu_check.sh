@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: `skray train` of the 50-layer model on one GPU, then `skray train --resume`.
+# The GPU check: one prepared script for a lent GPU machine (under 8 minutes on one GPU):
+# the model alone, the device decode path, training with a resume, labeling end to end
+# with `decode: gpu` vs `decode: cpu`, and the Serve load test.
 #
 #   benchmarks/gpu_check.sh                            # one GPU, under 8 minutes
 #   SKRAY_GPU_CHECK_SMALL=1 benchmarks/gpu_check.sh    # the same steps on CPU, small model, ~1-2 min
@@ -12,11 +14,21 @@
 #    epochs on 1 GPU worker, batch 128, amp bf16, channels_last (when TrainConfig has the key);
 # 4. resumes the run with epochs raised to 3 (`skray train --resume RUN_DIR`) and checks
 #    that it restored the checkpoint of epoch 1 and trained epoch 2 on top of it;
-# 5. prints img/s per GPU of every epoch (from the MLflow run) and stops its Ray head.
+# 5. prints img/s per GPU of every epoch (from the MLflow run);
+# 6. model-only img/s at the labeling batch: skray eager / fast / fast + compile in bf16,
+#    timm's eager and compiled model beside them (benchmarks/model_throughput.py);
+# 7. the GPU-only code paths: nvJPEG batch decode on the device against the Pillow path
+#    (crop difference, top-1 agreement), the per-GPU batch-size probe, and the prefetching
+#    Predictor on a CUDA stream (tests/test_device_decode.py with SKRAY_TEST_DEVICE=cuda);
+# 8. labeling ~20k real photos from local disk with decode: gpu vs decode: cpu, as a
+#    fraction of model-only, with the cost of 1M images at $SKRAY_USD_PER_GPU_HOUR
+#    (benchmarks/label_decode.py);
+# 9. the Serve load test at concurrency 64 (benchmarks/serve_load.py), then stops Ray.
 # Exits non-zero on any failure. Everything lives in $SKRAY_GPU_CHECK_DIR (default
 # .skray/gpu_check, emptied at the start), MLflow included.
 # SKRAY_GPU_CHECK_SMALL=1: skresnext14_8x4d_half, 4 classes x 24 images of 48 px, 1 epoch
-# then a resume to 2, on CPU (a Ray of 4 logical CPUs): the same path with no GPU.
+# then a resume to 2, 200 photos to label, small load tests, on CPU (a Ray of 4 logical
+# CPUs): the same path with no GPU.
 # Note: `ray stop --force` at the end stops every Ray on the machine, as the tests do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +46,11 @@ PY=$ROOT/.venv/bin/python
 if [ "$SMALL" = 1 ]; then
     MODEL=skresnext14_8x4d_half SIZE=48 CLASSES=4 PER_CLASS=24 VAL_PER_CLASS=8 EPOCHS=1
     BATCH=16 USE_GPU=false NUM_GPUS=0 NUM_CPUS=4 CPUS_PER_WORKER=1 DECODE_CPUS=0.5
+    DEVICE=cpu LABEL_IMAGES=200 LABEL_BATCH=16 ROUNDS=3 SERVE_REQUESTS=32 SERVE_BATCH=8 COMPILE=()
 else
     MODEL=skresnext50_32x4d SIZE=224 CLASSES=6 PER_CLASS=1000 VAL_PER_CLASS=100 EPOCHS=2
     BATCH=128 USE_GPU=true NUM_GPUS=1 NUM_CPUS=$(nproc) CPUS_PER_WORKER=2 DECODE_CPUS=0.5
+    DEVICE=cuda LABEL_IMAGES=20000 LABEL_BATCH=256 ROUNDS=20 SERVE_REQUESTS=512 SERVE_BATCH=64 COMPILE=(--compile)
     command -v nvidia-smi >/dev/null || fail "no nvidia-smi: no GPU here (SKRAY_GPU_CHECK_SMALL=1 runs on CPU)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $PY -c "import torch, sys; ok = torch.cuda.is_available(); print('[gpu_check] torch', torch.__version__, 'cuda', torch.version.cuda, 'available', ok); sys.exit(0 if ok else 1)" \
@@ -139,5 +153,27 @@ if problems:
     sys.exit("[gpu_check] FAILED: " + "; ".join(problems))
 print(f"[gpu_check] resume OK: restored epoch {epochs - 1}, trained to epoch {final['epoch']} in the same MLflow run")
 EOF
-step "wall: train $((t1 - t0)) s, resume $((t2 - t1)) s, total $(( $(date +%s) - started )) s"
+
+step "model-only at batch $LABEL_BATCH: skray eager / fast / fast + compile (bf16 on a GPU), timm beside it"
+$PY benchmarks/model_throughput.py --model $MODEL --batch $LABEL_BATCH --size $SIZE --rounds $ROUNDS \
+    --device $DEVICE 2>&1 | tee "$WORK/model_throughput.log" || fail "model_throughput"
+t3=$(date +%s)
+
+step "device decode on $DEVICE against the Pillow path; batch-size probe; prefetching Predictor"
+SKRAY_TEST_DEVICE=$DEVICE $PY -m pytest -q -p no:cacheprovider tests/test_device_decode.py -k "not labeling_job" \
+    2>&1 | tee "$WORK/device_decode.log" || fail "device decode tests (log: $WORK/device_decode.log)"
+
+step "labeling $LABEL_IMAGES photos: decode gpu vs cpu, as a fraction of model-only"
+$PY benchmarks/label_decode.py --model $MODEL --images $LABEL_IMAGES --batch $LABEL_BATCH "${COMPILE[@]}" \
+    --usd-per-hour "${SKRAY_USD_PER_GPU_HOUR:-3.50}" 2>&1 | tee "$WORK/label_decode.log" || fail "label_decode"
+t4=$(date +%s)
+
+step "Serve load test at concurrency 64 (batching on, max_batch_size $SERVE_BATCH)"
+ray stop --force >/dev/null 2>&1 || true  # serve_load starts its own Ray with the machine's CPUs and GPU
+$PY benchmarks/serve_load.py --model $MODEL --requests $SERVE_REQUESTS --batch $SERVE_BATCH \
+    --concurrency 64 --batching on 2>&1 | tee "$WORK/serve_load.log" || fail "serve_load"
+t5=$(date +%s)
+
+step "wall: train $((t1 - t0)) s, resume $((t2 - t1)) s, model-only $((t3 - t2)) s, labeling $((t4 - t3)) s, \
+serve $((t5 - t4)) s, total $(( $(date +%s) - started )) s"
 step "OK"

@@ -4,6 +4,10 @@ Every variant is timed interleaved, round by round, in one process so that machi
 noise hits them alike; warm-up and compilation run before the first timed round.
 The table reports medians and ratios to timm eager and timm compiled (Inductor with
 freezing, timm's best CPU inference) when timm is importable (``pip install skray[bench]``).
+timm eager runs twice: as ``timm.create_model`` returns it (NCHW, the layout timm's own
+benchmark and validate scripts use unless told ``--channels-last``) and channels_last, the
+layout skray's fast path uses, so the ratio to each is visible. On a GPU, timm's compiled
+model also runs under bf16 autocast, like skray's.
 
     python benchmarks/model_throughput.py [--model skresnext50_32x4d] [--batch 16] [--size 224] [--rounds 20]
 """
@@ -11,6 +15,7 @@ freezing, timm's best CPU inference) when timm is importable (``pip install skra
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from typing import Callable
@@ -21,7 +26,8 @@ from torch import nn
 from skray.model import DEFAULT_MODEL, create_model, prepare_for_inference
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-TIMM_EAGER, TIMM_COMPILED = "timm eager", "timm compile + freezing"
+TIMM_EAGER, TIMM_EAGER_CL = "timm eager (NCHW, as created)", "timm eager channels_last"
+TIMM_COMPILED, TIMM_COMPILED_BF16 = "timm compile + freezing", "timm compile + freezing + bf16 autocast"
 
 
 def images_per_second(fn: Runner, x: torch.Tensor) -> float:
@@ -45,16 +51,32 @@ def frozen(module: nn.Module) -> Runner:
     return channels_last_inference(torch.compile(module, dynamic=False, options={"freezing": True}))
 
 
+def bf16_autocast(fn: Runner) -> Runner:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(x).float()
+
+    return run
+
+
 def timm_variants(name: str, device: torch.device) -> dict[str, Runner]:
-    """timm's model of the same name, channels_last, eager and compiled with freezing (torch.compile's
-    fastest CPU inference): the bar skray's fast path is held to."""
+    """timm's model of the same name: eager as created and channels_last, and compiled with freezing
+    (torch.compile's fastest CPU inference; bf16 autocast too on a GPU): the bar skray is held to."""
     try:
         import timm
     except ImportError:
         print("timm is not installed (pip install skray[bench]): no timm columns")
         return {}
-    model = timm.create_model(name, pretrained=False).eval().to(device, memory_format=torch.channels_last)
-    return {TIMM_EAGER: channels_last_inference(model), TIMM_COMPILED: frozen(model)}
+    if name not in timm.list_models():
+        print(f"timm has no {name}: no timm columns")
+        return {}
+    model = timm.create_model(name, pretrained=False).eval().to(device)
+    variants = {TIMM_EAGER: torch.inference_mode()(model)}
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    variants |= {TIMM_EAGER_CL: channels_last_inference(model), TIMM_COMPILED: frozen(model)}
+    if device.type == "cuda":
+        variants[TIMM_COMPILED_BF16] = bf16_autocast(frozen(model))
+    return variants
 
 
 def main() -> None:
@@ -102,7 +124,8 @@ def main() -> None:
             rates[name].append(images_per_second(fn, x))
     medians = {name: statistics.median(values) for name, values in rates.items()}
 
-    references = [r for r in ("skray eager", TIMM_EAGER, TIMM_COMPILED) if r in medians]
+    references = [r for r in ("skray eager", TIMM_EAGER, TIMM_EAGER_CL, TIMM_COMPILED, TIMM_COMPILED_BF16)
+                  if r in medians]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n{args.model}, batch {args.batch}, {args.size} px, {device_name}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded)")

@@ -3,7 +3,7 @@ the model alone at the same batch size, all in one run.
 
 For each mode (batching on: ``max_batch_size=--batch``; off: ``max_batch_size=1``) the app is
 deployed on a local Ray, then ``--requests`` JPEG requests are sent at each concurrency level
-(1, 4, 16, 64) and timed client-side: req/s, p50/p95/p99 latency, errors (any non-200), and
+(``--concurrency``, default 1, 4, 16, 64) and timed client-side: req/s, p50/p95/p99 latency, errors (any non-200), and
 the mean batch each request shared (``X-Skray-Batch-Size``). Model-only img/s is the replica's
 own :class:`Classifier` on ready uint8 crops at ``--batch`` with the same threads, measured
 before and after the HTTP runs; the ratio column divides by their mean.
@@ -14,6 +14,7 @@ the rest of the client-side latency, which is the proxy (HTTP parsing, routing, 
 replica and back) and the client itself.
 
     python benchmarks/serve_load.py [--model skresnext50_32x4d] [--requests 64] [--batch 16]
+        [--concurrency 1,4,16,64] [--batching on,off]
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from skray.embedded import LOOPBACK, free_port
 from skray.model import DEFAULT_MODEL
 from skray.serving import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER, ServeConfig, application
 
-CONCURRENCY = (1, 4, 16, 64)
 STAGES = ("read", "decode_wait", "decode", "queue", "forward")
 
 
@@ -107,11 +107,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size with batching on")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (replica = model-only)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
+    parser.add_argument("--batching", default="on,off", help="on, off or both")
     args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    modes = {"on": args.batch, "off": 1}
+    modes = {mode: modes[mode] for mode in args.batching.split(",")}
 
     torch.set_num_threads(args.threads)
     images = [synthetic_image(seed, (320, 256)) for seed in range(32)]
-    classifier = Classifier(args.model)
+    classifier = Classifier(args.model, amp_dtype=torch.bfloat16 if torch.cuda.is_available() else None)  # as a replica
     crops = torch.stack([classifier.decode(images[i % len(images)]) for i in range(args.batch)])
     alone = [model_only(classifier, crops)]
 
@@ -119,13 +124,13 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": LOOPBACK, "port": port})
     rows = []
-    for mode, batch in (("on", args.batch), ("off", 1)):
+    for mode, batch in modes.items():
         cfg = ServeConfig(model=args.model, max_batch_size=batch, batch_wait_timeout_s=0.01, warmup_batches=2,
                           cpus_per_replica=args.threads, threads=args.threads)
-        serve.run(application(cfg, max_ongoing_requests=4 * max(CONCURRENCY)), name="bench", route_prefix="/")
+        serve.run(application(cfg, max_ongoing_requests=4 * max(levels)), name="bench", route_prefix="/")
         while httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=30).status_code != 200:
             time.sleep(0.5)
-        for concurrency in CONCURRENCY:
+        for concurrency in levels:
             result = asyncio.run(load(f"http://{LOOPBACK}:{port}/v1/classify", images, args.requests, concurrency))
             rows.append({"batching": mode, "concurrency": concurrency, **result})
             print(f"  batching {mode:3s} c={concurrency:<3d} {result['rps']:6.2f} req/s", flush=True)

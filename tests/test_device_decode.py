@@ -1,5 +1,9 @@
-"""Decode next to the model (``decode: gpu``), run here on CPU: the same crops, labels and error
-rows as the Pillow path, and a compiled model that never recompiles on a short batch."""
+"""Decode next to the model (``decode: gpu``): the same crops, labels and error rows as the Pillow
+path, and a compiled model that never recompiles on a short batch.
+
+The suite runs it on CPU (torchvision's CPU decoder); ``benchmarks/gpu_check.sh`` runs the same
+tests with ``SKRAY_TEST_DEVICE=cuda``, where they cover nvJPEG, the prefetch thread's CUDA
+stream, pinned copies and the batch-size probe (GPU-only code)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import io
 import os
 import struct
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,6 +21,7 @@ from PIL import Image
 from skray.classifier import Classifier
 from skray.device_decode import DeviceDecoder
 from skray.images import EvalTransformConfig, ImageDecodeError, decode_for_eval
+from skray.predictor import Predictor
 from skray.testing import photo_corpus
 
 from conftest import SMALL
@@ -23,6 +29,7 @@ from conftest import SMALL
 pytestmark = pytest.mark.timeout(120)
 
 CFG = EvalTransformConfig()  # full decode (jpeg_draft off), as the device path decodes
+DEVICE = torch.device(os.environ.get("SKRAY_TEST_DEVICE", "cpu"))
 
 
 def jpeg(img: Image.Image, **save) -> bytes:
@@ -58,9 +65,11 @@ def images() -> list[bytes]:
 
 
 def test_device_crops_match_the_pillow_crops_within_two_levels_on_photos_and_generated_images(images):
-    crops, errors = DeviceDecoder(CFG)(images)
+    crops, errors = DeviceDecoder(CFG, device=DEVICE)(images)
     reference = torch.stack([decode_for_eval(data, CFG) for data in images])
 
+    assert crops.device.type == DEVICE.type
+    crops = crops.cpu()
     diff = (crops.int() - reference.int()).abs()
     assert errors == [None] * len(images)
     assert diff.max() <= 2  # torch's bicubic vs Pillow's, in uint8 rounding
@@ -68,8 +77,8 @@ def test_device_crops_match_the_pillow_crops_within_two_levels_on_photos_and_gen
 
 
 def test_device_path_labels_agree_with_the_pillow_path(images):
-    classifier = Classifier(SMALL)
-    crops, _ = DeviceDecoder(CFG)(images)
+    classifier = Classifier(SMALL, device=str(DEVICE))
+    crops, _ = DeviceDecoder(CFG, device=DEVICE)(images)
     reference = torch.stack([decode_for_eval(data, CFG) for data in images])
 
     device_logits, pillow_logits = classifier.logits(crops), classifier.logits(reference)
@@ -101,7 +110,7 @@ def hostile_inputs() -> dict[str, bytes]:
 
 def test_hostile_inputs_fail_with_the_same_reasons_as_the_pillow_path():
     inputs = hostile_inputs()
-    _, errors = DeviceDecoder(CFG)(list(inputs.values()))
+    _, errors = DeviceDecoder(CFG, device=DEVICE)(list(inputs.values()))
 
     for (name, data), err in zip(inputs.items(), errors):
         with pytest.raises(ImageDecodeError) as pillow:
@@ -111,8 +120,8 @@ def test_hostile_inputs_fail_with_the_same_reasons_as_the_pillow_path():
 
 
 def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles(monkeypatch):
-    compiled = Classifier(SMALL, compile=True, batch_size=4)
-    eager = Classifier(SMALL)
+    compiled = Classifier(SMALL, device=str(DEVICE), compile=True, batch_size=4)
+    eager = Classifier(SMALL, device=str(DEVICE))
     crops = torch.randint(0, 256, (7, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 
     compiled.logits(crops[:4])  # compiles for the batch shape
@@ -121,6 +130,35 @@ def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles(m
 
     assert logits.shape == (7, eager.logits(crops).shape[1])
     assert torch.allclose(logits, eager.logits(crops), atol=1e-4)
+
+
+def predictor_batch(blobs: list[bytes]) -> dict[str, np.ndarray]:
+    n = len(blobs)
+    return {"key": np.array([f"k{i:03d}" for i in range(n)], dtype=object),
+            "error": np.array([None] * n, dtype=object), "meta": np.array([None] * n, dtype=object),
+            "unit": np.array(["u"] * n, dtype=object), "unit_rows": np.full(n, -1, dtype=np.int64),
+            "decode_s": np.zeros(n), "data": np.array(blobs, dtype=object)}
+
+
+def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillow_path(images):
+    """On CPU: chunks of 8, the next decoded by the prefetch thread; on a GPU: the probed batch
+    shape, decoding on a second CUDA stream from pinned memory."""
+    hostile = list(hostile_inputs().values())
+    blobs = images + hostile
+    chunked = Predictor(SMALL, None, top_k=3, preprocessing=CFG, decode="gpu",
+                        batch_size="auto" if DEVICE.type == "cuda" else 8)
+    reference = Classifier(SMALL, device=str(DEVICE)).predict_bytes(blobs, top_k=3)
+
+    table = chunked(predictor_batch(blobs)).to_pylist()
+
+    if DEVICE.type == "cuda":
+        assert chunked.classifier.batch_size >= 8, "the probe found room for a real batch"
+    for row, expected in zip(table, reference):
+        if isinstance(expected, ImageDecodeError):
+            assert row["label"] is None and row["error"].startswith(expected.reason)
+        else:
+            assert row["error"] is None and row["label_id"] == expected.label_id
+    assert all(row["model_s"] > 0 and row["decode_s"] > 0 for row in table)
 
 
 @pytest.mark.slow
