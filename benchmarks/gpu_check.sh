@@ -170,7 +170,7 @@ t4=$(date +%s)
 
 step "Serve load test at concurrency 64 (batching on, max_batch_size $SERVE_BATCH)"
 ray stop --force >/dev/null 2>&1 || true  # serve_load starts its own Ray with the machine's CPUs and GPU
-$PY benchmarks/serve_load.py --model $MODEL --requests $SERVE_REQUESTS --batch $SERVE_BATCH \
+env -u RAY_ADDRESS $PY benchmarks/serve_load.py --model $MODEL --requests $SERVE_REQUESTS --batch $SERVE_BATCH \
     --concurrency 64 --batching on 2>&1 | tee "$WORK/serve_load.log" || fail "serve_load"
 t5=$(date +%s)
 
