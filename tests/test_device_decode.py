@@ -119,14 +119,14 @@ def test_hostile_inputs_fail_with_the_same_reasons_as_the_pillow_path():
         assert err.reason == pillow.value.reason, name
 
 
-def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles(monkeypatch):
+def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles():
     compiled = Classifier(SMALL, device=str(DEVICE), compile=True, batch_size=4)
     eager = Classifier(SMALL, device=str(DEVICE))
     crops = torch.randint(0, 256, (7, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
 
     compiled.logits(crops[:4])  # compiles for the batch shape
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    logits = compiled.logits(crops)  # a chunk of 4, then 3 padded to 4
+    with torch._dynamo.config.patch(error_on_recompile=True):  # monkeypatch's undo would hide the key
+        logits = compiled.logits(crops)  # a chunk of 4, then 3 padded to 4
 
     assert logits.shape == (7, eager.logits(crops).shape[1])
     assert torch.allclose(logits, eager.logits(crops), atol=1e-4)
