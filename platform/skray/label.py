@@ -319,6 +319,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
 
     preprocessing = cfg.preprocessing.transform()
     gpus = resolve_gpus(cfg.actors.gpus)
+    decode = resolve_decode(cfg.decode, gpus > 0)  # both stages: crops or bytes travel between them
     pool = actor_pool_sizes(cfg.actors, gpus, ray.cluster_resources().get("GPU", 0))
     print(f"[label] model actors: {pool[0]} at start, up to {pool[1]}, {gpus:g} GPU each", flush=True)
     env = worker_env(cfg)
@@ -333,7 +334,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
             "max_object_bytes": cfg.max_object_bytes,
-            "decode": resolve_decode(cfg.decode, gpus > 0),
+            "decode": decode,
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -352,7 +353,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "threads": cfg.actors.threads,
             "compile": cfg.actors.compile,
             "max_pixels": cfg.preprocessing.max_pixels,
-            "decode": resolve_decode(cfg.decode, gpus > 0),
+            "decode": decode,
             "batch_size": cfg.actors.batch_size or cfg.batch_size,
             "precision": cfg.actors.precision,
             "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,

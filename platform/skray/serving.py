@@ -53,7 +53,7 @@ from skray.config import (
 )
 from skray.embedded import LOOPBACK
 from skray.images import ImageDecodeError
-from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops
+from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
 from skray.weights import PinnedWeights, pin_weights
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,7 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _int8_needs_cpu_and_calibration(self) -> "ServeConfig":
-        if self.precision == "int8" and self.gpus_per_replica != 0:
-            raise ValueError(f"precision: int8 runs on CPU replicas only: set gpus_per_replica: 0 "
-                             f"(got {self.gpus_per_replica!r})")
-        if self.precision == "int8" and not self.calibration:
-            raise ValueError("precision: int8 needs calibration: a folder, prefix or glob of images")
+        check_int8_config(self.precision, self.gpus_per_replica, self.calibration, "gpus_per_replica")
         return self
 
 
