@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skray.sinks import LABEL_SCHEMA, join, part_name
+from skray.sinks import LABEL_SCHEMA, part_name
+from skray.storage import join
 
 PREFIX = "s3://bucket/images/"
 

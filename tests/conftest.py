@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from skray.embedded import EmbeddedS3, LocalRayHead
-from skray.sinks import join
-from skray.storage import write_bytes_atomic
+from skray.storage import join, write_bytes_atomic
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
 os.environ["RAY_AUTH_MODE"] = "token"

@@ -17,8 +17,8 @@ from skray import commit
 from skray.commit import UnitCommitter
 from skray.label import ActorsConfig, Progress, StageTimes, actor_pool_sizes, format_summary
 from skray.lease import LEASE_FILE, Lease, LeaseLost
-from skray.sinks import LABEL_SCHEMA, committed_units, join, part_name
-from skray.storage import filesystem_for, write_bytes_atomic
+from skray.sinks import LABEL_SCHEMA, committed_units, part_name
+from skray.storage import filesystem_for, join, write_bytes_atomic
 
 from conftest import SMALL, label_row
 

@@ -16,9 +16,9 @@ from skray.demo import synthetic_image, write_sample_dataset
 from skray.embedded import LocalRayHead, ray_cli
 from skray.label import LabelConfig, run
 from skray.plan import plan
-from skray.sinks import MANIFEST, PART_PREFIX, committed_units, join, part_name, read_json
+from skray.sinks import MANIFEST, PART_PREFIX, committed_units, part_name
 from skray.sources import list_inputs
-from skray.storage import exists, filesystem_for, write_bytes_atomic
+from skray.storage import exists, filesystem_for, join, read_json, write_bytes_atomic
 
 from conftest import PROJECT, SMALL
 

@@ -15,8 +15,8 @@ import pytest
 from skray import plan as plan_module
 from skray.lease import LEASE_FILE, Lease, LeaseHeld
 from skray.plan import plan
-from skray.sinks import join, read_json, write_part
-from skray.storage import write_bytes_atomic
+from skray.sinks import write_part
+from skray.storage import join, read_json, write_bytes_atomic
 
 from conftest import label_row, parquet_bytes, tar_bytes
 

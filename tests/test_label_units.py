@@ -27,16 +27,20 @@ from skray.sinks import (
     check_writable,
     clear_output,
     committed_units,
-    join,
     part_name,
-    read_json,
     summarize_output,
-    write_json,
     write_part,
 )
 from skray.predictor import read_and_decode
 from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit, unit_batches
-from skray.storage import exists, filesystem_for, write_bytes_atomic
+from skray.storage import (
+    exists,
+    filesystem_for,
+    join,
+    read_json,
+    write_bytes_atomic,
+    write_json,
+)
 from skray.weights import WeightsError, save_weights
 
 from conftest import PROJECT, SMALL, label_row, parquet_bytes, tar_bytes, write_files

@@ -18,8 +18,7 @@ from skray.config import ConfigError, load_config
 from skray.datasets import BAD_LABEL, DatasetError
 from skray.demo import labeled_image, write_labeled_folder
 from skray.embedded import LocalRayHead
-from skray.sinks import join, read_json
-from skray.storage import write_bytes_atomic
+from skray.storage import join, read_json, write_bytes_atomic
 from skray.train import (
     CONFIG_FILE,
     RUN_FILE,

@@ -20,8 +20,7 @@ from skray.datasets import BAD_LABEL, LabeledData, discover, read_labeled
 from skray.demo import write_labeled_folder
 from skray.images import EvalTransformConfig
 from skray.model import create_model
-from skray.sinks import join, write_json
-from skray.storage import write_bytes_atomic
+from skray.storage import join, write_bytes_atomic, write_json
 from skray.train import (
     CONFIG_FILE,
     METRICS,

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 
 from skray.embedded import EmbeddedS3, LocalRayHead
 from skray.label import format_summary
-from skray.sinks import MANIFEST, join, read_json
-from skray.storage import write_bytes_atomic
+from skray.sinks import MANIFEST
+from skray.storage import join, read_json, write_bytes_atomic
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 

@@ -36,15 +36,12 @@ from skray.sinks import (
     OutputError,
     check_writable,
     clear_output,
-    join,
-    read_json,
     summarize_output,
     withdraw_manifest,
-    write_json,
 )
 from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs
-from skray.storage import redact_uri
-from skray.weights import PinnedWeights, load_model, pin_weights
+from skray.storage import join, read_json, redact_uri, write_json
+from skray.resolver import PinnedWeights, load_model, pin_weights
 
 log = logging.getLogger(__name__)
 

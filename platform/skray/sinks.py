@@ -8,7 +8,6 @@ part, every key appears once however often the job is killed and rerun.
 from __future__ import annotations
 
 import io
-import json
 import posixpath
 from typing import Any
 
@@ -18,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from skray.storage import filesystem_for, read_bytes, write_bytes_atomic
+from skray.storage import filesystem_for, join, write_bytes_atomic
 
 PART_PREFIX = "part-"
 MANIFEST = "_manifest.json"
@@ -42,10 +41,6 @@ LABEL_SCHEMA = pa.schema(
 
 class OutputError(ValueError):
     """The output location cannot be used (unwritable, or holds another job's results)."""
-
-
-def join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name
 
 
 def part_name(unit_id: str) -> str:
@@ -77,17 +72,6 @@ def write_part(output: str, unit_id: str, rows: pa.Table | list[dict[str, Any]])
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     write_bytes_atomic(join(output, part_name(unit_id)), buffer.getvalue())
-
-
-def read_json(uri: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(read_bytes(uri))
-    except FileNotFoundError:
-        return None
-
-
-def write_json(uri: str, value: dict[str, Any]) -> None:
-    write_bytes_atomic(uri, json.dumps(value, indent=2, sort_keys=False, default=str).encode())
 
 
 def clear_output(output: str) -> None:

@@ -9,10 +9,12 @@ already a dependency of Ray Data, so no second S3 stack is needed.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -24,6 +26,9 @@ __all__ = [
     "read_bytes",
     "write_bytes_atomic",
     "exists",
+    "join",
+    "read_json",
+    "write_json",
     "redact_uri",
 ]
 
@@ -154,6 +159,24 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
 def exists(uri: str | os.PathLike) -> bool:
     fs, path = filesystem_for(os.fspath(uri))
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def join(uri: str, name: str) -> str:
+    """``name`` under ``uri``, a local path or an ``s3://`` prefix alike (always ``/``)."""
+    return uri.rstrip("/") + "/" + name
+
+
+def read_json(uri: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object at ``uri``, or ``None`` when there is none."""
+    try:
+        return json.loads(read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def write_json(uri: str | os.PathLike, value: dict[str, Any]) -> None:
+    """Write ``value`` atomically (see :func:`write_bytes_atomic`); non-JSON values as ``str``."""
+    write_bytes_atomic(uri, json.dumps(value, indent=2, sort_keys=False, default=str).encode())
 
 
 def redact_uri(uri: str | os.PathLike) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from skray.config import ConfigError, StrictModel, deep_merge, dump_config, parse_overrides, read_yaml, validate
-from skray.sinks import join, read_json, write_json
+from skray.storage import join, read_json, write_json
 from skray.train import METRICS, RUN_FILE, TrainConfig, build_trainer, check_inputs
 
 SWEEP_FILE = "skray_sweep.json"
@@ -255,7 +255,7 @@ def finish(cfg: SweepConfig, grid, parent: str, train_cfg: TrainConfig) -> dict[
 
 def _register_best(cfg: SweepConfig, ranked: list[dict[str, Any]], train_cfg: TrainConfig) -> dict | None:
     from skray import tracking
-    from skray.weights import load_model
+    from skray.resolver import load_model
 
     best = next((t for t in ranked if t["checkpoint"] and t["run_id"]), None)
     if best is None or not cfg.mlflow.registered_model:

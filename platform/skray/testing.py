@@ -13,8 +13,7 @@ import random
 
 from PIL import Image
 
-from skray.sinks import join
-from skray.storage import write_bytes_atomic
+from skray.storage import join, write_bytes_atomic
 
 DIGIT_CLASSES = [f"digit{d}" for d in range(10)]
 

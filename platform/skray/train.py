@@ -33,9 +33,17 @@ from skray.config import ConfigError, StrictModel, dump_config, validate
 from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset, with_row_counts
 from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
-from skray.sinks import join, read_json, write_json
-from skray.storage import exists, filesystem_for, read_bytes, write_bytes_atomic
-from skray.weights import PinnedWeights, load_weights, pin_weights, save_weights
+from skray.storage import (
+    exists,
+    filesystem_for,
+    join,
+    read_bytes,
+    read_json,
+    write_bytes_atomic,
+    write_json,
+)
+from skray.resolver import PinnedWeights, load_weights, pin_weights
+from skray.weights import save_weights
 
 RUN_FILE = "skray_run.json"
 CONFIG_FILE = "skray_train.yaml"
