@@ -31,10 +31,10 @@ import ray
 import torch
 
 from skray.classifier import Classifier
-from skray.demo import write_sample_dataset
 from skray.label import ActorsConfig, LabelConfig, run
 from skray.model import DEFAULT_MODEL
 from skray.storage import read_bytes
+from skray.testing import write_sample_dataset
 
 MIB = 1 << 20
 

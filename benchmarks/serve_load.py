@@ -31,10 +31,10 @@ import torch
 from ray import serve
 
 from skray.classifier import Classifier
-from skray.demo import synthetic_image
 from skray.embedded import LOOPBACK, free_port
 from skray.model import DEFAULT_MODEL
 from skray.serving import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER, ServeConfig, application
+from skray.testing import synthetic_image
 
 STAGES = ("read", "decode_wait", "decode", "queue", "forward")
 

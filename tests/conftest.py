@@ -56,7 +56,7 @@ def ray_cluster(embedded_s3: EmbeddedS3) -> Iterator[LocalRayHead]:
 
 def labeled_dataset(root: Path, per_class: int) -> dict[str, str]:
     """A 4-class folder dataset with a learnable signal: train/ and a 12-per-class val/."""
-    from skray.demo import write_labeled_folder
+    from skray.testing import write_labeled_folder
 
     write_labeled_folder(str(root / "train"), classes=4, per_class=per_class, seed=0)
     write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)

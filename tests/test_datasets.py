@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from skray.datasets import BAD_LABEL, DatasetError, discover, read_labeled
-from skray.demo import labeled_image, write_labeled_folder
 from skray.images import EvalTransformConfig
 from skray.storage import write_bytes_atomic
+from skray.testing import labeled_image, write_labeled_folder
 
 EVAL = EvalTransformConfig(48, 1.0)
 

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from skray.demo import synthetic_image, write_sample_dataset
 from skray.embedded import LocalRayHead, ray_cli
 from skray.label import LabelConfig, run
 from skray.plan import plan
 from skray.sinks import MANIFEST, PART_PREFIX, committed_units, part_name
 from skray.sources import list_inputs
 from skray.storage import exists, filesystem_for, join, read_json, write_bytes_atomic
+from skray.testing import synthetic_image, write_sample_dataset
 
 from conftest import PROJECT, SMALL
 

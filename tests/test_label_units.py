@@ -16,10 +16,10 @@ import pytest
 from skray import label, sources
 from skray.classifier import PreprocessingConfig
 from skray.config import ConfigError, load_config, parse_overrides
-from skray.demo import synthetic_image, webdataset_shard
 from skray.label import ActorsConfig, LabelConfig, Progress, format_summary, prepare
 from skray.lease import LEASE_FILE, LeaseHeld
 from skray.model import create_model
+from skray.predictor import read_and_decode
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
@@ -31,7 +31,6 @@ from skray.sinks import (
     summarize_output,
     write_part,
 )
-from skray.predictor import read_and_decode
 from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit, unit_batches
 from skray.storage import (
     exists,
@@ -41,6 +40,7 @@ from skray.storage import (
     write_bytes_atomic,
     write_json,
 )
+from skray.testing import synthetic_image, webdataset_shard
 from skray.weights import WeightsError, save_weights
 
 from conftest import PROJECT, SMALL, label_row, parquet_bytes, tar_bytes, write_files

@@ -26,10 +26,10 @@ from PIL import Image
 from conftest import PROJECT, SMALL
 from skray.cli import main
 from skray.config import ConfigError
-from skray.demo import synthetic_image
 from skray.embedded import LOOPBACK, LocalRayHead, free_port
 from skray.model import create_model
 from skray.serving import ServeConfig, application, resolve_launch
+from skray.testing import synthetic_image
 from skray.weights import save_weights
 
 CLASSES = [f"class-{i}" for i in range(10)]

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from skray.config import ConfigError, load_config
 from skray.datasets import BAD_LABEL, DatasetError
-from skray.demo import labeled_image, write_labeled_folder
+from skray.testing import labeled_image, write_labeled_folder
 from skray.embedded import LocalRayHead
 from skray.storage import join, read_json, write_bytes_atomic
 from skray.train import (

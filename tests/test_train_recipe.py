@@ -17,7 +17,7 @@ from torch import nn
 import skray.train as train_module
 from skray.config import ConfigError, dump_config
 from skray.datasets import BAD_LABEL, LabeledData, discover, read_labeled
-from skray.demo import write_labeled_folder
+from skray.testing import write_labeled_folder
 from skray.images import EvalTransformConfig
 from skray.model import create_model
 from skray.storage import join, write_bytes_atomic, write_json
