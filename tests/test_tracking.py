@@ -35,7 +35,8 @@ from skray.tracking import (
     run_tags,
     start_run,
 )
-from skray.weights import PinnedWeights, WeightsError, file_sha256, load_model, pin_weights
+from skray.resolver import PinnedWeights, load_model, pin_weights
+from skray.weights import WeightsError, file_sha256
 
 from conftest import PROJECT, SMALL
 
@@ -316,8 +317,8 @@ def test_mlflow_model_without_skray_weights_is_a_weights_error(store: Logged) ->
         load_model(weights=store.plain_model_uri)
 
 
-def test_weights_module_imports_mlflow_only_for_mlflow_uris() -> None:
-    code = "import sys, skray.weights; print('mlflow' in sys.modules)"
+def test_the_resolver_imports_mlflow_only_for_mlflow_uris() -> None:
+    code = "import sys, skray.resolver; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

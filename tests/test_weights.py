@@ -1,4 +1,4 @@
-"""Weights: fetching (local, https, s3), verifying, reading, loading all-or-nothing, saving."""
+"""Weights: resolving and fetching (local, https, s3), verifying, reading, loading all-or-nothing, saving."""
 
 from __future__ import annotations
 
@@ -21,17 +21,8 @@ from skray import storage
 from skray.classes import default_class_names
 from skray.model import create_model
 from skray.storage import redact_uri
-from skray.weights import (
-    PinnedWeights,
-    WeightsError,
-    fetch,
-    file_sha256,
-    load_model,
-    load_weights,
-    pin_weights,
-    read_state_dict,
-    save_weights,
-)
+from skray.resolver import PinnedWeights, fetch, load_model, load_weights, pin_weights
+from skray.weights import WeightsError, file_sha256, read_state_dict, save_weights
 
 pytestmark = pytest.mark.timeout(60)
 

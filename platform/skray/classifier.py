@@ -18,7 +18,7 @@ from skray.device_decode import DeviceDecoder
 from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
 from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
 from skray.quantize import DEFAULT_BATCH_SIZE, Precision, check_int8, quantize_int8
-from skray.weights import PinnedWeights, load_model
+from skray.resolver import PinnedWeights, load_model
 
 RANDOM_WEIGHTS_SEED = 0  # without weights, every actor and replica still holds one and the same model
 

@@ -17,7 +17,7 @@ from skray.classifier import Classifier
 from skray.config import resolve_gpus
 from skray.datasets import BAD_LABEL, LabeledData, discover, ray_dataset
 from skray.images import EvalTransformConfig
-from skray.weights import PinnedWeights, pin_weights
+from skray.resolver import PinnedWeights, pin_weights
 
 
 class Scorer:

@@ -265,7 +265,7 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, in_chans: int = 3) -> SKResNeXt:
-    """Build a registered variant with random weights (load weights with ``skray.weights``)."""
+    """Build a registered variant with random weights (load weights with ``skray.resolver``)."""
     return SKResNeXt(model_spec(name), num_classes=num_classes, in_chans=in_chans)
 
 
