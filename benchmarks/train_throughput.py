@@ -68,7 +68,7 @@ def ray_train_loop(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, cla
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": data,
-                           "mlflow_run_id": None, "tracking_uri": None, "pretrained": None},
+                           "mlflow_run_id": None, "tracking_uri": None, "weights": None},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
         run_config=RunConfig(name="bench", storage_path=storage),
         datasets={"train": train, "val": val},

@@ -382,7 +382,7 @@ def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
     cfg = TrainConfig(
         data={"train": f"s3://bucket/train?X-Amz-Signature={secret}",
               "val": f"http://user:{secret}@minio.internal:9000/bucket/val"},
-        model={"pretrained": f"https://h/w.pth?token={secret}"},
+        model={"weights": f"https://h/w.pth?token={secret}"},
         mlflow={"tracking_uri": f"postgresql://user:{secret}@db.internal/mlflow"},
         scaling={"workers": 1},
     )

@@ -117,7 +117,7 @@ def test_fine_tuning_starts_from_weights_with_a_new_head_and_can_freeze_the_back
 
     pretrained = create_model("skresnext14_8x4d_half", num_classes=1000)
     save_weights(pretrained, tmp_path / "pre.safetensors", architecture="skresnext14_8x4d_half")
-    cfg = small_config(dataset, tmp_path, "epochs=2", "name=finetune", f"model.pretrained={tmp_path}/pre.safetensors",
+    cfg = small_config(dataset, tmp_path, "epochs=2", "name=finetune", f"model.weights={tmp_path}/pre.safetensors",
                        "model.freeze_backbone_epochs=1", "mlflow.registered_model=null")
 
     summary = run(cfg)
@@ -229,6 +229,11 @@ def test_an_empty_class_directory_fails_early_naming_it(tmp_path):
 def test_an_unknown_config_key_fails_naming_it():
     with pytest.raises(ConfigError, match="optim.learning_rate: unknown key"):
         load_config(TrainConfig, CPU_CONFIG, ["optim.learning_rate=0.1"])
+
+
+def test_the_old_key_model_pretrained_fails_saying_to_use_model_weights():
+    with pytest.raises(ConfigError, match="model.pretrained is now model.weights"):
+        load_config(TrainConfig, CPU_CONFIG, ["model.pretrained=pretrained"])
 
 
 def test_the_baseline_config_is_the_published_recipe():

@@ -62,7 +62,7 @@ class AshaConfig(StrictModel):
     reduction_factor: float = Field(2, gt=1)
 
 
-class SweepMlflow(StrictModel):
+class SweepMlflowConfig(StrictModel):
     experiment: str = "skray-sweeps"
     registered_model: str | None = "skresnext50_32x4d"
     alias: str = "sweep-best"
@@ -83,7 +83,7 @@ class SweepConfig(StrictModel):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     storage_path: str = ".skray/sweeps"
-    mlflow: SweepMlflow = SweepMlflow()
+    mlflow: SweepMlflowConfig = SweepMlflowConfig()
 
     @model_validator(mode="after")
     def _searchable(self) -> "SweepConfig":
@@ -134,7 +134,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
 
     cfg = trial_config(base, config)
     name = tune.get_context().get_trial_name()
-    train, val, pretrained = check_inputs(cfg)
+    train, val, weights = check_inputs(cfg)
     tracking.configure(sweep["tracking_uri"])
     record = join(join(sweep["trials_path"], name), RUN_FILE)
     previous = read_json(record)  # a trial restarted by a resumed sweep keeps its MLflow run
@@ -142,7 +142,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
         sweep["experiment"], name, params=cfg.model_dump(mode="json"),
         tags={**tracking.run_tags(cfg.data.train), tracking.TRIAL_TAG: name}, parent_run_id=sweep["parent_run_id"])
     write_json(record, {"mlflow_run_id": run_id, "name": name})
-    trainer = build_trainer(cfg, train, val, pretrained, name=name, storage_path=sweep["trials_path"], run_id=run_id,
+    trainer = build_trainer(cfg, train, val, weights, name=name, storage_path=sweep["trials_path"], run_id=run_id,
                             tracking_uri=sweep["tracking_uri"], callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.metrics:

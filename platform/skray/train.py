@@ -33,6 +33,7 @@ from skray.config import ConfigError, StrictModel, dump_config, validate
 from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset, with_row_counts
 from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
+from skray.resolver import PinnedWeights, load_weights, pin_weights
 from skray.storage import (
     exists,
     filesystem_for,
@@ -42,7 +43,6 @@ from skray.storage import (
     write_bytes_atomic,
     write_json,
 )
-from skray.resolver import PinnedWeights, load_weights, pin_weights
 from skray.weights import save_weights
 
 RUN_FILE = "skray_run.json"
@@ -68,8 +68,16 @@ class DataConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     name: ModelName = DEFAULT_MODEL
-    pretrained: str | None = None  # fine-tuning: start from these weights, head sized by the dataset
+    weights: str | None = None  # fine-tuning: start from these weights, head sized by the dataset
     freeze_backbone_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "pretrained" in data:
+            raise ValueError("model.pretrained is now model.weights (a path, s3://, https://, 'pretrained', "
+                             "models:/ or runs:/)")
+        return data
 
 
 class OptimConfig(StrictModel):
@@ -83,13 +91,13 @@ class OptimConfig(StrictModel):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
-class ScalingSection(StrictModel):
+class ScalingConfig(StrictModel):
     workers: int = Field(8, ge=1)
     use_gpu: bool = True
     cpus_per_worker: float = Field(1, gt=0)
 
 
-class MlflowSection(StrictModel):
+class MlflowConfig(StrictModel):
     experiment: str = "skray-train"
     registered_model: str | None = "skresnext50_32x4d"
     alias: str | None = None  # set on the registered version, e.g. "candidate"
@@ -102,8 +110,8 @@ class TrainConfig(StrictModel):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
-    scaling: ScalingSection = ScalingSection()
-    mlflow: MlflowSection = MlflowSection()
+    scaling: ScalingConfig = ScalingConfig()
+    mlflow: MlflowConfig = MlflowConfig()
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1)  # global, across workers
     image_size: int = Field(224, ge=32)
@@ -198,7 +206,7 @@ def build_training_state(
     num_classes: int,
     device: torch.device,
     *,
-    pretrained: PinnedWeights | None = None,
+    weights: PinnedWeights | None = None,
     state: dict[str, Any] | None = None,
     prepare: Callable[[nn.Module], nn.Module] = lambda model: model,
 ) -> tuple[nn.Module, SKResNeXt, torch.optim.SGD, torch.amp.GradScaler]:
@@ -211,8 +219,8 @@ def build_training_state(
     model inside it, optimizer, scaler).
     """
     model = create_model(cfg.model.name, num_classes=num_classes)
-    if pretrained:
-        load_weights(model, pretrained)
+    if weights:
+        load_weights(model, weights)
     if state:
         model.load_state_dict(state["model"])
     if uses_channels_last(cfg, device):
@@ -385,10 +393,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
         start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
-    # pretrained: pinned by the driver, so every worker and every retry loads the same bytes
-    pretrained = PinnedWeights.from_dict(loop_config["pretrained"]) if loop_config["pretrained"] else None
+    # pinned by the driver, so every worker and every retry loads the same bytes
+    weights = PinnedWeights.from_dict(loop_config["weights"]) if loop_config["weights"] else None
     ddp_model, raw_model, optimizer, scaler = build_training_state(
-        cfg, len(data.class_names), device, pretrained=pretrained, state=state,
+        cfg, len(data.class_names), device, weights=weights, state=state,
         prepare=ray.train.torch.prepare_model)
     if state:
         print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
@@ -519,10 +527,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData, PinnedWeig
     train = with_row_counts(discover(cfg.data.train, cfg.data.format, **common))  # the schedule's steps
     val = discover(cfg.data.val, cfg.data.format, **{**common, "class_names": list(train.class_names)}) \
         if cfg.data.val else train
-    pretrained = pin_weights(cfg.model.pretrained, cfg.model.name)
-    if pretrained:
-        load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), pretrained)
-    return train, val, pretrained
+    weights = pin_weights(cfg.model.weights, cfg.model.name)
+    if weights:
+        load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), weights)
+    return train, val, weights
 
 
 @dataclass(frozen=True)
@@ -565,7 +573,7 @@ def build_trainer(
     cfg: TrainConfig,
     train: LabeledData,
     val: LabeledData,
-    pretrained: PinnedWeights | None,
+    weights: PinnedWeights | None,
     *,
     name: str,
     storage_path: str,
@@ -589,7 +597,7 @@ def build_trainer(
         train_loop,
         # The tracking URI travels here, not in runtime_env: the Ray dashboard shows env_vars.
         train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": train,
-                           "pretrained": pretrained.to_dict() if pretrained else None,
+                           "weights": weights.to_dict() if weights else None,
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
@@ -621,7 +629,7 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
     else:
         name, storage_path = run_name(cfg), cfg.storage_path
         run_dir = join(storage_path, name)
-    train, val, pretrained = check_inputs(cfg)
+    train, val, weights = check_inputs(cfg)
     check_run_dir(run_dir, resume=bool(resume), class_names=list(train.class_names))
     print("[train] resolved config:\n" + dump_config(cfg), flush=True)
     print(f"[train] {len(train.class_names)} classes, lr {cfg.lr:g} (= {cfg.optim.lr:g} x "
@@ -638,7 +646,7 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
         write_json(join(run_dir, RUN_FILE), {"mlflow_run_id": run_id, "name": name})
 
     ray.init(ignore_reinit_error=True)
-    trainer = build_trainer(cfg, train, val, pretrained, name=name, storage_path=storage_path, run_id=run_id,
+    trainer = build_trainer(cfg, train, val, weights, name=name, storage_path=storage_path, run_id=run_id,
                             tracking_uri=tracking_uri)
     try:
         result = trainer.fit()
