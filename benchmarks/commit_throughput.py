@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from skray.commit import DEFAULT_CONCURRENCY, UnitCommitter
-from skray.embedded import LOOPBACK, EmbeddedS3, free_port
+from skray.embedded import EmbeddedS3
+from skray.net import LOOPBACK
 from skray.label import StageTimes
 from skray.sinks import LABEL_SCHEMA, committed_units
 
@@ -41,7 +42,7 @@ BATCH_ROWS, UNIT_ROWS, INTERLEAVED = 32, 256, 4
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
 
-def _serve_slow_proxy(port: int, upstream: str, put_s: float, writes: Synchronized) -> None:
+def _serve_slow_proxy(port: Synchronized, upstream: str, put_s: float, writes: Synchronized) -> None:
     host, upstream_port = upstream.removeprefix("http://").split(":")
     local = threading.local()
 
@@ -90,8 +91,9 @@ def _serve_slow_proxy(port: int, upstream: str, put_s: float, writes: Synchroniz
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
-    server = ThreadingHTTPServer((LOOPBACK, port), Handler)
+    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)  # the system picks the port; the parent reads it
     server.daemon_threads = True
+    port.value = server.server_address[1]
     server.serve_forever()
 
 
@@ -100,19 +102,18 @@ class SlowPutProxy:
     latency on loopback. A process of its own, so it never competes for the driver's GIL."""
 
     def __init__(self, upstream: str, put_s: float) -> None:
-        self.port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
         context = multiprocessing.get_context("spawn")
         self.writes = context.Value("l", 0)  # write requests seen
+        self._port = context.Value("l", 0)  # set by the proxy once it listens
         self._process = context.Process(
-            target=_serve_slow_proxy, args=(self.port, upstream, put_s, self.writes), daemon=True)
+            target=_serve_slow_proxy, args=(self._port, upstream, put_s, self.writes), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self._port.value}"
 
     def _accepts(self) -> bool:
-        try:
-            socket.create_connection((LOOPBACK, self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+        return self._port.value != 0
 
     def __enter__(self) -> SlowPutProxy:
         self._process.start()

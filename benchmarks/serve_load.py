@@ -31,9 +31,11 @@ import torch
 from ray import serve
 
 from skray.classifier import Classifier
-from skray.embedded import LOOPBACK, free_port
+from skray.embedded import free_port
 from skray.model import DEFAULT_MODEL
-from skray.serving import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER, ServeConfig, application
+from skray.net import LOOPBACK
+from skray.serve_api import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER
+from skray.serving import ServeConfig, application
 from skray.testing import synthetic_image
 
 STAGES = ("read", "decode_wait", "decode", "queue", "forward")

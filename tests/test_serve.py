@@ -26,9 +26,11 @@ from PIL import Image
 from conftest import PROJECT, SMALL
 from skray.cli import main
 from skray.config import ConfigError
-from skray.embedded import LOOPBACK, LocalRayHead, free_port
+from skray.embedded import LocalRayHead, free_port
 from skray.model import create_model
-from skray.serving import ServeConfig, application, resolve_launch
+from skray.net import LOOPBACK
+from skray.serve_launch import resolve_launch
+from skray.serving import ServeConfig, application
 from skray.testing import synthetic_image
 from skray.weights import save_weights
 

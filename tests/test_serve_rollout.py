@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from conftest import PROJECT, SMALL
-from skray.embedded import LOOPBACK, LocalRayHead, free_port, ray_cli
+from skray.embedded import LocalRayHead, free_port, ray_cli
+from skray.net import LOOPBACK
 from skray.testing import synthetic_image
 from skray.weights import file_sha256
 from test_serve import wait_ready, write_weights

@@ -158,7 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from skray.config import ConfigError
-    from skray.serving import resolve_launch, serve_forever
+    from skray.serve_launch import resolve_launch, serve_forever
 
     flags = {"weights": args.weights, "model": args.model}
     http = {"host": args.host, "port": args.port}

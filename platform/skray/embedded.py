@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-LOOPBACK = "127.0.0.1"
+from skray.net import LOOPBACK
+
 # moto accepts any credentials; these only exist so clients sign their requests.
 EMBEDDED_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "skray-embedded", "AWS_SECRET_ACCESS_KEY": "skray-embedded"}
 
 
 def free_port(host: str = LOOPBACK) -> int:
+    """A port free now, for servers that cannot bind port 0 and say which port they got
+    (the Ray head's GCS and dashboard); another process may take it before they bind it."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -56,11 +61,16 @@ class _Service(abc.ABC):
 
 
 class EmbeddedS3(_Service):
-    """moto's S3 server in a child process on 127.0.0.1 (state lives in memory)."""
+    """moto's S3 server in a child process on 127.0.0.1 (state lives in memory).
 
-    def __init__(self, host: str = LOOPBACK, port: int | None = None, region: str = "us-east-1") -> None:
-        self.host, self.port, self.region = host, port or free_port(host), region
+    With ``port=0`` (the default) the server binds a port the system picks and ``port`` holds
+    it once started: no window in which another process can take a port chosen for it.
+    """
+
+    def __init__(self, host: str = LOOPBACK, port: int = 0, region: str = "us-east-1") -> None:
+        self.host, self.port, self.region = host, port, region
         self._process: subprocess.Popen | None = None
+        self._log: tempfile._TemporaryFileWrapper | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -75,6 +85,19 @@ class EmbeddedS3(_Service):
             "AWS_REGION": self.region,
         }
 
+    def _listening(self) -> bool:
+        """Up and answering; learns the bound port from the server's ``Running on`` line."""
+        if not self.port:
+            assert self._process is not None and self._log is not None
+            bound = re.search(rf"Running on http://{re.escape(self.host)}:(\d+)",
+                              Path(self._log.name).read_text(errors="replace"))
+            if bound is None:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"the S3 server exited with {self._process.returncode} before listening")
+                return False
+            self.port = int(bound[1])
+        return self._responds()
+
     def _responds(self) -> bool:
         try:
             urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1).close()
@@ -83,17 +106,21 @@ class EmbeddedS3(_Service):
             return False
 
     def start(self) -> None:
+        # the server's log goes to a file, not a pipe: a pipe nobody drains would stall it
+        self._log = tempfile.NamedTemporaryFile(prefix="skray-s3-", suffix=".log")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self._log,
         )
-        _wait_until(self._responds, 60, f"the S3 server at {self.endpoint_url}")
+        _wait_until(self._listening, 60, f"the S3 server on {self.host}")
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             self._process.terminate()
             self._process.wait(timeout=10)
+        if self._log:
+            self._log.close()
 
     def create_bucket(self, name: str) -> None:
         import boto3
@@ -136,6 +163,8 @@ class LocalRayHead(_Service):
                  object_store_bytes: int = 1 << 30) -> None:
         self.num_cpus, self.object_store_bytes = num_cpus, object_store_bytes
         self.env = ray_env(env)
+        # Chosen, not port 0: ``ray start --head`` accepts 0 but reports the ports it got only
+        # in its console text (or the shared /tmp/ray session files), nothing stable to read.
         self.gcs_port, self.dashboard_port = free_port(), free_port()
 
     @property

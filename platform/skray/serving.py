@@ -7,14 +7,14 @@ free (:class:`skray.batching.Batcher`), so batches fill while one runs. Every an
 says where its time went in the replica: a ``Server-Timing`` header (read, decode
 wait and decode, queue, forward, total; milliseconds) and ``X-Skray-Batch-Size``.
 
-Bad input is the client's problem and gets a 4xx JSON error naming it, never a
-5xx: ``{"error": {"code": ..., "message": ...}}``. A replica only says it is
-ready on ``/healthz`` once its model is loaded and warmed up; requests that
-arrive earlier wait for the warm-up instead of failing.
+Bad input gets a 4xx JSON error naming it (the contract: :mod:`skray.serve_api`). A
+replica only says it is ready on ``/healthz`` once its model is loaded and warmed up;
+requests that arrive earlier wait for the warm-up instead of failing.
 
-``build_app`` is the application builder for ``serve run`` / ``serve deploy``
-(``import_path: skray.serving:build_app``, its ``args`` a :class:`ServeConfig`);
-``skray serve`` reads the same config file.
+As in Ray's ``serve/doc_code/app_builder.py``: typed args (:class:`ServeConfig`) -> builder
+(:func:`application`) -> ``.bind()``. ``build_app`` is the builder for ``serve run`` / ``serve
+deploy`` (``import_path: skray.serving:build_app``); ``skray serve`` (:mod:`skray.serve_launch`)
+reads the same config file.
 """
 
 from __future__ import annotations
@@ -23,17 +23,14 @@ import asyncio
 import hmac
 import logging
 import os
-import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
@@ -42,27 +39,29 @@ from starlette.formparsers import MultiPartException
 
 from skray.batching import Batcher, BatchTiming
 from skray.classifier import Classifier, Decode, ModelName, Prediction, PreprocessingConfig
-from skray.config import (
-    ConfigError,
-    StrictModel,
-    deep_merge,
-        parse_overrides,
-    read_yaml,
-    resolve_gpus,
-    validate,
-)
-from skray.embedded import LOOPBACK
+from skray.config import StrictModel, deep_merge, resolve_gpus, validate
 from skray.images import ImageDecodeError
 from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
-from skray.weights import PinnedWeights, pin_weights
+from skray.resolver import PinnedWeights, pin_weights
+from skray.serve_api import (
+    BATCH_SIZE_HEADER,
+    ERRORS,
+    RAW_IMAGE_TYPES,
+    SERVER_TIMING_HEADER,
+    TOP_K,
+    ApiError,
+    BatchClassification,
+    BatchItem,
+    Classification,
+    ErrorDetail,
+    api,
+    prediction_fields,
+)
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "Classifier"
 IMPORT_PATH = "skray.serving:build_app"
-RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
-BATCH_SIZE_HEADER = "X-Skray-Batch-Size"  # how many images shared this one's forward pass
-SERVER_TIMING_HEADER = "Server-Timing"  # read, decode_wait, decode, queue, forward, total (ms), in the replica
 # Lower than the batch default (89M): a replica decodes ``decode_concurrency`` uploads at once and
 # each can hold its source and an RGB copy (about 8 bytes a pixel), so 40M keeps two under 700 MB
 # while still taking any camera up to 40 MP; JPEGs are draft-decoded far smaller anyway.
@@ -104,110 +103,6 @@ class ServeConfig(StrictModel):
     def _int8_needs_cpu_and_calibration(self) -> "ServeConfig":
         check_int8_config(self.precision, self.gpus_per_replica, self.calibration, "gpus_per_replica")
         return self
-
-
-# ---- the HTTP contract (also the OpenAPI schema at /docs) --------------------------------------
-
-class ClassScore(BaseModel):
-    label: str
-    label_id: int
-    score: float
-
-
-class Classification(BaseModel):
-    label: str
-    label_id: int
-    score: float
-    top_k: list[ClassScore]
-    model: str
-    weights_sha256: str | None
-    latency_ms: float
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-
-
-class BatchItem(BaseModel):
-    """One image of a batch request: its answer, or the error that image alone got."""
-
-    filename: str | None
-    label: str | None = None
-    label_id: int | None = None
-    score: float | None = None
-    top_k: list[ClassScore] | None = None
-    error: ErrorDetail | None = None
-
-
-class BatchClassification(BaseModel):
-    results: list[BatchItem]
-    model: str
-    weights_sha256: str | None
-    latency_ms: float
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ApiError(Exception):
-    """A request the service refuses; becomes ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-ERRORS = {
-    status: {"model": ErrorResponse, "description": why}
-    for status, why in {
-        400: "the image (or multipart body) cannot be decoded",
-        401: "missing or wrong bearer token (when auth is on)",
-        408: "the body did not arrive within body_timeout_s",
-        413: "body or image count over the configured limit",
-        415: "content type is not an image, octet-stream or multipart",
-        422: "bad query parameter (top_k)",
-    }.items()
-}
-
-TOP_K = Query(None, ge=1, description="how many classes to return, best first (default: the config's top_k)")
-
-api = FastAPI(
-    title="skray classifier",
-    description="SK-ResNeXt image classification with dynamic batching on Ray Serve.",
-    version="1",
-)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    return error_response(err.status, err.code, err.message, err.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()
-    )
-    return error_response(422, "invalid_parameter", problems)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-    return error_response(err.status_code, code, str(err.detail), getattr(err, "headers", None))
-
-
-def prediction_fields(p: Prediction) -> dict[str, Any]:
-    top = [ClassScore(label=label, label_id=i, score=score)
-           for i, score, label in zip(p.topk_ids, p.topk_scores, p.topk_labels)]
-    return {"label": p.label, "label_id": p.label_id, "score": p.score, "top_k": top}
 
 
 def bearer_token(variable: str | None) -> str | None:
@@ -476,79 +371,3 @@ def application(cfg: ServeConfig, **deployment_options: Any) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """Serve's application builder (``import_path: skray.serving:build_app``): ``args`` is a :class:`ServeConfig`."""
     return application(validate(ServeConfig, dict(args), source="serve args"))
-
-
-# ---- skray serve: the same config file as ``serve run`` / ``serve deploy`` ----------------------
-
-@dataclass
-class Launch:
-    """What ``skray serve`` deploys, resolved from a Serve config file and the command line."""
-
-    config: ServeConfig
-    name: str = "skray"
-    route_prefix: str = "/"
-    http_options: dict[str, Any] = field(default_factory=lambda: {"host": LOOPBACK, "port": 8000})
-    deployment_options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.http_options['host']}:{self.http_options['port']}{self.route_prefix.rstrip('/')}"
-
-
-def resolve_launch(path: str | None, app: str | None = None, overrides: Sequence[str] = (),
-                   args: dict[str, Any] | None = None, http: dict[str, Any] | None = None) -> Launch:
-    """Validate the file with Serve's own schema and the app's ``args`` with :class:`ServeConfig`;
-    ``args`` (flags) and then ``overrides`` (``--set``) apply on top. Fails naming the key."""
-    data = read_yaml(path) if path else {"applications": [{"name": "skray", "import_path": IMPORT_PATH}]}
-    source = path or "skray serve"
-    if path:
-        from ray.serve.schema import ServeDeploySchema
-
-        try:
-            ServeDeploySchema.parse_obj(data)
-        except Exception as err:  # noqa: BLE001 - Serve's pydantic-v1 errors, shown as they are
-            raise ConfigError(f"invalid Serve config {path}:\n{err}") from None
-    apps = data.get("applications") or []
-    chosen = [a for a in apps if app in (None, a.get("name"))]
-    if len(chosen) != 1:
-        names = ", ".join(a.get("name", "default") for a in apps) or "none"
-        raise ConfigError(f"{source}: choose one application with --app (have: {names})")
-    entry = chosen[0]
-    name = entry.get("name", "default")
-    if entry.get("import_path") != IMPORT_PATH:
-        raise ConfigError(f"{source}: applications.{name}.import_path must be {IMPORT_PATH}")
-    deployments = entry.get("deployments") or []
-    unknown = [d.get("name") for d in deployments if d.get("name") != DEPLOYMENT]
-    if unknown:
-        raise ConfigError(f"{source}: unknown deployment(s) {unknown}; this application has {DEPLOYMENT!r}")
-    merged = deep_merge(deep_merge(entry.get("args") or {}, args or {}), parse_overrides(overrides))
-    cfg = validate(ServeConfig, merged, source=f"{source} applications.{name}.args")
-    return Launch(cfg, name, entry.get("route_prefix", "/"),
-                  {"host": LOOPBACK, "port": 8000, **(data.get("http_options") or {}), **(http or {})},
-                  {k: v for d in deployments for k, v in d.items() if k != "name"})
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def serve_forever(launch: Launch, address: str | None = None) -> None:
-    """Deploy on the Ray at ``address`` (or ``RAY_ADDRESS``, else a new local one) until SIGINT/SIGTERM,
-    then delete the application."""
-    import ray
-
-    ray.init(address=address, logging_level="WARNING")  # a new local Ray has token auth on by default
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        serve.start(http_options=launch.http_options)
-        serve.run(application(launch.config, **launch.deployment_options), name=launch.name,
-                  route_prefix=launch.route_prefix)
-        print(f"[serve] {launch.name}: {launch.config.model or 'model from weights'} at {launch.url}/v1/classify "
-              f"(docs {launch.url}/docs); Ctrl-C stops it", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print(f"[serve] stopping {launch.name}", flush=True)
-    finally:
-        serve.delete(launch.name)
-        ray.shutdown()
