@@ -1,6 +1,6 @@
 """``skray compare``: runs side by side, sorted by a metric, with plots.
 
-Reads MLflow only: the runs of an experiment, or the trials nested under a sweep's
+Reads MLflow only, through :mod:`skray.tracking`: the runs of an experiment, or the trials nested under a sweep's
 parent run. The table is for the terminal; the PNGs (LR x weight decay coloured by
 the metric, learning curves of the best runs) are saved and logged to the parent.
 
@@ -32,9 +32,7 @@ def resolve_mode(parent: str | None, metric: str, mode: str | None = None) -> Mo
             raise ValueError(f"mode must be max or min, not {mode!r}")
         return mode  # type: ignore[return-value]
     if parent:
-        from mlflow import MlflowClient
-
-        params = MlflowClient().get_run(parent).data.params
+        params = tracking.run_params(parent)
         if params.get("sweep.metric") == metric and params.get("sweep.mode") in ("max", "min"):
             return params["sweep.mode"]  # type: ignore[return-value]
     return infer_mode(metric)
@@ -44,21 +42,10 @@ def collect(experiment: str | None, parent: str | None, metric: str,
             mode: str | None = None) -> list[dict[str, Any]]:
     """One row per run, best first by ``mode`` (see :func:`resolve_mode`); runs that never
     reported the metric last."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
     mode = resolve_mode(parent, metric, mode)
     pick = max if mode == "max" else min
-    if parent:
-        experiment_ids = [client.get_run(parent).info.experiment_id]
-        query = f"tags.mlflow.parentRunId = '{parent}'"
-    else:
-        found = client.get_experiment_by_name(experiment or "skray-train")
-        if found is None:
-            raise ValueError(f"no MLflow experiment named {experiment!r}")
-        experiment_ids, query = [found.experiment_id], ""
     rows = []
-    for run in client.search_runs(experiment_ids, filter_string=query, max_results=5000):
+    for run in tracking.search_runs(experiment or "skray-train", parent):
         curve = tracking.metric_history(run.info.run_id, metric)
         rows.append({
             "run": run.info.run_name, "run_id": run.info.run_id,
@@ -139,13 +126,11 @@ def learning_curves(rows: list[dict[str, Any]], metric: str, top: int = 5):
 
 def compare(experiment: str | None = None, parent: str | None = None, metric: str = "val_top1",
             out_dir: str | None = None, mode: str | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
-    from mlflow import MlflowClient
-
     tracking.configure()
     rows = collect(experiment, parent, metric, mode)
     target = Path(out_dir or Path(".skray") / "compare" / (parent or experiment or "skray-train"))
     paths = plot(rows, metric, target) if rows else []
     if parent:
         for path in paths:
-            MlflowClient().log_artifact(parent, str(path), "compare")
+            tracking.log_artifact(parent, path, "compare")
     return rows, paths

@@ -24,16 +24,17 @@ import pyarrow as pa
 import torch
 
 from skray.classifier import Classifier, Decode
-from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval
+from skray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.quantize import Precision
+from skray.resolver import PinnedWeights
+from skray.sinks import LABEL_SCHEMA
 from skray.sources import Unit, unit_batches
-from skray.weights import PinnedWeights
 
 PASSTHROUGH = ("key", "error", "meta", "unit", "unit_rows")
 
 
 def decode_rows(
-    rows: list[dict[str, Any]], preprocessing: EvalTransformConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+    rows: list[dict[str, Any]], preprocessing: PreprocessingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> dict[str, np.ndarray]:
     """Decode and crop each image once; a bad one keeps a blank crop and gets ``error``."""
     size = preprocessing.image_size
@@ -64,7 +65,7 @@ def bytes_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def read_and_decode(
     units: pa.Table,
-    preprocessing: EvalTransformConfig,
+    preprocessing: PreprocessingConfig,
     max_pixels: int,
     batch_size: int,
     image_column: str,
@@ -101,7 +102,7 @@ class Predictor:
         model: str | None,
         pinned: PinnedWeights | None,
         top_k: int,
-        preprocessing: EvalTransformConfig,
+        preprocessing: PreprocessingConfig,
         threads: int | None = None,
         compile: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -110,15 +111,12 @@ class Predictor:
         precision: Precision = "fp32",
         calibration: torch.Tensor | None = None,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        on_gpu = torch.cuda.is_available()
-        amp = torch.bfloat16 if on_gpu else None
-        self.classifier = Classifier(
-            model, pinned, compile=compile, amp_dtype=amp, preprocessing=preprocessing,
+        self.classifier = Classifier.for_worker(
+            model, pinned, threads=threads, compile=compile, preprocessing=preprocessing,
             max_pixels=max_pixels, decode=decode, batch_size=batch_size,
             precision=precision, calibration=calibration,
         )
+        on_gpu = torch.cuda.is_available()
         self.top_k = top_k
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="skray-prefetch")
         self._stream = torch.cuda.Stream() if on_gpu else None  # GPU only: decode beside the forward
@@ -196,18 +194,21 @@ class Predictor:
         def column(field: str) -> list:
             return [getattr(p, field) if p else None for p in results]
 
+        labels = {  # the label schema's columns, typed by it (skray.sinks.LABEL_SCHEMA)
+            "key": batch["key"],
+            "label_id": column("label_id"),
+            "label": [names[p.label_id] if p else None for p in results],
+            "score": column("score"),
+            "topk_ids": column("topk_ids"),
+            "topk_scores": column("topk_scores"),
+            "model": [self.classifier.architecture] * n,
+            "weights_sha256": [self.classifier.weights_sha256] * n,
+            "error": errors,
+            "meta": [m or None for m in batch["meta"]],
+        }
         return pa.table(
             {
-                "key": pa.array(batch["key"], pa.string()),
-                "label_id": pa.array(column("label_id"), pa.int32()),
-                "label": pa.array([names[p.label_id] if p else None for p in results], pa.string()),
-                "score": pa.array(column("score"), pa.float32()),
-                "topk_ids": pa.array(column("topk_ids"), pa.list_(pa.int32())),
-                "topk_scores": pa.array(column("topk_scores"), pa.list_(pa.float32())),
-                "model": pa.array([self.classifier.architecture] * n, pa.string()),
-                "weights_sha256": pa.array([self.classifier.weights_sha256] * n, pa.string()),
-                "error": pa.array(errors, pa.string()),
-                "meta": pa.array([m or None for m in batch["meta"]], pa.string()),
+                **{f.name: pa.array(labels[f.name], f.type) for f in LABEL_SCHEMA},
                 "unit": pa.array(batch["unit"], pa.string()),
                 "unit_rows": pa.array(batch["unit_rows"], pa.int64()),
                 **{name: pa.array(values, pa.float64()) for name, values in stages.items()},

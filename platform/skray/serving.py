@@ -128,17 +128,14 @@ class ClassifierDeployment:
         """``pinned``: :meth:`PinnedWeights.to_dict` of ``config.weights``, resolved once by the builder."""
         self.config = cfg = ServeConfig.model_validate(config)
         self.token = bearer_token(cfg.auth_token_env)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        amp = torch.bfloat16 if torch.cuda.is_available() else None
         weights = PinnedWeights.from_dict(pinned) if pinned else None  # every replica: the same bytes
         transform, max_pixels = cfg.preprocessing.transform(), cfg.preprocessing.max_pixels
         calibration = (calibration_crops(cfg.calibration, cfg.calibration_images, transform, max_pixels)
                        if cfg.precision == "int8" else None)
-        self.classifier = Classifier(cfg.model, weights, amp_dtype=amp, preprocessing=transform,
-                                     max_pixels=max_pixels, decode=cfg.decode, precision=cfg.precision,
-                                     calibration=calibration, batch_size=cfg.max_batch_size
-                                     if cfg.precision == "int8" else None)
+        self.classifier = Classifier.for_worker(
+            cfg.model, weights, threads=cfg.threads, preprocessing=transform, max_pixels=max_pixels,
+            decode=cfg.decode, precision=cfg.precision, calibration=calibration,
+            batch_size=cfg.max_batch_size if cfg.precision == "int8" else None)
         # decode on the model's device: requests queue their bytes and each batch decodes together
         self._device_decode = self.classifier.decode_on == "gpu"
         self.num_classes = len(self.classifier.class_names)

@@ -352,3 +352,29 @@ def resolve_weights(uri: str) -> ResolvedModel:
     model_uri = uri if version is None else f"models:/{repo.model_name}/{version}"
     readable = urlsplit(location).scheme in ("", "file", "s3")
     return ResolvedModel(location if readable else model_uri, model_uri, None if version is None else str(version))
+
+
+# ---- reading runs back (skray compare) -----------------------------------------------------------
+
+def run_params(run_id: str) -> dict[str, str]:
+    """The parameters logged to a run (flattened keys, as :func:`flatten` wrote them)."""
+    return MlflowClient().get_run(run_id).data.params
+
+
+def search_runs(experiment: str, parent_run_id: str | None = None, max_results: int = 5000) -> list[Any]:
+    """MLflow ``Run`` objects: those nested under ``parent_run_id`` when given, else every run
+    of the experiment named ``experiment``; a missing experiment is a ``ValueError``."""
+    client = MlflowClient()
+    if parent_run_id:
+        ids = [client.get_run(parent_run_id).info.experiment_id]
+        query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"no MLflow experiment named {experiment!r}")
+        ids, query = [found.experiment_id], ""
+    return client.search_runs(ids, filter_string=query, max_results=max_results)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
