@@ -25,7 +25,7 @@ import torch
 
 from skray.classifier import Classifier
 from skray.device_decode import DeviceDecoder
-from skray.images import EvalTransformConfig, decode_for_eval
+from skray.images import PreprocessingConfig, decode_for_eval
 from skray.testing import photo_corpus
 
 
@@ -33,10 +33,10 @@ def decode_all(path: str, blobs: list[bytes]) -> tuple[torch.Tensor, float]:
     """Crops for every blob by one path, and its decode images/s (one thread)."""
     start = time.perf_counter()
     if path == "device":
-        crops, errors = DeviceDecoder(EvalTransformConfig())(blobs)
+        crops, errors = DeviceDecoder(PreprocessingConfig())(blobs)
         assert not any(errors)
     else:
-        cfg = EvalTransformConfig(jpeg_draft=path == "draft")
+        cfg = PreprocessingConfig(jpeg_draft=path == "draft")
         crops = torch.stack([decode_for_eval(b, cfg) for b in blobs])
     return crops, len(blobs) / (time.perf_counter() - start)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from skray.classifier import Classifier
-from skray.images import EvalTransformConfig, decode_for_eval, normalize
+from skray.images import PreprocessingConfig, decode_for_eval, normalize
 from skray.model import DEFAULT_MODEL, create_model, prepare_for_inference
 from skray.quantize import quantize_int8
 from skray.testing import DIGIT_CLASSES, digit_png, photo_corpus
@@ -32,7 +32,7 @@ from skray.testing import DIGIT_CLASSES, digit_png, photo_corpus
 SMALL = "skresnext14_8x4d_half"
 
 
-def photo_crops(n: int, seed: int, cfg: EvalTransformConfig) -> torch.Tensor:
+def photo_crops(n: int, seed: int, cfg: PreprocessingConfig) -> torch.Tensor:
     return torch.stack([decode_for_eval(data, cfg) for _, data in photo_corpus(n, seed=seed)])
 
 
@@ -59,7 +59,7 @@ def digits_agreement(seconds: float, calibration: int) -> str:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    cfg = EvalTransformConfig(32, crop_pct=1.0)
+    cfg = PreprocessingConfig(image_size=32, crop_pct=1.0)
     images = torch.stack([decode_for_eval(digit_png(p), cfg) for p in digits.images])
     labels = torch.as_tensor(digits.target)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = EvalTransformConfig(args.size)
+    cfg = PreprocessingConfig(image_size=args.size)
     photos, calibration = photo_crops(args.photos, 0, cfg), photo_crops(args.calibration, 1, cfg)
 
     started = time.perf_counter()

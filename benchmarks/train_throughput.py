@@ -24,33 +24,26 @@ import time
 import numpy as np
 import ray
 import torch
-from torch import nn
 
 from skray.config import validate
 from skray.datasets import LabeledData
-from skray.images import normalize
 from skray.model import create_model
-from skray.train import TrainConfig, lr_at, param_groups, train_loop
+from skray.train import TrainConfig, build_optimizer, train_epoch, train_loop
 
 
 def plain_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float]:
-    """The same step as train_loop, without Ray: img/s per epoch."""
+    """The same step as train_loop (:func:`skray.train.train_epoch`), without Ray: img/s per epoch."""
     model = create_model(cfg.model.name, num_classes=classes).train()
-    optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, True), lr=cfg.lr,
-                                momentum=cfg.optim.momentum)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     steps = len(images) // cfg.batch_size
     rates = []
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
-        order = torch.randperm(len(images))
-        for step in range(steps):
-            index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, steps, cfg)
-            loss = nn.functional.cross_entropy(model(normalize(images[index])), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        order = torch.randperm(len(images))[: steps * cfg.batch_size].split(cfg.batch_size)
+        batches = ({"image": images[index], "label": labels[index]} for index in order)
+        train_epoch(model, model, optimizer, scaler, batches, cfg, device=torch.device("cpu"), epoch=epoch,
+                    steps_per_epoch=steps)
         rates.append(steps * cfg.batch_size / (time.perf_counter() - started))
     return rates
 
@@ -91,7 +84,7 @@ def main() -> None:
     classes = 10
     cfg = validate(TrainConfig, {
         "data": {"train": "memory://"}, "model": {"name": args.model}, "epochs": args.epochs,
-        "batch_size": args.batch, "image_size": args.size, "amp": "off", "mlflow": {"registered_model": None},
+        "batch_size": args.batch, "preprocessing": {"image_size": args.size}, "amp": "off", "mlflow": {"registered_model": None},
         "scaling": {"workers": 1, "use_gpu": False, "cpus_per_worker": 2},
         "optim": {"warmup_epochs": 0, "label_smoothing": 0.0}})
     rng = np.random.default_rng(0)

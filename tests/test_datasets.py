@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from skray.datasets import BAD_LABEL, DatasetError, discover, read_labeled
-from skray.images import EvalTransformConfig
+from skray.images import PreprocessingConfig
 from skray.storage import write_bytes_atomic
 from skray.testing import labeled_image, write_labeled_folder
 
-EVAL = EvalTransformConfig(48, 1.0)
+EVAL = PreprocessingConfig(image_size=48, crop_pct=1.0)
 
 
 def read_all(data, train: bool = False) -> tuple[list[int], int]:

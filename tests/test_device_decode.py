@@ -20,7 +20,7 @@ from PIL import Image
 
 from skray.classifier import Classifier
 from skray.device_decode import DeviceDecoder
-from skray.images import EvalTransformConfig, ImageDecodeError, decode_for_eval
+from skray.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.predictor import Predictor
 from skray.testing import photo_corpus
 
@@ -28,7 +28,7 @@ from conftest import SMALL
 
 pytestmark = pytest.mark.timeout(120)
 
-CFG = EvalTransformConfig()  # full decode (jpeg_draft off), as the device path decodes
+CFG = PreprocessingConfig()  # full decode (jpeg_draft off), as the device path decodes
 DEVICE = torch.device(os.environ.get("SKRAY_TEST_DEVICE", "cpu"))
 
 

@@ -22,8 +22,8 @@ from skray.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     REASONS,
-    EvalTransformConfig,
     ImageDecodeError,
+    PreprocessingConfig,
     decode_image,
     decode_for_eval,
     eval_crop,
@@ -285,7 +285,7 @@ def test_decode_error_rejects_unknown_reason_codes():
 
 
 def test_default_eval_config_resizes_to_256_then_crops_224():
-    cfg = EvalTransformConfig()
+    cfg = PreprocessingConfig()
     assert (cfg.image_size, cfg.resize_size) == (224, 256)
 
 
@@ -293,10 +293,32 @@ def test_default_eval_config_resizes_to_256_then_crops_224():
     ("image_size", "crop_pct", "resize_size"), [(96, 1.0, 96), (288, 0.9, 320)]
 )
 def test_eval_config_is_configurable(image_size, crop_pct, resize_size):
-    cfg = EvalTransformConfig(image_size=image_size, crop_pct=crop_pct)
+    cfg = PreprocessingConfig(image_size=image_size, crop_pct=crop_pct)
     assert cfg.resize_size == resize_size
     out = eval_transform(cfg)(smooth((200, 150)))
     assert out.shape == (3, image_size, image_size)
+
+
+@pytest.fixture
+def wide_eval_model(monkeypatch) -> str:
+    """A registered variant whose eval preprocessing differs from the default model's in every field."""
+    import dataclasses
+
+    from skray import model
+
+    spec = dataclasses.replace(model.model_spec("skresnext14_8x4d_half"), image_size=256, crop_pct=0.95,
+                               interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    monkeypatch.setitem(model._MODELS, "wide_eval", spec)
+    return "wide_eval"
+
+
+def test_preprocessing_left_unset_is_the_models_and_what_is_set_stays(wide_eval_model):
+    cfg = PreprocessingConfig(crop_pct=0.9, jpeg_draft=True).for_model(wide_eval_model)
+
+    assert (cfg.image_size, cfg.crop_pct, cfg.interpolation) == (256, 0.9, "bilinear")
+    assert (cfg.mean, cfg.std, cfg.jpeg_draft) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True)
+    assert cfg.for_model("skresnext14_8x4d_half") == cfg, "resolved once: a second model changes nothing"
+    assert PreprocessingConfig() == PreprocessingConfig().for_model(None), "unresolved: the default model's"
 
 
 @pytest.mark.parametrize(
@@ -304,7 +326,7 @@ def test_eval_config_is_configurable(image_size, crop_pct, resize_size):
 )
 def test_eval_config_rejects_invalid_settings(kwargs):
     with pytest.raises(ValueError):
-        EvalTransformConfig(**kwargs)
+        PreprocessingConfig(**kwargs)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (640, 480), (480, 640)])
@@ -332,7 +354,7 @@ def test_eval_transform_centre_crop_discards_the_borders():
 
 
 def test_eval_crop_is_built_once_per_config():
-    assert eval_crop(EvalTransformConfig()) is eval_crop(EvalTransformConfig())
+    assert eval_crop(PreprocessingConfig()) is eval_crop(PreprocessingConfig())
 
 
 def test_uint8_crop_then_normalize_is_exactly_the_eval_transform():
@@ -506,6 +528,6 @@ def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(sli
     good = encode(smooth((300, 200)), "PNG")
     rows = [{"key": key, "data": data, "error": None, "meta": None, "unit": "u", "unit_rows": 2}
             for key, data in [("bomb", slivers["jpeg_1x65000"]), ("good", good)]]
-    out = decode_rows(rows, EvalTransformConfig())
+    out = decode_rows(rows, PreprocessingConfig())
     assert out["error"][0].startswith("too_many_pixels: 1x65000 resizes to 256x")
     assert out["error"][1] is None and torch.equal(torch.from_numpy(out["image"][1]), decode_for_eval(good))

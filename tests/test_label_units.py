@@ -514,7 +514,7 @@ def test_read_and_decode_yields_crops_batch_by_batch_with_the_count_in_the_last(
     shard = str(tmp_path / "shard.tar")
     write_bytes_atomic(shard, webdataset_shard(0, 3))
     units = pa.Table.from_pylist([Unit("s", "webdataset", (shard,)).to_row()])
-    preprocessing = PreprocessingConfig(image_size=32).transform()
+    preprocessing = PreprocessingConfig(image_size=32)
 
     batches = list(read_and_decode(units, preprocessing, 10**8, 2, "image", None, max_object_bytes=10**6))
 

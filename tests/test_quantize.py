@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from skray.classifier import Classifier
 from skray.config import ConfigError, validate
-from skray.images import EvalTransformConfig, decode_for_eval
+from skray.images import PreprocessingConfig, decode_for_eval
 from skray.label import LabelConfig
 from skray.quantize import calibration_crops
 from skray.testing import photo_corpus
@@ -18,7 +18,7 @@ from skray.testing import photo_corpus
 from conftest import SMALL
 
 SIZE = 64  # small crops keep the compile and the forward short
-EVAL = EvalTransformConfig(SIZE)
+EVAL = PreprocessingConfig(image_size=SIZE)
 
 
 def crops(photos: list[tuple[str, bytes]]) -> torch.Tensor:

@@ -46,7 +46,7 @@ def test_the_small_variant_learns_real_handwritten_digits(ray_cluster: LocalRayH
     data = write_digits_folder(str(tmp_path / "digits"))
     cfg = load_config(TrainConfig, CPU_CONFIG, [
         f"data.train={data['train']}", f"data.val={data['val']}", f"storage_path={tmp_path}/runs",
-        f"model.name={SMALL}", "image_size=32", f"epochs={EPOCHS}", "name=digits",
+        f"model.name={SMALL}", "preprocessing.image_size=32", f"epochs={EPOCHS}", "name=digits",
         "mlflow.registered_model=skray-digits"])
 
     started = time.perf_counter()

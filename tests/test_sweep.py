@@ -23,7 +23,7 @@ def dataset(tmp_path_factory) -> dict[str, str]:
 def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
     values = {
         "name": "lrwd", "base": str(PROJECT / "configs" / "train_cpu_small.yaml"),
-        "set": [f"data.train={dataset['train']}", f"data.val={dataset['val']}", "image_size=48", "epochs=4",
+        "set": [f"data.train={dataset['train']}", f"data.val={dataset['val']}", "preprocessing.image_size=48", "epochs=4",
                 "scaling.workers=1", "batch_size=16", "mlflow.registered_model=null"],
         # Two useful learning rates first, two hopeless ones after: ASHA must stop those.
         "space": {"optim.lr": {"type": "grid", "values": [0.8, 0.6, 1e-7, 1e-8]},

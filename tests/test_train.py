@@ -29,9 +29,11 @@ from skray.train import (
     lr_at,
     plan_cpus,
     run,
+    save_checkpoint,
     stall_guarded,
     steps_per_epoch,
     train_epoch,
+    validate,
 )
 
 from conftest import PROJECT, SMALL, labeled_dataset
@@ -49,7 +51,7 @@ def dataset(tmp_path_factory) -> dict[str, str]:
 def small_config(dataset: dict[str, str], tmp_path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, CPU_CONFIG, [
         f"data.train={dataset['train']}", f"data.val={dataset['val']}", f"storage_path={tmp_path}/runs",
-        "image_size=48", "mlflow.registered_model=skray-test", *overrides])
+        "preprocessing.image_size=48", "mlflow.registered_model=skray-test", *overrides])
 
 
 def metric_history(run_id: str, key: str) -> list[float]:
@@ -176,7 +178,7 @@ def test_resume_continues_a_stopped_run_from_its_directory(
     command = ray_cluster.submit_command(
         ["python", "pipelines/train.py", "--config", str(CPU_CONFIG), "--set", f"data.train={dataset['train']}",
          "--set", f"data.val={dataset['val']}", "--set", f"storage_path={tmp_path}/runs", "--set", "name=stopped",
-         "--set", "image_size=48", "--set", "epochs=3", "--set", f"mlflow.tracking_uri={mlflow_store}"],
+         "--set", "preprocessing.image_size=48", "--set", "epochs=3", "--set", f"mlflow.tracking_uri={mlflow_store}"],
         str(PROJECT), submission_id=job, wait=False)
     subprocess.run(command, env=ray_cluster.env, check=True, capture_output=True)
     wait_for(lambda: registered_checkpoints(run_dir), 300, "a registered checkpoint")
@@ -199,7 +201,7 @@ def test_too_many_undecodable_images_fail_the_run_naming_the_threshold(
     for i in range(8):
         write_bytes_atomic(str(broken / "class0" / f"bad{i}.png"), b"not a png")
     cfg = load_config(TrainConfig, CPU_CONFIG, [
-        f"data.train={broken}", "data.val=null", f"storage_path={tmp_path}/runs", "image_size=48", "epochs=1",
+        f"data.train={broken}", "data.val=null", f"storage_path={tmp_path}/runs", "preprocessing.image_size=48", "epochs=1",
         "mlflow.registered_model=null", "max_failures=0"])
 
     with pytest.raises(Exception, match="max_bad_fraction"):
@@ -236,11 +238,39 @@ def test_the_old_key_model_pretrained_fails_saying_to_use_model_weights():
         load_config(TrainConfig, CPU_CONFIG, ["model.pretrained=pretrained"])
 
 
+@pytest.mark.parametrize("old, new", [("image_size=48", "preprocessing.image_size"),
+                                      ("eval_crop_pct=0.9", "preprocessing.crop_pct"),
+                                      ("interpolation=bilinear", "preprocessing.interpolation")])
+def test_the_old_flat_preprocessing_keys_fail_naming_their_new_place(old, new):
+    with pytest.raises(ConfigError, match=f"{old.split('=')[0]} is now {new}"):
+        load_config(TrainConfig, CPU_CONFIG, [old])
+
+
+def test_every_jobs_preprocessing_defaults_to_its_models(monkeypatch):
+    import dataclasses
+
+    from skray import model
+    from skray.evaluate import EvaluateConfig
+    from skray.label import LabelConfig
+
+    spec = dataclasses.replace(model.model_spec(SMALL), image_size=256, crop_pct=0.95, interpolation="bilinear")
+    monkeypatch.setitem(model._MODELS, "wide_eval", spec)
+    configs = [TrainConfig(data={"train": "d"}, model={"name": "wide_eval"}, scaling={"workers": 1},
+                           preprocessing={"crop_pct": 0.9}),
+               EvaluateConfig(data="d", model="wide_eval", preprocessing={"crop_pct": 0.9}),
+               LabelConfig(input="d", output="o", model="wide_eval", preprocessing={"crop_pct": 0.9})]
+
+    for cfg in configs:
+        assert (cfg.preprocessing.image_size, cfg.preprocessing.crop_pct, cfg.preprocessing.interpolation) == \
+            (256, 0.9, "bilinear"), type(cfg).__name__
+    assert EvaluateConfig(data="d").preprocessing.image_size == 224, "no model: the default model's"
+
+
 def test_the_baseline_config_is_the_published_recipe():
     cfg = load_config(TrainConfig, PROJECT / "configs" / "train_baseline.yaml")
-    assert (cfg.model.name, cfg.epochs, cfg.batch_size, cfg.image_size) == ("skresnext50_32x4d", 100, 256, 224)
+    assert (cfg.model.name, cfg.epochs, cfg.batch_size, cfg.preprocessing.image_size) == ("skresnext50_32x4d", 100, 256, 224)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
-    assert (cfg.scaling.workers, cfg.scaling.use_gpu, cfg.eval_crop_pct) == (8, True, 0.875)
+    assert (cfg.scaling.workers, cfg.scaling.use_gpu, cfg.preprocessing.crop_pct) == (8, True, 0.875)
     assert cfg.lr == 0.1
     assert load_config(TrainConfig, PROJECT / "configs" / "train_baseline.yaml", ["batch_size=512"]).lr == 0.2
 
@@ -255,7 +285,7 @@ def test_the_readme_cpu_command_finishes_on_a_ray_with_two_cpus(tmp_path):
     data = labeled_dataset(tmp_path / "data", per_class=16)
     argv = ["train", "--config", str(CPU_CONFIG), "--set", f"data.train={data['train']}",
             "--set", f"data.val={data['val']}", "--set", f"storage_path={tmp_path}/runs", "--set", "epochs=2",
-            "--set", "image_size=48", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+            "--set", "preprocessing.image_size=48", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
     script = ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False); "
               "from skray.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -438,3 +468,43 @@ def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable
     assert (sums["seen"], sums["skipped"]) == (sum(goods), 4 * 6 - sum(goods))
     assert sums["loss_sum"] / sums["seen"] == pytest.approx(sum(l * g for l, g in zip(losses, goods)) / sum(goods))
     assert sums["lr"] == lr_at(3, 4, cfg), "the last step's LR"
+
+
+def test_validation_counts_top1_and_top5_over_the_decodable_images_and_skips_the_rest():
+    import torch
+
+    cfg, model, _, _, batches = epoch_fixture(steps=10)
+    model.eval()
+    logits = []
+    model.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
+
+    with SyncCounter() as counter:
+        counts = validate(model, batches, cfg, device=torch.device("cpu"))
+    assert counter.syncs == 0, f"{counter.syncs} device syncs in 10 batches: the counts belong on the device"
+
+    top1 = top5 = total = 0
+    for out, batch in zip(logits, batches):
+        for row, label in zip(out, batch["label"].tolist()):
+            if label != BAD_LABEL:
+                total += 1
+                top1 += int(row.argmax()) == label
+                top5 += label in row.topk(4).indices.tolist()  # 4 classes: every top-5 holds them all
+    assert counts == {"correct1": top1, "correct5": top5, "total": total, "skipped": 10 * 6 - total}
+    assert top5 == total
+
+
+def test_a_checkpoint_holds_the_state_to_resume_and_the_model_to_use(tmp_path):
+    import torch
+
+    from skray.resolver import load_model
+
+    cfg, model, optimizer, scaler, _ = epoch_fixture(steps=1)
+    names = ["a", "b", "c", "d"]
+    save_checkpoint(tmp_path, model, optimizer, scaler, cfg, epoch=3, best_top1=42.0, class_names=names)
+
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert (state["epoch"], state["best_top1"], state["class_names"]) == (3, 42.0, names)
+    assert TrainConfig.model_validate(state["config"]) == cfg
+    loaded, info = load_model(weights=str(tmp_path / "model.safetensors"))
+    assert (info.architecture, info.class_names) == (SMALL, names)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -18,7 +18,7 @@ import skray.train as train_module
 from skray.config import ConfigError, dump_config
 from skray.datasets import BAD_LABEL, LabeledData, discover, read_labeled
 from skray.testing import write_labeled_folder
-from skray.images import EvalTransformConfig
+from skray.images import PreprocessingConfig
 from skray.model import create_model
 from skray.storage import join, write_bytes_atomic, write_json
 from skray.train import (
@@ -179,7 +179,7 @@ def folder(tmp_path_factory) -> LabeledData:
 def crops(data, *, train: bool, augment: dict, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
-    batches = list(read_labeled(units, data, 48, train, EvalTransformConfig(48), augment, batch_size=64))
+    batches = list(read_labeled(units, data, 48, train, PreprocessingConfig(image_size=48), augment, batch_size=64))
     assert all((b["label"] != BAD_LABEL).all() for b in batches)
     return torch.cat([torch.from_numpy(b["image"]) for b in batches])
 
@@ -409,6 +409,6 @@ def test_channels_last_is_for_gpus_and_turns_the_model_and_its_inputs_nhwc():
     assert cfg.channels_last and not train_module.uses_channels_last(cfg, CPU)
     assert train_module.uses_channels_last(cfg, torch.device("cuda"))
     assert not train_module.uses_channels_last(config(channels_last=False), torch.device("cuda"))
-    nhwc = train_module.device_images(crops, CPU, channels_last=True)
+    nhwc = train_module.device_images(crops, cfg.preprocessing, CPU, channels_last=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
-    assert torch.equal(nhwc, train_module.device_images(crops, CPU, channels_last=False))
+    assert torch.equal(nhwc, train_module.device_images(crops, cfg.preprocessing, CPU, channels_last=False))

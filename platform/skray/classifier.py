@@ -10,12 +10,11 @@ from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationInfo
 
 from skray.classes import default_class_names
-from skray.config import StrictModel
 from skray.device_decode import DeviceDecoder
-from skray.images import DEFAULT_MAX_PIXELS, EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
+from skray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessingConfig, decode_for_eval, normalize
 from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
 from skray.quantize import DEFAULT_BATCH_SIZE, Precision, check_int8, quantize_int8
 from skray.resolver import PinnedWeights, load_model
@@ -33,18 +32,15 @@ ModelName = Annotated[str, AfterValidator(registered_model)]
 """A config field holding an architecture name: unknown names fail validation, listing the known ones."""
 
 
-class PreprocessingConfig(StrictModel):
-    """The eval transform as a config section (labeling, serving): the model card's by default."""
+def _for_chosen_model(value: PreprocessingConfig, info: ValidationInfo) -> PreprocessingConfig:
+    model = info.data.get("model")  # a name, None (the default), or a section holding ``name``
+    return value.for_model(getattr(model, "name", model))
 
-    image_size: int = Field(224, ge=32)
-    crop_pct: float = Field(0.875, gt=0, le=1)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    jpeg_draft: bool = False  # libjpeg downscaling while decoding: faster, not timm's eval pipeline (README)
 
-    def transform(self) -> EvalTransformConfig:
-        return EvalTransformConfig(self.image_size, self.crop_pct, self.interpolation,
-                                   jpeg_draft=self.jpeg_draft)
+ModelPreprocessing = Annotated[PreprocessingConfig, AfterValidator(_for_chosen_model),
+                               Field(validate_default=True)]
+"""A job config's ``preprocessing`` section: what it leaves unset is the config's ``model``'s
+(declared before it), so label, train, evaluate and serve resolve it alike."""
 
 
 Decode = Literal["cpu", "gpu", "auto"]
@@ -103,7 +99,7 @@ class Classifier:
         device: str | None = None,
         compile: bool = False,
         amp_dtype: torch.dtype | None = None,
-        preprocessing: EvalTransformConfig = EvalTransformConfig(),
+        preprocessing: PreprocessingConfig = PreprocessingConfig(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
@@ -119,7 +115,8 @@ class Classifier:
         self.weights_sha256 = loaded.sha256 if loaded else None
         self.class_names = loaded.class_names if loaded else default_class_names(net.num_classes)
         self.random_weights = loaded is None
-        self.preprocessing, self.max_pixels = preprocessing, max_pixels
+        self.preprocessing = preprocessing = preprocessing.for_model(self.architecture)  # unset: the model's
+        self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision == "int8":  # uint8 eval crops to calibrate on, e.g. skray.quantize.calibration_crops
             check_int8(self.device, calibration)
@@ -197,3 +194,14 @@ class Classifier:
     def _prediction(self, ids: list[int], scores: list[float]) -> Prediction:
         labels = [self.class_names[i] for i in ids]
         return Prediction(ids[0], labels[0], scores[0], ids, scores, labels)
+
+    @classmethod
+    def for_worker(cls, model: str | None, weights: str | PinnedWeights | None, *,
+                   threads: int | None = None, **options: object) -> Classifier:
+        """The model as a Ray worker holds it (labeling actor, Serve replica, evaluation scorer):
+        ``threads`` torch intra-op threads when given, bf16 autocast on CUDA; ``options`` as
+        for the constructor."""
+        if threads:
+            torch.set_num_threads(threads)
+        amp = torch.bfloat16 if torch.cuda.is_available() else None
+        return cls(model, weights, amp_dtype=amp, **options)  # type: ignore[arg-type]

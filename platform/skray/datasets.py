@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from skray.images import EvalTransformConfig, ImageDecodeError, decode_image, eval_crop, train_augment
+from skray.images import ImageDecodeError, PreprocessingConfig, decode_image, eval_crop, train_augment
 from skray.sources import InputError, Unit, _BoundedTarInfo, _is_hidden, list_inputs, plan_units, read_unit
 from skray.storage import filesystem_for
 
@@ -182,7 +182,7 @@ def read_labeled(
     data: LabeledData,
     image_size: int,
     train: bool,
-    eval_cfg: EvalTransformConfig,
+    eval_cfg: PreprocessingConfig,
     augment: dict[str, Any],
     batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -212,7 +212,7 @@ def ray_dataset(
     *,
     image_size: int,
     train: bool,
-    eval_cfg: EvalTransformConfig,
+    eval_cfg: PreprocessingConfig,
     augment: dict[str, Any] | None = None,
     batch_size: int = 64,
     num_cpus: float = 0.5,

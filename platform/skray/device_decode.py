@@ -29,8 +29,8 @@ from torchvision.transforms.v2 import functional as F
 
 from skray.images import (
     DEFAULT_MAX_PIXELS,
-    EvalTransformConfig,
     ImageDecodeError,
+    PreprocessingConfig,
     decode_for_eval,
     open_image,
     resized_size,
@@ -49,7 +49,7 @@ class DeviceDecoder:
     a failed image keeps a zero crop. ``cpu_threads`` sizes the Pillow fallback pool.
     """
 
-    def __init__(self, cfg: EvalTransformConfig = EvalTransformConfig(), *,
+    def __init__(self, cfg: PreprocessingConfig = PreprocessingConfig(), *,
                  device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
                  cpu_threads: int = 2) -> None:
         self.cfg, self.max_pixels = cfg, max_pixels

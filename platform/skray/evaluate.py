@@ -8,39 +8,51 @@ an actor pool holding the model in its fast form, counts summed on the driver.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from skray.classifier import Classifier
-from skray.config import resolve_gpus
+from skray.classifier import Classifier, ModelName, ModelPreprocessing
+from skray.config import StrictModel, resolve_gpus
 from skray.datasets import BAD_LABEL, LabeledData, discover, ray_dataset
-from skray.images import EvalTransformConfig
+from skray.images import PreprocessingConfig
 from skray.resolver import PinnedWeights, pin_weights
+from skray.train import count_hits
+
+
+class EvaluateConfig(StrictModel):
+    data: str  # ROOT/<synset>/<image> (folder), WebDataset shards or Parquet; local or s3://
+    format: Literal["folder", "webdataset", "parquet"] = "folder"
+    model: ModelName | None = None  # None: the architecture recorded in the weights, else the default
+    weights: str | None = None
+    preprocessing: ModelPreprocessing = PreprocessingConfig()  # unset fields: the model's
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor
 
 
 class Scorer:
-    """Ray Data class UDF: the model loaded once; each batch -> its hit counts."""
+    """Ray Data class UDF: the model loaded once; each batch -> its hit counts (:func:`skray.train.count_hits`)."""
 
-    def __init__(self, model: str | None, weights: PinnedWeights | None, preprocessing: EvalTransformConfig,
+    def __init__(self, model: str | None, weights: PinnedWeights | None, preprocessing: PreprocessingConfig,
                  label_map: list[int] | None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         amp = torch.bfloat16 if torch.cuda.is_available() else None
         self.classifier = Classifier(model, weights, amp_dtype=amp, preprocessing=preprocessing)
-        self.label_map = label_map
+        self.label_map = None if label_map is None else np.array(label_map)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = batch["label"]
         good = labels != BAD_LABEL
         hits1 = hits5 = 0
-        if good.any():
-            targets = labels[good] if self.label_map is None else np.array(self.label_map)[labels[good]]
-            predictions = self.classifier.predict_tensors(torch.from_numpy(batch["image"][good]), top_k=5)
-            hits1 = sum(int(p.label_id == t) for p, t in zip(predictions, targets))
-            hits5 = sum(int(t in p.topk_ids) for p, t in zip(predictions, targets))
-        return {"top1": np.array([hits1]), "top5": np.array([hits5]), "n": np.array([int(good.sum())]),
+        if good.any():  # the model sees decodable rows only
+            targets = labels[good] if self.label_map is None else self.label_map[labels[good]]
+            logits = self.classifier.logits(torch.from_numpy(batch["image"][good]))
+            hits1, hits5, _, _ = count_hits(logits.cpu(), torch.from_numpy(targets)).tolist()
+        return {"top1": np.array([int(hits1)]), "top5": np.array([int(hits5)]), "n": np.array([int(good.sum())]),
                 "skipped": np.array([int((~good).sum())])}
 
 
@@ -54,23 +66,22 @@ def label_map(data: LabeledData, model_classes: list[str]) -> list[int] | None:
     return None
 
 
-def evaluate(data_uri: str, weights: str | None, *, model: str | None = None, fmt: str = "folder",
-             batch_size: int = 64, image_size: int = 224, crop_pct: float = 0.875,
-             actors: int = 1, threads: int | None = None) -> dict[str, Any]:
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    preprocessing = EvalTransformConfig(image_size, crop_pct)
-    pinned = pin_weights(weights, model)  # every actor scores the same bytes
-    probe = Classifier(model, pinned)  # fails fast on weights; gives the class names
-    data = discover(data_uri, fmt)  # type: ignore[arg-type]
+    pinned = pin_weights(cfg.weights, cfg.model)  # every actor scores the same bytes
+    probe = Classifier(cfg.model, pinned)  # fails fast on weights; gives the class names
+    preprocessing = cfg.preprocessing.for_model(probe.architecture)  # unset: the loaded architecture's
+    data = discover(cfg.data, cfg.format)
     mapping = label_map(data, probe.class_names)
     ray.init(ignore_reinit_error=True)
-    ds = ray_dataset(data, image_size=image_size, train=False, eval_cfg=preprocessing, batch_size=batch_size)
+    ds = ray_dataset(data, image_size=preprocessing.image_size, train=False, eval_cfg=preprocessing,
+                     batch_size=cfg.batch_size)
     ds = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"model": model, "weights": pinned, "preprocessing": preprocessing,
-                                       "label_map": mapping, "threads": threads},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        Scorer, fn_constructor_kwargs={"model": cfg.model, "weights": pinned, "preprocessing": preprocessing,
+                                       "label_map": mapping, "threads": cfg.threads},
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=resolve_gpus("auto"),
     )
     totals = {"top1": 0, "top5": 0, "n": 0, "skipped": 0}
@@ -78,6 +89,6 @@ def evaluate(data_uri: str, weights: str | None, *, model: str | None = None, fm
         for key in totals:
             totals[key] += int(batch[key].sum())
     n = max(totals["n"], 1)
-    return {"data": data_uri, "model": probe.architecture, "weights": probe.weights_source,
+    return {"data": cfg.data, "model": probe.architecture, "weights": probe.weights_source,
             "weights_sha256": probe.weights_sha256, "images": totals["n"], "skipped": totals["skipped"],
             "top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n}

@@ -11,7 +11,7 @@ checked from the header before any pixel is decoded, so memory is bounded by
 :class:`ImageDecodeError` with a stable ``reason`` code that callers can count and
 report.
 
-This module imports PIL, torch and torchvision only.
+This module imports PIL, torch, torchvision, pydantic and :mod:`skray.model` only.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import contextlib
 import functools
 import io
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
 from torchvision.transforms import InterpolationMode, v2
+
+from skray.model import DEFAULT_MODEL, IMAGENET_MEAN, IMAGENET_STD, model_spec
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -33,8 +35,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "REASONS",
-    "EvalTransformConfig",
     "ImageDecodeError",
+    "PreprocessingConfig",
     "decode_for_eval",
     "decode_image",
     "eval_crop",
@@ -50,8 +52,6 @@ __all__ = [
 # Pillow's own default bomb limit, fixed here so that nobody changing the global
 # ``Image.MAX_IMAGE_PIXELS`` silently changes what skray accepts.
 DEFAULT_MAX_PIXELS = 89_478_485
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Formats we open; anything else (EPS, which shells out to Ghostscript, PSD, ...)
 # is "not_an_image". Pillow opens multi-picture JPEGs (MPO) through the JPEG entry.
@@ -84,25 +84,35 @@ class ImageDecodeError(ValueError):
         return f"{self.reason}: {self.detail}"
 
 
-@dataclass(frozen=True)
-class EvalTransformConfig:
-    """The model card's eval preprocessing; frozen so it can key a cache."""
+_DEFAULT_SPEC = model_spec(DEFAULT_MODEL)
+_FROM_MODEL = ("image_size", "crop_pct", "interpolation", "mean", "std")
 
-    image_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+
+class PreprocessingConfig(BaseModel):
+    """The eval preprocessing of every job (label, train, evaluate, serve), as a config section.
+
+    A field left unset is the model's: :meth:`for_model` fills it from the variant's
+    :class:`~skray.model.ModelSpec`; until then it holds the default model's value. Frozen, so
+    it can key a cache.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(_DEFAULT_SPEC.image_size, ge=32)
+    crop_pct: float = Field(_DEFAULT_SPEC.crop_pct, gt=0, le=1)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = _DEFAULT_SPEC.interpolation  # type: ignore[assignment]
+    mean: tuple[float, float, float] = _DEFAULT_SPEC.mean
+    std: tuple[float, float, float] = _DEFAULT_SPEC.std
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # Let libjpeg downscale by 1/2, 1/4 or 1/8 while decoding large JPEGs (never below the
     # resize target). Faster, but not timm's eval pipeline: see the README's decode section.
     jpeg_draft: bool = False
 
-    def __post_init__(self) -> None:
-        if self.image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        InterpolationMode(self.interpolation)  # fail at construction, not at first image
+    def for_model(self, name: str | None) -> PreprocessingConfig:
+        """This config with every field not set explicitly taken from model ``name``'s spec."""
+        spec = model_spec(name or DEFAULT_MODEL)
+        unset = {key: getattr(spec, key) for key in _FROM_MODEL if key not in self.model_fields_set}
+        return self.model_copy(update=unset)
 
     @property
     def resize_size(self) -> int:
@@ -267,7 +277,7 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
 @functools.lru_cache(maxsize=16)
 def eval_crop(
-    cfg: EvalTransformConfig = EvalTransformConfig(),
+    cfg: PreprocessingConfig = PreprocessingConfig(),
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side, centre-crop: RGB PIL -> (3, S, S) uint8.
 
@@ -302,7 +312,7 @@ def normalize(
 
 
 def eval_transform(
-    cfg: EvalTransformConfig = EvalTransformConfig(),
+    cfg: PreprocessingConfig = PreprocessingConfig(),
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` + :func:`normalize`)."""
     crop = eval_crop(cfg)
@@ -348,7 +358,7 @@ def train_transform(
 
 def decode_for_eval(
     data: bytes,
-    cfg: EvalTransformConfig = EvalTransformConfig(),
+    cfg: PreprocessingConfig = PreprocessingConfig(),
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
@@ -367,7 +377,7 @@ def decode_for_eval(
 
 def preprocess(
     data: bytes,
-    cfg: EvalTransformConfig = EvalTransformConfig(),
+    cfg: PreprocessingConfig = PreprocessingConfig(),
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:

@@ -23,13 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from skray.classifier import Decode, ModelName, PreprocessingConfig, resolve_decode
+from skray.classifier import Decode, ModelName, ModelPreprocessing, resolve_decode
 from skray.commit import DEFAULT_CONCURRENCY, UnitCommitter
 from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
+from skray.images import PreprocessingConfig
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
 from skray.plan import Plan, plan
 from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
+from skray.resolver import PinnedWeights, load_model, pin_weights
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
@@ -41,7 +43,6 @@ from skray.sinks import (
 )
 from skray.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs
 from skray.storage import join, read_json, redact_uri, write_json
-from skray.resolver import PinnedWeights, load_model, pin_weights
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class LabelConfig(StrictModel):
     max_object_bytes: int = Field(DEFAULT_MAX_OBJECT_BYTES, ge=1)  # per image file, tar member, Parquet cell
     decode_memory_mb: int | None = Field(None, ge=1)  # per read+decode task (None: from the bounds above)
     decode: Decode = "auto"  # gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs
-    preprocessing: PreprocessingConfig = PreprocessingConfig()
+    preprocessing: ModelPreprocessing = PreprocessingConfig()  # unset fields: the model's
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
     overwrite: bool = False
@@ -314,7 +315,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
 
     from skray.predictor import Predictor, read_and_decode
 
-    preprocessing = cfg.preprocessing.transform()
+    preprocessing = cfg.preprocessing
     gpus = resolve_gpus(cfg.actors.gpus)
     decode = resolve_decode(cfg.decode, gpus > 0)  # both stages: crops or bytes travel between them
     pool = actor_pool_sizes(cfg.actors, gpus, ray.cluster_resources().get("GPU", 0))

@@ -27,9 +27,13 @@ __all__ = [
     "prepare_for_inference",
     "fold_batchnorm",
     "DEFAULT_MODEL",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
 
 DEFAULT_MODEL = "skresnext50_32x4d"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def make_divisible(value: float, divisor: int, round_limit: float = 0.9) -> int:
@@ -139,7 +143,9 @@ class SelectiveKernelBottleneck(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The architecture of one registered variant."""
+    """One registered variant: its architecture, its published weights, and the eval
+    preprocessing they were measured with (timm's pretrained cfg); every job's
+    ``preprocessing`` section defaults to the latter (:class:`skray.images.PreprocessingConfig`)."""
 
     layers: tuple[int, ...]
     cardinality: int
@@ -150,6 +156,11 @@ class ModelSpec:
     description: str = ""
     pretrained_url: str | None = None
     pretrained_sha256_prefix: str | None = None
+    image_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 class SKResNeXt(nn.Module):
@@ -239,6 +250,11 @@ _MODELS: dict[str, ModelSpec] = {
         pretrained_url="https://github.com/rwightman/pytorch-image-models/releases/"
         "download/v0.1-weights/skresnext50_ra-f40e40bf.pth",
         pretrained_sha256_prefix="f40e40bf",
+        image_size=224,
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     ),
     "skresnext14_8x4d_half": ModelSpec(
         layers=(1, 1, 1, 1),
@@ -249,6 +265,9 @@ _MODELS: dict[str, ModelSpec] = {
         rd_divisor=8,
         description="14 layers, cardinality 8, half-width stages: the same blocks, "
         "small enough for CPU tests and demos (no published weights)",
+        image_size=224,
+        crop_pct=0.875,
+        interpolation="bicubic",
     ),
 }
 

@@ -21,7 +21,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from skray.images import EvalTransformConfig, ImageDecodeError, decode_for_eval, normalize
+from skray.images import ImageDecodeError, PreprocessingConfig, decode_for_eval, normalize
 from skray.model import prepare_for_inference
 from skray.sources import list_inputs
 from skray.storage import read_bytes
@@ -34,7 +34,7 @@ DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred
 DEFAULT_BATCH_SIZE = 32  # the int8 graph's batch shape when the caller names none
 
 
-def calibration_crops(uri: str, count: int, preprocessing: EvalTransformConfig,
+def calibration_crops(uri: str, count: int, preprocessing: PreprocessingConfig,
                       max_pixels: int) -> torch.Tensor:
     """The first ``count`` images under ``uri`` (a folder, prefix or glob, listed sorted, so
     every actor and replica calibrates on the same ones) that decode, as uint8 eval crops
@@ -75,7 +75,7 @@ def quantize_int8(
     model: nn.Module,
     calibration: torch.Tensor,
     batch_size: int,
-    preprocessing: EvalTransformConfig = EvalTransformConfig(),
+    preprocessing: PreprocessingConfig = PreprocessingConfig(),
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model as an int8 CPU forward: normalized NCHW float batches of exactly
     ``batch_size`` -> fp32 logits, calibrated on ``calibration`` (uint8 eval crops,

@@ -38,9 +38,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from skray.batching import Batcher, BatchTiming
-from skray.classifier import Classifier, Decode, ModelName, Prediction, PreprocessingConfig
+from skray.classifier import Classifier, Decode, ModelName, ModelPreprocessing, Prediction
 from skray.config import StrictModel, deep_merge, resolve_gpus, validate
-from skray.images import ImageDecodeError
+from skray.images import ImageDecodeError, PreprocessingConfig
 from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
 from skray.resolver import PinnedWeights, pin_weights
 from skray.serve_api import (
@@ -78,7 +78,7 @@ class ServeConfig(StrictModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
     max_body_bytes: int = Field(16 << 20, ge=1024)  # per request, multipart included
     max_images_per_request: int = Field(64, ge=1)  # /v1/classify/batch
-    preprocessing: PreprocessingConfig = PreprocessingConfig(max_pixels=SERVE_MAX_PIXELS)
+    preprocessing: ModelPreprocessing = PreprocessingConfig(max_pixels=SERVE_MAX_PIXELS)
     body_timeout_s: float = Field(10, gt=0, le=3600)  # the whole body must arrive within it, else 408
     decode_concurrency: int = Field(2, ge=1, le=64)  # uploads decoded at once per replica: bounds memory
     warmup_batches: int = Field(2, ge=0)  # full batches through the model before /healthz says ready
@@ -129,7 +129,7 @@ class ClassifierDeployment:
         self.config = cfg = ServeConfig.model_validate(config)
         self.token = bearer_token(cfg.auth_token_env)
         weights = PinnedWeights.from_dict(pinned) if pinned else None  # every replica: the same bytes
-        transform, max_pixels = cfg.preprocessing.transform(), cfg.preprocessing.max_pixels
+        transform, max_pixels = cfg.preprocessing, cfg.preprocessing.max_pixels
         calibration = (calibration_crops(cfg.calibration, cfg.calibration_images, transform, max_pixels)
                        if cfg.precision == "int8" else None)
         self.classifier = Classifier.for_worker(

@@ -263,5 +263,5 @@ def _register_best(cfg: SweepConfig, ranked: list[dict[str, Any]], train_cfg: Tr
     model, loaded = load_model(train_cfg.model.name, join(best["checkpoint"], "model.safetensors"))
     return tracking.log_model_to_run(
         best["run_id"], model, architecture=train_cfg.model.name, class_names=loaded.class_names,
-        image_size=train_cfg.image_size, registered_model_name=cfg.mlflow.registered_model,
+        image_size=train_cfg.preprocessing.image_size, registered_model_name=cfg.mlflow.registered_model,
         alias=cfg.mlflow.alias)

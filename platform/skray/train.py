@@ -1,8 +1,8 @@
 """Distributed training on Ray Train: the published recipe, checkpoints, resume, MLflow.
 
 ``train_loop`` is the whole per-worker loop, top to bottom: build the model,
-restore the latest checkpoint if there is one, then per epoch train, validate,
-checkpoint through ``ray.train.report`` and log to MLflow (rank 0). ``run`` is the
+restore the latest checkpoint if there is one, then per epoch :func:`train_epoch`,
+:func:`validate`, :func:`save_checkpoint` through ``ray.train.report`` and log to MLflow (rank 0). ``run`` is the
 driver: it checks everything it can before a worker starts, opens the MLflow run,
 fits, and registers the best checkpoint's model.
 """
@@ -28,10 +28,11 @@ import yaml
 from pydantic import Field, model_validator
 from torch import nn
 
-from skray.classifier import ModelName
-from skray.config import ConfigError, StrictModel, dump_config, validate
+from skray.classifier import ModelName, ModelPreprocessing
+from skray.config import ConfigError, StrictModel, dump_config
+from skray.config import validate as validate_config
 from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset, with_row_counts
-from skray.images import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, normalize
+from skray.images import PreprocessingConfig, normalize
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
 from skray.resolver import PinnedWeights, load_weights, pin_weights
 from skray.storage import (
@@ -104,25 +105,37 @@ class MlflowConfig(StrictModel):
     tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local store in .skray/
 
 
+_MOVED_KEYS = {"image_size": "preprocessing.image_size", "eval_crop_pct": "preprocessing.crop_pct",
+               "interpolation": "preprocessing.interpolation"}
+
+
 class TrainConfig(StrictModel):
     name: str | None = None  # run name; default train-<UTC timestamp>
     storage_path: str = ".skray/train"  # local or s3://; the run lives in storage_path/name
     data: DataConfig
     model: ModelConfig = ModelConfig()
+    # Eval crops for validation; training crops are random-resized to the same image_size, with
+    # the same interpolation, mean and std. Unset fields: the model's (skray.model.ModelSpec).
+    preprocessing: ModelPreprocessing = PreprocessingConfig()
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
     mlflow: MlflowConfig = MlflowConfig()
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1)  # global, across workers
-    image_size: int = Field(224, ge=32)
-    eval_crop_pct: float = Field(0.875, gt=0, le=1)
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     randaugment: bool = False
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # on GPU only
     channels_last: bool = True  # on GPU only: NHWC model and inputs, what tensor cores want
     keep_checkpoints: int = Field(2, ge=1)  # best k by val_top1
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the latest checkpoint
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        moved = {k: v for k, v in _MOVED_KEYS.items() if isinstance(data, dict) and k in data}
+        if moved:
+            raise ValueError("; ".join(f"{old} is now {new}" for old, new in moved.items()))
+        return data
 
     @model_validator(mode="after")
     def _batch_fits_workers(self) -> "TrainConfig":
@@ -135,9 +148,6 @@ class TrainConfig(StrictModel):
     def lr(self) -> float:
         """The linear scaling rule: the recipe's LR is for base_batch_size."""
         return self.optim.lr * self.batch_size / self.optim.base_batch_size
-
-    def eval_transform(self) -> EvalTransformConfig:
-        return EvalTransformConfig(self.image_size, self.eval_crop_pct, self.interpolation)
 
 
 # --- the per-worker loop ------------------------------------------------------
@@ -195,9 +205,10 @@ def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.channels_last and device.type == "cuda"
 
 
-def device_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def device_images(images: torch.Tensor, preprocessing: PreprocessingConfig, device: torch.device,
+                  channels_last: bool) -> torch.Tensor:
     """uint8 crops -> normalized float on ``device``, NHWC when the model is."""
-    x = normalize(images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+    x = normalize(images.to(device, non_blocking=True), preprocessing.mean, preprocessing.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -346,7 +357,7 @@ def train_epoch(
     for step, batch in enumerate(batches):
         labels = batch["label"].to(device)
         good = labels != BAD_LABEL
-        images = device_images(batch["image"], device, uses_channels_last(cfg, device))
+        images = device_images(batch["image"], cfg.preprocessing, device, uses_channels_last(cfg, device))
         lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -373,6 +384,86 @@ def set_backbone_frozen(model: SKResNeXt, frozen: bool) -> None:
             module.train(not frozen)
 
 
+def count_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 hits, top-5 hits, decodable rows, undecodable rows) of one batch, float64 on its
+    device: a row labeled ``BAD_LABEL`` is counted as undecodable, never as a hit."""
+    good = labels != BAD_LABEL
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    return torch.stack([(hits[:, 0] & good).sum(), (hits.any(dim=1) & good).sum(), good.sum(),
+                        (~good).sum()]).double()
+
+
+def validate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    use_amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, float]:
+    """This worker's :func:`count_hits` over ``batches``, summed: ``correct1``, ``correct5``,
+    ``total`` (decodable rows) and ``skipped``; one sync, at the end."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        for batch in batches:
+            images = device_images(batch["image"], cfg.preprocessing, device, uses_channels_last(cfg, device))
+            sums += count_hits(model(images), batch["label"].to(device))
+    correct1, correct5, total, skipped = sums.tolist()
+    return {"correct1": correct1, "correct5": correct5, "total": total, "skipped": skipped}
+
+
+def epoch_metrics(trained: dict[str, float], validated: dict[str, float], elapsed: float, cfg: TrainConfig, *,
+                  epoch: int, start_epoch: int, world: int, device: torch.device) -> dict[str, float]:
+    """The epoch's metrics over all workers, from each worker's :func:`train_epoch` and :func:`validate`
+    sums; fails the run when more than ``data.max_bad_fraction`` of the images did not decode."""
+    seen, skipped, loss_sum, c1, c5, n, elapsed_sum = all_reduce(
+        trained["seen"], trained["skipped"] + validated["skipped"], trained["loss_sum"], validated["correct1"],
+        validated["correct5"], validated["total"], elapsed, device=device)
+    if skipped > cfg.data.max_bad_fraction * max(seen + n + skipped, 1):
+        raise DatasetError(f"{int(skipped)} images could not be decoded, more than "
+                           f"data.max_bad_fraction={cfg.data.max_bad_fraction} of the data")
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "lr": trained["lr"],
+        "val_top1": 100.0 * c1 / max(n, 1),
+        "val_top5": 100.0 * c5 / max(n, 1),
+        "img_per_s": seen / max(elapsed_sum / world, 1e-9),
+        "skipped_images": skipped,
+        "resumed_at_epoch": start_epoch,  # > 0 when this attempt restored a checkpoint
+    }
+
+
+def save_checkpoint(
+    directory: Path,
+    raw_model: SKResNeXt,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    *,
+    epoch: int,
+    best_top1: float,
+    class_names: list[str],
+) -> None:
+    """A checkpoint in ``directory``: ``state.pt`` to resume exactly, ``model.safetensors`` to use the model."""
+    torch.save(checkpoint_state(raw_model, optimizer, scaler, epoch=epoch, best_top1=best_top1,
+                                config=cfg.model_dump(mode="json"), class_names=class_names),
+               directory / "state.pt")
+    save_weights(raw_model, directory / "model.safetensors", architecture=cfg.model.name, class_names=class_names)
+
+
+def latest_state() -> dict[str, Any] | None:
+    """What the latest checkpoint of this run saved (:func:`checkpoint_state`), if there is one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -381,23 +472,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(loop_config["config"])
     data: LabeledData = loop_config["train_data"]
+    class_names = list(data.class_names)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    use_amp = cfg.amp != "off" and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    amp = {"use_amp": cfg.amp != "off" and device.type == "cuda",
+           "amp_dtype": torch.bfloat16 if cfg.amp == "bf16" else torch.float16}
 
-    start_epoch, best_top1, state = 0, 0.0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-        start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
+    state = latest_state()
+    start_epoch, best_top1 = (state["epoch"] + 1, state["best_top1"]) if state else (0, 0.0)
     # pinned by the driver, so every worker and every retry loads the same bytes
     weights = PinnedWeights.from_dict(loop_config["weights"]) if loop_config["weights"] else None
     ddp_model, raw_model, optimizer, scaler = build_training_state(
-        cfg, len(data.class_names), device, weights=weights, state=state,
-        prepare=ray.train.torch.prepare_model)
+        cfg, len(class_names), device, weights=weights, state=state, prepare=ray.train.torch.prepare_model)
     if state:
         print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
     per_worker_batch = cfg.batch_size // world
@@ -407,55 +494,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ddp_model.train()
         set_backbone_frozen(raw_model, frozen)
         started = time.perf_counter()
-        shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_torch_batches(batch_size=per_worker_batch, drop_last=True,
-                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=per_worker_batch, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
         trained = train_epoch(ddp_model, raw_model, optimizer, scaler,
                               stall_guarded(batches, cfg.data.stall_timeout_s, "training"), cfg,
-                              device=device, epoch=epoch, steps_per_epoch=epoch_steps, frozen=frozen,
-                              use_amp=use_amp, amp_dtype=amp_dtype)
-        seen, skipped, loss_sum, lr = trained["seen"], trained["skipped"], trained["loss_sum"], trained["lr"]
+                              device=device, epoch=epoch, steps_per_epoch=epoch_steps, frozen=frozen, **amp)
         elapsed = time.perf_counter() - started
 
         ddp_model.eval()
         share_buffers(raw_model, world)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 and top-5 hits, decodable, not
         val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=per_worker_batch)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            for batch in stall_guarded(val_batches, cfg.data.stall_timeout_s, "validation"):
-                labels = batch["label"].to(device)
-                good = labels != BAD_LABEL
-                logits = raw_model(device_images(batch["image"], device, uses_channels_last(cfg, device)))
-                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top5 == labels[:, None]
-                sums += torch.stack([(hits[:, 0] & good).sum(), (hits.any(dim=1) & good).sum(), good.sum(),
-                                     (~good).sum()]).double()
-        correct1, correct5, total, val_skipped = sums.tolist()  # one sync per epoch
-        skipped += val_skipped
-        seen_all, skipped_all, loss_all, c1, c5, n, time_max = all_reduce(
-            seen, skipped, loss_sum, correct1, correct5, total, elapsed, device=device)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_all / max(seen_all, 1),
-            "lr": lr,
-            "val_top1": 100.0 * c1 / max(n, 1),
-            "val_top5": 100.0 * c5 / max(n, 1),
-            "img_per_s": seen_all / max(time_max / world, 1e-9),
-            "skipped_images": skipped_all,
-            "resumed_at_epoch": start_epoch,  # > 0 when this attempt restored a checkpoint
-        }
-        if skipped_all > cfg.data.max_bad_fraction * max(seen_all + n + skipped_all, 1):
-            raise DatasetError(f"{int(skipped_all)} images could not be decoded, more than "
-                               f"data.max_bad_fraction={cfg.data.max_bad_fraction} of the data")
+        validated = validate(raw_model, stall_guarded(val_batches, cfg.data.stall_timeout_s, "validation"), cfg,
+                             device=device, **amp)
+        metrics = epoch_metrics(trained, validated, elapsed, cfg, epoch=epoch, start_epoch=start_epoch,
+                                world=world, device=device)
         best_top1 = max(best_top1, metrics["val_top1"])
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                torch.save(checkpoint_state(raw_model, optimizer, scaler, epoch=epoch, best_top1=best_top1,
-                                            config=loop_config["config"], class_names=list(data.class_names)),
-                           Path(directory) / "state.pt")
-                save_weights(raw_model, Path(directory) / "model.safetensors",
-                             architecture=cfg.model.name, class_names=list(data.class_names))
+                save_checkpoint(Path(directory), raw_model, optimizer, scaler, cfg, epoch=epoch,
+                                best_top1=best_top1, class_names=class_names)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
                 if loop_config["mlflow_run_id"]:
                     tracking.log_metrics(loop_config["mlflow_run_id"], metrics, step=epoch,
@@ -585,8 +643,8 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    eval_cfg = cfg.eval_transform()
-    augment = {"interpolation": cfg.interpolation, "randaugment": cfg.randaugment,
+    eval_cfg = cfg.preprocessing
+    augment = {"interpolation": eval_cfg.interpolation, "randaugment": cfg.randaugment,
                "randaugment_magnitude": cfg.randaugment_magnitude}
     per_task = max(1, cfg.batch_size // cfg.scaling.workers)
     cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 0.0)) if ray.is_initialized() \
@@ -609,9 +667,9 @@ def build_trainer(
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets={
-            "train": ray_dataset(train, image_size=cfg.image_size, train=True, eval_cfg=eval_cfg,
+            "train": ray_dataset(train, image_size=eval_cfg.image_size, train=True, eval_cfg=eval_cfg,
                                  augment=augment, batch_size=per_task, num_cpus=cpus.decode_cpus),
-            "val": ray_dataset(val, image_size=cfg.image_size, train=False, eval_cfg=eval_cfg,
+            "val": ray_dataset(val, image_size=eval_cfg.image_size, train=False, eval_cfg=eval_cfg,
                                batch_size=per_task, num_cpus=cpus.decode_cpus),
         },
     )
@@ -661,7 +719,7 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
         load_weights(model, str(Path(directory) / "model.safetensors"))
     summary["model"] = tracking.log_model_to_run(
         run_id, model, architecture=cfg.model.name, class_names=list(train.class_names),
-        image_size=cfg.image_size, registered_model_name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias)
+        image_size=cfg.preprocessing.image_size, registered_model_name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias)
     tracking.end_run(run_id, status="FINISHED")
     write_json(join(run_dir, "skray_result.json"), summary)
     return summary
@@ -676,5 +734,5 @@ def load_run_config(run_dir: str) -> TrainConfig:
     uri = join(run_dir, CONFIG_FILE)
     if not exists(uri):
         raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a skray training run)")
-    return validate(TrainConfig, yaml.safe_load(read_bytes(uri)), source=uri)
+    return validate_config(TrainConfig, yaml.safe_load(read_bytes(uri)), source=uri)
 
