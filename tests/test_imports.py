@@ -78,11 +78,18 @@ def test_the_cycle_finder_names_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("module", ["skray.model", "skray.images", "skray.classes"])
-def test_core_modules_import_without_ray_or_mlflow(module: str) -> None:
-    code = BLOCKED + f"import {module}\nassert not {{'ray', 'mlflow'}} & set(sys.modules)\n"
+@pytest.mark.parametrize("module, skray_modules", [
+    ("skray.model", {"skray", "skray.model"}),  # "the part of skray a user can take alone"
+    ("skray.images", {"skray", "skray.model", "skray.images"}),
+    ("skray.classes", {"skray", "skray.classes"}),
+])
+def test_core_modules_import_without_ray_or_mlflow(module: str, skray_modules: set[str]) -> None:
+    code = BLOCKED + (f"import {module}\n"
+                      "assert not {'ray', 'mlflow'} & set(sys.modules)\n"
+                      "print(sorted(m for m in sys.modules if m.split('.')[0] == 'skray'))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr
+    assert set(ast.literal_eval(result.stdout)) == skray_modules, "what its docstring says it imports"
 
 
 def test_blocking_works_on_a_module_that_needs_mlflow() -> None:

@@ -38,10 +38,7 @@ class Scorer:
 
     def __init__(self, model: str | None, weights: PinnedWeights | None, preprocessing: PreprocessingConfig,
                  label_map: list[int] | None, threads: int | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        amp = torch.bfloat16 if torch.cuda.is_available() else None
-        self.classifier = Classifier(model, weights, amp_dtype=amp, preprocessing=preprocessing)
+        self.classifier = Classifier.for_worker(model, weights, threads=threads, preprocessing=preprocessing)
         self.label_map = None if label_map is None else np.array(label_map)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
