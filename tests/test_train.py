@@ -238,6 +238,14 @@ def test_the_old_key_model_pretrained_fails_saying_to_use_model_weights():
         load_config(TrainConfig, CPU_CONFIG, ["model.pretrained=pretrained"])
 
 
+def test_a_config_error_shows_no_credentials_from_the_config():
+    secret = "s3cretpassw0rd"
+    with pytest.raises(ConfigError) as error:
+        load_config(TrainConfig, CPU_CONFIG, [f"data.train=s3://bucket/train?X-Amz-Signature={secret}",
+                                              f"model.pretrained=https://h/w.pth?token={secret}"])
+    assert "model.pretrained is now model.weights" in str(error.value) and secret not in str(error.value)
+
+
 @pytest.mark.parametrize("old, new", [("image_size=48", "preprocessing.image_size"),
                                       ("eval_crop_pct=0.9", "preprocessing.crop_pct"),
                                       ("interpolation=bilinear", "preprocessing.interpolation")])

@@ -107,7 +107,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+            lines.append(f"  {key}: {problem['msg']} (got {redact_values(problem.get('input'))!r})")
     return "\n".join(lines)
 
 
