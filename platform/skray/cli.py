@@ -97,15 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from skray.config import validate
     from skray.datasets import DatasetError
-    from skray.evaluate import evaluate
+    from skray.evaluate import EvaluateConfig, evaluate
     from skray.weights import WeightsError
 
     if not args.weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     try:
-        result = evaluate(args.data, args.weights, model=args.model, fmt=args.format,
-                          batch_size=args.batch_size, image_size=args.image_size, crop_pct=args.crop_pct)
+        given = {"image_size": args.image_size, "crop_pct": args.crop_pct}  # unset: the model's
+        result = evaluate(validate(EvaluateConfig, {
+            "data": args.data, "weights": args.weights, "model": args.model, "format": args.format,
+            "batch_size": args.batch_size,
+            "preprocessing": {k: v for k, v in given.items() if v is not None}}, source="arguments"))
     except (DatasetError, WeightsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -218,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
     evaluate.add_argument("--format", default="folder", choices=["folder", "webdataset", "parquet"])
     evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--image-size", type=int, default=224)
-    evaluate.add_argument("--crop-pct", type=float, default=0.875)
+    evaluate.add_argument("--image-size", type=int, help="default: the model's (224)")
+    evaluate.add_argument("--crop-pct", type=float, help="default: the model's (0.875)")
     evaluate.add_argument("--mlflow-experiment", help="also log the result to this MLflow experiment")
     evaluate.set_defaults(func=cmd_evaluate)
 
