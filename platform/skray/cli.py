@@ -179,6 +179,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from skray.report import write_report
+    from skray.sinks import OutputError
+
+    try:
+        print(f"report: {write_report(args.output, args.dest)}")
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from skray.review import write_review
+    from skray.sinks import OutputError
+
+    try:
+        print(f"review sample: {write_review(args.output, args.n, args.dest, args.format)}")
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skray.demo import run_demo
 
@@ -252,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's http_options)")
     serve.add_argument("--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a new local Ray)")
     serve.set_defaults(func=cmd_serve)
+
+    report = sub.add_parser("report", help="an HTML report of a labeling output: labels, scores, failures, galleries")
+    report.add_argument("output", metavar="OUTPUT", help="the labeling output, local or s3://")
+    report.add_argument("--dest", help="folder for index.html and the PNGs (default OUTPUT/_report)")
+    report.set_defaults(func=cmd_report)
+
+    review = sub.add_parser("review", help="a review sample: stratified by label, lowest scores first")
+    review.add_argument("output", metavar="OUTPUT", help="the labeling output, local or s3://")
+    review.add_argument("--n", type=int, default=200, help="rows in the sample (default 200)")
+    review.add_argument("--format", default="csv", choices=["csv", "parquet"])
+    review.add_argument("--dest", help="file to write (default OUTPUT/_review.csv or .parquet)")
+    review.set_defaults(func=cmd_review)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())
