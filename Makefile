@@ -18,6 +18,7 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/skray demo
 
 test: $(STAMP)
+	$(BIN)/ruff check platform tests benchmarks pipelines
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,25 +1,18 @@
-"""Shared fixtures: one embedded S3 server and one local Ray cluster per test session."""
+"""Fixtures only (what tests import lives in helpers.py): one embedded S3 server and one
+local Ray cluster per test session, an MLflow store, buckets."""
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from skray.embedded import EmbeddedS3, LocalRayHead
-from skray.storage import join, write_bytes_atomic
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
 os.environ["RAY_AUTH_MODE"] = "token"
-
-PROJECT = Path(__file__).resolve().parents[1]
-SMALL = "skresnext14_8x4d_half"
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +47,6 @@ def ray_cluster(embedded_s3: EmbeddedS3) -> Iterator[LocalRayHead]:
             ray.shutdown()
 
 
-def labeled_dataset(root: Path, per_class: int) -> dict[str, str]:
-    """A 4-class folder dataset with a learnable signal: train/ and a 12-per-class val/."""
-    from skray.testing import write_labeled_folder
-
-    write_labeled_folder(str(root / "train"), classes=4, per_class=per_class, seed=0)
-    write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)
-    return {"train": str(root / "train"), "val": str(root / "val")}
-
-
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite MLflow store (and skray home) for one test; this process points at it
@@ -93,36 +77,9 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("bucket")
 
 
-# --- inputs and outputs written by hand --------------------------------------
-
-
-def write_files(root: str, names: list[str], data: bytes = b"x") -> None:
-    for name in names:
-        write_bytes_atomic(join(root, name), data)
-
-
-def parquet_bytes(columns: dict[str, list]) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
-    return buf.getvalue()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def label_row(key: str, label: str | None = "cat", error: str | None = None) -> dict:
-    """One output row as the sink stores it (error None = labeled)."""
-    ok = error is None
-    return {
-        "key": key, "label_id": 1 if ok else None, "label": label if ok else None,
-        "score": 0.9 if ok else None, "topk_ids": [1, 2] if ok else None,
-        "topk_scores": [0.9, 0.1] if ok else None, "model": SMALL, "weights_sha256": None,
-        "error": error, "meta": None,
-    }
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the session's Ray is slow: say so, so that `-m "not slow"` never starts Ray."""
+    unmarked = [item.nodeid for item in items
+                if "ray_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests on the session's Ray need @pytest.mark.slow: " + ", ".join(unmarked))

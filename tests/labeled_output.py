@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from conftest import SMALL, label_row, parquet_bytes, tar_bytes
+from helpers import SMALL, label_row, parquet_bytes, tar_bytes
 from skray.sinks import MANIFEST, write_part
 from skray.storage import filesystem_for, join, write_bytes_atomic, write_json
 from skray.testing import photo_corpus

@@ -13,14 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import SMALL, label_row, wait_for
 from skray import commit
 from skray.commit import UnitCommitter
 from skray.label import ActorsConfig, Progress, StageTimes, actor_pool_sizes, format_summary
 from skray.lease import LEASE_FILE, Lease, LeaseLost
 from skray.sinks import LABEL_SCHEMA, committed_units, part_name
 from skray.storage import filesystem_for, join, write_bytes_atomic
-
-from conftest import SMALL, label_row
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -176,10 +175,7 @@ def test_a_lost_lease_stops_every_write_not_yet_started(tmp_path, monkeypatch):
                 stolen = {"run_id": "other", "host": "elsewhere", "pid": 1, "started": time.time(),
                           "expires": time.time() + 300}
                 write_bytes_atomic(join(output, LEASE_FILE), json.dumps(stolen).encode())
-                deadline = time.monotonic() + 20
-                while not lease.lost:
-                    assert time.monotonic() < deadline, "the heartbeat never noticed the takeover"
-                    time.sleep(0.05)
+                wait_for(lambda: lease.lost, 20, "the heartbeat to notice the takeover")
                 carry_on.set()
     finally:
         carry_on.set()

@@ -18,13 +18,12 @@ import torch
 import torch._dynamo
 from PIL import Image
 
+from helpers import SMALL
 from skray.classifier import Classifier
 from skray.device_decode import DeviceDecoder
 from skray.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.predictor import Predictor
 from skray.testing import photo_corpus
-
-from conftest import SMALL
 
 pytestmark = pytest.mark.timeout(120)
 

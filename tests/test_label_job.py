@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import PROJECT, SMALL, wait_for
 from skray.embedded import LocalRayHead, ray_cli
 from skray.label import LabelConfig, run
 from skray.plan import plan
@@ -20,9 +21,7 @@ from skray.sources import list_inputs
 from skray.storage import exists, filesystem_for, join, read_json, write_bytes_atomic
 from skray.testing import synthetic_image, write_sample_dataset
 
-from conftest import PROJECT, SMALL
-
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def output_keys(output: str) -> list[str]:
@@ -92,16 +91,6 @@ def test_config_with_an_unknown_key_fails_before_any_work(ray_cluster: LocalRayH
 def driver_pids() -> list[int]:
     found = subprocess.run(["pgrep", "-f", "pipelines/label.py"], capture_output=True, text=True)
     return [int(p) for p in found.stdout.split()]
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(

@@ -12,13 +12,12 @@ import time
 
 import pytest
 
+from helpers import label_row, parquet_bytes, tar_bytes, wait_for
 from skray import plan as plan_module
 from skray.lease import LEASE_FILE, Lease, LeaseHeld
 from skray.plan import plan
 from skray.sinks import write_part
 from skray.storage import join, read_json, write_bytes_atomic
-
-from conftest import label_row, parquet_bytes, tar_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,14 +147,10 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(output: str):
     lease.acquire()
     try:
         expires = read_json(join(output, LEASE_FILE))["expires"]
-        deadline = time.monotonic() + 10
-        while read_json(join(output, LEASE_FILE))["expires"] == expires:
-            assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
-            time.sleep(0.05)
+        wait_for(lambda: read_json(join(output, LEASE_FILE))["expires"] != expires, 10,
+                 "the heartbeat to renew the lease")
         write_foreign_lease(output, 1, "elsewhere", expires=time.time() + 300)  # stolen
-        while not lease.lost:
-            assert time.monotonic() < deadline, "the heartbeat never noticed the takeover"
-            time.sleep(0.05)
+        wait_for(lambda: lease.lost, 10, "the heartbeat to notice the takeover")
         with pytest.raises(RuntimeError, match="taken over"):
             lease.check()
     finally:

@@ -12,12 +12,11 @@ import time
 
 import pytest
 
+from helpers import PROJECT, SMALL
 from skray.config import load_config
 from skray.embedded import LocalRayHead
 from skray.testing import DIGIT_CLASSES, write_digits_folder
 from skray.train import TrainConfig, run
-
-from conftest import PROJECT, SMALL
 
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.timeout(600)
@@ -42,6 +41,7 @@ def test_the_digits_split_is_stratified_deterministic_and_disjoint(tmp_path):
         assert 0.15 < len(listing["val"][c]) / (len(listing["val"][c]) + len(listing["train"][c])) < 0.25
 
 
+@pytest.mark.slow
 def test_the_small_variant_learns_real_handwritten_digits(ray_cluster: LocalRayHead, tmp_path, mlflow_store):
     data = write_digits_folder(str(tmp_path / "digits"))
     cfg = load_config(TrainConfig, CPU_CONFIG, [

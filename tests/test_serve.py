@@ -19,48 +19,27 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import yaml
 from PIL import Image
 
-from conftest import PROJECT, SMALL
+from helpers import CLASSES, PROJECT, SMALL, wait_for, wait_ready, write_weights
 from skray.cli import main
 from skray.config import ConfigError
 from skray.embedded import LocalRayHead, free_port
-from skray.model import create_model
 from skray.net import LOOPBACK
 from skray.serve_launch import resolve_launch
 from skray.serving import ServeConfig, application
 from skray.testing import synthetic_image
-from skray.weights import save_weights
 
-CLASSES = [f"class-{i}" for i in range(10)]
 BODY_LIMIT = 256 * 1024
 BODY_TIMEOUT_S = 2.0
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-
-
-def write_weights(path: Path, seed: int) -> str:
-    torch.manual_seed(seed)
-    save_weights(create_model(SMALL, num_classes=len(CLASSES)), path, architecture=SMALL, class_names=CLASSES)
-    return str(path)
 
 
 def deploy(cfg: ServeConfig, name: str, route_prefix: str, **options) -> None:
     from ray import serve
 
     serve.run(application(cfg, **options), name=name, route_prefix=route_prefix)
-
-
-def wait_ready(url: str, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            reply = httpx.get(url + "/healthz", timeout=5)
-            if reply.status_code == 200:
-                return reply.json()
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready within {timeout_s} s")
 
 
 def predict_cli(weights: str, paths: list[Path], top_k: int) -> dict[str, list[tuple[int, float]]]:
@@ -129,6 +108,7 @@ def expected(weights: str, images: list[Path]) -> dict[str, list[tuple[int, floa
     return predict_cli(weights, images, top_k=5)
 
 
+@pytest.mark.slow
 def test_raw_bodies_and_multipart_files_get_the_answers_skray_predict_gives(url, images, expected, weights):
     from skray.weights import file_sha256
 
@@ -152,6 +132,7 @@ def test_raw_bodies_and_multipart_files_get_the_answers_skray_predict_gives(url,
     assert len(default_k.json()["top_k"]) == 3  # the config's top_k
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(url, images, expected):
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -175,6 +156,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(url, ima
         assert float(stages["total"]) >= sum(float(v) for k, v in stages.items() if k != "total")
 
 
+@pytest.mark.slow
 def test_the_batch_endpoint_answers_each_image_and_reports_the_broken_one_alone(url, images, expected):
     files = [("files", (p.name, p.read_bytes())) for p in images[:3]]
     files.insert(1, ("files", ("broken.jpg", images[0].read_bytes()[:300])))
@@ -197,7 +179,8 @@ def multipart(files: int) -> dict:
 BAD_REQUESTS = {
     "not an image": ("/v1/classify", {"content": b"hello, world", "headers": {"content-type": "image/jpeg"}},
                      400, "image_not_an_image", "not a JPEG"),
-    "truncated image": ("/v1/classify", {"content": synthetic_image(1)[:400], "headers": {"content-type": "image/jpeg"}},
+    "truncated image": ("/v1/classify",
+                        {"content": synthetic_image(1)[:400], "headers": {"content-type": "image/jpeg"}},
                         400, "image_truncated", "truncated"),
     "empty body": ("/v1/classify", {"content": b"", "headers": {"content-type": "image/png"}},
                    400, "image_empty", "no bytes"),
@@ -231,6 +214,7 @@ BAD_REQUESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
 def test_bad_input_gets_a_4xx_json_error_naming_it_and_the_replica_carries_on(url, images, case):
     path, request, status, code, named = BAD_REQUESTS[case]
@@ -261,6 +245,7 @@ def resize_bombs() -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_resize_bombs_get_a_quick_400_and_the_replica_keeps_serving(url, images, expected, resize_bombs):
     timings = {}
     for name, data in resize_bombs.items():
@@ -306,6 +291,7 @@ def stalled_upload(port: int, declared: int, sent: bytes, wait_s: float) -> tupl
     return int(header.split(b" ", 2)[1]), json.loads(body), elapsed
 
 
+@pytest.mark.slow
 def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
     status, body, elapsed = stalled_upload(serve_port, 100_000, b"\xff" * 10, wait_s=BODY_TIMEOUT_S + 10)
 
@@ -316,6 +302,7 @@ def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
     assert after.status_code == 200
 
 
+@pytest.mark.slow
 def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weights):
     from skray.weights import file_sha256
 
@@ -335,6 +322,7 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
     assert httpx.get(f"{url}/docs", timeout=10).status_code == 200
 
 
+@pytest.mark.slow
 def test_bearer_token_auth_when_configured(serve_port, weights, images):
     token = "s3cret-test-token"
     cfg = ServeConfig(model=SMALL, weights=weights, auth_token_env="SKRAY_TEST_SERVE_TOKEN", warmup_batches=0)
@@ -361,6 +349,7 @@ def test_bearer_token_auth_when_configured(serve_port, weights, images):
     assert httpx.get(f"{base}/v1/model", timeout=10).status_code == 404  # the app is gone
 
 
+@pytest.mark.slow
 def test_healthz_says_503_until_warmed_up_and_early_requests_wait_instead_of_failing(serve_port, weights, images):
     cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=16, warmup_batches=20)
     base = f"http://{LOOPBACK}:{serve_port}/warm"
@@ -379,6 +368,7 @@ def test_healthz_says_503_until_warmed_up_and_early_requests_wait_instead_of_fai
     assert after.status_code == 200 and after.json()["status"] == "ok" and after.json()["warmup_s"] > 0
 
 
+@pytest.mark.slow
 def test_skray_serve_deploys_a_config_file_and_stops_on_sigterm(ray_cluster, serve_port, weights, images, tmp_path):
     config = yaml.safe_load((PROJECT / "configs/serve.yaml").read_text())
     config["http_options"]["port"] = serve_port
@@ -394,9 +384,7 @@ def test_skray_serve_deploys_a_config_file_and_stops_on_sigterm(ray_cluster, ser
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     base = f"http://{LOOPBACK}:{serve_port}/cli"
     try:
-        deadline = time.monotonic() + 120
-        while not any("Ctrl-C stops it" in line for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: any("Ctrl-C stops it" in line for line in lines), 120, "skray serve to say it is up")
         assert any(f"at {base}/v1/classify" in line for line in lines), "".join(lines)
         reply = httpx.post(f"{base}/v1/classify", content=images[1].read_bytes(),
                            headers={"content-type": "image/png"}, timeout=30)

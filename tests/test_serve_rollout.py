@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +12,13 @@ import httpx
 import pytest
 import yaml
 
-from conftest import PROJECT, SMALL
+from helpers import PROJECT, SMALL, wait_for, wait_ready, write_weights
 from skray.embedded import LocalRayHead, free_port, ray_cli
 from skray.net import LOOPBACK
 from skray.testing import synthetic_image
 from skray.weights import file_sha256
-from test_serve import wait_ready, write_weights
+
+pytestmark = pytest.mark.slow
 
 
 def serve_deploy(head: LocalRayHead, config: dict, path: Path) -> None:
@@ -75,16 +75,13 @@ def test_serve_deploy_rolls_out_new_weights_without_dropping_a_request(ray_clust
     for thread in clients:
         thread.start()
     try:
-        time.sleep(1)
+        wait_for(lambda: {n for n, _, _ in answers} == {0, 1, 2}, 60, "an answer to every client")
         app["args"]["weights"] = new
         serve_deploy(ray_cluster, serve_config, tmp_path / "v2.yaml")
-        deadline = time.monotonic() + 120
-        while not any(sha == new_sha for _, _, sha in answers[-5:]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        served_new = lambda: {n for n, _, sha in answers if sha == new_sha}  # noqa: E731
-        while len(served_new()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1)
+        wait_for(lambda: {n for n, _, sha in answers if sha == new_sha} == {0, 1, 2}, 120,
+                 "every client answered by the new weights")
+        rolled_out = len(answers)
+        wait_for(lambda: len(answers) >= rolled_out + 6, 60, "answers after the rollout")
     finally:
         stop.set()
         for thread in clients:

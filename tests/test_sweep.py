@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from helpers import PROJECT, labeled_dataset, wait_for
 from skray.compare import compare, learning_curves
 from skray.config import ConfigError, load_config, validate
 from skray.embedded import LocalRayHead
 from skray.sweep import SweepConfig, resolve, run
-
-from conftest import PROJECT, labeled_dataset
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -23,8 +22,8 @@ def dataset(tmp_path_factory) -> dict[str, str]:
 def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
     values = {
         "name": "lrwd", "base": str(PROJECT / "configs" / "train_cpu_small.yaml"),
-        "set": [f"data.train={dataset['train']}", f"data.val={dataset['val']}", "preprocessing.image_size=48", "epochs=4",
-                "scaling.workers=1", "batch_size=16", "mlflow.registered_model=null"],
+        "set": [f"data.train={dataset['train']}", f"data.val={dataset['val']}", "preprocessing.image_size=48",
+                "epochs=4", "scaling.workers=1", "batch_size=16", "mlflow.registered_model=null"],
         # Two useful learning rates first, two hopeless ones after: ASHA must stop those.
         "space": {"optim.lr": {"type": "grid", "values": [0.8, 0.6, 1e-7, 1e-8]},
                   "optim.weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
@@ -36,6 +35,7 @@ def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
 
 
 
+@pytest.mark.slow
 def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_model(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -111,6 +111,7 @@ def test_the_project_sweep_config_is_valid():
     resolve(cfg.model_copy(update={"base": str(PROJECT / "configs" / "train_baseline.yaml")}))
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -118,7 +119,6 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
     import os
     import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -145,12 +145,18 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
         epochs = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "epoch")) for c in children}
         return {run_id: n for run_id, n in epochs.items() if n >= 2}
 
-    deadline = time.monotonic() + 400
-    while not finished_trials() and time.monotonic() < deadline:
-        time.sleep(1)
-    done_before = finished_trials()
-    assert done_before, "a trial finished before the interruption"
-    time.sleep(5)  # Tune saves its experiment state after a trial ends
+    def trials_tune_saved_as_finished() -> int:
+        """Trials the experiment state a resume reads records as TERMINATED."""
+        saved = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+        try:
+            trials = json.loads(saved[-1].read_text())["trial_data"] if saved else []
+        except ValueError:  # caught mid-write
+            return 0
+        return sum(json.loads(state)["status"] == "TERMINATED" for state, _ in trials)
+
+    done_before = wait_for(finished_trials, 400, "a trial to finish", interval_s=1)
+    wait_for(lambda: trials_tune_saved_as_finished() >= len(done_before), 120,
+             "Tune to save the finished trial in its experiment state", interval_s=0.5)
     driver.kill()
     driver.wait(timeout=60)
 
@@ -174,6 +180,7 @@ def test_optuna_search_without_optuna_installed_fails_before_any_trial(dataset, 
                              space={"optim.lr": {"type": "loguniform", "low": 0.01, "high": 1}}))
 
 
+@pytest.mark.slow
 def test_an_optuna_tpe_sweep_samples_inside_the_space(ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store):
     pytest.importorskip("optuna")
     cfg = sweep_config(dataset, tmp_path, name="tpe", search="optuna", num_samples=2, asha={"enabled": False},
@@ -247,7 +254,8 @@ def test_the_learning_curves_plot_has_a_labeled_line_per_run_best_first(mlflow_s
     legend = [t.get_text() for t in axes.get_legend().get_texts()]
     assert legend == [f"trial_b_{i:05d} ({10 * i + 5:g})" for i in (6, 5, 4, 3, 2)]
     assert len(axes.get_lines()) == 5 and axes.get_title() == "learning curves of the best 5 runs"
-    assert [list(line.get_ydata()) for line in axes.get_lines()] == [curves[f"_trial_b_{i:05d}"] for i in (6, 5, 4, 3, 2)]
+    best_first = [curves[f"_trial_b_{i:05d}"] for i in (6, 5, 4, 3, 2)]
+    assert [list(line.get_ydata()) for line in axes.get_lines()] == best_first
 
 
 # --- optuna is TPE ------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import torch
 from mlflow import MlflowClient
 
 import skray
+from helpers import PROJECT, SMALL
 from skray.model import create_model
+from skray.resolver import PinnedWeights, load_model, pin_weights
 from skray.tracking import (
     WEIGHTS_FILE,
     configure,
@@ -35,10 +37,7 @@ from skray.tracking import (
     run_tags,
     start_run,
 )
-from skray.resolver import PinnedWeights, load_model, pin_weights
 from skray.weights import WeightsError, file_sha256
-
-from conftest import PROJECT, SMALL
 
 CLASSES = ["cat", "dog", "fox"]
 

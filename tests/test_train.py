@@ -10,15 +10,15 @@ import sys
 import threading
 import time
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from helpers import PROJECT, SMALL, labeled_dataset, wait_for
 from skray.config import ConfigError, load_config
 from skray.datasets import BAD_LABEL, DatasetError
-from skray.testing import labeled_image, write_labeled_folder
 from skray.embedded import LocalRayHead
 from skray.storage import join, read_json, write_bytes_atomic
+from skray.testing import labeled_image, write_labeled_folder
 from skray.train import (
     CONFIG_FILE,
     RUN_FILE,
@@ -35,8 +35,6 @@ from skray.train import (
     train_epoch,
     validate,
 )
-
-from conftest import PROJECT, SMALL, labeled_dataset
 
 pytestmark = pytest.mark.timeout(600)
 CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
@@ -58,6 +56,7 @@ def metric_history(run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_training_learns_and_logs_everything_to_mlflow(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -80,6 +79,7 @@ def test_two_worker_ddp_training_learns_and_logs_everything_to_mlflow(
     assert read_json(join(summary["run_dir"], RUN_FILE))["mlflow_run_id"] == summary["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store, capsys
 ):
@@ -109,6 +109,7 @@ def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
     assert abs(evaluation.data.metrics["top1"] - top1) < 0.01
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_weights_with_a_new_head_and_can_freeze_the_backbone(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -145,15 +146,7 @@ def registered_checkpoints(run_dir) -> int:
     return len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) if snapshot.exists() else 0
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -170,6 +163,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     assert metric_history(outcome["mlflow_run_id"], "epoch")[-1] == 4
 
 
+@pytest.mark.slow
 def test_resume_continues_a_stopped_run_from_its_directory(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -193,6 +187,7 @@ def test_resume_continues_a_stopped_run_from_its_directory(
     assert (run_dir / CONFIG_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_too_many_undecodable_images_fail_the_run_naming_the_threshold(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -201,8 +196,8 @@ def test_too_many_undecodable_images_fail_the_run_naming_the_threshold(
     for i in range(8):
         write_bytes_atomic(str(broken / "class0" / f"bad{i}.png"), b"not a png")
     cfg = load_config(TrainConfig, CPU_CONFIG, [
-        f"data.train={broken}", "data.val=null", f"storage_path={tmp_path}/runs", "preprocessing.image_size=48", "epochs=1",
-        "mlflow.registered_model=null", "max_failures=0"])
+        f"data.train={broken}", "data.val=null", f"storage_path={tmp_path}/runs", "preprocessing.image_size=48",
+        "epochs=1", "mlflow.registered_model=null", "max_failures=0"])
 
     with pytest.raises(Exception, match="max_bad_fraction"):
         run(cfg)
@@ -276,7 +271,8 @@ def test_every_jobs_preprocessing_defaults_to_its_models(monkeypatch):
 
 def test_the_baseline_config_is_the_published_recipe():
     cfg = load_config(TrainConfig, PROJECT / "configs" / "train_baseline.yaml")
-    assert (cfg.model.name, cfg.epochs, cfg.batch_size, cfg.preprocessing.image_size) == ("skresnext50_32x4d", 100, 256, 224)
+    assert (cfg.model.name, cfg.epochs, cfg.batch_size) == ("skresnext50_32x4d", 100, 256)
+    assert cfg.preprocessing.image_size == 224
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert (cfg.scaling.workers, cfg.scaling.use_gpu, cfg.preprocessing.crop_pct) == (8, True, 0.875)
     assert cfg.lr == 0.1
@@ -286,6 +282,7 @@ def test_the_baseline_config_is_the_published_recipe():
 # --- the cluster's CPUs, a stalled input, the schedule's steps, the loop's syncs -------------
 
 
+@pytest.mark.slow
 def test_the_readme_cpu_command_finishes_on_a_ray_with_two_cpus(tmp_path):
     """The README's `skray train --config configs/train_cpu_small.yaml --set data.train=DIR --set
     data.val=DIR`, on a Ray of this machine's size: its 2 workers x 1 CPU must not starve the
@@ -391,6 +388,7 @@ def test_webdataset_and_parquet_datasets_get_the_schedule_of_a_folder_of_the_sam
     assert lr_at(steps - 1, steps, cfg) == pytest.approx(cfg.lr) and 0 < lr_at(3 * steps, steps, cfg) < cfg.lr
 
 
+@pytest.mark.slow
 def test_a_webdataset_run_logs_the_lr_curve_of_a_folder_run_of_the_same_size(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
@@ -412,9 +410,8 @@ class SyncCounter:
     waits for the device to finish everything queued before it."""
 
     def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
 
         counter = self
 
@@ -474,7 +471,7 @@ def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable
     goods = [int((b["label"] != BAD_LABEL).sum()) for b in batches]
     losses = [float(batch_loss(out, b["label"], 0.1)) for out, b in zip(logits, batches)]
     assert (sums["seen"], sums["skipped"]) == (sum(goods), 4 * 6 - sum(goods))
-    assert sums["loss_sum"] / sums["seen"] == pytest.approx(sum(l * g for l, g in zip(losses, goods)) / sum(goods))
+    assert sums["loss_sum"] / sums["seen"] == pytest.approx(sum(x * g for x, g in zip(losses, goods)) / sum(goods))
     assert sums["lr"] == lr_at(3, 4, cfg), "the last step's LR"
 
 

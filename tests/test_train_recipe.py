@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 import skray.train as train_module
+from helpers import SMALL
 from skray.config import ConfigError, dump_config
 from skray.datasets import BAD_LABEL, LabeledData, discover, read_labeled
-from skray.testing import write_labeled_folder
 from skray.images import PreprocessingConfig
 from skray.model import create_model
 from skray.storage import join, write_bytes_atomic, write_json
+from skray.testing import write_labeled_folder
 from skray.train import (
     CONFIG_FILE,
     METRICS,
@@ -37,8 +38,6 @@ from skray.train import (
     run,
 )
 from skray.weights import save_weights
-
-from conftest import SMALL
 
 pytestmark = pytest.mark.timeout(300)
 CPU = torch.device("cpu")
@@ -333,6 +332,7 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
 
 
+@pytest.mark.slow
 def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_whole_batch(
     ray_cluster, tmp_path
 ):

@@ -20,8 +20,8 @@ import torch
 from skray import storage
 from skray.classes import default_class_names
 from skray.model import create_model
-from skray.storage import redact_uri
 from skray.resolver import PinnedWeights, fetch, load_model, load_weights, pin_weights
+from skray.storage import redact_uri
 from skray.weights import WeightsError, file_sha256, read_state_dict, save_weights
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,0 +1,107 @@
+"""The test toolkit: polling a condition, shared constants, inputs written by hand.
+
+Fixtures live in conftest.py; everything a test imports lives here (test files never import
+conftest or each other). ``wait_for`` follows Ray's ``wait_for_condition``: poll, never sleep
+a fixed time for something that can be observed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from skray.storage import join, write_bytes_atomic
+
+PROJECT = Path(__file__).resolve().parents[1]
+SMALL = "skresnext14_8x4d_half"  # the small model variant every test uses
+CLASSES = [f"class-{i}" for i in range(10)]
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+    """Poll ``condition`` until it returns something truthy and return that; after
+    ``timeout_s`` raise an AssertionError naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if value := condition():
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def wait_ready(url: str, timeout_s: float = 120) -> dict:
+    """The JSON of ``url``/healthz once it answers 200."""
+    import httpx
+
+    def healthy() -> dict | None:
+        with contextlib.suppress(httpx.HTTPError):
+            reply = httpx.get(url + "/healthz", timeout=5)
+            if reply.status_code == 200:
+                return reply.json()
+        return None
+
+    return wait_for(healthy, timeout_s, f"{url}/healthz to answer 200", interval_s=0.2)
+
+
+def write_weights(path: Path, seed: int, classes: list[str] = CLASSES) -> str:
+    """Random small-model weights for ``classes`` saved as skray saves them; returns the path."""
+    import torch
+
+    from skray.model import create_model
+    from skray.weights import save_weights
+
+    torch.manual_seed(seed)
+    model = create_model(SMALL, num_classes=len(classes))
+    save_weights(model, path, architecture=SMALL, class_names=classes)
+    return str(path)
+
+
+def labeled_dataset(root: Path, per_class: int) -> dict[str, str]:
+    """A 4-class folder dataset with a learnable signal: train/ and a 12-per-class val/."""
+    from skray.testing import write_labeled_folder
+
+    write_labeled_folder(str(root / "train"), classes=4, per_class=per_class, seed=0)
+    write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
+def write_files(root: str, names: list[str], data: bytes = b"x") -> None:
+    for name in names:
+        write_bytes_atomic(join(root, name), data)
+
+
+def parquet_bytes(columns: dict[str, list]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def label_row(key: str, label: str | None = "cat", error: str | None = None) -> dict:
+    """One output row as the sink stores it (error None = labeled)."""
+    ok = error is None
+    return {
+        "key": key, "label_id": 1 if ok else None, "label": label if ok else None,
+        "score": 0.9 if ok else None, "topk_ids": [1, 2] if ok else None,
+        "topk_scores": [0.9, 0.1] if ok else None, "model": SMALL, "weights_sha256": None,
+        "error": error, "meta": None,
+    }
