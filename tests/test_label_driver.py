@@ -1,0 +1,239 @@
+"""The labeling driver's parts without a Ray cluster (skray.label): the decode stage's memory,
+``prepare``'s checks on the output and the weights, the progress line and the summary."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import SMALL, label_row, write_files
+from skray import label
+from skray.label import ActorsConfig, LabelConfig, Progress, format_summary, prepare
+from skray.lease import LEASE_FILE, LeaseHeld
+from skray.model import create_model
+from skray.sinks import JOB_FILE, MANIFEST, OutputError, committed_units, write_part
+from skray.sources import InputError
+from skray.storage import exists, join, read_json, write_json
+from skray.testing import synthetic_image
+from skray.weights import WeightsError, save_weights
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- label: the decode stage's memory --------------------------------------
+
+
+def test_decode_memory_grows_with_batch_size_and_max_object_bytes_unless_set():
+    cfg = LabelConfig(input="in", output="out")
+    mib = 2**20
+
+    base = label.decode_memory_bytes(cfg)
+    bigger = label.decode_memory_bytes(cfg.model_copy(update={"batch_size": cfg.batch_size + 10}))
+
+    assert bigger - base >= 10 * cfg.max_object_bytes
+    assert base < label.decode_memory_bytes(cfg.model_copy(update={"max_object_bytes": 2 * cfg.max_object_bytes}))
+    assert label.decode_memory_bytes(cfg.model_copy(update={"decode_memory_mb": 300})) == 300 * mib
+    assert base <= 8 * 2**30  # the default fits a small machine
+
+
+def test_decode_memory_never_asks_for_more_than_the_largest_live_node_has():
+    nodes = [{"Alive": True, "Resources": {"memory": 4e9}}, {"Alive": False, "Resources": {"memory": 64e9}},
+             {"Alive": True, "Resources": {"CPU": 2.0}}]
+
+    assert label.schedulable_memory(10**9, nodes) == 10**9
+    assert label.schedulable_memory(10**10, nodes) == 4 * 10**9
+
+
+# --- label.prepare ---------------------------------------------------------
+
+
+@pytest.fixture
+def job(tmp_path) -> LabelConfig:
+    """A config over 5 small image files (3 units of 2), output not yet written."""
+    data = tmp_path / "data"
+    write_files(str(data), [f"img{i}.jpg" for i in range(5)], synthetic_image(0))
+    return LabelConfig(input=str(data), output=str(tmp_path / "out"), model=SMALL, files_per_unit=2)
+
+
+@pytest.fixture
+def prepared():
+    """``prepare(cfg)`` that releases the run's lease when the test ends."""
+    leases = []
+
+    def run_prepare(cfg: LabelConfig) -> label.Prepared:
+        result = prepare(cfg)
+        leases.append(result.lease)
+        return result
+
+    yield run_prepare
+    for lease in leases:
+        lease.release()
+
+
+def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: LabelConfig, prepared):
+    p = prepared(job)
+
+    assert [u.rows for u in p.plan.units] == [2, 2, 1] and p.plan.committed_rows == 0
+    assert read_json(join(job.output, JOB_FILE)) == {
+        "fingerprint": job.fingerprint(), "weights_sha256": None, "weights_version": None}
+    assert p.weights["random_weights"] and p.weights["model"] == SMALL
+    assert p.weights["num_classes"] == 1000
+
+
+def test_prepare_leaves_out_the_keys_already_committed(job: LabelConfig, prepared):
+    first = prepared(job)
+    first.lease.release()
+    write_part(job.output, first.plan.units[1].id, [label_row(k) for k in first.plan.units[1].uris])
+
+    again = prepared(job)
+
+    assert again.plan.units == [first.plan.units[0], first.plan.units[2]]
+    assert again.plan.committed_rows == 2
+
+
+def test_prepare_holds_the_output_so_a_second_run_is_refused_naming_the_first(job: LabelConfig, prepared):
+    first = prepared(job)
+
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
+        prepare(job)
+    assert first.lease.token is not None
+
+
+def test_prepare_withdraws_the_manifest_of_an_earlier_run(job: LabelConfig, prepared):
+    write_json(join(job.output, MANIFEST), {"old": True})
+
+    prepared(job)
+
+    assert not exists(join(job.output, MANIFEST))
+
+
+def test_prepare_refuses_an_output_of_a_different_config_pointing_to_overwrite(job: LabelConfig):
+    write_json(join(job.output, JOB_FILE), {"fingerprint": "another-job"})
+
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare(job)
+    assert not exists(join(job.output, LEASE_FILE)), "a refused run leaves no lease behind"
+
+
+def test_a_rerun_in_another_precision_is_refused_so_one_output_holds_one_models_labels(
+    job: LabelConfig, prepared
+):
+    prepared(job).lease.release()
+    int8 = job.model_copy(update={"actors": ActorsConfig(precision="int8", gpus=0, calibration="calib/")})
+
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare(int8)
+
+
+def test_prepare_refuses_weights_that_changed_behind_the_same_path_naming_both_hashes(
+    job: LabelConfig, prepared, tmp_path
+):
+    weights = str(tmp_path / "w.safetensors")
+    old = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
+    cfg = job.model_copy(update={"weights": weights, "model": None})
+    prepared(cfg).lease.release()
+    new = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
+
+    with pytest.raises(OutputError) as refused:
+        prepare(cfg)
+    assert old in str(refused.value) and new in str(refused.value) and old != new
+    prepared(cfg.model_copy(update={"overwrite": True}))  # --overwrite starts over with the new weights
+
+
+def test_prepare_with_overwrite_clears_the_earlier_output_and_proceeds(job: LabelConfig, prepared):
+    write_json(join(job.output, JOB_FILE), {"fingerprint": "another-job"})
+    write_part(job.output, "stale-unit", [label_row("old")])
+    write_json(join(job.output, MANIFEST), {"old": True})
+
+    p = prepared(job.model_copy(update={"overwrite": True}))
+
+    assert p.plan.committed_rows == 0 and len(p.plan.units) == 3
+    assert committed_units(job.output) == set()
+    assert not exists(join(job.output, MANIFEST))
+    assert read_json(join(job.output, JOB_FILE))["fingerprint"] == job.fingerprint()
+
+
+def test_overwrite_deletes_nothing_when_the_new_weights_do_not_load(job: LabelConfig, tmp_path):
+    write_part(job.output, "kept", [label_row("old")])
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(4096))
+
+    with pytest.raises(WeightsError):
+        prepare(job.model_copy(update={"weights": str(weights), "overwrite": True}))
+    assert committed_units(job.output) == {"kept"}
+
+
+def test_prepare_reports_the_weights_it_pinned(job: LabelConfig, prepared, tmp_path):
+    weights = str(tmp_path / "w.safetensors")
+    sha = save_weights(create_model(SMALL, 10), weights, architecture=SMALL)
+
+    info = prepared(job.model_copy(update={"weights": weights, "model": None})).weights
+
+    assert info == {"model": SMALL, "weights": weights, "weights_version": None, "weights_sha256": sha,
+                    "random_weights": False, "num_classes": 10}
+
+
+def test_prepare_fails_on_missing_input_before_touching_the_output(tmp_path):
+    cfg = LabelConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "out"), model=SMALL)
+
+    with pytest.raises(InputError, match="input not found"):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# --- label.Progress and format_summary -------------------------------------
+
+
+@pytest.fixture
+def clock(monkeypatch) -> SimpleNamespace:
+    """A settable clock in place of label.time.monotonic."""
+    fake = SimpleNamespace(now=1000.0)
+    fake_time = SimpleNamespace(monotonic=lambda: fake.now, time=lambda: fake.now)
+    monkeypatch.setattr(label, "time", fake_time)
+    return fake
+
+
+def test_progress_line_shows_done_of_total_rate_and_eta(clock):
+    progress = Progress(total=100, interval_s=60)
+    progress.add(25)
+    clock.now += 5
+
+    assert progress.line() == "[label] 25/100 images, 5.0 img/s, ETA 15s"
+
+
+def test_progress_line_shows_a_question_mark_and_no_eta_when_the_total_is_unknown(clock):
+    progress = Progress(total=None, interval_s=60)
+    progress.add(30)
+    clock.now += 10
+
+    assert progress.line() == "[label] 30/? images, 3.0 img/s"
+
+
+def test_progress_prints_a_line_once_per_interval(clock, capsys):
+    progress = Progress(total=10, interval_s=5)
+    progress.add(1)
+    clock.now += 6
+    progress.add(1)
+    progress.add(1)
+
+    assert capsys.readouterr().out.splitlines() == ["[label] 2/10 images, 0.3 img/s, ETA 24s"]
+
+
+def test_format_summary_lists_failures_by_reason_labels_and_a_random_weights_warning():
+    manifest = {
+        "output": "s3://b/labels", "inputs": 10, "labeled": 7, "failed": 3,
+        "failed_by_reason": {"empty": 2, "broken_tar": 1},
+        "skipped_already_done": 0, "duplicates": 0,
+        "timings": {"img_per_s": 12.5, "total_s": 4.2}, "model": SMALL, "random_weights": True,
+        "top_labels": [["cat", 5], ["dog", 2]],
+    }
+
+    text = format_summary(manifest)
+
+    assert "failed              3" in text
+    assert "  empty             2" in text and "  broken_tar        1" in text
+    assert "RANDOM weights" in text
+    assert "       5  cat" in text
+    assert text.splitlines()[-1] == "Parquet             s3://b/labels"
