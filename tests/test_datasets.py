@@ -6,14 +6,18 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from skray.datasets import BAD_LABEL, DatasetError, discover, read_labeled
 from skray.images import PreprocessingConfig
+from skray.predictor import read_and_decode
 from skray.storage import write_bytes_atomic
-from skray.testing import labeled_image, write_labeled_folder
+from skray.testing import labeled_image, synthetic_image, write_labeled_folder
+
+pytestmark = pytest.mark.timeout(60)
 
 EVAL = PreprocessingConfig(image_size=48, crop_pct=1.0)
 
@@ -86,3 +90,18 @@ def test_a_folder_label_comes_from_the_path_alone(tmp_path):
     write_labeled_folder(str(tmp_path), classes=2, per_class=1)
     data = discover(str(tmp_path), "folder")
     assert data.label_of({"key": str(tmp_path / "class1" / "0000.png"), "meta": json.dumps({})}) == 1
+
+
+def test_evaluation_reads_and_crops_a_unit_exactly_as_labeling_does(tmp_path):
+    write_labeled_folder(str(tmp_path), classes=2, per_class=2)
+    write_bytes_atomic(str(tmp_path / "class0" / "big.jpg"), synthetic_image(0, (640, 480)))  # large: drafts
+    (tmp_path / "class1" / "broken.png").write_bytes(b"nope")
+    data = discover(str(tmp_path), "folder")
+    units = pa.Table.from_pylist([u.to_row() for u in data.units])
+
+    [evaluated] = read_labeled(units, data, 48, False, EVAL, {}, batch_size=8)
+    [labeled] = read_and_decode(units, EVAL, EVAL.max_pixels, 8, "image", None, max_object_bytes=2**20)
+
+    assert np.array_equal(evaluated["image"], labeled["image"])
+    assert [label == BAD_LABEL for label in evaluated["label"]] == [bool(e) for e in labeled["error"]]
+    assert sorted(evaluated["label"].tolist()) == [BAD_LABEL, 0, 0, 0, 1, 1]

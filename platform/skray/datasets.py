@@ -1,7 +1,7 @@
 """Labeled image datasets for training and evaluation, streamed through Ray Data.
 
-Three layouts, local or ``s3://``, read with the labeling job's readers
-(:mod:`skray.sources`) so every input path is shared:
+Three layouts, local or ``s3://``, read and decoded like the labeling job's input
+(:mod:`skray.sources`, :mod:`skray.crops`) so every input path and bad-image rule is shared:
 
 * ``folder``: ``ROOT/<class name>/<image>``, classes sorted by name;
 * ``webdataset``: tar shards whose samples carry a ``.cls`` member (an index);
@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import random
 import posixpath
+import random
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,8 +29,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from skray.images import ImageDecodeError, PreprocessingConfig, decode_image, eval_crop, train_augment
-from skray.sources import InputError, Unit, _BoundedTarInfo, _is_hidden, list_inputs, plan_units, read_unit
+from skray.crops import crop_rows
+from skray.images import PreprocessingConfig, decode_for_eval, decode_for_train, train_augment
+from skray.sources import (
+    InputError,
+    Unit,
+    _BoundedTarInfo,
+    _is_hidden,
+    list_inputs,
+    plan_units,
+    table_batches,
+)
 from skray.storage import filesystem_for
 
 DatasetFormat = Literal["folder", "webdataset", "parquet"]
@@ -62,7 +71,7 @@ class LabeledData:
         return {name: i for i, name in enumerate(self.class_names)}
 
     def label_of(self, row: dict[str, Any]) -> int:
-        """The class index of a row read by :func:`skray.sources.read_unit`."""
+        """The class index of a row read by :func:`skray.sources.unit_batches`."""
         if self.format == "folder":
             return self.class_index[_relative(self.uri, row["key"]).split("/", 1)[0]]
         meta = json.loads(row["meta"]) if row["meta"] else {}
@@ -186,25 +195,29 @@ def read_labeled(
     augment: dict[str, Any],
     batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: units -> batches of {image: uint8 (N, 3, S, S), label: int64}."""
-    crop = train_augment(image_size, **augment) if train else eval_crop(eval_cfg)
-    draft = None if train else eval_cfg.resize_size
+    """Ray Data UDF: units -> batches of {image: uint8 (N, 3, S, S), label: int64}, read and
+    decoded like the labeling job's (:func:`skray.crops.crop_rows`), with a random training crop
+    or ``eval_cfg``'s eval crop. A row that does not read or decode is labeled BAD_LABEL."""
+    max_pixels = eval_cfg.max_pixels
+    if train:
+        crop = functools.partial(decode_for_train, augment=train_augment(image_size, **augment),
+                                 max_pixels=max_pixels)
+    else:
+        crop = functools.partial(decode_for_eval, cfg=eval_cfg, max_pixels=max_pixels)
     meta_columns = (data.label_column,) if data.format == "parquet" else ()
-    for unit in units.to_pylist():
-        rows = read_unit(Unit.from_row(unit), data.image_column, None, meta_columns)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            images = np.zeros((len(chunk), 3, image_size, image_size), dtype=np.uint8)
-            labels = np.full(len(chunk), BAD_LABEL, dtype=np.int64)
-            for i, row in enumerate(chunk):
-                if row["error"]:
-                    continue
-                try:
-                    images[i] = crop(decode_image(row["data"], draft_size=draft)).numpy()
-                    labels[i] = data.label_of(row)
-                except (ImageDecodeError, ValueError, KeyError):  # undecodable, or a label outside the classes
-                    continue
-            yield {"image": images, "label": labels}
+    for rows in table_batches(units, batch_size, image_column=data.image_column, meta_columns=meta_columns):
+        images, errors = crop_rows(rows, crop, image_size)
+        labels = [BAD_LABEL if err else _label(data, row) for row, err in zip(rows, errors, strict=True)]
+        yield {"image": images, "label": np.array(labels, dtype=np.int64)}
+
+
+def _label(data: LabeledData, row: dict[str, Any]) -> int:
+    """The row's class index; BAD_LABEL for a label outside the classes, skipped like an
+    undecodable image."""
+    try:
+        return data.label_of(row)
+    except (ValueError, KeyError):
+        return BAD_LABEL
 
 
 def ray_dataset(

@@ -38,6 +38,7 @@ __all__ = [
     "ImageDecodeError",
     "PreprocessingConfig",
     "decode_for_eval",
+    "decode_for_train",
     "decode_image",
     "eval_crop",
     "open_image",
@@ -373,6 +374,19 @@ def decode_for_eval(
     image = decode_image(data, max_pixels=max_pixels, draft_size=draft, resize_to=size)
     with _typed_errors():
         return eval_crop(cfg)(image)
+
+
+def decode_for_train(
+    data: bytes,
+    augment: Callable[[Image.Image], torch.Tensor],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Encoded bytes -> uint8 training crop through ``augment`` (:func:`train_augment`); raises
+    :class:`ImageDecodeError` and nothing else for bad input, like :func:`decode_for_eval`."""
+    image = decode_image(data, max_pixels=max_pixels)
+    with _typed_errors():
+        return augment(image)
 
 
 def preprocess(

@@ -15,6 +15,7 @@ actor idle before this batch arrived).
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Literal
@@ -24,31 +25,30 @@ import pyarrow as pa
 import torch
 
 from skray.classifier import Classifier, Decode
+from skray.crops import crop_rows
 from skray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.quantize import Precision
 from skray.resolver import PinnedWeights
 from skray.sinks import LABEL_SCHEMA
-from skray.sources import Unit, unit_batches
+from skray.sources import table_batches
 
 PASSTHROUGH = ("key", "error", "meta", "unit", "unit_rows")
+
+
+def _passthrough(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = {name: np.array([row[name] for row in rows], dtype=object) for name in PASSTHROUGH}
+    out["unit_rows"] = out["unit_rows"].astype(np.int64)
+    return out
 
 
 def decode_rows(
     rows: list[dict[str, Any]], preprocessing: PreprocessingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> dict[str, np.ndarray]:
-    """Decode and crop each image once; a bad one keeps a blank crop and gets ``error``."""
-    size = preprocessing.image_size
-    crops = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
-    errors = [row["error"] for row in rows]
-    for i, row in enumerate(rows):
-        if errors[i]:
-            continue
-        try:
-            crops[i] = decode_for_eval(row["data"], preprocessing, max_pixels=max_pixels).numpy()
-        except ImageDecodeError as err:
-            errors[i] = str(err)
-    out = {name: np.array([row[name] for row in rows], dtype=object) for name in PASSTHROUGH}
-    out["unit_rows"] = out["unit_rows"].astype(np.int64)
+    """The ``decode="cpu"`` batch: each image's eval crop (:func:`skray.crops.crop_rows`); a bad
+    one keeps a blank crop and gets ``error``."""
+    crop = functools.partial(decode_for_eval, cfg=preprocessing, max_pixels=max_pixels)
+    crops, errors = crop_rows(rows, crop, preprocessing.image_size)
+    out = _passthrough(rows)
     out["error"] = np.array(errors, dtype=object)
     out["image"] = crops
     return out
@@ -57,8 +57,7 @@ def decode_rows(
 def bytes_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """The ``decode="gpu"`` batch: rows keep their encoded bytes (sizes already checked
     against ``max_object_bytes`` when read) for the actor to decode; a failed read ships none."""
-    out = {name: np.array([row[name] for row in rows], dtype=object) for name in PASSTHROUGH}
-    out["unit_rows"] = out["unit_rows"].astype(np.int64)
+    out = _passthrough(rows)
     out["data"] = np.array([b"" if row["error"] else row["data"] for row in rows], dtype=object)
     return out
 
@@ -76,17 +75,14 @@ def read_and_decode(
     """Stream each unit's decoded crops (or, with ``decode="gpu"``, its bytes) ``batch_size`` at
     a time, as they are read, so a task holds one batch of bytes, not a shard; the rows of a
     unit's last batch carry its row count."""
-    for unit in units.to_pylist():
-        batches = unit_batches(Unit.from_row(unit), batch_size, image_column, id_column,
-                               max_object_bytes=max_object_bytes)
-        while True:
-            start = time.perf_counter()
-            rows = next(batches, None)
-            if rows is None:
-                break
-            out = decode_rows(rows, preprocessing, max_pixels) if decode == "cpu" else bytes_rows(rows)
-            out["decode_s"] = np.full(len(rows), (time.perf_counter() - start) / len(rows))
-            yield out
+    start = time.perf_counter()  # decode_s: from resuming to the next yield, reading included
+    batches = table_batches(units, batch_size, image_column=image_column, id_column=id_column,
+                            max_object_bytes=max_object_bytes)
+    for rows in batches:
+        out = decode_rows(rows, preprocessing, max_pixels) if decode == "cpu" else bytes_rows(rows)
+        out["decode_s"] = np.full(len(rows), (time.perf_counter() - start) / len(rows))
+        yield out
+        start = time.perf_counter()
 
 
 class Predictor:

@@ -423,6 +423,13 @@ def unit_batches(
     yield _tagged(batch, unit.id, count)
 
 
+def table_batches(units: pa.Table, batch_size: int, **reading: Any) -> Iterator[list[dict]]:
+    """:func:`unit_batches` (``reading``: its keyword arguments) of every unit in ``units``
+    (rows of :meth:`Unit.to_row`, the block a Ray Data read task gets), one after the other."""
+    for row in units.to_pylist():
+        yield from unit_batches(Unit.from_row(row), batch_size, **reading)
+
+
 def read_unit(
     unit: Unit,
     image_column: str = "image",
