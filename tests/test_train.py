@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -46,6 +47,34 @@ def dataset(tmp_path_factory) -> dict[str, str]:
 
 
 
+@pytest.fixture(scope="module")
+def learned(ray_cluster: LocalRayHead, dataset, tmp_path_factory) -> Iterator[dict]:
+    """One 4-epoch two-worker run registered as skray-test, in its own MLflow store: the tests
+    that check the run and the tests that use its model share it instead of training twice."""
+    import mlflow
+
+    home = tmp_path_factory.mktemp("learned")
+    uri = f"sqlite:///{home}/mlflow.db"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("SKRAY_HOME", str(home))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        summary = run(small_config(dataset, home, "epochs=4", "name=learns"))
+    yield {**summary, "tracking_uri": uri}
+
+
+@pytest.fixture
+def learned_store(learned: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """``learned``, with this process and its children pointed at its MLflow store."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", learned["tracking_uri"])
+    mlflow.set_tracking_uri(learned["tracking_uri"])
+    mlflow.set_registry_uri(learned["tracking_uri"])
+    return learned
+
+
 def small_config(dataset: dict[str, str], tmp_path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, CPU_CONFIG, [
         f"data.train={dataset['train']}", f"data.val={dataset['val']}", f"storage_path={tmp_path}/runs",
@@ -57,12 +86,8 @@ def metric_history(run_id: str, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_worker_ddp_training_learns_and_logs_everything_to_mlflow(
-    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
-):
-    cfg = small_config(dataset, tmp_path, "epochs=4", "name=learns")
-
-    summary = run(cfg)
+def test_two_worker_ddp_training_learns_and_logs_everything_to_mlflow(learned_store):
+    summary = learned_store
 
     losses = metric_history(summary["mlflow_run_id"], "train_loss")
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -81,13 +106,13 @@ def test_two_worker_ddp_training_learns_and_logs_everything_to_mlflow(
 
 @pytest.mark.slow
 def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
-    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store, capsys
+    learned_store, dataset, tmp_path, capsys
 ):
     from skray.cli import main
     from skray.label import LabelConfig
     from skray.label import run as label
 
-    summary = run(small_config(dataset, tmp_path, "epochs=3", "name=registers"))
+    summary = learned_store
     uri = f"models:/skray-test/{summary['model']['registered_version']}"
 
     manifest = label(LabelConfig(input=dataset["val"], output=str(tmp_path / "labels"), weights=uri,
