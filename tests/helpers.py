@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
     """Poll ``condition`` until it returns something truthy and return that; after
-    ``timeout_s`` raise an AssertionError naming ``what`` was awaited."""
+    ``timeout_s`` raise an AssertionError naming ``what`` was awaited. A condition that costs
+    a process or a cluster query polls less often (``interval_s``) on this 2-core machine."""
     deadline = time.monotonic() + timeout_s
     while True:
         if value := condition():

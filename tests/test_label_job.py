@@ -102,7 +102,7 @@ def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(
                                          working_dir=str(PROJECT))
     first = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: len(committed_units(labels)) >= 2, 300, "two committed units")
+        wait_for(lambda: len(committed_units(labels)) >= 2, 300, "two committed units", interval_s=0.5)
         for pid in driver_pids():
             os.kill(pid, signal.SIGKILL)
         first.wait(timeout=120)
@@ -205,7 +205,7 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
 
     # The worker node's actor starts last; once it is up the job labels all 12 units in seconds,
     # so the node is killed at once: the job still runs and still has units to commit.
-    wait_for(labeling_actors_on_the_worker, 300, "a labeling actor on the worker node")
+    wait_for(labeling_actors_on_the_worker, 300, "a labeling actor on the worker node", interval_s=0.5)
     assert "running" in job_status(ray_cluster, job_id)
     os.kill(raylet_pid(worker["RayletSocketName"]), signal.SIGKILL)
     units = -(-len(keys) // 8)  # files_per_unit=8
@@ -216,7 +216,7 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
 
     try:
         finished = wait_for(lambda: any(s in job_status(ray_cluster, job_id) for s in ("succeeded", "failed")),
-                            120, "the job to end")
+                            120, "the job to end", interval_s=0.5)
     except AssertionError:
         finished = False
     if not finished or "succeeded" not in job_status(ray_cluster, job_id):
