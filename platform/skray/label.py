@@ -4,7 +4,8 @@ Everything that can be checked is checked before Ray does any work: the config,
 the input listing, the output location, and that the weights fit the model.
 Then units that earlier runs committed are skipped and the rest stream through
 Ray Data; the driver commits each unit's rows as one Parquet part the moment the
-unit is complete, and writes the manifest last.
+unit is complete, writes the manifest, then the report (:mod:`skray.report`). Each
+run is also an MLflow run (:mod:`skray.label_tracking`) unless ``mlflow.enabled`` is off.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import math
 import os
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,10 +33,12 @@ from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
 from skray.plan import Plan, plan
 from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
+from skray.report import write_report
 from skray.resolver import PinnedWeights, load_model, pin_weights
 from skray.sinks import (
     JOB_FILE,
     MANIFEST,
+    REPORT_DIR,
     OutputError,
     check_writable,
     clear_output,
@@ -76,6 +80,14 @@ class S3Config(StrictModel):
         return {name: value for name, value in values.items() if value}
 
 
+class LabelMlflowConfig(StrictModel):
+    """Each labeling run as an MLflow run; the store is reached before any work."""
+
+    enabled: bool = True
+    experiment: str = "skray-label"
+    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local store in .skray/
+
+
 class LabelConfig(StrictModel):
     input: str
     output: str
@@ -84,6 +96,7 @@ class LabelConfig(StrictModel):
     model: ModelName | None = None  # None: the architecture recorded in the weights, else the default
     weights: str | None = None
     top_k: int = Field(5, ge=1, le=1000)
+    min_score: float | None = Field(None, ge=0, le=1)  # a top score under it: no label, low_confidence
     batch_size: int = Field(32, ge=1)
     files_per_unit: int = Field(256, ge=1)
     image_column: str = "image"
@@ -100,14 +113,18 @@ class LabelConfig(StrictModel):
     lease_ttl_s: float = Field(DEFAULT_TTL_S, ge=5)  # a killed run's lease is taken over after this
     progress_interval_s: float = Field(5, gt=0)
     commit_concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1)  # parts written at once (S3 PUTs overlap)
+    mlflow: LabelMlflowConfig = LabelMlflowConfig()
 
     def fingerprint(self) -> str:
         """What decides the output's content, besides the weights (pinned by sha256 in the job
         record): a rerun must match it to resume. ``files_per_unit`` is not part of it:
-        units are cut from the keys still to do, so it changes nothing committed."""
+        units are cut from the keys still to do, so it changes nothing committed. ``min_score``
+        counts only when set, so outputs made before it existed keep their fingerprint."""
         keys = ("input", "format", "exclude", "model", "top_k", "image_column", "id_column", "preprocessing",
                 "max_object_bytes")
         content = {**self.model_dump(mode="json", include=set(keys)), "precision": self.actors.precision}
+        if self.min_score is not None:
+            content["min_score"] = self.min_score
         blob = json.dumps(content, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -157,8 +174,13 @@ class StageTimes:
         return "; ".join(shown.format(figures[key]) for key, shown in STAGE_FIGURES.items() if key in figures)
 
 
+PROGRESS_POINTS = 256  # throughput samples a manifest keeps: every other one is dropped when full
+
+
 class Progress:
-    """A driver line every few seconds: images done / total, img/s, ETA, and the stages' figures."""
+    """A driver line every few seconds: images done / total, img/s, ETA, and the stages' figures.
+    Each line is also a ``[seconds, images done]`` sample (``samples``, for the report's
+    throughput chart), thinned to at most :data:`PROGRESS_POINTS` however long the run."""
 
     def __init__(self, total: int | None, interval_s: float, stages: StageTimes | None = None) -> None:
         self.total, self.interval_s = total, interval_s
@@ -166,6 +188,7 @@ class Progress:
         self.done = 0
         self.start = self.last = time.monotonic()
         self.first: tuple[float, int] | None = None  # when the first batch arrived, and its size
+        self.samples: list[list[float]] = [[0.0, 0]]
 
     def add(self, n: int) -> None:
         self.done += n
@@ -174,7 +197,15 @@ class Progress:
             self.first = (now, n)
         if now - self.last >= self.interval_s:
             self.last = now
+            self.sample(now)
             print(self.line(), flush=True)
+
+    def sample(self, now: float | None = None) -> None:
+        """Record ``[seconds since start, images done]`` (now, unless given)."""
+        now = time.monotonic() if now is None else now
+        self.samples.append([round(now - self.start, 3), self.done])
+        if len(self.samples) > PROGRESS_POINTS:
+            self.samples = self.samples[::2]
 
     @property
     def rate(self) -> float:
@@ -233,6 +264,7 @@ class Prepared:
     pinned: PinnedWeights | None
     weights: dict[str, Any]
     lease: Lease
+    tracking_uri: str | None = None  # the MLflow store, reached; None: mlflow.enabled is off
 
 
 def _check_previous(cfg: LabelConfig, previous: dict[str, Any] | None, sha256: str | None) -> None:
@@ -270,6 +302,11 @@ def prepare(cfg: LabelConfig) -> Prepared:
     }
     del model
     check_writable(cfg.output)
+    tracking_uri = None
+    if cfg.mlflow.enabled:
+        from skray import label_tracking  # MLflow is heavy: imported when the run is recorded only
+
+        tracking_uri = label_tracking.connect(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     lease = Lease(cfg.output, cfg.lease_ttl_s)
     lease.acquire()
     try:
@@ -286,7 +323,7 @@ def prepare(cfg: LabelConfig) -> Prepared:
     except BaseException:
         lease.release()
         raise
-    return Prepared(planned, pinned, weights, lease)
+    return Prepared(planned, pinned, weights, lease, tracking_uri)
 
 
 def actor_pool_sizes(actors: ActorsConfig, gpus_per_actor: float, cluster_gpus: float) -> tuple[int, int]:
@@ -354,6 +391,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "decode": decode,
             "batch_size": cfg.actors.batch_size or cfg.batch_size,
             "precision": cfg.actors.precision,
+            "min_score": cfg.min_score,
             "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,
                                              preprocessing, cfg.preprocessing.max_pixels)
             if cfg.actors.precision == "int8" else None,
@@ -375,7 +413,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     print("[label] resolved config:\n" + dump_config(cfg), flush=True)
     prepared = prepare(cfg)
     planned, weights = prepared.plan, prepared.weights
-    with prepared.lease as lease:
+    with prepared.lease as lease, _mlflow_run(cfg, prepared) as mlflow_run:
         if weights["random_weights"]:
             print("[label] WARNING: no weights given: the model has RANDOM weights, labels are meaningless",
                   flush=True)
@@ -393,6 +431,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                     progress.stages.add(batch)
                     progress.add(committer.add(batch))
         # every part is written here: only now may the manifest say the output is complete
+        progress.sample()
         print(progress.line(), flush=True)
         summary = summarize_output(cfg.output)
         finished = time.time()
@@ -408,6 +447,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             "units": {"total": summary["parts"], "skipped": planned.committed_parts,
                       "committed": committer.committed},
             "duplicates": summary["rows"] - summary["distinct_keys"],
+            "low_confidence": summary["low_confidence"],
             "top_labels": summary["top_labels"],
             **weights,
             "timings": {
@@ -417,12 +457,72 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                 "img_per_s": round(progress.rate, 3),
                 "steady_img_per_s": round(progress.steady_rate, 3),
                 **progress.stages.figures(),
+                "progress": progress.samples,
             },
+            "mlflow": mlflow_run,
             "config": redact_values(json.loads(cfg.model_dump_json())),
         }
         lease.check()
         write_json(join(cfg.output, MANIFEST), manifest)
+        report = _write_report(cfg.output)
+    if mlflow_run:
+        from skray import label_tracking
+
+        label_tracking.finish(mlflow_run["run_id"], manifest, report and join(cfg.output, REPORT_DIR))
     return manifest
+
+
+def mlflow_params(cfg: LabelConfig, weights: dict[str, Any]) -> dict[str, Any]:
+    """What decided the labels, as the labeling run's MLflow params (URIs redacted)."""
+    return {
+        "input": redact_uri(cfg.input),
+        "output": redact_uri(cfg.output),
+        "format": cfg.format,
+        "model": weights["model"],
+        "weights": weights["weights"],
+        "weights_version": weights["weights_version"],
+        "weights_sha256": weights["weights_sha256"],
+        "top_k": cfg.top_k,
+        "min_score": cfg.min_score,
+        "batch_size": cfg.batch_size,
+        "actors": {"min": cfg.actors.min, "max": cfg.actors.max, "gpus": cfg.actors.gpus,
+                   "batch_size": cfg.actors.batch_size},
+        "precision": cfg.actors.precision,
+        "decode": cfg.decode,
+    }
+
+
+@contextmanager
+def _mlflow_run(cfg: LabelConfig, prepared: Prepared) -> Iterator[dict[str, str] | None]:
+    """The MLflow run of this labeling run (None when off): started here, ended FAILED when the
+    labeling fails; :func:`skray.label_tracking.finish` records a run that completed."""
+    if prepared.tracking_uri is None:
+        yield None
+        return
+    from skray import label_tracking
+
+    run_id = label_tracking.start(cfg.mlflow.experiment, mlflow_params(cfg, prepared.weights), cfg.output,
+                                  cfg.input, prepared.pinned)
+    print(f"[label] MLflow run {run_id} in experiment {cfg.mlflow.experiment} "
+          f"at {redact_uri(prepared.tracking_uri)}", flush=True)
+    try:
+        yield {"run_id": run_id, "experiment": cfg.mlflow.experiment,
+               "tracking_uri": redact_uri(prepared.tracking_uri)}
+    except BaseException:
+        label_tracking.fail(run_id)
+        raise
+
+
+def _write_report(output: str) -> str | None:
+    """The report beside the manifest; a storage error leaves the complete output without one."""
+    try:
+        page = write_report(output)
+    except OSError as err:
+        log.warning("no report written (the labels are complete; run `skray report %s`): %s",
+                    redact_uri(output), err)
+        return None
+    print(f"[label] report: {redact_uri(page)}", flush=True)
+    return page
 
 
 def format_summary(manifest: dict[str, Any]) -> str:
@@ -431,6 +531,8 @@ def format_summary(manifest: dict[str, Any]) -> str:
     lines = [
         f"inputs              {manifest['inputs']}",
         f"labeled             {manifest['labeled']}",
+        *([f"low confidence      {manifest['low_confidence']} (top score under "
+           f"{manifest['config'].get('min_score')}: no label)"] if manifest.get("low_confidence") else []),
         f"failed              {manifest['failed']}",
         *(f"  {reason:<18}{count}" for reason, count in manifest["failed_by_reason"].items()),
         f"skipped (done)      {manifest['skipped_already_done']}",
@@ -443,5 +545,8 @@ def format_summary(manifest: dict[str, Any]) -> str:
         "most frequent labels:",
         *(f"  {count:>6}  {label}" for label, count in manifest["top_labels"]),
         f"Parquet             {manifest['output']}",
+        f"report              {join(manifest['output'], REPORT_DIR)}/index.html",
+        *([f"MLflow run          {run['run_id']} (experiment {run['experiment']})"]
+          if (run := manifest.get("mlflow")) else []),
     ]
     return "\n".join(lines)

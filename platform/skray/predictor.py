@@ -106,6 +106,7 @@ class Predictor:
         batch_size: int | Literal["auto"] | None = None,
         precision: Precision = "fp32",
         calibration: torch.Tensor | None = None,
+        min_score: float | None = None,
     ) -> None:
         self.classifier = Classifier.for_worker(
             model, pinned, threads=threads, compile=compile, preprocessing=preprocessing,
@@ -113,7 +114,7 @@ class Predictor:
             precision=precision, calibration=calibration,
         )
         on_gpu = torch.cuda.is_available()
-        self.top_k = top_k
+        self.top_k, self.min_score = top_k, min_score or 0.0
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="skray-prefetch")
         self._stream = torch.cuda.Stream() if on_gpu else None  # GPU only: decode beside the forward
         self._returned: float | None = None  # when the previous batch was handed back
@@ -190,10 +191,14 @@ class Predictor:
         def column(field: str) -> list:
             return [getattr(p, field) if p else None for p in results]
 
+        # under min_score: top-k kept, no label (None on failed rows, which have no score)
+        unsure = [None if p is None else p.score < self.min_score for p in results]
+        sure = [p if p and not low else None for p, low in zip(results, unsure)]
+
         labels = {  # the label schema's columns, typed by it (skray.sinks.LABEL_SCHEMA)
             "key": batch["key"],
-            "label_id": column("label_id"),
-            "label": [names[p.label_id] if p else None for p in results],
+            "label_id": [p.label_id if p else None for p in sure],
+            "label": [names[p.label_id] if p else None for p in sure],
             "score": column("score"),
             "topk_ids": column("topk_ids"),
             "topk_scores": column("topk_scores"),
@@ -201,6 +206,7 @@ class Predictor:
             "weights_sha256": [self.classifier.weights_sha256] * n,
             "error": errors,
             "meta": [m or None for m in batch["meta"]],
+            "low_confidence": unsure,
         }
         return pa.table(
             {

@@ -17,11 +17,10 @@ from typing import Any
 
 from skray import report_charts
 from skray.scan import Scan, scan_output
-from skray.sinks import MANIFEST
+from skray.sinks import MANIFEST, REPORT_DIR
 from skray.storage import join, read_json, redact_uri, write_bytes_atomic
 from skray.thumbnails import Reading, thumbnails
 
-REPORT_DIR = "_report"
 TOP_LABELS = 30  # in the bar chart
 HISTOGRAM_LABELS = 7  # score panels besides the overall one
 GALLERY_LABELS = 8  # labels with a gallery
@@ -101,15 +100,16 @@ def _header(manifest: dict | None, output: str) -> str:
 def _counts(scan: Scan, manifest: dict | None) -> str:
     """The headline figures as cards, then what else the manifest counted."""
     timings = (manifest or {}).get("timings") or {}
+    min_score = ((manifest or {}).get("config") or {}).get("min_score")
     cards = [
         ("rows", scan.rows, ""),
         ("labeled", scan.labeled, ""),
-        ("low confidence", scan.low_confidence, ""),
+        ("low confidence" + (f" (score < {min_score:g})" if min_score is not None else ""), scan.low_confidence, ""),
         ("failed", scan.failed, "bad" if scan.failed else ""),
     ]
     if "img_per_s" in timings:
         cards.append(("img/s", timings["img_per_s"], ""))
-    strip = "".join(f'<div class="card {cls}"><b>{value:,}</b>{name}</div>' for name, value, cls in cards)
+    strip = "".join(f'<div class="card {cls}"><b>{value:,}</b>{html.escape(name)}</div>' for name, value, cls in cards)
     rows = [("parts", scan.parts)] + [
         (name.replace("_", " "), manifest[name])
         for name in ("skipped_already_done", "removed_from_input", "duplicates")
@@ -213,8 +213,9 @@ def build_charts(scan: Scan, manifest: dict | None) -> dict[str, bytes]:
 
 def write_report(output: str, dest: str | None = None, seed: int = 0) -> str:
     """Write ``index.html`` and the chart PNGs to ``dest`` (default ``OUTPUT/_report``);
-    returns the page's URI. ``seed`` picks the random examples. ``manifest.timings.progress``, when a run records it, is a list
-    of ``[seconds since start, images done]`` and becomes the throughput chart."""
+    returns the page's URI. ``seed`` picks the random examples. ``manifest.timings.progress``
+    (:class:`skray.label.Progress`'s ``[seconds since start, images done]`` samples) becomes
+    the throughput chart."""
     dest = dest or join(output, REPORT_DIR)
     manifest = read_json(join(output, MANIFEST))
     scan = scan_output(output, random_k=GALLERY_EXAMPLES, lowest_k=GALLERY_EXAMPLES, seed=seed)

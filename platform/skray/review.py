@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skray.scan import scan_output, smallest_per_group
-from skray.sinks import MANIFEST
+from skray.sinks import MANIFEST, REVIEW_PREFIX
 from skray.storage import join, read_json, s3_client, write_bytes_atomic
 from skray.thumbnails import locate
 
@@ -92,7 +92,7 @@ def write_review(
     Presigned URLs carry a signature valid for ``expires_s``: share the file accordingly."""
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"review format must be csv or parquet, not {fmt!r}")
-    dest = dest or join(output, f"_review.{fmt}")
+    dest = dest or join(output, f"{REVIEW_PREFIX}{fmt}")
     config = (read_json(join(output, MANIFEST)) or {}).get("config") or {}
     link = _Linker(expires_s)
     rows = []

@@ -22,6 +22,8 @@ from skray.storage import filesystem_for, join, write_bytes_atomic
 PART_PREFIX = "part-"
 MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
+REPORT_DIR = "_report"  # skray.report's page and charts
+REVIEW_PREFIX = "_review."  # skray.review's sample
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -35,6 +37,7 @@ LABEL_SCHEMA = pa.schema(
         ("weights_sha256", pa.string()),
         ("error", pa.string()),
         ("meta", pa.string()),
+        ("low_confidence", pa.bool_()),  # top score under min_score: label and label_id null; null on errors
     ]
 )
 
@@ -75,13 +78,16 @@ def write_part(output: str, unit_id: str, rows: pa.Table | list[dict[str, Any]])
 
 
 def clear_output(output: str) -> None:
-    """``--overwrite``: remove parts, the manifest and the job record (nothing else)."""
+    """``--overwrite``: remove parts, the manifest, the job record, the report and review
+    samples (what describes the old parts; nothing else)."""
     fs, path = filesystem_for(output)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
         name = posixpath.basename(info.path)
-        if name.startswith(PART_PREFIX) or name in (MANIFEST, JOB_FILE):
+        if name == REPORT_DIR and info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif name.startswith((PART_PREFIX, REVIEW_PREFIX)) or name in (MANIFEST, JOB_FILE):
             fs.delete_file(info.path)
 
 
@@ -111,7 +117,8 @@ def _ranked(counts: pa.StructArray) -> list[tuple[str, int]]:
 
 
 def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
-    """Counts over every committed part: rows, distinct keys, failures by reason, top labels.
+    """Counts over every committed part: rows, distinct keys, failures by reason, low-confidence
+    rows (no error, no label: under ``min_score``), top labels.
 
     Reads three columns through Arrow and counts there, so a 10M-row output stays a few
     hundred MB, never a Python object per row."""
@@ -124,12 +131,14 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
     errors = table.column("error")
     failed = table.filter(pc.is_valid(errors))
     reasons = pc.value_counts(pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement=""))
-    labels = pc.value_counts(table.filter(pc.is_null(errors)).column("label"))
+    predicted = table.filter(pc.is_null(errors)).column("label")
+    labels = pc.value_counts(predicted.drop_null())
     return {
         "parts": len(paths),
         "rows": table.num_rows,
         "distinct_keys": pc.count_distinct(table.column("key")).as_py(),
-        "labeled": table.num_rows - failed.num_rows,
+        "labeled": len(predicted) - predicted.null_count,
+        "low_confidence": predicted.null_count,
         "failed": failed.num_rows,
         "failed_by_reason": dict(_ranked(reasons)),
         "top_labels": _ranked(labels)[:top],

@@ -378,3 +378,28 @@ def search_runs(experiment: str, parent_run_id: str | None = None, max_results: 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+# ---- labeling runs (skray.label_tracking) --------------------------------------------------------
+
+TrackingError = MlflowException  # what the store raises: unreachable, refused, inconsistent
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in redact_values(tags).items():
+        client.set_tag(run_id, key, value)
+
+
+def log_artifacts(run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Every file under ``local_dir``, kept in its folder structure under ``artifact_path``."""
+    MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def tag_model_version(name: str, version: str, key: str, value: str) -> None:
+    """A tag on registered model version ``name``/``version``: shown on the version's page."""
+    MlflowClient().set_model_version_tag(name, version, key, redact_uri(value))
+
+
+def model_version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(MlflowClient().get_model_version(name, version).tags)
