@@ -34,15 +34,17 @@ import pyarrow as pa
 
 from skray.commit import DEFAULT_CONCURRENCY, UnitCommitter
 from skray.embedded import EmbeddedS3
-from skray.net import LOOPBACK
 from skray.label import StageTimes
+from skray.net import LOOPBACK
 from skray.sinks import LABEL_SCHEMA, committed_units
 
 BATCH_ROWS, UNIT_ROWS, INTERLEAVED = 32, 256, 4
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
 
-def _serve_slow_proxy(port: Synchronized, upstream: str, put_s: float, writes: Synchronized) -> None:
+def _serve_slow_proxy(
+    port: Synchronized, upstream: str, put_s: float, writes: Synchronized
+) -> None:
     host, upstream_port = upstream.removeprefix("http://").split(":")
     local = threading.local()
 
@@ -83,7 +85,11 @@ def _serve_slow_proxy(port: Synchronized, upstream: str, put_s: float, writes: S
             for name, value in response.getheaders():
                 if name.lower() not in HOP_HEADERS:
                     self.send_header(name, value)
-            length = response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+            length = (
+                response.getheader("Content-Length", "0")
+                if self.command == "HEAD"
+                else str(len(data))
+            )
             self.send_header("Content-Length", length)
             self.end_headers()
             if self.command != "HEAD":
@@ -91,7 +97,9 @@ def _serve_slow_proxy(port: Synchronized, upstream: str, put_s: float, writes: S
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
-    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)  # the system picks the port; the parent reads it
+    server = ThreadingHTTPServer(
+        (LOOPBACK, 0), Handler
+    )  # the system picks the port; the parent reads it
     server.daemon_threads = True
     port.value = server.server_address[1]
     server.serve_forever()
@@ -106,7 +114,8 @@ class SlowPutProxy:
         self.writes = context.Value("l", 0)  # write requests seen
         self._port = context.Value("l", 0)  # set by the proxy once it listens
         self._process = context.Process(
-            target=_serve_slow_proxy, args=(self._port, upstream, put_s, self.writes), daemon=True)
+            target=_serve_slow_proxy, args=(self._port, upstream, put_s, self.writes), daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -147,20 +156,30 @@ def _batch(rng: np.random.Generator, unit: int, start: int, last: bool) -> pa.Ta
     ids = rng.integers(0, 1000, (n, k), dtype=np.int32)
     scores = np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1].copy()
     columns = {
-        "key": [f"s3://bucket/images/{unit:07d}/{unit * UNIT_ROWS + start + i:011d}.jpg" for i in range(n)],
+        "key": [
+            f"s3://bucket/images/{unit:07d}/{unit * UNIT_ROWS + start + i:011d}.jpg"
+            for i in range(n)
+        ],
         "label_id": ids[:, 0],
         "label": [f"class {i}" for i in ids[:, 0]],
         "score": scores[:, 0],
         "topk_ids": pa.FixedSizeListArray.from_arrays(ids.ravel(), k).cast(pa.list_(pa.int32())),
-        "topk_scores": pa.FixedSizeListArray.from_arrays(scores.ravel(), k).cast(pa.list_(pa.float32())),
+        "topk_scores": pa.FixedSizeListArray.from_arrays(scores.ravel(), k).cast(
+            pa.list_(pa.float32())
+        ),
         "model": ["skresnext50_32x4d"] * n,
         "weights_sha256": ["0" * 64] * n,
         "error": pa.nulls(n, pa.string()),
         "meta": pa.nulls(n, pa.string()),
     }
     table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in LABEL_SCHEMA})
-    extra = {"unit": pa.array([f"unit{unit:07d}"] * n), "unit_rows": pa.array([UNIT_ROWS if last else -1] * n),
-             "decode_s": rng.random(n) * 0.01, "model_s": rng.random(n) * 0.002, "wait_s": rng.random(n) * 1e-4}
+    extra = {
+        "unit": pa.array([f"unit{unit:07d}"] * n),
+        "unit_rows": pa.array([UNIT_ROWS if last else -1] * n),
+        "decode_s": rng.random(n) * 0.01,
+        "model_s": rng.random(n) * 0.002,
+        "wait_s": rng.random(n) * 1e-4,
+    }
     for name, values in extra.items():
         table = table.append_column(name, pa.array(values))
     return table
@@ -175,44 +194,62 @@ def commit_rate(output: str, batches: list[pa.Table], concurrency: int) -> float
             stages.add(batch)
             committer.add(batch)
     elapsed = time.perf_counter() - start
-    assert len(committed_units(output)) == committer.committed == len(batches) * BATCH_ROWS // UNIT_ROWS
+    assert (
+        len(committed_units(output))
+        == committer.committed
+        == len(batches) * BATCH_ROWS // UNIT_ROWS
+    )
     return sum(b.num_rows for b in batches) / elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per run (rounded down to whole units)")
+    parser.add_argument(
+        "--rows", type=int, default=100_000, help="rows per run (rounded down to whole units)"
+    )
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
-    parser.add_argument("--put-ms", type=float, default=50.0, help="latency the proxy adds to every PUT")
+    parser.add_argument(
+        "--put-ms", type=float, default=50.0, help="latency the proxy adds to every PUT"
+    )
     args = parser.parse_args()
 
     batches = predictor_batches(args.rows)
     rows = sum(b.num_rows for b in batches)
-    settings = [("sequential (1 part at a time)", 1), (f"concurrent ({args.concurrency} parts at once)",
-                                                       args.concurrency)]
+    settings = [
+        ("sequential (1 part at a time)", 1),
+        (f"concurrent ({args.concurrency} parts at once)", args.concurrency),
+    ]
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results["local disk"] = [commit_rate(os.path.join(tmp, str(c)), batches, c) for _, c in settings]
+        results["local disk"] = [
+            commit_rate(os.path.join(tmp, str(c)), batches, c) for _, c in settings
+        ]
     with EmbeddedS3() as s3:
         os.environ.update(s3.env())
         s3.create_bucket("bench")
         results["S3, no added latency (the server's own ceiling)"] = [
-            commit_rate(f"s3://bench/direct{c}", batches, c) for _, c in settings]
+            commit_rate(f"s3://bench/direct{c}", batches, c) for _, c in settings
+        ]
         with SlowPutProxy(s3.endpoint_url, args.put_ms / 1000) as proxy:
             os.environ["AWS_ENDPOINT_URL"] = proxy.url
-            results[f"S3 (+{args.put_ms:g} ms per PUT)"] = [commit_rate(f"s3://bench/{c}", batches, c)
-                                                            for _, c in settings]
+            results[f"S3 (+{args.put_ms:g} ms per PUT)"] = [
+                commit_rate(f"s3://bench/{c}", batches, c) for _, c in settings
+            ]
             puts = proxy.writes.value
 
-    print(f"\n{rows} rows per run, {rows // UNIT_ROWS} units of {UNIT_ROWS} rows, batches of {BATCH_ROWS}; "
-          f"S3: {puts / (2 * rows // UNIT_ROWS):.2f} write requests per part")
+    print(
+        f"\n{rows} rows per run, {rows // UNIT_ROWS} units of {UNIT_ROWS} rows, batches of {BATCH_ROWS}; "
+        f"S3: {puts / (2 * rows // UNIT_ROWS):.2f} write requests per part"
+    )
     print(f"| store | {settings[0][0]} rows/s | {settings[1][0]} rows/s | ratio |")
     print("|---|---:|---:|---:|")
     for store, (old, new) in results.items():
         print(f"| {store} | {old:,.0f} | {new:,.0f} | {new / old:.1f}x |")
     s3_rate = results[f"S3 (+{args.put_ms:g} ms per PUT)"][1]
-    print(f"\ntarget >= 50,000 rows/s through S3: {s3_rate:,.0f} rows/s "
-          f"({'met' if s3_rate >= 50_000 else 'NOT met'})")
+    print(
+        f"\ntarget >= 50,000 rows/s through S3: {s3_rate:,.0f} rows/s "
+        f"({'met' if s3_rate >= 50_000 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,14 @@ def decode_all(path: str, blobs: list[bytes]) -> tuple[torch.Tensor, float]:
     return crops, len(blobs) / (time.perf_counter() - start)
 
 
-def agreement(classifier: Classifier, crops: dict[str, torch.Tensor], batch: int = 32) -> dict[str, tuple]:
+def agreement(
+    classifier: Classifier, crops: dict[str, torch.Tensor], batch: int = 32
+) -> dict[str, tuple]:
     """Per path: (top-1 agreement with full, mean |logit delta|, max |logit delta|, mean top-1 margin of full)."""
-    logits = {path: torch.cat([classifier.logits(c[i:i + batch]) for i in range(0, len(c), batch)])
-              for path, c in crops.items()}
+    logits = {
+        path: torch.cat([classifier.logits(c[i : i + batch]) for i in range(0, len(c), batch)])
+        for path, c in crops.items()
+    }
     ref = logits["full"]
     top2 = ref.softmax(1).topk(2, dim=1).values
     margin = (top2[:, 0] - top2[:, 1]).mean().item()
@@ -65,9 +69,15 @@ def main() -> None:
 
     corpus = photo_corpus(args.images)
     jpegs = [b for name, b in corpus if name.endswith(".jpg")]
-    large = [b for name, b in corpus if name.endswith(".jpg") and max(map(int, name[:-4].rsplit("-", 1)[1].split("x"))) >= 1000]
-    print(f"corpus: {len(corpus)} photos, {len(jpegs)} JPEGs ({len(large)} with a side >= 1000 px, "
-          f"which draft decoding shrinks)")
+    large = [
+        b
+        for name, b in corpus
+        if name.endswith(".jpg") and max(map(int, name[:-4].rsplit("-", 1)[1].split("x"))) >= 1000
+    ]
+    print(
+        f"corpus: {len(corpus)} photos, {len(jpegs)} JPEGs ({len(large)} with a side >= 1000 px, "
+        f"which draft decoding shrinks)"
+    )
 
     crops, speed = {}, {}
     for path in ("full", "draft", "device"):
@@ -75,21 +85,29 @@ def main() -> None:
         crops[path], speed[path] = decode_all(path, [b for _, b in corpus])
         _, speed[path + "_large"] = decode_all(path, large)
 
-    print("\n| path | crop |diff| mean / max (levels) | decode img/s, all | x full | img/s, >= 1000 px JPEGs | x full |")
+    print(
+        "\n| path | crop |diff| mean / max (levels) | decode img/s, all | x full | img/s, >= 1000 px JPEGs | x full |"
+    )
     print("|---|---|---|---|---|---|")
     for path in crops:
         diff = (crops[path].int() - crops["full"].int()).abs()
-        print(f"| {path} | {diff.float().mean():.3f} / {diff.max()} | {speed[path]:.1f} | "
-              f"{speed[path] / speed['full']:.2f} | {speed[path + '_large']:.1f} | "
-              f"{speed[path + '_large'] / speed['full_large']:.2f} |")
+        print(
+            f"| {path} | {diff.float().mean():.3f} / {diff.max()} | {speed[path]:.1f} | "
+            f"{speed[path] / speed['full']:.2f} | {speed[path + '_large']:.1f} | "
+            f"{speed[path + '_large'] / speed['full_large']:.2f} |"
+        )
 
     models = [(f"{args.model}, seeded random weights", Classifier(args.model))]
-    print("\n| model | path | top-1 agreement with full | mean |logit delta| | max |logit delta| | mean top-1 margin (full) |")
+    print(
+        "\n| model | path | top-1 agreement with full | mean |logit delta| | max |logit delta| | mean top-1 margin (full) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, classifier in models:
         for path, (agree, mean, worst, margin) in agreement(classifier, crops).items():
             if path != "full":
-                print(f"| {name} | {path} | {agree:.3f} | {mean:.4f} | {worst:.4f} | {margin:.4f} |")
+                print(
+                    f"| {name} | {path} | {agree:.3f} | {mean:.4f} | {worst:.4f} | {margin:.4f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ def photo_crops(n: int, seed: int, cfg: PreprocessingConfig) -> torch.Tensor:
 def compare(reference: torch.Tensor, quantized: torch.Tensor) -> str:
     agreement = (reference.argmax(1) == quantized.argmax(1)).float().mean().item()
     delta = (quantized - reference).abs()
-    return (f"top-1 agreement {agreement:.1%} on {len(reference)} images; |logit delta| max "
-            f"{delta.max().item():.4f}, mean {delta.mean().item():.4f} (fp32 logits' std "
-            f"{reference.std().item():.4f})")
+    return (
+        f"top-1 agreement {agreement:.1%} on {len(reference)} images; |logit delta| max "
+        f"{delta.max().item():.4f}, mean {delta.mean().item():.4f} (fp32 logits' std "
+        f"{reference.std().item():.4f})"
+    )
 
 
 def logits_in_batches(forward, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -94,8 +96,13 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=256)
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--digits", type=float, default=0, metavar="SECONDS",
-                        help="also train on real digits this long and report int8 agreement there")
+    parser.add_argument(
+        "--digits",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also train on real digits this long and report int8 agreement there",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,13 +110,20 @@ def main() -> None:
     photos, calibration = photo_crops(args.photos, 0, cfg), photo_crops(args.calibration, 1, cfg)
 
     started = time.perf_counter()
-    int8 = Classifier(args.model, device="cpu", preprocessing=cfg, batch_size=args.batch,
-                      precision="int8", calibration=calibration)
+    int8 = Classifier(
+        args.model,
+        device="cpu",
+        preprocessing=cfg,
+        batch_size=args.batch,
+        precision="int8",
+        calibration=calibration,
+    )
     int8_setup = time.perf_counter() - started
     variants = {
         "fp32 fast": Classifier(args.model, device="cpu", preprocessing=cfg, batch_size=args.batch),
-        "fp32 fast + compile": Classifier(args.model, device="cpu", preprocessing=cfg,
-                                          batch_size=args.batch, compile=True),
+        "fp32 fast + compile": Classifier(
+            args.model, device="cpu", preprocessing=cfg, batch_size=args.batch, compile=True
+        ),
         "int8": int8,
     }
     batch = photos[: args.batch]
@@ -119,17 +133,19 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
             start = time.perf_counter()
             variants[name].logits(batch)
             rates[name].append(len(batch) / (time.perf_counter() - start))
 
     medians = {name: statistics.median(values) for name, values in rates.items()}
     base = medians["fp32 fast + compile"]
-    print(f"\n{args.model}, batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded); "
-          f"int8 set-up (export, calibration on {len(calibration)} photos, convert, compile) "
-          f"{int8_setup:.0f} s\n")
+    print(
+        f"\n{args.model}, batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads, "
+        f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded); "
+        f"int8 set-up (export, calibration on {len(calibration)} photos, convert, compile) "
+        f"{int8_setup:.0f} s\n"
+    )
     print("| variant | img/s | vs fp32 fast + compile |\n|---|---:|---:|")
     for name, rate in medians.items():
         print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import ray
 import torch
-
 from label_throughput import first_model_actor_ready
+
 from skray.classifier import Classifier
 from skray.label import ActorsConfig, LabelConfig, run
 from skray.model import DEFAULT_MODEL
@@ -48,7 +48,9 @@ def write_photos(root: str, n: int) -> None:
     os.makedirs(root, exist_ok=True)
     starts = range(0, n, CHUNK)
     with ProcessPoolExecutor() as pool:
-        list(pool.map(write_chunk, [root] * len(starts), starts, [min(CHUNK, n - s) for s in starts]))
+        list(
+            pool.map(write_chunk, [root] * len(starts), starts, [min(CHUNK, n - s) for s in starts])
+        )
 
 
 def model_only(model: str, root: str, batch: int, compile: bool, rounds: int) -> float:
@@ -67,11 +69,20 @@ def model_only(model: str, root: str, batch: int, compile: bool, rounds: int) ->
     return rounds * len(crops) / (time.perf_counter() - start)
 
 
-def labeling_job(model: str, data: str, output: str, batch: int, compile: bool, decode: str, threads: int) -> dict:
+def labeling_job(
+    model: str, data: str, output: str, batch: int, compile: bool, decode: str, threads: int
+) -> dict:
     actors = ActorsConfig(compile=compile, batch_size=batch, cpus=threads, threads=threads)
-    cfg = LabelConfig(input=data, output=output, model=model, batch_size=batch, files_per_unit=batch,
-                      decode=decode, actors=actors,
-                      progress_interval_s=30)
+    cfg = LabelConfig(
+        input=data,
+        output=output,
+        model=model,
+        batch_size=batch,
+        files_per_unit=batch,
+        decode=decode,
+        actors=actors,
+        progress_interval_s=30,
+    )
     started = time.time()
     timings = run(cfg)["timings"]
     ready = first_model_actor_ready(started)
@@ -86,11 +97,19 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--compile", action="store_true", help="torch.compile in the actors and model-only")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile in the actors and model-only"
+    )
     parser.add_argument("--rounds", type=int, default=20, help="model-only batches per measurement")
-    parser.add_argument("--threads", type=int, default=2, help="CPUs and torch threads of the actor and model-only")
-    parser.add_argument("--usd-per-hour", type=float, default=3.5,
-                        help="price of one accelerator (or CPU node) hour, for the cost line")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPUs and torch threads of the actor and model-only"
+    )
+    parser.add_argument(
+        "--usd-per-hour",
+        type=float,
+        default=3.5,
+        help="price of one accelerator (or CPU node) hour, for the cost line",
+    )
     args = parser.parse_args()
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
@@ -100,29 +119,52 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     references = [model_only(args.model, data, args.batch, args.compile, args.rounds)]
-    runs = {decode: labeling_job(args.model, data, str(root / f"out-{decode}"), args.batch, args.compile, decode,
-                                   args.threads)
-            for decode in ("cpu", "gpu")}
+    runs = {
+        decode: labeling_job(
+            args.model,
+            data,
+            str(root / f"out-{decode}"),
+            args.batch,
+            args.compile,
+            decode,
+            args.threads,
+        )
+        for decode in ("cpu", "gpu")
+    }
     references.append(model_only(args.model, data, args.batch, args.compile, args.rounds))
     reference = sum(references) / len(references)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{args.model}, {device}, batch {args.batch}, compile {args.compile}, {args.images} photos "
-          f"on local disk, Ray {ray.cluster_resources().get('CPU', 0):g} CPUs, "
-          f"${args.usd_per_hour:.2f} per hour")
-    print("| run | img/s from actor ready | x model-only | actor busy | model img/s/actor "
-          "| decode img/s/task | $ per 1M images |")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores)"
+    )
+    print(
+        f"\n{args.model}, {device}, batch {args.batch}, compile {args.compile}, {args.images} photos "
+        f"on local disk, Ray {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+        f"${args.usd_per_hour:.2f} per hour"
+    )
+    print(
+        "| run | img/s from actor ready | x model-only | actor busy | model img/s/actor "
+        "| decode img/s/task | $ per 1M images |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     cost = lambda rate: args.usd_per_hour * 1e6 / (rate * 3600)  # noqa: E731
-    print(f"| model-only (mean of {', '.join(f'{r:.1f}' for r in references)}) | {reference:.1f} | 1.00 "
-          f"| | | | {cost(reference):.2f} |")
+    print(
+        f"| model-only (mean of {', '.join(f'{r:.1f}' for r in references)}) | {reference:.1f} | 1.00 "
+        f"| | | | {cost(reference):.2f} |"
+    )
     for decode, t in runs.items():
         rate = t["from_ready_img_per_s"]
-        print(f"| job, decode: {decode} | {rate:.1f} | {rate / reference:.2f} "
-              f"| {t.get('actor_busy_fraction', float('nan')):.0%} | {t.get('model_img_per_s', float('nan')):.1f} "
-              f"| {t.get('decode_img_per_s', float('nan')):.1f} | {cost(rate):.2f} |")
-    print(f"\ndecode: gpu end to end vs model-only: {runs['gpu']['from_ready_img_per_s'] / reference:.2f} "
-          "(target on a GPU >= 0.8)")
+        print(
+            f"| job, decode: {decode} | {rate:.1f} | {rate / reference:.2f} "
+            f"| {t.get('actor_busy_fraction', float('nan')):.0%} | {t.get('model_img_per_s', float('nan')):.1f} "
+            f"| {t.get('decode_img_per_s', float('nan')):.1f} | {cost(rate):.2f} |"
+        )
+    print(
+        f"\ndecode: gpu end to end vs model-only: {runs['gpu']['from_ready_img_per_s'] / reference:.2f} "
+        "(target on a GPU >= 0.8)"
+    )
 
 
 if __name__ == "__main__":

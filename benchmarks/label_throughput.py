@@ -112,15 +112,25 @@ def first_model_actor_ready(since: float) -> float | None:
     after ``since`` became ALIVE: GCS stamps ``StartTime`` when the actor's ``__init__`` returned."""
     from ray._private.state import actors
 
-    started = [a["StartTime"] / 1000 for a in actors().values()
-               if "MapWorker" in a["ActorClassName"] and a["StartTime"] / 1000 >= since]
+    started = [
+        a["StartTime"] / 1000
+        for a in actors().values()
+        if "MapWorker" in a["ActorClassName"] and a["StartTime"] / 1000 >= since
+    ]
     return min(started, default=None)
 
 
 def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -> tuple[dict, dict]:
-    cfg = LabelConfig(input=data, output=output, model=model, batch_size=batch, files_per_unit=batch,
-                      decode_concurrency=2,
-                      actors=ActorsConfig(threads=threads), progress_interval_s=30)
+    cfg = LabelConfig(
+        input=data,
+        output=output,
+        model=model,
+        batch_size=batch,
+        files_per_unit=batch,
+        decode_concurrency=2,
+        actors=ActorsConfig(threads=threads),
+        progress_interval_s=30,
+    )
     started = time.time()
     with PeakMemory() as memory:
         manifest = run(cfg)
@@ -147,36 +157,56 @@ def main() -> None:
     write_sample_dataset(str(root / "large"), files=10 * args.images, shards=0, broken=False)
 
     def reference() -> float:
-        return model_only(args.model, small, args.batch, args.threads, rounds=max(2, args.images // args.batch))
+        return model_only(
+            args.model, small, args.batch, args.threads, rounds=max(2, args.images // args.batch)
+        )
 
     # Model-only is measured before, between and after the job runs; the median is the reference.
     references = [reference()]
-    runs = {"N": labeling_job(args.model, str(root / "small"), str(root / "out-small"), args.batch, args.threads)}
+    runs = {
+        "N": labeling_job(
+            args.model, str(root / "small"), str(root / "out-small"), args.batch, args.threads
+        )
+    }
     references.append(reference())
-    runs["10N"] = labeling_job(args.model, str(root / "large"), str(root / "out-large"), args.batch, args.threads)
+    runs["10N"] = labeling_job(
+        args.model, str(root / "large"), str(root / "out-large"), args.batch, args.threads
+    )
     references.append(reference())
     reference = statistics.median(references)
 
-    print(f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, N = {args.images} images "
-          f"({torch.get_num_threads()} threads in this process), Ray with 4 logical CPUs")
-    print("| run | images | actor ready after s | img/s from actor ready | x model-only "
-          "| img/s after first batch | x model-only | total img/s (with start-up) "
-          "| peak driver MiB | peak workers MiB | peak object store MiB |")
+    print(
+        f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, N = {args.images} images "
+        f"({torch.get_num_threads()} threads in this process), Ray with 4 logical CPUs"
+    )
+    print(
+        "| run | images | actor ready after s | img/s from actor ready | x model-only "
+        "| img/s after first batch | x model-only | total img/s (with start-up) "
+        "| peak driver MiB | peak workers MiB | peak object store MiB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| model-only (median of {', '.join(f'{r:.2f}' for r in references)}) | {args.batch} x "
-          f"{max(2, args.images // args.batch)} | | {reference:.2f} | 1.00 | | | | | | |")
+    print(
+        f"| model-only (median of {', '.join(f'{r:.2f}' for r in references)}) | {args.batch} x "
+        f"{max(2, args.images // args.batch)} | | {reference:.2f} | 1.00 | | | | | | |"
+    )
     for name, (t, peak) in runs.items():
         ready, first = t["from_ready_img_per_s"], t["steady_img_per_s"]
-        print(f"| job {name} | {t['images_this_run']} | {t['actor_ready_s']:.1f} | {ready:.2f} | "
-              f"{ready / reference:.2f} | {first:.2f} | {first / reference:.2f} | {t['img_per_s']:.2f} "
-              f"| {peak['driver'] / MIB:.0f} | {peak['workers'] / MIB:.0f} | {peak['object_store'] / MIB:.0f} |")
+        print(
+            f"| job {name} | {t['images_this_run']} | {t['actor_ready_s']:.1f} | {ready:.2f} | "
+            f"{ready / reference:.2f} | {first:.2f} | {first / reference:.2f} | {t['img_per_s']:.2f} "
+            f"| {peak['driver'] / MIB:.0f} | {peak['workers'] / MIB:.0f} | {peak['object_store'] / MIB:.0f} |"
+        )
     (small_t, small_m), (large_t, large_m) = runs["N"], runs["10N"]
     total = lambda m: m["driver"] + m["workers"] + m["object_store"]  # noqa: E731
-    print(f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), time per image "
-          f"x{small_t['from_ready_img_per_s'] / large_t['from_ready_img_per_s']:.2f} (target within 1.10)")
-    print(f"from actor ready vs model-only: {small_t['from_ready_img_per_s'] / reference:.2f} / "
-          f"{large_t['from_ready_img_per_s'] / reference:.2f} (target >= 0.85); after the first batch: "
-          f"{small_t['steady_img_per_s'] / reference:.2f} / {large_t['steady_img_per_s'] / reference:.2f}")
+    print(
+        f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), time per image "
+        f"x{small_t['from_ready_img_per_s'] / large_t['from_ready_img_per_s']:.2f} (target within 1.10)"
+    )
+    print(
+        f"from actor ready vs model-only: {small_t['from_ready_img_per_s'] / reference:.2f} / "
+        f"{large_t['from_ready_img_per_s'] / reference:.2f} (target >= 0.85); after the first batch: "
+        f"{small_t['steady_img_per_s'] / reference:.2f} / {large_t['steady_img_per_s'] / reference:.2f}"
+    )
 
 
 if __name__ == "__main__":

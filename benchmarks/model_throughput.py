@@ -27,7 +27,10 @@ from skray.model import DEFAULT_MODEL, create_model, prepare_for_inference
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 TIMM_EAGER, TIMM_EAGER_CL = "timm eager (NCHW, as created)", "timm eager channels_last"
-TIMM_COMPILED, TIMM_COMPILED_BF16 = "timm compile + freezing", "timm compile + freezing + bf16 autocast"
+TIMM_COMPILED, TIMM_COMPILED_BF16 = (
+    "timm compile + freezing",
+    "timm compile + freezing + bf16 autocast",
+)
 
 
 def images_per_second(fn: Runner, x: torch.Tensor) -> float:
@@ -105,12 +108,15 @@ def main() -> None:
         "skray eager": torch.inference_mode()(model),
         "skray fast (BN fold + SK fuse + channels_last)": prepare_for_inference(model, device),
         "skray fast + torch.compile": prepare_for_inference(model, device, compile=True),
-        "skray fast + compile + freezing (as timm's)": frozen(prepare_for_inference(model, device).module),
+        "skray fast + compile + freezing (as timm's)": frozen(
+            prepare_for_inference(model, device).module
+        ),
         **timm_variants(args.model, device),
     }
     if device.type == "cuda":
         variants["skray fast + compile + bf16 autocast"] = prepare_for_inference(
-            model, device, compile=True, amp_dtype=torch.bfloat16)
+            model, device, compile=True, amp_dtype=torch.bfloat16
+        )
     variants = {name: synced(fn) for name, fn in variants.items()}
     for name, fn in variants.items():  # warm-up: compilation and allocator, never timed
         started = time.perf_counter()
@@ -124,15 +130,24 @@ def main() -> None:
             rates[name].append(images_per_second(fn, x))
     medians = {name: statistics.median(values) for name, values in rates.items()}
 
-    references = [r for r in ("skray eager", TIMM_EAGER, TIMM_EAGER_CL, TIMM_COMPILED, TIMM_COMPILED_BF16)
-                  if r in medians]
+    references = [
+        r
+        for r in ("skray eager", TIMM_EAGER, TIMM_EAGER_CL, TIMM_COMPILED, TIMM_COMPILED_BF16)
+        if r in medians
+    ]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\n{args.model}, batch {args.batch}, {args.size} px, {device_name}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded)")
+    print(
+        f"\n{args.model}, batch {args.batch}, {args.size} px, {device_name}, {torch.get_num_threads()} threads, "
+        f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded)"
+    )
     print("| variant | img/s | " + " | ".join(f"x {r}" for r in references) + " |")
     print("|---|---:|" + "---:|" * len(references))
     for name, rate in medians.items():
-        print(f"| {name} | {rate:.1f} | " + " | ".join(f"{rate / medians[r]:.2f}" for r in references) + " |")
+        print(
+            f"| {name} | {rate:.1f} | "
+            + " | ".join(f"{rate / medians[r]:.2f}" for r in references)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

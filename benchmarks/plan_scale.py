@@ -47,11 +47,15 @@ def committed_mask(n: int) -> np.ndarray:
 
 def write_parts(output: str, keys: pa.Array, files_per_unit: int) -> int:
     """The committed keys as label parts; every column but ``key`` is null (only its size matters)."""
+
     def write(start: int) -> None:
         chunk = keys[start : start + files_per_unit]
         columns = [chunk if f.name == "key" else pa.nulls(len(chunk), f.type) for f in LABEL_SCHEMA]
-        pq.write_table(pa.Table.from_arrays(columns, schema=LABEL_SCHEMA),
-                       join(output, part_name(f"bench{start:012d}")), compression="zstd")
+        pq.write_table(
+            pa.Table.from_arrays(columns, schema=LABEL_SCHEMA),
+            join(output, part_name(f"bench{start:012d}")),
+            compression="zstd",
+        )
 
     starts = range(0, len(keys), files_per_unit)
     with ThreadPoolExecutor(8) as pool:
@@ -75,9 +79,15 @@ def measure(n: int, output: str, files_per_unit: int) -> dict:
     result = plan(keys, output, "images", files_per_unit)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"keys": n, "pending": sum(u.rows for u in result.units), "committed": result.committed_rows,
-            "plan_s": round(seconds, 1), "peak_mib": round(peak), "listing_mib": round(with_listing - before),
-            "over_listing_mib": round(peak - with_listing)}
+    return {
+        "keys": n,
+        "pending": sum(u.rows for u in result.units),
+        "committed": result.committed_rows,
+        "plan_s": round(seconds, 1),
+        "peak_mib": round(peak),
+        "listing_mib": round(with_listing - before),
+        "over_listing_mib": round(peak - with_listing),
+    }
 
 
 def run_size(n: int, files_per_unit: int) -> dict:
@@ -87,8 +97,12 @@ def run_size(n: int, files_per_unit: int) -> dict:
         parts = write_parts(output, keys.filter(pa.array(committed_mask(n))), files_per_unit)
         setup_s = time.perf_counter() - started
         del keys
-        child = subprocess.run([sys.executable, __file__, "--child", str(n), output, str(files_per_unit)],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), output, str(files_per_unit)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(child.stdout.strip().splitlines()[-1])
         return {**row, "parts": parts, "setup_s": round(setup_s, 1)}
 
@@ -103,14 +117,18 @@ def main() -> None:
         n, output, fpu = args.child
         print(json.dumps(measure(int(n), output, int(fpu))))
         return
-    print(f"{'listed keys':>12} {'committed':>10} {'to do':>9} {'parts':>7} {'plan s':>7} "
-          f"{'peak MiB':>9} {'listing MiB':>12} {'peak/listing':>13}")
+    print(
+        f"{'listed keys':>12} {'committed':>10} {'to do':>9} {'parts':>7} {'plan s':>7} "
+        f"{'peak MiB':>9} {'listing MiB':>12} {'peak/listing':>13}"
+    )
     for n in args.sizes:
         r = run_size(n, args.files_per_unit)
         assert r["pending"] + r["committed"] == n, r
-        print(f"{n:>12,} {r['committed']:>10,} {r['pending']:>9,} {r['parts']:>7,} {r['plan_s']:>7} "
-              f"{r['peak_mib']:>9,} {r['listing_mib']:>12,} {r['peak_mib'] / r['listing_mib']:>13.2f}",
-              flush=True)
+        print(
+            f"{n:>12,} {r['committed']:>10,} {r['pending']:>9,} {r['parts']:>7,} {r['plan_s']:>7} "
+            f"{r['peak_mib']:>9,} {r['listing_mib']:>12,} {r['peak_mib'] / r['listing_mib']:>13.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

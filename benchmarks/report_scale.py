@@ -48,10 +48,14 @@ def _part(rng: np.random.Generator, table: str) -> pa.Table:
     columns = {
         "key": keys,
         "label_id": pa.array(np.where(failed, None, label_ids).tolist(), pa.int32()),
-        "label": pa.compute.if_else(ok, names.take(pa.array(label_ids)), pa.scalar(None, pa.string())),
+        "label": pa.compute.if_else(
+            ok, names.take(pa.array(label_ids)), pa.scalar(None, pa.string())
+        ),
         "score": pa.compute.if_else(ok, pa.array(scores), pa.scalar(None, pa.float32())),
         "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(topk)),
-        "topk_scores": pa.ListArray.from_arrays(offsets, pa.array(rng.random(5 * n).astype(np.float32))),
+        "topk_scores": pa.ListArray.from_arrays(
+            offsets, pa.array(rng.random(5 * n).astype(np.float32))
+        ),
         "model": pa.array(["skresnext50_32x4d"] * n),
         "weights_sha256": pa.array(["ab" * 32] * n),
         "error": errors,
@@ -74,7 +78,9 @@ def write_output(root: str, rows: int) -> str:
     table = os.path.join(root, "src", "photos.parquet")
     if not os.path.exists(table):
         os.makedirs(os.path.dirname(table), exist_ok=True)
-        pq.write_table(pa.table({"image": [data for _, data in photo_corpus(PHOTOS, png_every=0)]}), table)
+        pq.write_table(
+            pa.table({"image": [data for _, data in photo_corpus(PHOTOS, png_every=0)]}), table
+        )
     os.makedirs(output, exist_ok=True)
     rng = np.random.default_rng(0)
     distinct = []
@@ -147,7 +153,10 @@ def main() -> None:
     for rows in args.rows:
         start = time.perf_counter()
         output = write_output(args.dir, rows)
-        print(f"[report_scale] {rows:,} rows written in {time.perf_counter() - start:.1f}s", flush=True)
+        print(
+            f"[report_scale] {rows:,} rows written in {time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
         for kind in ("report", "arrow_load"):
             done = subprocess.run(
                 [sys.executable, __file__, "--measure", kind, output],

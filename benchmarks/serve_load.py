@@ -74,8 +74,9 @@ async def load(url: str, images: list[bytes], requests: int, concurrency: int) -
         for i in queue:
             started = time.perf_counter()
             try:
-                reply = await client.post(url, content=images[i % len(images)],
-                                          headers={"content-type": "image/jpeg"})
+                reply = await client.post(
+                    url, content=images[i % len(images)], headers={"content-type": "image/jpeg"}
+                )
             except httpx.HTTPError:
                 errors += 1
                 continue
@@ -98,18 +99,37 @@ async def load(url: str, images: list[bytes], requests: int, concurrency: int) -
     def pct(p: float) -> float:
         return ms[min(len(ms) - 1, int(p / 100 * len(ms)))]
 
-    means = {k: statistics.mean(s[k] for s in stages) if stages else float("nan") for k in (*STAGES, "proxy")}
-    return {"rps": len(latencies) / elapsed, "p50": pct(50), "p95": pct(95), "p99": pct(99), "errors": errors,
-            "batch": statistics.mean(batches) if batches else 0.0, "ms": {**means, "client": statistics.mean(ms)}}
+    means = {
+        k: statistics.mean(s[k] for s in stages) if stages else float("nan")
+        for k in (*STAGES, "proxy")
+    }
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": pct(50),
+        "p95": pct(95),
+        "p99": pct(99),
+        "errors": errors,
+        "batch": statistics.mean(batches) if batches else 0.0,
+        "ms": {**means, "client": statistics.mean(ms)},
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size with batching on")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (replica = model-only)")
-    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads (replica = model-only)",
+    )
+    parser.add_argument(
+        "--concurrency", default="1,4,16,64", help="comma-separated concurrency levels"
+    )
     parser.add_argument("--batching", default="on,off", help="on, off or both")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -118,44 +138,73 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     images = [synthetic_image(seed, (320, 256)) for seed in range(32)]
-    classifier = Classifier(args.model, amp_dtype=torch.bfloat16 if torch.cuda.is_available() else None)  # as a replica
+    classifier = Classifier(
+        args.model, amp_dtype=torch.bfloat16 if torch.cuda.is_available() else None
+    )  # as a replica
     crops = torch.stack([classifier.decode(images[i % len(images)]) for i in range(args.batch)])
     alone = [model_only(classifier, crops)]
 
-    ray.init(num_cpus=args.threads + 2, logging_level="ERROR", log_to_driver=False)  # the client, not a log tail
+    ray.init(
+        num_cpus=args.threads + 2, logging_level="ERROR", log_to_driver=False
+    )  # the client, not a log tail
     port = free_port()
     serve.start(http_options={"host": LOOPBACK, "port": port})
     rows = []
     for mode, batch in modes.items():
-        cfg = ServeConfig(model=args.model, max_batch_size=batch, batch_wait_timeout_s=0.01, warmup_batches=2,
-                          cpus_per_replica=args.threads, threads=args.threads)
-        serve.run(application(cfg, max_ongoing_requests=4 * max(levels)), name="bench", route_prefix="/")
+        cfg = ServeConfig(
+            model=args.model,
+            max_batch_size=batch,
+            batch_wait_timeout_s=0.01,
+            warmup_batches=2,
+            cpus_per_replica=args.threads,
+            threads=args.threads,
+        )
+        serve.run(
+            application(cfg, max_ongoing_requests=4 * max(levels)), name="bench", route_prefix="/"
+        )
         while httpx.get(f"http://{LOOPBACK}:{port}/healthz", timeout=30).status_code != 200:
             time.sleep(0.5)
         for concurrency in levels:
-            result = asyncio.run(load(f"http://{LOOPBACK}:{port}/v1/classify", images, args.requests, concurrency))
+            result = asyncio.run(
+                load(f"http://{LOOPBACK}:{port}/v1/classify", images, args.requests, concurrency)
+            )
             rows.append({"batching": mode, "concurrency": concurrency, **result})
-            print(f"  batching {mode:3s} c={concurrency:<3d} {result['rps']:6.2f} req/s", flush=True)
+            print(
+                f"  batching {mode:3s} c={concurrency:<3d} {result['rps']:6.2f} req/s", flush=True
+            )
         serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
     alone.append(model_only(classifier, crops))
     reference = statistics.mean(alone)
 
-    print(f"\n{args.model}, {args.requests} requests per level, 320x256 JPEGs, {args.threads} torch threads; "
-          f"model-only at batch {args.batch}: {alone[0]:.2f} / {alone[1]:.2f} img/s (before / after)")
-    print("| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | vs model-only |")
+    print(
+        f"\n{args.model}, {args.requests} requests per level, 320x256 JPEGs, {args.threads} torch threads; "
+        f"model-only at batch {args.batch}: {alone[0]:.2f} / {alone[1]:.2f} img/s (before / after)"
+    )
+    print(
+        "| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | vs model-only |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batching']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
-              f"{r['p99']:.0f} | {r['errors']} | {r['batch']:.1f} | {r['rps'] / reference:.2f}x |")
-    print("\nWhere a request's time went, mean ms: replica stages (Server-Timing), and proxy + client = "
-          "client-side latency - replica total")
-    print("| batching | concurrency | " + " | ".join(STAGES) + " | proxy + client | client latency |")
+        print(
+            f"| {r['batching']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
+            f"{r['p99']:.0f} | {r['errors']} | {r['batch']:.1f} | {r['rps'] / reference:.2f}x |"
+        )
+    print(
+        "\nWhere a request's time went, mean ms: replica stages (Server-Timing), and proxy + client = "
+        "client-side latency - replica total"
+    )
+    print(
+        "| batching | concurrency | " + " | ".join(STAGES) + " | proxy + client | client latency |"
+    )
     print("|---|---:|" + "---:|" * (len(STAGES) + 2))
     for r in rows:
-        print(f"| {r['batching']} | {r['concurrency']} | "
-              + " | ".join(f"{r['ms'][k]:.0f}" for k in (*STAGES, "proxy", "client")) + " |")
+        print(
+            f"| {r['batching']} | {r['concurrency']} | "
+            + " | ".join(f"{r['ms'][k]:.0f}" for k in (*STAGES, "proxy", "client"))
+            + " |"
+        )
 
 
 if __name__ == "__main__":

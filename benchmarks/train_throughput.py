@@ -31,7 +31,9 @@ from skray.model import create_model
 from skray.train import TrainConfig, build_optimizer, train_epoch, train_loop
 
 
-def plain_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float]:
+def plain_loop(
+    cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classes: int
+) -> list[float]:
     """The same step as train_loop (:func:`skray.train.train_epoch`), without Ray: img/s per epoch."""
     model = create_model(cfg.model.name, num_classes=classes).train()
     optimizer = build_optimizer(model, cfg)
@@ -42,13 +44,24 @@ def plain_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, cla
         started = time.perf_counter()
         order = torch.randperm(len(images))[: steps * cfg.batch_size].split(cfg.batch_size)
         batches = ({"image": images[index], "label": labels[index]} for index in order)
-        train_epoch(model, model, optimizer, scaler, batches, cfg, device=torch.device("cpu"), epoch=epoch,
-                    steps_per_epoch=steps)
+        train_epoch(
+            model,
+            model,
+            optimizer,
+            scaler,
+            batches,
+            cfg,
+            device=torch.device("cpu"),
+            epoch=epoch,
+            steps_per_epoch=steps,
+        )
         rates.append(steps * cfg.batch_size / (time.perf_counter() - started))
     return rates
 
 
-def ray_train_loop(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, classes: int) -> list[float]:
+def ray_train_loop(
+    cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, classes: int
+) -> list[float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -60,8 +73,13 @@ def ray_train_loop(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, cla
     storage = tempfile.mkdtemp(prefix="skray-train-bench-")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": data,
-                           "mlflow_run_id": None, "tracking_uri": None, "weights": None},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "train_data": data,
+            "mlflow_run_id": None,
+            "tracking_uri": None,
+            "weights": None,
+        },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
         run_config=RunConfig(name="bench", storage_path=storage),
         datasets={"train": train, "val": val},
@@ -82,11 +100,20 @@ def main() -> None:
     args = parser.parse_args()
 
     classes = 10
-    cfg = validate(TrainConfig, {
-        "data": {"train": "memory://"}, "model": {"name": args.model}, "epochs": args.epochs,
-        "batch_size": args.batch, "preprocessing": {"image_size": args.size}, "amp": "off", "mlflow": {"registered_model": None},
-        "scaling": {"workers": 1, "use_gpu": False, "cpus_per_worker": 2},
-        "optim": {"warmup_epochs": 0, "label_smoothing": 0.0}})
+    cfg = validate(
+        TrainConfig,
+        {
+            "data": {"train": "memory://"},
+            "model": {"name": args.model},
+            "epochs": args.epochs,
+            "batch_size": args.batch,
+            "preprocessing": {"image_size": args.size},
+            "amp": "off",
+            "mlflow": {"registered_model": None},
+            "scaling": {"workers": 1, "use_gpu": False, "cpus_per_worker": 2},
+            "optim": {"warmup_epochs": 0, "label_smoothing": 0.0},
+        },
+    )
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 3, args.size, args.size), dtype=np.uint8)
     labels = rng.integers(0, classes, args.images).astype(np.int64)
@@ -96,19 +123,27 @@ def main() -> None:
     print(f"plain PyTorch, before Ray: {', '.join(f'{r:.1f}' for r in plain)} img/s", flush=True)
     ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
     in_ray = ray_train_loop(cfg, images, labels, classes)
-    print(f"skray train_loop on Ray Train: {', '.join(f'{r:.1f}' for r in in_ray)} img/s", flush=True)
+    print(
+        f"skray train_loop on Ray Train: {', '.join(f'{r:.1f}' for r in in_ray)} img/s", flush=True
+    )
     ray.shutdown()
     plain_again = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
 
     plain_rate = statistics.median(plain[1:] + plain_again[1:])
     ray_rate = statistics.median(in_ray[1:])
-    print(f"\n{args.model}, {args.size} px, batch {args.batch}, {args.images} images in memory, "
-          f"{args.epochs} epochs, 1 worker x 2 threads, CPU ({os.cpu_count()} cores)")
+    print(
+        f"\n{args.model}, {args.size} px, batch {args.batch}, {args.images} images in memory, "
+        f"{args.epochs} epochs, 1 worker x 2 threads, CPU ({os.cpu_count()} cores)"
+    )
     print("| loop | img/s per epoch | median (epochs 2+) | ratio |\n|---|---|---:|---:|")
-    print(f"| plain PyTorch, no Ray running (before, after) | {', '.join(f'{r:.1f}' for r in plain + plain_again)} "
-          f"| {plain_rate:.1f} | 1.00 |")
-    print(f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} | {ray_rate:.1f} "
-          f"| {ray_rate / plain_rate:.2f} |")
+    print(
+        f"| plain PyTorch, no Ray running (before, after) | {', '.join(f'{r:.1f}' for r in plain + plain_again)} "
+        f"| {plain_rate:.1f} | 1.00 |"
+    )
+    print(
+        f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} | {ray_rate:.1f} "
+        f"| {ray_rate / plain_rate:.2f} |"
+    )
     print(f"\nRay Train loop vs plain: {ray_rate / plain_rate:.2f} (target >= 0.9)")
 
 

@@ -1,6 +1,6 @@
 """Sweep entry point for ``ray job submit``.
 
-    ray job submit --working-dir . -- python pipelines/sweep.py --config configs/sweep_lr_wd.yaml
+ray job submit --working-dir . -- python pipelines/sweep.py --config configs/sweep_lr_wd.yaml
 """
 
 from __future__ import annotations

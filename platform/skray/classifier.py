@@ -14,12 +14,20 @@ from pydantic import AfterValidator, Field, ValidationInfo
 
 from skray.classes import default_class_names
 from skray.device_decode import DeviceDecoder
-from skray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessingConfig, decode_for_eval, normalize
+from skray.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    PreprocessingConfig,
+    decode_for_eval,
+    normalize,
+)
 from skray.model import DEFAULT_MODEL, list_models, prepare_for_inference
 from skray.quantize import DEFAULT_BATCH_SIZE, Precision, check_int8, quantize_int8
 from skray.resolver import PinnedWeights, load_model
 
-RANDOM_WEIGHTS_SEED = 0  # without weights, every actor and replica still holds one and the same model
+RANDOM_WEIGHTS_SEED = (
+    0  # without weights, every actor and replica still holds one and the same model
+)
 
 
 def registered_model(name: str) -> str:
@@ -37,8 +45,9 @@ def _for_chosen_model(value: PreprocessingConfig, info: ValidationInfo) -> Prepr
     return value.for_model(getattr(model, "name", model))
 
 
-ModelPreprocessing = Annotated[PreprocessingConfig, AfterValidator(_for_chosen_model),
-                               Field(validate_default=True)]
+ModelPreprocessing = Annotated[
+    PreprocessingConfig, AfterValidator(_for_chosen_model), Field(validate_default=True)
+]
 """A job config's ``preprocessing`` section: what it leaves unset is the config's ``model``'s
 (declared before it), so label, train, evaluate and serve resolve it alike."""
 
@@ -52,8 +61,14 @@ def resolve_decode(decode: Decode, on_gpu: bool) -> Literal["cpu", "gpu"]:
     return "gpu" if decode == "gpu" or (decode == "auto" and on_gpu) else "cpu"
 
 
-def probe_batch_size(forward, image_size: int, device: torch.device, *,
-                     memory_fraction: float = 0.8, limit: int = 1024) -> int:
+def probe_batch_size(
+    forward,
+    image_size: int,
+    device: torch.device,
+    *,
+    memory_fraction: float = 0.8,
+    limit: int = 1024,
+) -> int:
     """GPU only: the largest power-of-two batch (<= ``limit``) whose forward peaks within
     ``memory_fraction`` of the GPU's memory; probed once, at start, with the uncompiled model."""
     total = torch.cuda.get_device_properties(device).total_memory
@@ -84,8 +99,12 @@ class Prediction:
 
     def top(self, k: int) -> Prediction:
         """The same prediction keeping only the ``k`` best classes."""
-        return replace(self, topk_ids=self.topk_ids[:k], topk_scores=self.topk_scores[:k],
-                       topk_labels=self.topk_labels[:k])
+        return replace(
+            self,
+            topk_ids=self.topk_ids[:k],
+            topk_scores=self.topk_scores[:k],
+            topk_labels=self.topk_labels[:k],
+        )
 
 
 class Classifier:
@@ -108,24 +127,36 @@ class Classifier:
     ) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            net, loaded = load_model(model, weights)  # PinnedWeights: only the bytes they were pinned to
+            net, loaded = load_model(
+                model, weights
+            )  # PinnedWeights: only the bytes they were pinned to
         self.pinned = weights if isinstance(weights, PinnedWeights) else None
         self.architecture = model or (loaded.architecture if loaded else None) or DEFAULT_MODEL
         self.weights_source = loaded.source if loaded else None
         self.weights_sha256 = loaded.sha256 if loaded else None
         self.class_names = loaded.class_names if loaded else default_class_names(net.num_classes)
         self.random_weights = loaded is None
-        self.preprocessing = preprocessing = preprocessing.for_model(self.architecture)  # unset: the model's
+        self.preprocessing = preprocessing = preprocessing.for_model(
+            self.architecture
+        )  # unset: the model's
         self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if precision == "int8":  # uint8 eval crops to calibrate on, e.g. skray.quantize.calibration_crops
+        if (
+            precision == "int8"
+        ):  # uint8 eval crops to calibrate on, e.g. skray.quantize.calibration_crops
             check_int8(self.device, calibration)
-        self._forward = prepare_for_inference(net, self.device, compile=compile, amp_dtype=amp_dtype)
+        self._forward = prepare_for_inference(
+            net, self.device, compile=compile, amp_dtype=amp_dtype
+        )
         self.compiled = compile
         if batch_size == "auto":  # a GPU is probed; elsewhere, batches run as they come
             uncompiled = prepare_for_inference(net, self.device, amp_dtype=amp_dtype)
             on_gpu = self.device.type == "cuda"
-            batch_size = probe_batch_size(uncompiled, preprocessing.image_size, self.device) if on_gpu else None
+            batch_size = (
+                probe_batch_size(uncompiled, preprocessing.image_size, self.device)
+                if on_gpu
+                else None
+            )
         self.batch_size = batch_size  # the forward's batch shape: inputs run in chunks of it
         self.precision = precision
         if precision == "int8":  # compiled for one batch shape: logits() pads short chunks to it
@@ -133,14 +164,19 @@ class Classifier:
             self._forward = quantize_int8(net, calibration, self.batch_size, preprocessing)
             self.compiled = True
         self.decode_on = resolve_decode(decode, self.device.type == "cuda")
-        self._decoder = (DeviceDecoder(preprocessing, device=self.device, max_pixels=max_pixels)
-                         if self.decode_on == "gpu" else None)
+        self._decoder = (
+            DeviceDecoder(preprocessing, device=self.device, max_pixels=max_pixels)
+            if self.decode_on == "gpu"
+            else None
+        )
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
         return decode_for_eval(data, self.preprocessing, max_pixels=self.max_pixels)
 
-    def decode_batch(self, images: list[bytes]) -> tuple[torch.Tensor, list[ImageDecodeError | None]]:
+    def decode_batch(
+        self, images: list[bytes]
+    ) -> tuple[torch.Tensor, list[ImageDecodeError | None]]:
         """Bytes -> uint8 crops (N, 3, S, S) on the model's device and one error or ``None`` each
         (a failed image keeps a zero crop); only with ``decode="gpu"`` (or ``auto`` on a GPU)."""
         if self._decoder is None:
@@ -153,7 +189,7 @@ class Classifier:
         step = self.batch_size or len(crops)
         out = []
         for start in range(0, len(crops), step):
-            chunk = crops[start:start + step].to(self.device, non_blocking=True)
+            chunk = crops[start : start + step].to(self.device, non_blocking=True)
             n = len(chunk)
             if self.compiled and n < step:
                 chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
@@ -196,8 +232,14 @@ class Classifier:
         return Prediction(ids[0], labels[0], scores[0], ids, scores, labels)
 
     @classmethod
-    def for_worker(cls, model: str | None, weights: str | PinnedWeights | None, *,
-                   threads: int | None = None, **options: object) -> Classifier:
+    def for_worker(
+        cls,
+        model: str | None,
+        weights: str | PinnedWeights | None,
+        *,
+        threads: int | None = None,
+        **options: object,
+    ) -> Classifier:
         """The model as a Ray worker holds it (labeling actor, Serve replica, evaluation scorer):
         ``threads`` torch intra-op threads when given, bf16 autocast on CUDA; ``options`` as
         for the constructor."""

@@ -28,7 +28,9 @@ import pyarrow.compute as pc
 
 from skray.sinks import LABEL_SCHEMA, write_part
 
-DEFAULT_CONCURRENCY = 32  # parts written at once: 32 PUTs of 50 ms are ~160k rows/s with 256-row units
+DEFAULT_CONCURRENCY = (
+    32  # parts written at once: 32 PUTs of 50 ms are ~160k rows/s with 256-row units
+)
 MAX_BYTES_IN_FLIGHT = 256 * 2**20  # Arrow bytes of the parts queued or being written
 
 ROUTING_COLUMNS = ("unit", "unit_rows")
@@ -46,7 +48,9 @@ def _runs(table: pa.Table) -> Iterator[tuple[str, int, int, int]]:
     runs = pc.run_end_encode(table.column("unit").combine_chunks())
     ends = runs.run_ends.to_numpy()
     starts = np.concatenate(([0], ends[:-1]))
-    counts = np.maximum.reduceat(table.column("unit_rows").to_numpy(), starts)  # -1 but on a unit's last batch
+    counts = np.maximum.reduceat(
+        table.column("unit_rows").to_numpy(), starts
+    )  # -1 but on a unit's last batch
     yield from zip(runs.values.to_pylist(), starts.tolist(), ends.tolist(), counts.tolist())
 
 
@@ -67,7 +71,9 @@ class UnitCommitter:
         max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT,
     ) -> None:
         self.output, self.guard, self.max_bytes_in_flight = output, guard, max_bytes_in_flight
-        self.pending: dict[str, list[pa.Table]] = defaultdict(list)  # the row groups of incomplete units
+        self.pending: dict[str, list[pa.Table]] = defaultdict(
+            list
+        )  # the row groups of incomplete units
         self.arrived: dict[str, int] = defaultdict(int)  # rows per pending unit
         self.expected: dict[str, int] = {}  # row count per pending unit, once its last batch came
         self.committed = 0  # parts written
@@ -95,8 +101,13 @@ class UnitCommitter:
     def _submit(self, unit: str, part: pa.Table) -> None:
         size = part.nbytes
         with self._state:  # backpressure: the driver waits while too many bytes are in flight
-            self._state.wait_for(lambda: self._failure is not None or self._bytes_in_flight == 0
-                                 or self._bytes_in_flight + size <= self.max_bytes_in_flight)
+            self._state.wait_for(
+                lambda: (
+                    self._failure is not None
+                    or self._bytes_in_flight == 0
+                    or self._bytes_in_flight + size <= self.max_bytes_in_flight
+                )
+            )
             self._raise_failure()
             self._bytes_in_flight += size
         self._pool.submit(self._write, unit, part, size)
@@ -135,8 +146,12 @@ class UnitCommitter:
     def __enter__(self) -> UnitCommitter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc_type is None:
             self.close()
         else:  # the run failed: writes not started are dropped, running ones end (each is atomic)

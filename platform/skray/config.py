@@ -52,8 +52,10 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         try:
             node[leaf] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML (quote it): "
-                              f"{str(err).splitlines()[0]}") from None
+            raise ConfigError(
+                f"--set {key.strip()}: value {raw!r} is not valid YAML (quote it): "
+                f"{str(err).splitlines()[0]}"
+            ) from None
     return tree
 
 

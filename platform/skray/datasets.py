@@ -90,8 +90,12 @@ def _relative(root: str, uri: str) -> str:
 
 def _folder_classes(uri: str, files: list[str]) -> tuple[str, ...]:
     fs, path = filesystem_for(uri)
-    dirs = [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))
-            if i.type == pafs.FileType.Directory and not posixpath.basename(i.path).startswith((".", "_"))]
+    dirs = [
+        posixpath.basename(i.path)
+        for i in fs.get_file_info(pafs.FileSelector(path))
+        if i.type == pafs.FileType.Directory
+        and not posixpath.basename(i.path).startswith((".", "_"))
+    ]
     populated = {_relative(uri, f).split("/", 1)[0] for f in files if "/" in _relative(uri, f)}
     empty = sorted(set(dirs) - populated)
     if empty:
@@ -105,7 +109,9 @@ def _parquet_classes(files: list[str], label_column: str) -> tuple[str, ...]:
     values: set = set()
     for uri in files:
         fs, path = filesystem_for(uri)
-        values.update(pq.read_table(path, filesystem=fs, columns=[label_column]).column(0).to_pylist())
+        values.update(
+            pq.read_table(path, filesystem=fs, columns=[label_column]).column(0).to_pylist()
+        )
     values.discard(None)
     if not values:
         raise DatasetError(f"no classes: the {label_column!r} column of {files[0]} is empty")
@@ -134,8 +140,10 @@ def discover(
     elif fmt == "webdataset":
         units = plan_units(files, "webdataset", files_per_unit)
         if not class_names and not num_classes:
-            raise DatasetError("a webdataset dataset needs data.class_names or data.num_classes "
-                               "(its .cls members are indices)")
+            raise DatasetError(
+                "a webdataset dataset needs data.class_names or data.num_classes "
+                "(its .cls members are indices)"
+            )
         names = tuple(class_names or (f"class_{i}" for i in range(num_classes or 0)))
     else:
         units = plan_units(files, "parquet", files_per_unit, (image_column, label_column))
@@ -200,14 +208,19 @@ def read_labeled(
     or ``eval_cfg``'s eval crop. A row that does not read or decode is labeled BAD_LABEL."""
     max_pixels = eval_cfg.max_pixels
     if train:
-        crop = functools.partial(decode_for_train, augment=train_augment(image_size, **augment),
-                                 max_pixels=max_pixels)
+        crop = functools.partial(
+            decode_for_train, augment=train_augment(image_size, **augment), max_pixels=max_pixels
+        )
     else:
         crop = functools.partial(decode_for_eval, cfg=eval_cfg, max_pixels=max_pixels)
     meta_columns = (data.label_column,) if data.format == "parquet" else ()
-    for rows in table_batches(units, batch_size, image_column=data.image_column, meta_columns=meta_columns):
+    for rows in table_batches(
+        units, batch_size, image_column=data.image_column, meta_columns=meta_columns
+    ):
         images, errors = crop_rows(rows, crop, image_size)
-        labels = [BAD_LABEL if err else _label(data, row) for row, err in zip(rows, errors, strict=True)]
+        labels = [
+            BAD_LABEL if err else _label(data, row) for row, err in zip(rows, errors, strict=True)
+        ]
         yield {"image": images, "label": np.array(labels, dtype=np.int64)}
 
 
@@ -238,8 +251,14 @@ def ray_dataset(
         ds = ds.randomize_block_order()
     return ds.map_batches(
         read_labeled,
-        fn_kwargs={"data": data, "image_size": image_size, "train": train, "eval_cfg": eval_cfg,
-                   "augment": augment or {}, "batch_size": batch_size},
+        fn_kwargs={
+            "data": data,
+            "image_size": image_size,
+            "train": train,
+            "eval_cfg": eval_cfg,
+            "augment": augment or {},
+            "batch_size": batch_size,
+        },
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=num_cpus,

@@ -49,9 +49,14 @@ class DeviceDecoder:
     a failed image keeps a zero crop. ``cpu_threads`` sizes the Pillow fallback pool.
     """
 
-    def __init__(self, cfg: PreprocessingConfig = PreprocessingConfig(), *,
-                 device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 cpu_threads: int = 2) -> None:
+    def __init__(
+        self,
+        cfg: PreprocessingConfig = PreprocessingConfig(),
+        *,
+        device: str | torch.device = "cpu",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cpu_threads: int = 2,
+    ) -> None:
         self.cfg, self.max_pixels = cfg, max_pixels
         self.device = torch.device(device)
         self.interpolation = InterpolationMode(cfg.interpolation)
@@ -93,13 +98,17 @@ class DeviceDecoder:
     def _cpu_crop(self, data: bytes) -> torch.Tensor:
         return decode_for_eval(data, self.cfg, max_pixels=self.max_pixels)
 
-    def _decode_on_device(self, blobs: list[bytes], indices: list[int]) -> dict[int, torch.Tensor | None]:
+    def _decode_on_device(
+        self, blobs: list[bytes], indices: list[int]
+    ) -> dict[int, torch.Tensor | None]:
         """One batched decode; if the batch is refused, each image alone (``None``: refused)."""
         if not indices:
             return {}
         encoded = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in indices]
         try:
-            return dict(zip(indices, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)))
+            return dict(
+                zip(indices, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+            )
         except RuntimeError:
             out: dict[int, torch.Tensor | None] = {}
             for i, data in zip(indices, encoded):
@@ -122,14 +131,18 @@ class DeviceDecoder:
 def _device_decodable(img: Image.Image, data: bytes) -> bool:
     """A plain JPEG (not MPO) in RGB or greyscale that ends with its end-of-image marker:
     nvJPEG may fill in a truncated file that Pillow refuses, so those go to Pillow."""
-    return img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(JPEG_END)
+    return (
+        img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(JPEG_END)
+    )
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation (1-8) to (3, H, W), as :func:`PIL.ImageOps.exif_transpose` does."""
     if orientation in (2, 4, 5, 7):
         image = image.flip(-1)  # mirror first, then rotate: 5 = mirror + 90 ccw ...
-    turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(orientation, 0)  # counter-clockwise quarter turns
+    turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(
+        orientation, 0
+    )  # counter-clockwise quarter turns
     return torch.rot90(image, turns, dims=(-2, -1)) if turns else image
 
 

@@ -23,7 +23,10 @@ from types import TracebackType
 from skray.net import LOOPBACK
 
 # moto accepts any credentials; these only exist so clients sign their requests.
-EMBEDDED_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "skray-embedded", "AWS_SECRET_ACCESS_KEY": "skray-embedded"}
+EMBEDDED_S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "skray-embedded",
+    "AWS_SECRET_ACCESS_KEY": "skray-embedded",
+}
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -89,11 +92,15 @@ class EmbeddedS3(_Service):
         """Up and answering; learns the bound port from the server's ``Running on`` line."""
         if not self.port:
             assert self._process is not None and self._log is not None
-            bound = re.search(rf"Running on http://{re.escape(self.host)}:(\d+)",
-                              Path(self._log.name).read_text(errors="replace"))
+            bound = re.search(
+                rf"Running on http://{re.escape(self.host)}:(\d+)",
+                Path(self._log.name).read_text(errors="replace"),
+            )
             if bound is None:
                 if self._process.poll() is not None:
-                    raise RuntimeError(f"the S3 server exited with {self._process.returncode} before listening")
+                    raise RuntimeError(
+                        f"the S3 server exited with {self._process.returncode} before listening"
+                    )
                 return False
             self.port = int(bound[1])
         return self._responds()
@@ -125,9 +132,13 @@ class EmbeddedS3(_Service):
     def create_bucket(self, name: str) -> None:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                              aws_access_key_id=EMBEDDED_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=EMBEDDED_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=EMBEDDED_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=EMBEDDED_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
         client.create_bucket(Bucket=name)
 
 
@@ -147,8 +158,13 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def ensure_auth_token(env: dict[str, str]) -> None:
     """Token auth stays on: create Ray's default token file (~/.ray/auth_token) if there is none."""
-    subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [ray_cli(), "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class LocalRayHead(_Service):
@@ -159,8 +175,12 @@ class LocalRayHead(_Service):
     (node environment or instance roles), never through job arguments.
     """
 
-    def __init__(self, num_cpus: int = 4, env: dict[str, str] | None = None,
-                 object_store_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        num_cpus: int = 4,
+        env: dict[str, str] | None = None,
+        object_store_bytes: int = 1 << 30,
+    ) -> None:
         self.num_cpus, self.object_store_bytes = num_cpus, object_store_bytes
         self.env = ray_env(env)
         # Chosen, not port 0: ``ray start --head`` accepts 0 but reports the ports it got only
@@ -180,11 +200,22 @@ class LocalRayHead(_Service):
     def start(self) -> None:
         ensure_auth_token(self.env)
         subprocess.run(
-            [ray_cli(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={self.gcs_port}",
-             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
-             f"--num-cpus={self.num_cpus}", f"--object-store-memory={self.object_store_bytes}",
-             "--disable-usage-stats"],
-            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                ray_cli(),
+                "start",
+                "--head",
+                f"--node-ip-address={LOOPBACK}",
+                f"--port={self.gcs_port}",
+                f"--dashboard-host={LOOPBACK}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--num-cpus={self.num_cpus}",
+                f"--object-store-memory={self.object_store_bytes}",
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         _wait_until(self._dashboard_up, 90, f"the Ray dashboard at {self.address}")
 
@@ -198,26 +229,62 @@ class LocalRayHead(_Service):
     def add_worker_node(self, num_cpus: int = 2) -> None:
         """Join a second raylet to this head on the same machine (``ray start --address``)."""
         subprocess.run(
-            [ray_cli(), "start", f"--address={self.gcs_address}", f"--node-ip-address={LOOPBACK}",
-             f"--num-cpus={num_cpus}", f"--object-store-memory={self.object_store_bytes // 2}",
-             "--disable-usage-stats"],
-            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                ray_cli(),
+                "start",
+                f"--address={self.gcs_address}",
+                f"--node-ip-address={LOOPBACK}",
+                f"--num-cpus={num_cpus}",
+                f"--object-store-memory={self.object_store_bytes // 2}",
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
-    def submit_command(self, entrypoint: list[str], working_dir: str = ".",
-                       submission_id: str | None = None, wait: bool = True) -> list[str]:
+    def submit_command(
+        self,
+        entrypoint: list[str],
+        working_dir: str = ".",
+        submission_id: str | None = None,
+        wait: bool = True,
+    ) -> list[str]:
         """``ray job submit --working-dir DIR -- ENTRYPOINT``, exactly what a user types."""
         options = [f"--submission-id={submission_id}"] if submission_id else []
         options += [] if wait else ["--no-wait"]
-        return [ray_cli(), "job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
-                *options, "--", *entrypoint]
+        return [
+            ray_cli(),
+            "job",
+            "submit",
+            f"--address={self.address}",
+            f"--working-dir={working_dir}",
+            *options,
+            "--",
+            *entrypoint,
+        ]
 
-    def submit(self, entrypoint: list[str], working_dir: str = ".", capture: bool = True,
-               timeout_s: float = 900) -> subprocess.CompletedProcess:
+    def submit(
+        self,
+        entrypoint: list[str],
+        working_dir: str = ".",
+        capture: bool = True,
+        timeout_s: float = 900,
+    ) -> subprocess.CompletedProcess:
         """Submit and wait; the job's logs are captured, or streamed when ``capture`` is off."""
-        return subprocess.run(self.submit_command(entrypoint, working_dir), env=self.env,
-                              capture_output=capture, text=True, timeout=timeout_s)
+        return subprocess.run(
+            self.submit_command(entrypoint, working_dir),
+            env=self.env,
+            capture_output=capture,
+            text=True,
+            timeout=timeout_s,
+        )
 
     def stop(self) -> None:
-        subprocess.run([ray_cli(), "stop", "--force"], env=self.env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [ray_cli(), "stop", "--force"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )

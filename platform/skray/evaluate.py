@@ -25,7 +25,9 @@ from skray.train import count_hits
 class EvaluateConfig(StrictModel):
     data: str  # ROOT/<synset>/<image> (folder), WebDataset shards or Parquet; local or s3://
     format: Literal["folder", "webdataset", "parquet"] = "folder"
-    model: ModelName | None = None  # None: the architecture recorded in the weights, else the default
+    model: ModelName | None = (
+        None  # None: the architecture recorded in the weights, else the default
+    )
     weights: str | None = None
     preprocessing: ModelPreprocessing = PreprocessingConfig()  # unset fields: the model's
     batch_size: int = Field(64, ge=1)
@@ -36,9 +38,17 @@ class EvaluateConfig(StrictModel):
 class Scorer:
     """Ray Data class UDF: the model loaded once; each batch -> its hit counts (:func:`skray.train.count_hits`)."""
 
-    def __init__(self, model: str | None, weights: PinnedWeights | None, preprocessing: PreprocessingConfig,
-                 label_map: list[int] | None, threads: int | None = None) -> None:
-        self.classifier = Classifier.for_worker(model, weights, threads=threads, preprocessing=preprocessing)
+    def __init__(
+        self,
+        model: str | None,
+        weights: PinnedWeights | None,
+        preprocessing: PreprocessingConfig,
+        label_map: list[int] | None,
+        threads: int | None = None,
+    ) -> None:
+        self.classifier = Classifier.for_worker(
+            model, weights, threads=threads, preprocessing=preprocessing
+        )
         self.label_map = None if label_map is None else np.array(label_map)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,8 +59,12 @@ class Scorer:
             targets = labels[good] if self.label_map is None else self.label_map[labels[good]]
             logits = self.classifier.logits(torch.from_numpy(batch["image"][good]))
             hits1, hits5, _, _ = count_hits(logits.cpu(), torch.from_numpy(targets)).tolist()
-        return {"top1": np.array([int(hits1)]), "top5": np.array([int(hits5)]), "n": np.array([int(good.sum())]),
-                "skipped": np.array([int((~good).sum())])}
+        return {
+            "top1": np.array([int(hits1)]),
+            "top5": np.array([int(hits5)]),
+            "n": np.array([int(good.sum())]),
+            "skipped": np.array([int((~good).sum())]),
+        }
 
 
 def label_map(data: LabeledData, model_classes: list[str]) -> list[int] | None:
@@ -59,7 +73,9 @@ def label_map(data: LabeledData, model_classes: list[str]) -> list[int] | None:
         index = {name: i for i, name in enumerate(model_classes)}
         return [index[name] for name in data.class_names]
     if len(data.class_names) > len(model_classes):
-        raise ValueError(f"the dataset has {len(data.class_names)} classes, the model only {len(model_classes)}")
+        raise ValueError(
+            f"the dataset has {len(data.class_names)} classes, the model only {len(model_classes)}"
+        )
     return None
 
 
@@ -69,16 +85,30 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     pinned = pin_weights(cfg.weights, cfg.model)  # every actor scores the same bytes
     probe = Classifier(cfg.model, pinned)  # fails fast on weights; gives the class names
-    preprocessing = cfg.preprocessing.for_model(probe.architecture)  # unset: the loaded architecture's
+    preprocessing = cfg.preprocessing.for_model(
+        probe.architecture
+    )  # unset: the loaded architecture's
     data = discover(cfg.data, cfg.format)
     mapping = label_map(data, probe.class_names)
     ray.init(ignore_reinit_error=True)
-    ds = ray_dataset(data, image_size=preprocessing.image_size, train=False, eval_cfg=preprocessing,
-                     batch_size=cfg.batch_size)
+    ds = ray_dataset(
+        data,
+        image_size=preprocessing.image_size,
+        train=False,
+        eval_cfg=preprocessing,
+        batch_size=cfg.batch_size,
+    )
     ds = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"model": cfg.model, "weights": pinned, "preprocessing": preprocessing,
-                                       "label_map": mapping, "threads": cfg.threads},
-        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        Scorer,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "weights": pinned,
+            "preprocessing": preprocessing,
+            "label_map": mapping,
+            "threads": cfg.threads,
+        },
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=resolve_gpus("auto"),
     )
     totals = {"top1": 0, "top5": 0, "n": 0, "skipped": 0}
@@ -86,6 +116,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         for key in totals:
             totals[key] += int(batch[key].sum())
     n = max(totals["n"], 1)
-    return {"data": cfg.data, "model": probe.architecture, "weights": probe.weights_source,
-            "weights_sha256": probe.weights_sha256, "images": totals["n"], "skipped": totals["skipped"],
-            "top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n}
+    return {
+        "data": cfg.data,
+        "model": probe.architecture,
+        "weights": probe.weights_source,
+        "weights_sha256": probe.weights_sha256,
+        "images": totals["n"],
+        "skipped": totals["skipped"],
+        "top1": 100.0 * totals["top1"] / n,
+        "top5": 100.0 * totals["top5"] / n,
+    }

@@ -154,8 +154,9 @@ def decode_image(
         return _to_rgb(ImageOps.exif_transpose(img))
 
 
-def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               resize_to: int | None = None) -> Image.Image:
+def open_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, resize_to: int | None = None
+) -> Image.Image:
     """Parse the header only (no pixel decoded) and apply :func:`decode_image`'s checks:
     a known format, at most ``max_pixels``, and a resize to ``resize_to`` within it too.
 
@@ -336,7 +337,9 @@ def train_augment(
     """
     mode = InterpolationMode(interpolation)
     steps: list[Callable] = [
-        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True)
+        v2.RandomResizedCrop(
+            image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True
+        )
     ]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))

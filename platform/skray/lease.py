@@ -153,7 +153,11 @@ class _S3Store:
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, **kwargs)["ETag"]
         except ClientError as err:
-            if err.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+            if err.response["Error"]["Code"] in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "NoSuchKey",
+            ):
                 return None
             raise
 
@@ -190,9 +194,13 @@ class Lease:
     def __init__(self, output: str, ttl_s: float = DEFAULT_TTL_S) -> None:
         uri = output.rstrip("/") + "/" + LEASE_FILE
         self.uri = uri
-        self.store: _Store = _S3Store(uri) if is_remote(uri) else _LocalStore(filesystem_for(uri)[1])
+        self.store: _Store = (
+            _S3Store(uri) if is_remote(uri) else _LocalStore(filesystem_for(uri)[1])
+        )
         self.ttl_s = ttl_s
-        self.holder = Holder(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), time.time(), 0.0)
+        self.holder = Holder(
+            uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), time.time(), 0.0
+        )
         self.token: str | None = None
         self.lost = False
         self._stop = threading.Event()
@@ -225,7 +233,10 @@ class Lease:
                 )
             self.token = self.store.replace(self._body(), token)
             if self.token is not None:
-                log.warning("took over the stale lease of %s", holder.describe() if holder else "an unreadable lease")
+                log.warning(
+                    "took over the stale lease of %s",
+                    holder.describe() if holder else "an unreadable lease",
+                )
         if self.token is None:
             raise LeaseHeld(f"{self.uri}: another run took the lease at the same moment")
 
@@ -243,7 +254,9 @@ class Lease:
 
     def check(self) -> None:
         if self.lost:
-            raise LeaseLost(f"{self.uri} was taken over by another run: stopping without committing more")
+            raise LeaseLost(
+                f"{self.uri} was taken over by another run: stopping without committing more"
+            )
 
     def release(self) -> None:
         self._stop.set()

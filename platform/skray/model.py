@@ -280,10 +280,14 @@ def model_spec(name: str) -> ModelSpec:
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
+        raise ValueError(
+            f"unknown model {name!r}; registered: {', '.join(list_models())}"
+        ) from None
 
 
-def create_model(name: str = DEFAULT_MODEL, num_classes: int = 1000, in_chans: int = 3) -> SKResNeXt:
+def create_model(
+    name: str = DEFAULT_MODEL, num_classes: int = 1000, in_chans: int = 3
+) -> SKResNeXt:
     """Build a registered variant with random weights (load weights with ``skray.resolver``)."""
     return SKResNeXt(model_spec(name), num_classes=num_classes, in_chans=in_chans)
 

@@ -17,8 +17,8 @@ counted, not kept; a key is assumed to be in at most one part.
 from __future__ import annotations
 
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from skray.sinks import part_name, part_paths
-from skray.sources import Format, Unit, unit_id, shard_unit
+from skray.sources import Format, Unit, shard_unit, unit_id
 
 BATCH_KEYS = 1 << 21  # committed keys hashed at once: bounds the hash table
 PARTS_IN_FLIGHT = 16
@@ -56,6 +56,7 @@ def committed_batches(fs: pafs.FileSystem, paths: list[str]) -> Iterator[pa.Arra
 
     Parts are read one by one (a few in flight, for S3's latency): a dataset scan over
     thousands of small files holds far more memory than the keys themselves."""
+
     def read(path: str) -> pa.ChunkedArray:
         return pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)
 
@@ -81,7 +82,9 @@ class _Merge:
     listed_rows: int = 0  # committed rows whose key, or shard, is still in the input
 
 
-def _merge(parts: tuple[pafs.FileSystem, list[str]], images: pa.ChunkedArray, shards: pa.Array) -> _Merge:
+def _merge(
+    parts: tuple[pafs.FileSystem, list[str]], images: pa.ChunkedArray, shards: pa.Array
+) -> _Merge:
     merged = _Merge(pa.array(np.zeros(len(images), dtype=bool)))
     for keys in committed_batches(*parts):
         hit = pc.is_in(images, value_set=keys)
@@ -125,18 +128,25 @@ def plan(
     parquet_columns: tuple[str, ...] = ("image",),
 ) -> Plan:
     """Merge the sorted listing ``files`` with the keys committed under ``output``."""
-    listed = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
+    listed = (
+        files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
+    )
     by_format = _formats(listed, fmt)
     none = pa.array([], pa.string())
     images = by_format.get("images", none)
     shards = {kind: by_format.get(kind, none).to_pylist() for kind in ("webdataset", "parquet")}
     fs, paths = part_paths(output)  # listed once: on S3 a listing of every part
-    merged = _merge((fs, paths), images, pa.array(shards["webdataset"] + shards["parquet"], pa.string()))
+    merged = _merge(
+        (fs, paths), images, pa.array(shards["webdataset"] + shards["parquet"], pa.string())
+    )
     units = image_units(images.filter(pc.invert(merged.done)), files_per_unit)
     done_parts = {posixpath.basename(p) for p in paths}
     for kind, uris in shards.items():
-        units += [shard_unit(kind, uri, parquet_columns) for uri in uris
-                  if part_name(unit_id(kind, [uri])) not in done_parts]
+        units += [
+            shard_unit(kind, uri, parquet_columns)
+            for uri in uris
+            if part_name(unit_id(kind, [uri])) not in done_parts
+        ]
     return Plan(
         units=units,
         listed=len(listed),

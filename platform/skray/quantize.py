@@ -26,16 +26,24 @@ from skray.model import prepare_for_inference
 from skray.sources import list_inputs
 from skray.storage import read_bytes
 
-__all__ = ["Precision", "DEFAULT_BATCH_SIZE", "DEFAULT_CALIBRATION_IMAGES", "calibration_crops", "check_int8",
-           "check_int8_config", "quantize_int8"]
+__all__ = [
+    "Precision",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CALIBRATION_IMAGES",
+    "calibration_crops",
+    "check_int8",
+    "check_int8_config",
+    "quantize_int8",
+]
 
 Precision = Literal["fp32", "int8"]
 DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred images
 DEFAULT_BATCH_SIZE = 32  # the int8 graph's batch shape when the caller names none
 
 
-def calibration_crops(uri: str, count: int, preprocessing: PreprocessingConfig,
-                      max_pixels: int) -> torch.Tensor:
+def calibration_crops(
+    uri: str, count: int, preprocessing: PreprocessingConfig, max_pixels: int
+) -> torch.Tensor:
     """The first ``count`` images under ``uri`` (a folder, prefix or glob, listed sorted, so
     every actor and replica calibrates on the same ones) that decode, as uint8 eval crops
     (N, 3, S, S). Files that are not images are skipped; none at all is an error."""
@@ -52,7 +60,9 @@ def calibration_crops(uri: str, count: int, preprocessing: PreprocessingConfig,
     return torch.stack(crops)
 
 
-def check_int8_config(precision: Precision, gpus: object, calibration: str | None, gpus_key: str) -> None:
+def check_int8_config(
+    precision: Precision, gpus: object, calibration: str | None, gpus_key: str
+) -> None:
     """The config-time form of :func:`check_int8` (labeling actors, Serve replicas): int8 asks
     for CPU workers (``gpus_key: 0``) and a ``calibration`` source."""
     if precision == "int8" and gpus != 0:
@@ -64,11 +74,15 @@ def check_int8_config(precision: Precision, gpus: object, calibration: str | Non
 def check_int8(device: torch.device, calibration: torch.Tensor | None) -> None:
     """Fail before any work where int8 cannot run: off the CPU, or with nothing to calibrate on."""
     if device.type != "cpu":
-        raise ValueError(f"precision int8 runs on CPU only (x86 oneDNN kernels), not on {device}; "
-                         "use fp32 (bf16 autocast) on GPUs")
+        raise ValueError(
+            f"precision int8 runs on CPU only (x86 oneDNN kernels), not on {device}; "
+            "use fp32 (bf16 autocast) on GPUs"
+        )
     if calibration is None or len(calibration) == 0:
-        raise ValueError("precision int8 needs calibration images (uint8 eval crops): "
-                         "a few hundred real images like the ones to be labeled")
+        raise ValueError(
+            "precision int8 needs calibration images (uint8 eval crops): "
+            "a few hundred real images like the ones to be labeled"
+        )
 
 
 def quantize_int8(
@@ -94,18 +108,23 @@ def quantize_int8(
     check_int8(torch.device("cpu"), calibration)
     fast = prepare_for_inference(model, "cpu").module  # folded, fused, channels_last, eval
     size = calibration.shape[-1]
+
     def zeros(n: int) -> torch.Tensor:
         return torch.zeros(n, 3, size, size).contiguous(memory_format=torch.channels_last)
 
     with torch.no_grad():  # batch-dynamic capture: the last calibration chunk may be short
-        graph = torch.export.export(fast, (zeros(max(batch_size, 2)),),
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).module()
+        graph = torch.export.export(
+            fast, (zeros(max(batch_size, 2)),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+        ).module()
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     observed = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for chunk in calibration.split(batch_size):
-            observed(normalize(chunk, preprocessing.mean, preprocessing.std)
-                     .contiguous(memory_format=torch.channels_last))
+            observed(
+                normalize(chunk, preprocessing.mean, preprocessing.std).contiguous(
+                    memory_format=torch.channels_last
+                )
+            )
     quantized = convert_pt2e(observed)
     compiled = torch.compile(quantized, dynamic=False)
 

@@ -68,7 +68,11 @@ class PinnedWeights:
 
     def redacted(self) -> dict[str, str | None]:
         """:meth:`to_dict` fit for logs, manifests and the serving endpoint."""
-        return {**self.to_dict(), "requested": redact_uri(self.requested), "source": redact_uri(self.source)}
+        return {
+            **self.to_dict(),
+            "requested": redact_uri(self.requested),
+            "source": redact_uri(self.source),
+        }
 
     def __repr__(self) -> str:
         return "PinnedWeights(" + ", ".join(f"{k}={v!r}" for k, v in self.redacted().items()) + ")"
@@ -90,7 +94,9 @@ def pin_weights(
     if requested == "pretrained":
         source = _pretrained_url(model)
     elif requested.startswith(_MLFLOW_SCHEMES):
-        from skray.tracking import resolve_weights  # MLflow is heavy: imported for an MLflow URI only
+        from skray.tracking import (
+            resolve_weights,
+        )  # MLflow is heavy: imported for an MLflow URI only
 
         source, model_uri, version = resolve_weights(requested)
     digest = file_sha256(fetch(source, cache_dir=cache_dir))
@@ -171,7 +177,9 @@ def fetch(
     """
     uri = os.fspath(uri)
     if uri.startswith(_MLFLOW_SCHEMES):
-        from skray.tracking import download_weights  # MLflow is heavy: imported for an MLflow URI only
+        from skray.tracking import (
+            download_weights,
+        )  # MLflow is heavy: imported for an MLflow URI only
 
         path = download_weights(uri)
         if sha256 is not None:

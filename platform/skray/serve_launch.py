@@ -34,11 +34,20 @@ class Launch:
         return f"http://{self.http_options['host']}:{self.http_options['port']}{self.route_prefix.rstrip('/')}"
 
 
-def resolve_launch(path: str | None, app: str | None = None, overrides: Sequence[str] = (),
-                   args: dict[str, Any] | None = None, http: dict[str, Any] | None = None) -> Launch:
+def resolve_launch(
+    path: str | None,
+    app: str | None = None,
+    overrides: Sequence[str] = (),
+    args: dict[str, Any] | None = None,
+    http: dict[str, Any] | None = None,
+) -> Launch:
     """Validate the file with Serve's own schema and the app's ``args`` with :class:`ServeConfig`;
     ``args`` (flags) and then ``overrides`` (``--set``) apply on top. Fails naming the key."""
-    data = read_yaml(path) if path else {"applications": [{"name": "skray", "import_path": IMPORT_PATH}]}
+    data = (
+        read_yaml(path)
+        if path
+        else {"applications": [{"name": "skray", "import_path": IMPORT_PATH}]}
+    )
     source = path or "skray serve"
     if path:
         from ray.serve.schema import ServeDeploySchema
@@ -59,12 +68,18 @@ def resolve_launch(path: str | None, app: str | None = None, overrides: Sequence
     deployments = entry.get("deployments") or []
     unknown = [d.get("name") for d in deployments if d.get("name") != DEPLOYMENT]
     if unknown:
-        raise ConfigError(f"{source}: unknown deployment(s) {unknown}; this application has {DEPLOYMENT!r}")
+        raise ConfigError(
+            f"{source}: unknown deployment(s) {unknown}; this application has {DEPLOYMENT!r}"
+        )
     merged = deep_merge(deep_merge(entry.get("args") or {}, args or {}), parse_overrides(overrides))
     cfg = validate(ServeConfig, merged, source=f"{source} applications.{name}.args")
-    return Launch(cfg, name, entry.get("route_prefix", "/"),
-                  {"host": LOOPBACK, "port": 8000, **(data.get("http_options") or {}), **(http or {})},
-                  {k: v for d in deployments for k, v in d.items() if k != "name"})
+    return Launch(
+        cfg,
+        name,
+        entry.get("route_prefix", "/"),
+        {"host": LOOPBACK, "port": 8000, **(data.get("http_options") or {}), **(http or {})},
+        {k: v for d in deployments for k, v in d.items() if k != "name"},
+    )
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -76,14 +91,22 @@ def serve_forever(launch: Launch, address: str | None = None) -> None:
     then delete the application."""
     import ray
 
-    ray.init(address=address, logging_level="WARNING")  # a new local Ray has token auth on by default
+    ray.init(
+        address=address, logging_level="WARNING"
+    )  # a new local Ray has token auth on by default
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options=launch.http_options)
-        serve.run(application(launch.config, **launch.deployment_options), name=launch.name,
-                  route_prefix=launch.route_prefix)
-        print(f"[serve] {launch.name}: {launch.config.model or 'model from weights'} at {launch.url}/v1/classify "
-              f"(docs {launch.url}/docs); Ctrl-C stops it", flush=True)
+        serve.run(
+            application(launch.config, **launch.deployment_options),
+            name=launch.name,
+            route_prefix=launch.route_prefix,
+        )
+        print(
+            f"[serve] {launch.name}: {launch.config.model or 'model from weights'} at {launch.url}/v1/classify "
+            f"(docs {launch.url}/docs); Ctrl-C stops it",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -35,7 +35,18 @@ from skray.storage import filesystem_for
 
 Format = Literal["images", "webdataset", "parquet"]
 
-IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "img", "image")
+IMAGE_MEMBER_EXTENSIONS = (
+    "jpg",
+    "jpeg",
+    "png",
+    "webp",
+    "bmp",
+    "gif",
+    "tif",
+    "tiff",
+    "img",
+    "image",
+)
 METADATA_MEMBER_EXTENSIONS = ("cls", "json", "txt")
 GLOB_CHARS = "*?["
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # one image file, tar member or Parquet cell
@@ -56,10 +67,16 @@ class Unit:
     format: Format
     uris: tuple[str, ...]
     rows: int | None = None  # known up front for image files and Parquet, not for tar shards
-    sizes: tuple[int, ...] | None = None  # bytes per uri, from the listing: oversize files are never opened
+    sizes: tuple[int, ...] | None = (
+        None  # bytes per uri, from the listing: oversize files are never opened
+    )
 
     def to_row(self) -> dict[str, Any]:
-        return {**asdict(self), "uris": list(self.uris), "sizes": None if self.sizes is None else list(self.sizes)}
+        return {
+            **asdict(self),
+            "uris": list(self.uris),
+            "sizes": None if self.sizes is None else list(self.sizes),
+        }
 
     @staticmethod
     def from_row(row: dict[str, Any]) -> "Unit":
@@ -97,7 +114,9 @@ def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
         base_path = posixpath.dirname(base_path)
     else:
         selector = pafs.FileSelector(base_path, recursive=True)
-        files = [prefix + f.path for f in fs.get_file_info(selector) if f.type == pafs.FileType.File]
+        files = [
+            prefix + f.path for f in fs.get_file_info(selector) if f.type == pafs.FileType.File
+        ]
     kept = []
     for file_uri in files:
         relative = file_uri[len(prefix) :][len(base_path) :].lstrip("/")
@@ -107,7 +126,9 @@ def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
             continue
         kept.append(file_uri)
     if not kept:
-        raise InputError(f"no input file matched {uri}" + (f" (exclude: {exclude})" if exclude else ""))
+        raise InputError(
+            f"no input file matched {uri}" + (f" (exclude: {exclude})" if exclude else "")
+        )
     return sorted(kept)
 
 
@@ -209,13 +230,23 @@ def _read_image_files(unit: Unit, max_bytes: int) -> Iterator[dict]:
 
 
 _REGULAR_TAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
-_TAR_KINDS = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
-              tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo"}
+_TAR_KINDS = {
+    tarfile.SYMTYPE: "a symlink",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a device",
+    tarfile.BLKTYPE: "a device",
+    tarfile.FIFOTYPE: "a fifo",
+}
 
 
 TAR_HEADER_MAX_BYTES = 2**20  # a pax header or GNU long name, which tarfile reads whole
-_TAR_HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                     tarfile.SOLARIS_XHDTYPE)
+_TAR_HEADER_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -224,7 +255,9 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _TAR_HEADER_TYPES and self.size > TAR_HEADER_MAX_BYTES:
-            raise tarfile.HeaderError(f"a header block claims {self.size} bytes, over {TAR_HEADER_MAX_BYTES}")
+            raise tarfile.HeaderError(
+                f"a header block claims {self.size} bytes, over {TAR_HEADER_MAX_BYTES}"
+            )
         return super()._proc_member(tar)
 
 
@@ -289,7 +322,11 @@ def _tar_samples(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, byte
     if current is not None:
         yield current, members, problem
     if size < tar.offset + 2 * tarfile.BLOCKSIZE:
-        yield "<truncated>", {}, "broken_tar: the archive ends without its end-of-archive blocks (truncated)"
+        yield (
+            "<truncated>",
+            {},
+            "broken_tar: the archive ends without its end-of-archive blocks (truncated)",
+        )
 
 
 def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None) -> dict:
@@ -300,7 +337,9 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None
     meta = {e: _decode_member(members[e], e) for e in members if e in METADATA_MEMBER_EXTENSIONS}
     meta_json = json.dumps(meta, sort_keys=True) if meta else ""
     if image_ext is None:
-        return _row(full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json)
+        return _row(
+            full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json
+        )
     return _row(full_key, members[image_ext], meta=meta_json)
 
 
@@ -328,15 +367,24 @@ def _read_webdataset(unit: Unit, max_bytes: int) -> Iterator[dict]:
 def _cell_sizes(column: pa.Array) -> list[int | None]:
     """Bytes per cell of a binary or string column; None where there is nothing to measure."""
     kind = column.type
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_string(kind) \
-            or pa.types.is_large_string(kind):
+    if (
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    ):
         return pc.binary_length(column).to_pylist()
     return [None] * len(column)
 
 
 def _batch_rows(
-    uri: str, batch: pa.RecordBatch, first: int, image_column: str, id_column: str | None,
-    meta_columns: tuple[str, ...], max_bytes: int,
+    uri: str,
+    batch: pa.RecordBatch,
+    first: int,
+    image_column: str,
+    id_column: str | None,
+    meta_columns: tuple[str, ...],
+    max_bytes: int,
 ) -> Iterator[dict]:
     """The rows of one record batch (``first`` is the file's index of its first row); an
     image cell over ``max_bytes`` is a ``too_large`` row and is never copied into Python."""
@@ -346,7 +394,11 @@ def _batch_rows(
     metas = {c: batch.column(c).to_pylist() for c in meta_columns}
     for i in range(batch.num_rows):
         key = f"{uri}#{ids[i] if ids[i] is not None else first + i}"
-        meta = json.dumps({c: metas[c][i] for c in meta_columns}, sort_keys=True) if meta_columns else ""
+        meta = (
+            json.dumps({c: metas[c][i] for c in meta_columns}, sort_keys=True)
+            if meta_columns
+            else ""
+        )
         if sizes[i] is not None and sizes[i] > max_bytes:
             yield _row(key, error=_too_large("the cell", sizes[i], max_bytes), meta=meta)
         else:
@@ -354,7 +406,11 @@ def _batch_rows(
 
 
 def _read_parquet(
-    unit: Unit, image_column: str, id_column: str | None, meta_columns: tuple[str, ...], max_bytes: int
+    unit: Unit,
+    image_column: str,
+    id_column: str | None,
+    meta_columns: tuple[str, ...],
+    max_bytes: int,
 ) -> Iterator[dict]:
     """Rows a few at a time, row group by row group, with column chunks read in pieces:
     the file is never held whole. A file whose footer is unreadable, or a row group that
@@ -362,25 +418,39 @@ def _read_parquet(
     uri = unit.uris[0]
     try:
         fs, path = filesystem_for(uri)
-        parquet = pq.ParquetFile(path, filesystem=fs, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+        parquet = pq.ParquetFile(
+            path, filesystem=fs, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES
+        )
     except (pa.ArrowException, OSError) as err:
         yield _row(uri, error=f"unreadable_parquet: {err}")
         return
-    columns = list(dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns]))
+    columns = list(
+        dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns])
+    )
     first = 0
     for group in range(parquet.num_row_groups):
         index = first
         try:
-            for batch in parquet.iter_batches(PARQUET_BATCH_ROWS, row_groups=[group], columns=columns):
-                yield from _batch_rows(uri, batch, index, image_column, id_column, meta_columns, max_bytes)
+            for batch in parquet.iter_batches(
+                PARQUET_BATCH_ROWS, row_groups=[group], columns=columns
+            ):
+                yield from _batch_rows(
+                    uri, batch, index, image_column, id_column, meta_columns, max_bytes
+                )
                 index += batch.num_rows
         except (pa.ArrowException, OSError) as err:
-            yield _row(f"{uri}#<row group {group}>", error=f"unreadable_parquet: row group {group}: {err}")
+            yield _row(
+                f"{uri}#<row group {group}>", error=f"unreadable_parquet: row group {group}: {err}"
+            )
         first += parquet.metadata.row_group(group).num_rows
 
 
 def _unit_rows(
-    unit: Unit, image_column: str, id_column: str | None, meta_columns: tuple[str, ...], max_bytes: int
+    unit: Unit,
+    image_column: str,
+    id_column: str | None,
+    meta_columns: tuple[str, ...],
+    max_bytes: int,
 ) -> Iterator[dict]:
     if unit.format == "images":
         return _read_image_files(unit, max_bytes)
@@ -419,7 +489,10 @@ def unit_batches(
         batch.append(row)
         count += 1
     if not count:
-        batch, count = [_row(unit.uris[0], error=f"empty_shard: the {unit.format} file holds no samples")], 1
+        batch, count = (
+            [_row(unit.uris[0], error=f"empty_shard: the {unit.format} file holds no samples")],
+            1,
+        )
     yield _tagged(batch, unit.id, count)
 
 
@@ -439,5 +512,7 @@ def read_unit(
 ) -> list[dict]:
     """All rows of one unit as one batch, so each carries the unit's row count:
     for callers that hold a unit whole anyway; the labeling job streams :func:`unit_batches`."""
-    [rows] = unit_batches(unit, sys.maxsize, image_column, id_column, meta_columns, max_object_bytes)
+    [rows] = unit_batches(
+        unit, sys.maxsize, image_column, id_column, meta_columns, max_object_bytes
+    )
     return rows

@@ -121,7 +121,9 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     if parsed.scheme == "s3":
         client = s3_client()
         try:
-            return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
+            return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))[
+                "Body"
+            ].read()
         except client.exceptions.NoSuchKey:
             raise FileNotFoundError(uri) from None
     fs, path = filesystem_for(uri)
@@ -196,4 +198,6 @@ def s3_client():
     import boto3
 
     endpoint = _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint, region_name=_first_env("AWS_REGION", "AWS_DEFAULT_REGION"))
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name=_first_env("AWS_REGION", "AWS_DEFAULT_REGION")
+    )

@@ -17,7 +17,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from skray.config import ConfigError, StrictModel, deep_merge, dump_config, parse_overrides, read_yaml, validate
+from skray.config import (
+    ConfigError,
+    StrictModel,
+    deep_merge,
+    dump_config,
+    parse_overrides,
+    read_yaml,
+    validate,
+)
 from skray.storage import join, read_json, write_json
 from skray.train import METRICS, RUN_FILE, TrainConfig, build_trainer, check_inputs
 
@@ -36,7 +44,9 @@ class Dimension(StrictModel):
     def _well_formed(self) -> "Dimension":
         if self.type in ("loguniform", "uniform"):
             if self.low is None or self.high is None or not self.low < self.high:
-                raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
+                raise ValueError(
+                    f"{self.type} needs low < high (got low={self.low}, high={self.high})"
+                )
             if self.type == "loguniform" and self.low <= 0:
                 raise ValueError(f"loguniform needs low > 0 (got {self.low})")
         elif not self.values:
@@ -75,7 +85,9 @@ class SweepConfig(StrictModel):
     set: list[str] = []  # overrides applied to the base config, as with --set
     space: dict[str, Dimension]  # dotted training keys -> how to search them
     search: Literal["random", "grid", "optuna"] = "random"
-    optuna_startup_trials: int = Field(10, ge=1)  # optuna: random trials before TPE models the results
+    optuna_startup_trials: int = Field(
+        10, ge=1
+    )  # optuna: random trials before TPE models the results
     seed: int | None = None  # optuna: the sampler's seed, for a sweep that suggests the same again
     metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
@@ -90,13 +102,19 @@ class SweepConfig(StrictModel):
         if not self.space:
             raise ValueError("space is empty: name at least one training key to search")
         if self.metric not in METRICS:
-            raise ValueError(f"metric {self.metric!r} is never reported by training; one of {METRICS}")
+            raise ValueError(
+                f"metric {self.metric!r} is never reported by training; one of {METRICS}"
+            )
         grid = [k for k, d in self.space.items() if d.type == "grid"]
         sampled = [k for k, d in self.space.items() if d.type != "grid"]
         if self.search == "grid" and sampled:
-            raise ValueError(f"search: grid needs every dimension of type grid; {', '.join(sampled)} is not")
+            raise ValueError(
+                f"search: grid needs every dimension of type grid; {', '.join(sampled)} is not"
+            )
         if self.search == "optuna" and grid:
-            raise ValueError(f"search: optuna samples; grid dimensions ({', '.join(grid)}) need random or grid")
+            raise ValueError(
+                f"search: optuna samples; grid dimensions ({', '.join(grid)}) need random or grid"
+            )
         return self
 
 
@@ -138,12 +156,29 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
     tracking.configure(sweep["tracking_uri"])
     record = join(join(sweep["trials_path"], name), RUN_FILE)
     previous = read_json(record)  # a trial restarted by a resumed sweep keeps its MLflow run
-    run_id = previous["mlflow_run_id"] if previous else tracking.start_run(
-        sweep["experiment"], name, params=cfg.model_dump(mode="json"),
-        tags={**tracking.run_tags(cfg.data.train), tracking.TRIAL_TAG: name}, parent_run_id=sweep["parent_run_id"])
+    run_id = (
+        previous["mlflow_run_id"]
+        if previous
+        else tracking.start_run(
+            sweep["experiment"],
+            name,
+            params=cfg.model_dump(mode="json"),
+            tags={**tracking.run_tags(cfg.data.train), tracking.TRIAL_TAG: name},
+            parent_run_id=sweep["parent_run_id"],
+        )
+    )
     write_json(record, {"mlflow_run_id": run_id, "name": name})
-    trainer = build_trainer(cfg, train, val, weights, name=name, storage_path=sweep["trials_path"], run_id=run_id,
-                            tracking_uri=sweep["tracking_uri"], callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        cfg,
+        train,
+        val,
+        weights,
+        name=name,
+        storage_path=sweep["trials_path"],
+        run_id=run_id,
+        tracking_uri=sweep["tracking_uri"],
+        callbacks=[TuneReportCallback()],
+    )
     result = trainer.fit()
     if result.metrics:
         # A trial restarted by a resumed sweep after its last epoch trains nothing and so reports
@@ -168,23 +203,37 @@ def run(cfg: SweepConfig, resume: str | None = None) -> dict[str, Any]:
     check_inputs(train_cfg)
     name = Path(resume.rstrip("/")).name if resume else sweep_name(cfg)
     sweep_dir = resume.rstrip("/") if resume else join(cfg.storage_path, name)
-    storage = str(Path(sweep_dir).parent.resolve()) if "://" not in sweep_dir else sweep_dir.rsplit("/", 1)[0]
+    storage = (
+        str(Path(sweep_dir).parent.resolve())
+        if "://" not in sweep_dir
+        else sweep_dir.rsplit("/", 1)[0]
+    )
     tracking_uri = tracking.configure(cfg.mlflow.tracking_uri)
     previous = read_json(join(sweep_dir, SWEEP_FILE)) if resume else None
     if previous:
         parent = previous["parent_run_id"]
     else:
-        parent = tracking.start_run(cfg.mlflow.experiment, name, params={"sweep": cfg.model_dump(mode="json")},
-                                    tags=tracking.run_tags(train_cfg.data.train))
+        parent = tracking.start_run(
+            cfg.mlflow.experiment,
+            name,
+            params={"sweep": cfg.model_dump(mode="json")},
+            tags=tracking.run_tags(train_cfg.data.train),
+        )
         tracking.log_text(parent, dump_config(cfg), "sweep.yaml")
         write_json(join(sweep_dir, SWEEP_FILE), {"parent_run_id": parent, "name": name})
     print("[sweep] resolved config:\n" + dump_config(cfg), flush=True)
 
     ray.init(ignore_reinit_error=True)
-    sweep = {"parent_run_id": parent, "tracking_uri": tracking_uri, "experiment": cfg.mlflow.experiment,
-             "trials_path": join(storage, f"{name}-trials")}
+    sweep = {
+        "parent_run_id": parent,
+        "tracking_uri": tracking_uri,
+        "experiment": cfg.mlflow.experiment,
+        "trials_path": join(storage, f"{name}-trials"),
+    }
     trainable = tune.with_parameters(_trial, base=base, sweep=sweep)
-    trainable = tune.with_resources(trainable, {"CPU": 0.1})  # the trial's driver; its workers ask for their own
+    trainable = tune.with_resources(
+        trainable, {"CPU": 0.1}
+    )  # the trial's driver; its workers ask for their own
     if resume and tune.Tuner.can_restore(sweep_dir):
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=False)
     else:
@@ -192,12 +241,19 @@ def run(cfg: SweepConfig, resume: str | None = None) -> dict[str, Any]:
             trainable,
             param_space={key: dim.to_tune() for key, dim in cfg.space.items()},
             tune_config=tune.TuneConfig(
-                metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+                metric=cfg.metric,
+                mode=cfg.mode,
+                num_samples=cfg.num_samples,
                 max_concurrent_trials=cfg.max_concurrent_trials,
                 search_alg=search_algorithm(cfg),
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=train_cfg.epochs,
-                                        grace_period=cfg.asha.grace_period,
-                                        reduction_factor=cfg.asha.reduction_factor) if cfg.asha.enabled else None,
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=train_cfg.epochs,
+                    grace_period=cfg.asha.grace_period,
+                    reduction_factor=cfg.asha.reduction_factor,
+                )
+                if cfg.asha.enabled
+                else None,
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )
@@ -213,7 +269,9 @@ def search_algorithm(cfg: SweepConfig):
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(sampler=TPESampler(n_startup_trials=cfg.optuna_startup_trials, seed=cfg.seed))
+        return OptunaSearch(
+            sampler=TPESampler(n_startup_trials=cfg.optuna_startup_trials, seed=cfg.seed)
+        )
     return None
 
 
@@ -226,26 +284,46 @@ def finish(cfg: SweepConfig, grid, parent: str, train_cfg: TrainConfig) -> dict[
     for result in grid:
         history = result.metrics_dataframe
         epochs = 0 if history is None or history.empty else int(history["epoch"].max()) + 1
-        state = "failed" if result.error else ("completed" if epochs >= train_cfg.epochs else "stopped_early")
+        state = (
+            "failed"
+            if result.error
+            else ("completed" if epochs >= train_cfg.epochs else "stopped_early")
+        )
         best = None
         if history is not None and not history.empty:
             column = history[cfg.metric]
             best = history.loc[column.idxmax() if cfg.mode == "max" else column.idxmin()]
         folder = Path(result.path).name  # Tune's trial folder: <trial name>_<index>_<params>
-        run_id = next((rid for trial, rid in children.items() if folder.startswith(trial + "_")), None)
+        run_id = next(
+            (rid for trial, rid in children.items() if folder.startswith(trial + "_")), None
+        )
         # MLflow is what runs are compared by, and it can hold one epoch more than Tune saw: a
         # trial that ASHA stops may finish its next epoch before the stop reaches its workers.
         logged = tracking.metric_history(run_id, cfg.metric) if run_id else []
         if run_id:
             tracking.set_state(run_id, state)
         reported = None if best is None else float(best[cfg.metric])
-        trials.append({"trial": folder, "run_id": run_id, "state": state, "epochs": max(epochs, len(logged)),
-                       "config": result.config,
-                       "best": (max(logged) if cfg.mode == "max" else min(logged)) if logged else reported,
-                       "checkpoint": None if best is None else best.get("checkpoint_path")})
-    ranked = sorted((t for t in trials if t["best"] is not None), key=lambda t: t["best"],
-                    reverse=cfg.mode == "max")
-    summary: dict[str, Any] = {"parent_run_id": parent, "trials": trials, "best": ranked[0] if ranked else None}
+        trials.append(
+            {
+                "trial": folder,
+                "run_id": run_id,
+                "state": state,
+                "epochs": max(epochs, len(logged)),
+                "config": result.config,
+                "best": (max(logged) if cfg.mode == "max" else min(logged)) if logged else reported,
+                "checkpoint": None if best is None else best.get("checkpoint_path"),
+            }
+        )
+    ranked = sorted(
+        (t for t in trials if t["best"] is not None),
+        key=lambda t: t["best"],
+        reverse=cfg.mode == "max",
+    )
+    summary: dict[str, Any] = {
+        "parent_run_id": parent,
+        "trials": trials,
+        "best": ranked[0] if ranked else None,
+    }
     if ranked:
         tracking.log_metrics(parent, {f"best_{cfg.metric}": ranked[0]["best"]}, step=0)
         summary["model"] = _register_best(cfg, ranked, train_cfg)
@@ -253,7 +331,9 @@ def finish(cfg: SweepConfig, grid, parent: str, train_cfg: TrainConfig) -> dict[
     return summary
 
 
-def _register_best(cfg: SweepConfig, ranked: list[dict[str, Any]], train_cfg: TrainConfig) -> dict | None:
+def _register_best(
+    cfg: SweepConfig, ranked: list[dict[str, Any]], train_cfg: TrainConfig
+) -> dict | None:
     from skray import tracking
     from skray.resolver import load_model
 
@@ -262,6 +342,11 @@ def _register_best(cfg: SweepConfig, ranked: list[dict[str, Any]], train_cfg: Tr
         return None
     model, loaded = load_model(train_cfg.model.name, join(best["checkpoint"], "model.safetensors"))
     return tracking.log_model_to_run(
-        best["run_id"], model, architecture=train_cfg.model.name, class_names=loaded.class_names,
-        image_size=train_cfg.preprocessing.image_size, registered_model_name=cfg.mlflow.registered_model,
-        alias=cfg.mlflow.alias)
+        best["run_id"],
+        model,
+        architecture=train_cfg.model.name,
+        class_names=loaded.class_names,
+        image_size=train_cfg.preprocessing.image_size,
+        registered_model_name=cfg.mlflow.registered_model,
+        alias=cfg.mlflow.alias,
+    )

@@ -32,7 +32,9 @@ def synthetic_image(seed: int, size: tuple[int, int] = (320, 256), fmt: str = "J
     w, h = size
     img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     draw = ImageDraw.Draw(img)
-    draw.rectangle((0, int(h * rng.uniform(0.5, 0.8)), w, h), fill=tuple(rng.randrange(256) for _ in range(3)))
+    draw.rectangle(
+        (0, int(h * rng.uniform(0.5, 0.8)), w, h), fill=tuple(rng.randrange(256) for _ in range(3))
+    )
     x, y = rng.randrange(w // 2), rng.randrange(h // 2)
     draw.ellipse((x, y, x + w // 3, y + h // 3), fill=tuple(rng.randrange(256) for _ in range(3)))
     buf = io.BytesIO()
@@ -58,8 +60,11 @@ def webdataset_shard(first: int, count: int, broken_member: bool = False) -> byt
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for i in range(first, first + count):
-            members = {"jpg": synthetic_image(i), "cls": str(i % 10).encode(),
-                       "json": json.dumps({"source": "demo", "index": i}).encode()}
+            members = {
+                "jpg": synthetic_image(i),
+                "cls": str(i % 10).encode(),
+                "json": json.dumps({"source": "demo", "index": i}).encode(),
+            }
             if broken_member and i == first:
                 members["jpg"] = members["jpg"][:200]
             for ext, data in members.items():
@@ -69,8 +74,9 @@ def webdataset_shard(first: int, count: int, broken_member: bool = False) -> byt
     return buf.getvalue()
 
 
-def write_sample_dataset(root: str, files: int = 120, shards: int = 2, per_shard: int = 80,
-                         broken: bool = True) -> list[str]:
+def write_sample_dataset(
+    root: str, files: int = 120, shards: int = 2, per_shard: int = 80, broken: bool = True
+) -> list[str]:
     """Write the demo dataset under ``root`` (local or s3://); returns every expected key."""
     keys: list[str] = []
     for i in range(files):
@@ -80,8 +86,13 @@ def write_sample_dataset(root: str, files: int = 120, shards: int = 2, per_shard
         keys.append(join(root, name))
     for s in range(shards):
         uri = join(root, f"shards/shard-{s:05d}.tar")
-        write_bytes_atomic(uri, webdataset_shard(100_000 + s * per_shard, per_shard, broken_member=broken))
-        keys += [f"{uri}#sample{i:06d}" for i in range(100_000 + s * per_shard, 100_000 + (s + 1) * per_shard)]
+        write_bytes_atomic(
+            uri, webdataset_shard(100_000 + s * per_shard, per_shard, broken_member=broken)
+        )
+        keys += [
+            f"{uri}#sample{i:06d}"
+            for i in range(100_000 + s * per_shard, 100_000 + (s + 1) * per_shard)
+        ]
     if broken:
         for name, data in broken_files().items():
             write_bytes_atomic(join(root, name), data)
@@ -89,7 +100,14 @@ def write_sample_dataset(root: str, files: int = 120, shards: int = 2, per_shard
     return sorted(keys)
 
 
-CLASS_COLORS = ((220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 210))
+CLASS_COLORS = (
+    (220, 40, 40),
+    (40, 200, 60),
+    (50, 70, 230),
+    (230, 210, 40),
+    (200, 60, 210),
+    (40, 210, 210),
+)
 
 
 def labeled_image(label: int, seed: int, size: int = 48) -> bytes:
@@ -106,13 +124,17 @@ def labeled_image(label: int, seed: int, size: int = 48) -> bytes:
     return buf.getvalue()
 
 
-def write_labeled_folder(root: str, classes: int = 4, per_class: int = 40, size: int = 48,
-                         seed: int = 0) -> list[str]:
+def write_labeled_folder(
+    root: str, classes: int = 4, per_class: int = 40, size: int = 48, seed: int = 0
+) -> list[str]:
     """ROOT/<class>/<image>.png with a learnable signal; returns the class names."""
     names = [f"class{c}" for c in range(classes)]
     for c, name in enumerate(names):
         for i in range(per_class):
-            write_bytes_atomic(join(root, f"{name}/{i:04d}.png"), labeled_image(c, seed * 100_000 + c * 1000 + i, size))
+            write_bytes_atomic(
+                join(root, f"{name}/{i:04d}.png"),
+                labeled_image(c, seed * 100_000 + c * 1000 + i, size),
+            )
     return names
 
 
@@ -127,8 +149,9 @@ def digit_png(pixels, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def write_digits_folder(root: str, *, size: int = 32, val_fraction: float = 0.2,
-                        seed: int = 0) -> dict[str, str]:
+def write_digits_folder(
+    root: str, *, size: int = 32, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, str]:
     """Write the digits as ``root/train/digitN/*.png`` and ``root/val/digitN/*.png``.
 
     The split is stratified and deterministic: per class, a ``random.Random(seed)`` shuffle of
@@ -146,8 +169,9 @@ def write_digits_folder(root: str, *, size: int = 32, val_fraction: float = 0.2,
         n_val = round(val_fraction * len(indices))
         for position, index in enumerate(indices):
             split = "val" if position < n_val else "train"
-            write_bytes_atomic(join(out[split], f"{name}/{index:04d}.png"),
-                               digit_png(digits.images[index], size))
+            write_bytes_atomic(
+                join(out[split], f"{name}/{index:04d}.png"), digit_png(digits.images[index], size)
+            )
     return out
 
 
@@ -155,25 +179,38 @@ def write_digits_folder(root: str, *, size: int = 32, val_fraction: float = 0.2,
 # photographs in scikit-image's wheel (its skimage.data directory; files read directly, so
 # skimage's pooch fetcher is never involved). Greyscale photos stay greyscale JPEGs.
 _SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
-_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "retina.jpg",
-                   "hubble_deep_field.jpg", "motorcycle_left.png", "ihc.png", "camera.png",
-                   "coins.png")
+_SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "ihc.png",
+    "camera.png",
+    "coins.png",
+)
 _CORPUS_SIDES = (96, 180, 256, 384, 512, 800, 1024, 1600)  # longer side; >= 1000 draft-decodes
 
 
 def _bundled_photos() -> list[tuple[str, Image.Image]]:
     import os
 
-    import sklearn.datasets
     import skimage.data
+    import sklearn.datasets
 
-    dirs = [(os.path.join(os.path.dirname(sklearn.datasets.__file__), "images"), _SKLEARN_PHOTOS),
-            (os.path.dirname(skimage.data.__file__), _SKIMAGE_PHOTOS)]
+    dirs = [
+        (os.path.join(os.path.dirname(sklearn.datasets.__file__), "images"), _SKLEARN_PHOTOS),
+        (os.path.dirname(skimage.data.__file__), _SKIMAGE_PHOTOS),
+    ]
     photos = []
     for folder, names in dirs:
         for name in names:
             with Image.open(os.path.join(folder, name)) as im:
-                photos.append((name.rsplit(".", 1)[0], im.convert("L" if im.mode == "L" else "RGB")))
+                photos.append(
+                    (name.rsplit(".", 1)[0], im.convert("L" if im.mode == "L" else "RGB"))
+                )
     return photos
 
 
@@ -203,15 +240,21 @@ def photo_corpus(n: int, seed: int = 0, *, png_every: int = 8) -> list[tuple[str
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         side = rng.choice(_CORPUS_SIDES)
         scale = side / max(cw, ch)
-        crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))),
-                           Image.Resampling.LANCZOS)
+        crop = crop.resize(
+            (max(1, round(cw * scale)), max(1, round(ch * scale))), Image.Resampling.LANCZOS
+        )
         buf = io.BytesIO()
         if png_every and i % png_every == png_every - 1:
             crop.save(buf, "PNG")
             ext = "png"
         else:
-            crop.save(buf, "JPEG", quality=rng.randint(40, 95), subsampling=rng.choice([0, 2]),
-                      progressive=rng.random() < 0.25)
+            crop.save(
+                buf,
+                "JPEG",
+                quality=rng.randint(40, 95),
+                subsampling=rng.choice([0, 2]),
+                progressive=rng.random() < 0.25,
+            )
             ext = "jpg"
         corpus.append((f"{i:04d}-{source}-{crop.width}x{crop.height}.{ext}", buf.getvalue()))
     return corpus

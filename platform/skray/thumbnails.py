@@ -61,17 +61,23 @@ class Reading:
         """From a manifest's ``config`` (defaults for what it lacks, or without one)."""
         config = config or {}
         known = {
-            k: config[k] for k in ("format", "image_column", "id_column", "max_object_bytes") if k in config
+            k: config[k]
+            for k in ("format", "image_column", "id_column", "max_object_bytes")
+            if k in config
         }
         pixels = (config.get("preprocessing") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
         return Reading(**known, max_pixels=pixels)
 
 
-def _read_container(uri: str, fmt: Format, wanted: set[str], reading: Reading) -> dict[str, bytes | str]:
+def _read_container(
+    uri: str, fmt: Format, wanted: set[str], reading: Reading
+) -> dict[str, bytes | str]:
     """The bytes (or the read error) of each wanted key of one container."""
     unit = Unit("thumbnails", fmt, (uri,))
     found: dict[str, bytes | str] = {}
-    batches = unit_batches(unit, 1, reading.image_column, reading.id_column, (), reading.max_object_bytes)
+    batches = unit_batches(
+        unit, 1, reading.image_column, reading.id_column, (), reading.max_object_bytes
+    )
     for batch in batches:
         for row in batch:
             if row["key"] in wanted:
@@ -82,7 +88,9 @@ def _read_container(uri: str, fmt: Format, wanted: set[str], reading: Reading) -
     return found
 
 
-def thumbnail(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, side: int = THUMBNAIL_SIDE) -> bytes:
+def thumbnail(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, side: int = THUMBNAIL_SIDE
+) -> bytes:
     """A JPEG at most ``side`` pixels across; raises :class:`ImageDecodeError` for bad bytes."""
     image = decode_image(data, max_pixels=max_pixels, draft_size=side)
     image.thumbnail((side, side))

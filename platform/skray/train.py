@@ -31,7 +31,14 @@ from torch import nn
 from skray.classifier import ModelName, ModelPreprocessing
 from skray.config import ConfigError, StrictModel, dump_config
 from skray.config import validate as validate_config
-from skray.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset, with_row_counts
+from skray.datasets import (
+    BAD_LABEL,
+    DatasetError,
+    LabeledData,
+    discover,
+    ray_dataset,
+    with_row_counts,
+)
 from skray.images import PreprocessingConfig, normalize
 from skray.model import DEFAULT_MODEL, SKResNeXt, create_model
 from skray.resolver import PinnedWeights, load_weights, pin_weights
@@ -48,8 +55,16 @@ from skray.weights import save_weights
 
 RUN_FILE = "skray_run.json"
 CONFIG_FILE = "skray_train.yaml"
-METRICS = ("train_loss", "lr", "val_top1", "val_top5", "img_per_s", "skipped_images", "epoch",
-           "resumed_at_epoch")
+METRICS = (
+    "train_loss",
+    "lr",
+    "val_top1",
+    "val_top5",
+    "img_per_s",
+    "skipped_images",
+    "epoch",
+    "resumed_at_epoch",
+)
 
 
 class DataConfig(StrictModel):
@@ -61,10 +76,18 @@ class DataConfig(StrictModel):
     image_column: str = "image"
     label_column: str = "label"
     files_per_unit: int = Field(64, ge=1)
-    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # undecodable images are skipped; above this the run fails
-    decode_cpus: float = Field(0.5, gt=0)  # per read+decode task; lowered when the workers leave no room
-    stall_timeout_s: float = Field(600, gt=0)  # no batch for this long: the run fails saying the input stalled
-    shuffle_buffer: int = Field(0, ge=0)  # rows shuffled on each worker; folder units are already class-mixed
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1
+    )  # undecodable images are skipped; above this the run fails
+    decode_cpus: float = Field(
+        0.5, gt=0
+    )  # per read+decode task; lowered when the workers leave no room
+    stall_timeout_s: float = Field(
+        600, gt=0
+    )  # no batch for this long: the run fails saying the input stalled
+    shuffle_buffer: int = Field(
+        0, ge=0
+    )  # rows shuffled on each worker; folder units are already class-mixed
 
 
 class ModelConfig(StrictModel):
@@ -76,8 +99,10 @@ class ModelConfig(StrictModel):
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and "pretrained" in data:
-            raise ValueError("model.pretrained is now model.weights (a path, s3://, https://, 'pretrained', "
-                             "models:/ or runs:/)")
+            raise ValueError(
+                "model.pretrained is now model.weights (a path, s3://, https://, 'pretrained', "
+                "models:/ or runs:/)"
+            )
         return data
 
 
@@ -105,8 +130,11 @@ class MlflowConfig(StrictModel):
     tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local store in .skray/
 
 
-_MOVED_KEYS = {"image_size": "preprocessing.image_size", "eval_crop_pct": "preprocessing.crop_pct",
-               "interpolation": "preprocessing.interpolation"}
+_MOVED_KEYS = {
+    "image_size": "preprocessing.image_size",
+    "eval_crop_pct": "preprocessing.crop_pct",
+    "interpolation": "preprocessing.interpolation",
+}
 
 
 class TrainConfig(StrictModel):
@@ -140,8 +168,10 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _batch_fits_workers(self) -> "TrainConfig":
         if self.batch_size % self.scaling.workers:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by scaling.workers "
-                             f"{self.scaling.workers}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by scaling.workers "
+                f"{self.scaling.workers}"
+            )
         return self
 
     @property
@@ -159,7 +189,10 @@ def param_groups(model: nn.Module, weight_decay: float, skip_norm_and_bias: bool
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -169,14 +202,17 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return cfg.optim.min_lr + 0.5 * (cfg.lr - cfg.optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.optim.min_lr + 0.5 * (cfg.lr - cfg.optim.min_lr) * (
+        1 + math.cos(math.pi * min(1.0, progress))
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum over ``model``'s parameters, at the scaled LR, no decay on norms and biases."""
     return torch.optim.SGD(
         param_groups(model, cfg.optim.weight_decay, cfg.optim.no_weight_decay_on_norm_and_bias),
-        lr=cfg.lr, momentum=cfg.optim.momentum,
+        lr=cfg.lr,
+        momentum=cfg.optim.momentum,
     )
 
 
@@ -188,8 +224,12 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: floa
     gradient of the global batch's mean.
     """
     good = labels != BAD_LABEL
-    loss = (nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none",
-                                        label_smoothing=label_smoothing) * good).sum()
+    loss = (
+        nn.functional.cross_entropy(
+            logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing
+        )
+        * good
+    ).sum()
     return loss / good.sum().clamp(min=1)
 
 
@@ -205,8 +245,12 @@ def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.channels_last and device.type == "cuda"
 
 
-def device_images(images: torch.Tensor, preprocessing: PreprocessingConfig, device: torch.device,
-                  channels_last: bool) -> torch.Tensor:
+def device_images(
+    images: torch.Tensor,
+    preprocessing: PreprocessingConfig,
+    device: torch.device,
+    channels_last: bool,
+) -> torch.Tensor:
     """uint8 crops -> normalized float on ``device``, NHWC when the model is."""
     x = normalize(images.to(device, non_blocking=True), preprocessing.mean, preprocessing.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -257,9 +301,15 @@ def checkpoint_state(
     class_names: list[str],
 ) -> dict[str, Any]:
     """What a checkpoint's ``state.pt`` holds: everything a restart needs to continue exactly."""
-    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best_top1,
-            "config": config, "class_names": list(class_names)}
+    return {
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "best_top1": best_top1,
+        "config": config,
+        "class_names": list(class_names),
+    }
 
 
 def all_reduce(*values: float, device: torch.device) -> list[float]:
@@ -275,8 +325,10 @@ def steps_per_epoch(data: LabeledData, cfg: TrainConfig) -> int:
     rounded down, as every worker drops its last partial batch. WebDataset shards carry no
     count of their own: :func:`skray.datasets.with_row_counts` counts them before training."""
     if data.num_images is None:
-        raise DatasetError(f"{data.uri}: the number of images is unknown, so the LR schedule cannot be laid "
-                           f"out in steps (count them first: skray.datasets.with_row_counts)")
+        raise DatasetError(
+            f"{data.uri}: the number of images is unknown, so the LR schedule cannot be laid "
+            f"out in steps (count them first: skray.datasets.with_row_counts)"
+        )
     return max(1, data.num_images // cfg.batch_size)
 
 
@@ -320,7 +372,8 @@ def stall_guarded(batches: Iterable, timeout_s: float, what: str) -> Iterator:
                     f"Most often its read+decode tasks (data.decode_cpus CPUs each) find no CPU left beside the "
                     f"training workers (scaling.workers x scaling.cpus_per_worker): `ray status` shows them "
                     f"under Pending Demands. Lower those or add CPUs; raise data.stall_timeout_s if the "
-                    f"batches are only slow.") from None
+                    f"batches are only slow."
+                ) from None
             if kind == "end":
                 return
             if kind == "error":
@@ -357,7 +410,9 @@ def train_epoch(
     for step, batch in enumerate(batches):
         labels = batch["label"].to(device)
         good = labels != BAD_LABEL
-        images = device_images(batch["image"], cfg.preprocessing, device, uses_channels_last(cfg, device))
+        images = device_images(
+            batch["image"], cfg.preprocessing, device, uses_channels_last(cfg, device)
+        )
         lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -389,8 +444,9 @@ def count_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     device: a row labeled ``BAD_LABEL`` is counted as undecodable, never as a hit."""
     good = labels != BAD_LABEL
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-    return torch.stack([(hits[:, 0] & good).sum(), (hits.any(dim=1) & good).sum(), good.sum(),
-                        (~good).sum()]).double()
+    return torch.stack(
+        [(hits[:, 0] & good).sum(), (hits.any(dim=1) & good).sum(), good.sum(), (~good).sum()]
+    ).double()
 
 
 def validate(
@@ -407,22 +463,42 @@ def validate(
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
         for batch in batches:
-            images = device_images(batch["image"], cfg.preprocessing, device, uses_channels_last(cfg, device))
+            images = device_images(
+                batch["image"], cfg.preprocessing, device, uses_channels_last(cfg, device)
+            )
             sums += count_hits(model(images), batch["label"].to(device))
     correct1, correct5, total, skipped = sums.tolist()
     return {"correct1": correct1, "correct5": correct5, "total": total, "skipped": skipped}
 
 
-def epoch_metrics(trained: dict[str, float], validated: dict[str, float], elapsed: float, cfg: TrainConfig, *,
-                  epoch: int, start_epoch: int, world: int, device: torch.device) -> dict[str, float]:
+def epoch_metrics(
+    trained: dict[str, float],
+    validated: dict[str, float],
+    elapsed: float,
+    cfg: TrainConfig,
+    *,
+    epoch: int,
+    start_epoch: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, float]:
     """The epoch's metrics over all workers, from each worker's :func:`train_epoch` and :func:`validate`
     sums; fails the run when more than ``data.max_bad_fraction`` of the images did not decode."""
     seen, skipped, loss_sum, c1, c5, n, elapsed_sum = all_reduce(
-        trained["seen"], trained["skipped"] + validated["skipped"], trained["loss_sum"], validated["correct1"],
-        validated["correct5"], validated["total"], elapsed, device=device)
+        trained["seen"],
+        trained["skipped"] + validated["skipped"],
+        trained["loss_sum"],
+        validated["correct1"],
+        validated["correct5"],
+        validated["total"],
+        elapsed,
+        device=device,
+    )
     if skipped > cfg.data.max_bad_fraction * max(seen + n + skipped, 1):
-        raise DatasetError(f"{int(skipped)} images could not be decoded, more than "
-                           f"data.max_bad_fraction={cfg.data.max_bad_fraction} of the data")
+        raise DatasetError(
+            f"{int(skipped)} images could not be decoded, more than "
+            f"data.max_bad_fraction={cfg.data.max_bad_fraction} of the data"
+        )
     return {
         "epoch": epoch,
         "train_loss": loss_sum / max(seen, 1),
@@ -447,10 +523,24 @@ def save_checkpoint(
     class_names: list[str],
 ) -> None:
     """A checkpoint in ``directory``: ``state.pt`` to resume exactly, ``model.safetensors`` to use the model."""
-    torch.save(checkpoint_state(raw_model, optimizer, scaler, epoch=epoch, best_top1=best_top1,
-                                config=cfg.model_dump(mode="json"), class_names=class_names),
-               directory / "state.pt")
-    save_weights(raw_model, directory / "model.safetensors", architecture=cfg.model.name, class_names=class_names)
+    torch.save(
+        checkpoint_state(
+            raw_model,
+            optimizer,
+            scaler,
+            epoch=epoch,
+            best_top1=best_top1,
+            config=cfg.model_dump(mode="json"),
+            class_names=class_names,
+        ),
+        directory / "state.pt",
+    )
+    save_weights(
+        raw_model,
+        directory / "model.safetensors",
+        architecture=cfg.model.name,
+        class_names=class_names,
+    )
 
 
 def latest_state() -> dict[str, Any] | None:
@@ -476,15 +566,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    amp = {"use_amp": cfg.amp != "off" and device.type == "cuda",
-           "amp_dtype": torch.bfloat16 if cfg.amp == "bf16" else torch.float16}
+    amp = {
+        "use_amp": cfg.amp != "off" and device.type == "cuda",
+        "amp_dtype": torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
+    }
 
     state = latest_state()
     start_epoch, best_top1 = (state["epoch"] + 1, state["best_top1"]) if state else (0, 0.0)
     # pinned by the driver, so every worker and every retry loads the same bytes
     weights = PinnedWeights.from_dict(loop_config["weights"]) if loop_config["weights"] else None
     ddp_model, raw_model, optimizer, scaler = build_training_state(
-        cfg, len(class_names), device, weights=weights, state=state, prepare=ray.train.torch.prepare_model)
+        cfg,
+        len(class_names),
+        device,
+        weights=weights,
+        state=state,
+        prepare=ray.train.torch.prepare_model,
+    )
     if state:
         print(f"[train] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
     per_worker_batch = cfg.batch_size // world
@@ -495,30 +593,73 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         set_backbone_frozen(raw_model, frozen)
         started = time.perf_counter()
         batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=per_worker_batch, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
-        trained = train_epoch(ddp_model, raw_model, optimizer, scaler,
-                              stall_guarded(batches, cfg.data.stall_timeout_s, "training"), cfg,
-                              device=device, epoch=epoch, steps_per_epoch=epoch_steps, frozen=frozen, **amp)
+            batch_size=per_worker_batch,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        )
+        trained = train_epoch(
+            ddp_model,
+            raw_model,
+            optimizer,
+            scaler,
+            stall_guarded(batches, cfg.data.stall_timeout_s, "training"),
+            cfg,
+            device=device,
+            epoch=epoch,
+            steps_per_epoch=epoch_steps,
+            frozen=frozen,
+            **amp,
+        )
         elapsed = time.perf_counter() - started
 
         ddp_model.eval()
         share_buffers(raw_model, world)
-        val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=per_worker_batch)
-        validated = validate(raw_model, stall_guarded(val_batches, cfg.data.stall_timeout_s, "validation"), cfg,
-                             device=device, **amp)
-        metrics = epoch_metrics(trained, validated, elapsed, cfg, epoch=epoch, start_epoch=start_epoch,
-                                world=world, device=device)
+        val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=per_worker_batch
+        )
+        validated = validate(
+            raw_model,
+            stall_guarded(val_batches, cfg.data.stall_timeout_s, "validation"),
+            cfg,
+            device=device,
+            **amp,
+        )
+        metrics = epoch_metrics(
+            trained,
+            validated,
+            elapsed,
+            cfg,
+            epoch=epoch,
+            start_epoch=start_epoch,
+            world=world,
+            device=device,
+        )
         best_top1 = max(best_top1, metrics["val_top1"])
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(Path(directory), raw_model, optimizer, scaler, cfg, epoch=epoch,
-                                best_top1=best_top1, class_names=class_names)
+                save_checkpoint(
+                    Path(directory),
+                    raw_model,
+                    optimizer,
+                    scaler,
+                    cfg,
+                    epoch=epoch,
+                    best_top1=best_top1,
+                    class_names=class_names,
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
                 if loop_config["mlflow_run_id"]:
-                    tracking.log_metrics(loop_config["mlflow_run_id"], metrics, step=epoch,
-                                         tracking_uri=loop_config["tracking_uri"])
-                print(f"[train] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    tracking.log_metrics(
+                        loop_config["mlflow_run_id"],
+                        metrics,
+                        step=epoch,
+                        tracking_uri=loop_config["tracking_uri"],
+                    )
+                print(
+                    f"[train] epoch {epoch}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                )
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -533,8 +674,12 @@ def _run_dir_entries(run_dir: str) -> list[str]:
     """The names directly in ``run_dir`` (none when it does not exist), local or on S3."""
     fs, path = filesystem_for(run_dir)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return [posixpath.basename(path)] if fs.get_file_info(path).type == pafs.FileType.File else []
-    return sorted(posixpath.basename(info.path) for info in fs.get_file_info(pafs.FileSelector(path)))
+        return (
+            [posixpath.basename(path)] if fs.get_file_info(path).type == pafs.FileType.File else []
+        )
+    return sorted(
+        posixpath.basename(info.path) for info in fs.get_file_info(pafs.FileSelector(path))
+    )
 
 
 def checkpoint_class_names(run_dir: str) -> list[str] | None:
@@ -557,9 +702,11 @@ def check_run_dir(run_dir: str, *, resume: bool, class_names: list[str]) -> None
     differ from the ones its checkpoints were trained on."""
     if not resume:
         if _run_dir_entries(run_dir):
-            raise ConfigError(f"run directory {run_dir} already holds a run: a new run there would continue "
-                              f"its checkpoints. Choose another name (or storage_path), or continue that run "
-                              f"with --resume {run_dir}")
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run: a new run there would continue "
+                f"its checkpoints. Choose another name (or storage_path), or continue that run "
+                f"with --resume {run_dir}"
+            )
         return
     trained = checkpoint_class_names(run_dir)
     if trained is None or list(trained) == list(class_names):
@@ -567,24 +714,42 @@ def check_run_dir(run_dir: str, *, resume: bool, class_names: list[str]) -> None
     missing = [c for c in trained if c not in class_names]
     added = [c for c in class_names if c not in trained]
     if missing or added:
-        detail = "; ".join(part for part in (
-            f"not in the data: {', '.join(missing)}" if missing else "",
-            f"new in the data: {', '.join(added)}" if added else "") if part)
+        detail = "; ".join(
+            part
+            for part in (
+                f"not in the data: {', '.join(missing)}" if missing else "",
+                f"new in the data: {', '.join(added)}" if added else "",
+            )
+            if part
+        )
     else:
         detail = f"the same names in another order: checkpoint {trained}, data {list(class_names)}"
-    raise ConfigError(f"--resume {run_dir}: the data's classes differ from the ones its checkpoints were "
-                      f"trained on ({len(trained)} in the checkpoint, {len(class_names)} in the data): {detail}")
+    raise ConfigError(
+        f"--resume {run_dir}: the data's classes differ from the ones its checkpoints were "
+        f"trained on ({len(trained)} in the checkpoint, {len(class_names)} in the data): {detail}"
+    )
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[LabeledData, LabeledData, PinnedWeights | None]:
     """Everything that can fail before a worker starts: data, classes, and the weights,
     pinned for the workers (which then need no MLflow tracking URI)."""
-    common = {"class_names": cfg.data.class_names, "num_classes": cfg.data.num_classes,
-              "image_column": cfg.data.image_column, "label_column": cfg.data.label_column,
-              "files_per_unit": cfg.data.files_per_unit}
-    train = with_row_counts(discover(cfg.data.train, cfg.data.format, **common))  # the schedule's steps
-    val = discover(cfg.data.val, cfg.data.format, **{**common, "class_names": list(train.class_names)}) \
-        if cfg.data.val else train
+    common = {
+        "class_names": cfg.data.class_names,
+        "num_classes": cfg.data.num_classes,
+        "image_column": cfg.data.image_column,
+        "label_column": cfg.data.label_column,
+        "files_per_unit": cfg.data.files_per_unit,
+    }
+    train = with_row_counts(
+        discover(cfg.data.train, cfg.data.format, **common)
+    )  # the schedule's steps
+    val = (
+        discover(
+            cfg.data.val, cfg.data.format, **{**common, "class_names": list(train.class_names)}
+        )
+        if cfg.data.val
+        else train
+    )
     weights = pin_weights(cfg.model.weights, cfg.model.name)
     if weights:
         load_weights(create_model(cfg.model.name, num_classes=len(train.class_names)), weights)
@@ -610,21 +775,35 @@ def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
     for the ingest beside it, and the note says so. Workers that do not fit at all are left
     as asked: an autoscaler may add nodes; the note says what to lower on a fixed cluster.
     """
-    workers, per_worker, decode = cfg.scaling.workers, cfg.scaling.cpus_per_worker, cfg.data.decode_cpus
+    workers, per_worker, decode = (
+        cfg.scaling.workers,
+        cfg.scaling.cpus_per_worker,
+        cfg.data.decode_cpus,
+    )
     need = workers * per_worker
     if cluster_cpus - need >= decode:
         return CpuPlan(per_worker, decode)
     asked = f"scaling.workers {workers} x scaling.cpus_per_worker {per_worker:g}"
     if need > cluster_cpus:
-        return CpuPlan(per_worker, decode, note=(
-            f"the cluster has {cluster_cpus:g} CPUs now and the training workers ask for {need:g} ({asked}): "
-            f"training waits until nodes join; on a fixed cluster, lower those"))
+        return CpuPlan(
+            per_worker,
+            decode,
+            note=(
+                f"the cluster has {cluster_cpus:g} CPUs now and the training workers ask for {need:g} ({asked}): "
+                f"training waits until nodes join; on a fixed cluster, lower those"
+            ),
+        )
     given = min(decode, per_worker / 2)
-    return CpuPlan(per_worker - given, given, note=(
-        f"{asked} would leave {max(cluster_cpus - need, 0):g} of the cluster's {cluster_cpus:g} CPUs to the "
-        f"ingest, less than one read+decode task (data.decode_cpus {decode:g}), which would wait forever: "
-        f"each worker gets {per_worker - given:g} CPUs and each decode task {given:g}. To choose yourself, "
-        f"set them so that workers x cpus_per_worker + decode_cpus <= {cluster_cpus:g}"))
+    return CpuPlan(
+        per_worker - given,
+        given,
+        note=(
+            f"{asked} would leave {max(cluster_cpus - need, 0):g} of the cluster's {cluster_cpus:g} CPUs to the "
+            f"ingest, less than one read+decode task (data.decode_cpus {decode:g}), which would wait forever: "
+            f"each worker gets {per_worker - given:g} CPUs and each decode task {given:g}. To choose yourself, "
+            f"set them so that workers x cpus_per_worker + decode_cpus <= {cluster_cpus:g}"
+        ),
+    )
 
 
 def build_trainer(
@@ -644,33 +823,63 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     eval_cfg = cfg.preprocessing
-    augment = {"interpolation": eval_cfg.interpolation, "randaugment": cfg.randaugment,
-               "randaugment_magnitude": cfg.randaugment_magnitude}
+    augment = {
+        "interpolation": eval_cfg.interpolation,
+        "randaugment": cfg.randaugment,
+        "randaugment_magnitude": cfg.randaugment_magnitude,
+    }
     per_task = max(1, cfg.batch_size // cfg.scaling.workers)
-    cpus = plan_cpus(cfg, ray.cluster_resources().get("CPU", 0.0)) if ray.is_initialized() \
+    cpus = (
+        plan_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
+        if ray.is_initialized()
         else CpuPlan(cfg.scaling.cpus_per_worker, cfg.data.decode_cpus)
+    )
     if cpus.note:
         print(f"[train] {cpus.note}", flush=True)
     return TorchTrainer(
         train_loop,
         # The tracking URI travels here, not in runtime_env: the Ray dashboard shows env_vars.
-        train_loop_config={"config": cfg.model_dump(mode="json"), "train_data": train,
-                           "weights": weights.to_dict() if weights else None,
-                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "train_data": train,
+            "weights": weights.to_dict() if weights else None,
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cpus.cpus_per_worker}),
+            num_workers=cfg.scaling.workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus.cpus_per_worker},
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=_absolute(storage_path), callbacks=callbacks,
+            name=name,
+            storage_path=_absolute(storage_path),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_top1",
-                checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_top1",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
         datasets={
-            "train": ray_dataset(train, image_size=eval_cfg.image_size, train=True, eval_cfg=eval_cfg,
-                                 augment=augment, batch_size=per_task, num_cpus=cpus.decode_cpus),
-            "val": ray_dataset(val, image_size=eval_cfg.image_size, train=False, eval_cfg=eval_cfg,
-                               batch_size=per_task, num_cpus=cpus.decode_cpus),
+            "train": ray_dataset(
+                train,
+                image_size=eval_cfg.image_size,
+                train=True,
+                eval_cfg=eval_cfg,
+                augment=augment,
+                batch_size=per_task,
+                num_cpus=cpus.decode_cpus,
+            ),
+            "val": ray_dataset(
+                val,
+                image_size=eval_cfg.image_size,
+                train=False,
+                eval_cfg=eval_cfg,
+                batch_size=per_task,
+                num_cpus=cpus.decode_cpus,
+            ),
         },
     )
 
@@ -690,36 +899,64 @@ def run(cfg: TrainConfig | None, resume: str | None = None) -> dict[str, Any]:
     train, val, weights = check_inputs(cfg)
     check_run_dir(run_dir, resume=bool(resume), class_names=list(train.class_names))
     print("[train] resolved config:\n" + dump_config(cfg), flush=True)
-    print(f"[train] {len(train.class_names)} classes, lr {cfg.lr:g} (= {cfg.optim.lr:g} x "
-          f"{cfg.batch_size} / {cfg.optim.base_batch_size}), run at {run_dir}", flush=True)
+    print(
+        f"[train] {len(train.class_names)} classes, lr {cfg.lr:g} (= {cfg.optim.lr:g} x "
+        f"{cfg.batch_size} / {cfg.optim.base_batch_size}), run at {run_dir}",
+        flush=True,
+    )
 
     tracking_uri = tracking.configure(cfg.mlflow.tracking_uri)
     previous = read_json(join(run_dir, RUN_FILE)) if resume else None
     if previous:
         run_id = previous["mlflow_run_id"]
     else:
-        run_id = tracking.start_run(cfg.mlflow.experiment, name, params=cfg.model_dump(mode="json"),
-                                    tags=tracking.run_tags(cfg.data.train))
-        write_bytes_atomic(join(run_dir, CONFIG_FILE), dump_config(cfg, redact=False).encode())  # for --resume
+        run_id = tracking.start_run(
+            cfg.mlflow.experiment,
+            name,
+            params=cfg.model_dump(mode="json"),
+            tags=tracking.run_tags(cfg.data.train),
+        )
+        write_bytes_atomic(
+            join(run_dir, CONFIG_FILE), dump_config(cfg, redact=False).encode()
+        )  # for --resume
         write_json(join(run_dir, RUN_FILE), {"mlflow_run_id": run_id, "name": name})
 
     ray.init(ignore_reinit_error=True)
-    trainer = build_trainer(cfg, train, val, weights, name=name, storage_path=storage_path, run_id=run_id,
-                            tracking_uri=tracking_uri)
+    trainer = build_trainer(
+        cfg,
+        train,
+        val,
+        weights,
+        name=name,
+        storage_path=storage_path,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+    )
     try:
         result = trainer.fit()
     except Exception:
         tracking.end_run(run_id, status="FAILED")
         raise
     best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_top1"])
-    summary = {"run_dir": run_dir, "mlflow_run_id": run_id, "final": result.metrics,
-               "best": best[1], "best_checkpoint": best[0].path}
+    summary = {
+        "run_dir": run_dir,
+        "mlflow_run_id": run_id,
+        "final": result.metrics,
+        "best": best[1],
+        "best_checkpoint": best[0].path,
+    }
     with best[0].as_directory() as directory:
         model = create_model(cfg.model.name, num_classes=len(train.class_names))
         load_weights(model, str(Path(directory) / "model.safetensors"))
     summary["model"] = tracking.log_model_to_run(
-        run_id, model, architecture=cfg.model.name, class_names=list(train.class_names),
-        image_size=cfg.preprocessing.image_size, registered_model_name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias)
+        run_id,
+        model,
+        architecture=cfg.model.name,
+        class_names=list(train.class_names),
+        image_size=cfg.preprocessing.image_size,
+        registered_model_name=cfg.mlflow.registered_model,
+        alias=cfg.mlflow.alias,
+    )
     tracking.end_run(run_id, status="FINISHED")
     write_json(join(run_dir, "skray_result.json"), summary)
     return summary
@@ -735,4 +972,3 @@ def load_run_config(run_dir: str) -> TrainConfig:
     if not exists(uri):
         raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a skray training run)")
     return validate_config(TrainConfig, yaml.safe_load(read_bytes(uri)), source=uri)
-

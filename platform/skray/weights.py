@@ -110,7 +110,9 @@ def parse_state_dict(data: bytes, path: str) -> tuple[dict[str, torch.Tensor], d
     try:
         if suffix == ".safetensors":
             return safetensors.torch.load(data), _safetensors_metadata(data)
-        return _unwrap(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), path), {}
+        return _unwrap(
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), path
+        ), {}
     except WeightsError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable file
