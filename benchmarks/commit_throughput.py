@@ -238,7 +238,8 @@ def main() -> None:
             puts = proxy.writes.value
 
     print(
-        f"\n{rows} rows per run, {rows // UNIT_ROWS} units of {UNIT_ROWS} rows, batches of {BATCH_ROWS}; "
+        f"\n{rows} rows per run, {rows // UNIT_ROWS} units of {UNIT_ROWS} rows, "
+        f"batches of {BATCH_ROWS}; "
         f"S3: {puts / (2 * rows // UNIT_ROWS):.2f} write requests per part"
     )
     print(f"| store | {settings[0][0]} rows/s | {settings[1][0]} rows/s | ratio |")

@@ -44,7 +44,8 @@ def decode_all(path: str, blobs: list[bytes]) -> tuple[torch.Tensor, float]:
 def agreement(
     classifier: Classifier, crops: dict[str, torch.Tensor], batch: int = 32
 ) -> dict[str, tuple]:
-    """Per path: (top-1 agreement with full, mean |logit delta|, max |logit delta|, mean top-1 margin of full)."""
+    """Per path: (top-1 agreement with full, mean |logit delta|, max |logit delta|,
+    mean top-1 margin of full)."""
     logits = {
         path: torch.cat([classifier.logits(c[i : i + batch]) for i in range(0, len(c), batch)])
         for path, c in crops.items()
@@ -86,7 +87,8 @@ def main() -> None:
         _, speed[path + "_large"] = decode_all(path, large)
 
     print(
-        "\n| path | crop |diff| mean / max (levels) | decode img/s, all | x full | img/s, >= 1000 px JPEGs | x full |"
+        "\n| path | crop |diff| mean / max (levels) | decode img/s, all | x full "
+        "| img/s, >= 1000 px JPEGs | x full |"
     )
     print("|---|---|---|---|---|---|")
     for path in crops:
@@ -99,7 +101,8 @@ def main() -> None:
 
     models = [(f"{args.model}, seeded random weights", Classifier(args.model))]
     print(
-        "\n| model | path | top-1 agreement with full | mean |logit delta| | max |logit delta| | mean top-1 margin (full) |"
+        "\n| model | path | top-1 agreement with full | mean |logit delta| | max |logit delta| "
+        "| mean top-1 margin (full) |"
     )
     print("|---|---|---|---|---|---|")
     for name, classifier in models:

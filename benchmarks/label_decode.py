@@ -1,4 +1,4 @@
-"""The labeling job with ``decode: cpu`` vs ``decode: gpu``, as a fraction of the model alone.
+r"""The labeling job with ``decode: cpu`` vs ``decode: gpu``, as a fraction of the model alone.
 
 One run, the same real photos (skray.testing.photo_corpus: JPEGs up to 1600 px, every
 8th a PNG, written to local disk), the same model, batch shape and settings as the
@@ -14,7 +14,8 @@ job's actors (bf16 autocast and channels_last on a GPU, ``--compile``):
 Made for ``benchmarks/gpu_check.sh`` (one GPU, ~20k photos); it runs on CPU too, where
 ``decode: gpu`` is torchvision's CPU decoder inside the actor.
 
-    python benchmarks/label_decode.py [--images 20000] [--batch 256] [--compile] [--usd-per-hour 3.5]
+    python benchmarks/label_decode.py [--images 20000] [--batch 256] [--compile] \
+        [--usd-per-hour 3.5]
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def write_photos(root: str, n: int) -> None:
 
 
 def model_only(model: str, root: str, batch: int, compile: bool, rounds: int) -> float:
-    """img/s of the actor's Classifier (same dtype, layout, compile, batch shape, threads) on ready crops."""
+    """img/s of the actor's Classifier (same dtype, layout, compile, batch shape, threads) on
+    ready crops."""
     amp = torch.bfloat16 if torch.cuda.is_available() else None
     classifier = Classifier(model, compile=compile, amp_dtype=amp, batch_size=batch)
     files = sorted(Path(root).iterdir())[:batch]
@@ -140,8 +142,8 @@ def main() -> None:
         else f"CPU ({os.cpu_count()} cores)"
     )
     print(
-        f"\n{args.model}, {device}, batch {args.batch}, compile {args.compile}, {args.images} photos "
-        f"on local disk, Ray {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+        f"\n{args.model}, {device}, batch {args.batch}, compile {args.compile}, "
+        f"{args.images} photos on local disk, Ray {ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"${args.usd_per_hour:.2f} per hour"
     )
     print(
@@ -151,19 +153,20 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     cost = lambda rate: args.usd_per_hour * 1e6 / (rate * 3600)  # noqa: E731
     print(
-        f"| model-only (mean of {', '.join(f'{r:.1f}' for r in references)}) | {reference:.1f} | 1.00 "
-        f"| | | | {cost(reference):.2f} |"
+        f"| model-only (mean of {', '.join(f'{r:.1f}' for r in references)}) "
+        f"| {reference:.1f} | 1.00 | | | | {cost(reference):.2f} |"
     )
     for decode, t in runs.items():
         rate = t["from_ready_img_per_s"]
         print(
             f"| job, decode: {decode} | {rate:.1f} | {rate / reference:.2f} "
-            f"| {t.get('actor_busy_fraction', float('nan')):.0%} | {t.get('model_img_per_s', float('nan')):.1f} "
+            f"| {t.get('actor_busy_fraction', float('nan')):.0%} "
+            f"| {t.get('model_img_per_s', float('nan')):.1f} "
             f"| {t.get('decode_img_per_s', float('nan')):.1f} | {cost(rate):.2f} |"
         )
     print(
-        f"\ndecode: gpu end to end vs model-only: {runs['gpu']['from_ready_img_per_s'] / reference:.2f} "
-        "(target on a GPU >= 0.8)"
+        "\ndecode: gpu end to end vs model-only: "
+        f"{runs['gpu']['from_ready_img_per_s'] / reference:.2f} (target on a GPU >= 0.8)"
     )
 
 

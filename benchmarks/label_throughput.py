@@ -40,7 +40,8 @@ MIB = 1 << 20
 
 
 def pss_bytes(pid: str) -> int:
-    """Proportional set size: shared pages (torch's libraries in every worker) counted once overall."""
+    """Proportional set size: shared pages (torch's libraries in every worker) counted once
+    overall."""
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
@@ -108,8 +109,9 @@ def model_only(model: str, files: list[str], batch: int, threads: int, rounds: i
 
 
 def first_model_actor_ready(since: float) -> float | None:
-    """Unix time the first Ray Data map actor (a Predictor with its model loaded) of a job started
-    after ``since`` became ALIVE: GCS stamps ``StartTime`` when the actor's ``__init__`` returned."""
+    """Unix time the first Ray Data map actor (a Predictor with its model loaded) of a job
+    started after ``since`` became ALIVE: GCS stamps ``StartTime`` when the actor's
+    ``__init__`` returned."""
     from ray._private.state import actors
 
     started = [
@@ -176,8 +178,9 @@ def main() -> None:
     reference = statistics.median(references)
 
     print(
-        f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, N = {args.images} images "
-        f"({torch.get_num_threads()} threads in this process), Ray with 4 logical CPUs"
+        f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, "
+        f"N = {args.images} images ({torch.get_num_threads()} threads in this process), "
+        "Ray with 4 logical CPUs"
     )
     print(
         "| run | images | actor ready after s | img/s from actor ready | x model-only "
@@ -192,20 +195,23 @@ def main() -> None:
     for name, (t, peak) in runs.items():
         ready, first = t["from_ready_img_per_s"], t["steady_img_per_s"]
         print(
-            f"| job {name} | {t['images_this_run']} | {t['actor_ready_s']:.1f} | {ready:.2f} | "
-            f"{ready / reference:.2f} | {first:.2f} | {first / reference:.2f} | {t['img_per_s']:.2f} "
-            f"| {peak['driver'] / MIB:.0f} | {peak['workers'] / MIB:.0f} | {peak['object_store'] / MIB:.0f} |"
+            f"| job {name} | {t['images_this_run']} | {t['actor_ready_s']:.1f} | {ready:.2f} "
+            f"| {ready / reference:.2f} | {first:.2f} | {first / reference:.2f} "
+            f"| {t['img_per_s']:.2f} | {peak['driver'] / MIB:.0f} | {peak['workers'] / MIB:.0f} "
+            f"| {peak['object_store'] / MIB:.0f} |"
         )
     (small_t, small_m), (large_t, large_m) = runs["N"], runs["10N"]
     total = lambda m: m["driver"] + m["workers"] + m["object_store"]  # noqa: E731
     print(
-        f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), time per image "
-        f"x{small_t['from_ready_img_per_s'] / large_t['from_ready_img_per_s']:.2f} (target within 1.10)"
+        f"\n10x images: peak memory x{total(large_m) / total(small_m):.2f} (target <= 1.25), "
+        f"time per image x{small_t['from_ready_img_per_s'] / large_t['from_ready_img_per_s']:.2f} "
+        "(target within 1.10)"
     )
     print(
         f"from actor ready vs model-only: {small_t['from_ready_img_per_s'] / reference:.2f} / "
-        f"{large_t['from_ready_img_per_s'] / reference:.2f} (target >= 0.85); after the first batch: "
-        f"{small_t['steady_img_per_s'] / reference:.2f} / {large_t['steady_img_per_s'] / reference:.2f}"
+        f"{large_t['from_ready_img_per_s'] / reference:.2f} (target >= 0.85); "
+        f"after the first batch: {small_t['steady_img_per_s'] / reference:.2f} / "
+        f"{large_t['steady_img_per_s'] / reference:.2f}"
     )
 
 

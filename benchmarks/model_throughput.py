@@ -1,4 +1,4 @@
-"""Model-only throughput: skray's eager model and inference fast path, next to timm's.
+r"""Model-only throughput: skray's eager model and inference fast path, next to timm's.
 
 Every variant is timed interleaved, round by round, in one process so that machine
 noise hits them alike; warm-up and compilation run before the first timed round.
@@ -9,7 +9,8 @@ benchmark and validate scripts use unless told ``--channels-last``) and channels
 layout skray's fast path uses, so the ratio to each is visible. On a GPU, timm's compiled
 model also runs under bf16 autocast, like skray's.
 
-    python benchmarks/model_throughput.py [--model skresnext50_32x4d] [--batch 16] [--size 224] [--rounds 20]
+    python benchmarks/model_throughput.py [--model skresnext50_32x4d] [--batch 16] [--size 224] \
+        [--rounds 20]
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def bf16_autocast(fn: Runner) -> Runner:
 
 
 def timm_variants(name: str, device: torch.device) -> dict[str, Runner]:
-    """timm's model of the same name: eager as created and channels_last, and compiled with freezing
-    (torch.compile's fastest CPU inference; bf16 autocast too on a GPU): the bar skray is held to."""
+    """timm's model of the same name: eager as created and channels_last, and compiled with
+    freezing (torch.compile's fastest CPU inference; bf16 autocast too on a GPU): the bar skray
+    is held to."""
     try:
         import timm
     except ImportError:
@@ -137,8 +139,9 @@ def main() -> None:
     ]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"\n{args.model}, batch {args.batch}, {args.size} px, {device_name}, {torch.get_num_threads()} threads, "
-        f"median of {args.rounds} interleaved rounds (warm-up and compilation excluded)"
+        f"\n{args.model}, batch {args.batch}, {args.size} px, {device_name}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds "
+        "(warm-up and compilation excluded)"
     )
     print("| variant | img/s | " + " | ".join(f"x {r}" for r in references) + " |")
     print("|---|---:|" + "---:|" * len(references))

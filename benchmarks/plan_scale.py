@@ -35,7 +35,8 @@ PREFIX = "s3://bucket/images/"
 
 
 def listing(n: int) -> pa.Array:
-    """``n`` sorted keys like ``s3://bucket/images/0001234/00012345678.jpg`` (fixed width, so sorted)."""
+    """``n`` sorted keys like ``s3://bucket/images/0001234/00012345678.jpg`` (fixed width, so
+    sorted)."""
     ids = pc.utf8_lpad(pa.array(np.arange(n)).cast(pa.string()), 11, "0")
     folders = pc.utf8_slice_codeunits(ids, 0, 7)
     return pc.binary_join_element_wise(PREFIX, folders, "/", ids, ".jpg", "")
@@ -46,7 +47,8 @@ def committed_mask(n: int) -> np.ndarray:
 
 
 def write_parts(output: str, keys: pa.Array, files_per_unit: int) -> int:
-    """The committed keys as label parts; every column but ``key`` is null (only its size matters)."""
+    """The committed keys as label parts; every column but ``key`` is null (only its size
+    matters)."""
 
     def write(start: int) -> None:
         chunk = keys[start : start + files_per_unit]
@@ -126,7 +128,8 @@ def main() -> None:
         assert r["pending"] + r["committed"] == n, r
         print(
             f"{n:>12,} {r['committed']:>10,} {r['pending']:>9,} {r['parts']:>7,} {r['plan_s']:>7} "
-            f"{r['peak_mib']:>9,} {r['listing_mib']:>12,} {r['peak_mib'] / r['listing_mib']:>13.2f}",
+            f"{r['peak_mib']:>9,} {r['listing_mib']:>12,} "
+            f"{r['peak_mib'] / r['listing_mib']:>13.2f}",
             flush=True,
         )
 

@@ -166,20 +166,22 @@ def main() -> None:
             )
             results.append({"rows": rows, **json.loads(done.stdout.strip().splitlines()[-1])})
     print(
-        f"\n{'rows':>12} {'what':<12} {'imports MiB':>12} {'peak MiB':>9} {'above imports':>14} {'seconds':>8} "
-        f"{'rows/s':>10}"
+        f"\n{'rows':>12} {'what':<12} {'imports MiB':>12} {'peak MiB':>9} {'above imports':>14} "
+        f"{'seconds':>8} {'rows/s':>10}"
     )
     for r in results:
         print(
             f"{r['rows']:>12,} {r['kind']:<12} {r['imports_mib']:>12.0f} {r['peak_mib']:>9.0f} "
-            f"{r['peak_mib'] - r['imports_mib']:>14.0f} {r['seconds']:>8.1f} {r['rows'] / r['seconds']:>10,.0f}"
+            f"{r['peak_mib'] - r['imports_mib']:>14.0f} {r['seconds']:>8.1f} "
+            f"{r['rows'] / r['seconds']:>10,.0f}"
         )
     reports = [r for r in results if r["kind"] == "report"]
     if len(reports) > 1:
         low, high = reports[0], reports[-1]
+        low_above, high_above = (r["peak_mib"] - r["imports_mib"] for r in (low, high))
         print(
             f"\nreport: {high['rows'] / low['rows']:.0f}x the rows -> peak above imports "
-            f"{(high['peak_mib'] - high['imports_mib']) / max(low['peak_mib'] - low['imports_mib'], 1):.2f}x, "
+            f"{high_above / max(low_above, 1):.2f}x, "
             f"time {high['seconds'] / low['seconds']:.1f}x"
         )
     if not args.keep:

@@ -3,8 +3,9 @@ the model alone at the same batch size, all in one run.
 
 For each mode (batching on: ``max_batch_size=--batch``; off: ``max_batch_size=1``) the app is
 deployed on a local Ray, then ``--requests`` JPEG requests are sent at each concurrency level
-(``--concurrency``, default 1, 4, 16, 64) and timed client-side: req/s, p50/p95/p99 latency, errors (any non-200), and
-the mean batch each request shared (``X-Skray-Batch-Size``). Model-only img/s is the replica's
+(``--concurrency``, default 1, 4, 16, 64) and timed client-side: req/s, p50/p95/p99 latency,
+errors (any non-200), and the mean batch each request shared (``X-Skray-Batch-Size``).
+Model-only img/s is the replica's
 own :class:`Classifier` on ready uint8 crops at ``--batch`` with the same threads, measured
 before and after the HTTP runs; the ratio column divides by their mean.
 
@@ -179,21 +180,24 @@ def main() -> None:
     reference = statistics.mean(alone)
 
     print(
-        f"\n{args.model}, {args.requests} requests per level, 320x256 JPEGs, {args.threads} torch threads; "
-        f"model-only at batch {args.batch}: {alone[0]:.2f} / {alone[1]:.2f} img/s (before / after)"
+        f"\n{args.model}, {args.requests} requests per level, 320x256 JPEGs, "
+        f"{args.threads} torch threads; model-only at batch {args.batch}: "
+        f"{alone[0]:.2f} / {alone[1]:.2f} img/s (before / after)"
     )
     print(
-        "| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | vs model-only |"
+        "| batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+        "| vs model-only |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['batching']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50']:.0f} | {r['p95']:.0f} | "
-            f"{r['p99']:.0f} | {r['errors']} | {r['batch']:.1f} | {r['rps'] / reference:.2f}x |"
+            f"| {r['batching']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50']:.0f} "
+            f"| {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} | {r['batch']:.1f} "
+            f"| {r['rps'] / reference:.2f}x |"
         )
     print(
-        "\nWhere a request's time went, mean ms: replica stages (Server-Timing), and proxy + client = "
-        "client-side latency - replica total"
+        "\nWhere a request's time went, mean ms: replica stages (Server-Timing), "
+        "and proxy + client = client-side latency - replica total"
     )
     print(
         "| batching | concurrency | " + " | ".join(STAGES) + " | proxy + client | client latency |"

@@ -34,7 +34,8 @@ from skray.train import TrainConfig, build_optimizer, train_epoch, train_loop
 def plain_loop(
     cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classes: int
 ) -> list[float]:
-    """The same step as train_loop (:func:`skray.train.train_epoch`), without Ray: img/s per epoch."""
+    """The same step as train_loop (:func:`skray.train.train_epoch`), without Ray: img/s per
+    epoch."""
     model = create_model(cfg.model.name, num_classes=classes).train()
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -137,12 +138,12 @@ def main() -> None:
     )
     print("| loop | img/s per epoch | median (epochs 2+) | ratio |\n|---|---|---:|---:|")
     print(
-        f"| plain PyTorch, no Ray running (before, after) | {', '.join(f'{r:.1f}' for r in plain + plain_again)} "
-        f"| {plain_rate:.1f} | 1.00 |"
+        "| plain PyTorch, no Ray running (before, after) "
+        f"| {', '.join(f'{r:.1f}' for r in plain + plain_again)} | {plain_rate:.1f} | 1.00 |"
     )
     print(
-        f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} | {ray_rate:.1f} "
-        f"| {ray_rate / plain_rate:.2f} |"
+        f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} "
+        f"| {ray_rate:.1f} | {ray_rate / plain_rate:.2f} |"
     )
     print(f"\nRay Train loop vs plain: {ray_rate / plain_rate:.2f} (target >= 0.9)")
 

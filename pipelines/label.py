@@ -1,6 +1,7 @@
-"""Bulk labeling entry point for ``ray job submit``.
+r"""Bulk labeling entry point for ``ray job submit``.
 
-ray job submit --working-dir . -- python pipelines/label.py --config configs/label.yaml [--set key=value ...]
+ray job submit --working-dir . -- python pipelines/label.py --config configs/label.yaml \
+    [--set key=value ...]
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Training entry point for ``ray job submit``.
+r"""Training entry point for ``ray job submit``.
 
-ray job submit --working-dir . -- python pipelines/train.py --config configs/train_baseline.yaml [--set key=value ...]
+ray job submit --working-dir . -- python pipelines/train.py \
+    --config configs/train_baseline.yaml [--set key=value ...]
 ray job submit --working-dir . -- python pipelines/train.py --resume s3://bucket/skray/train/RUN
 """
 

@@ -37,7 +37,8 @@ def registered_model(name: str) -> str:
 
 
 ModelName = Annotated[str, AfterValidator(registered_model)]
-"""A config field holding an architecture name: unknown names fail validation, listing the known ones."""
+"""A config field holding an architecture name: unknown names fail validation, listing the known
+ones."""
 
 
 def _for_chosen_model(value: PreprocessingConfig, info: ValidationInfo) -> PreprocessingConfig:

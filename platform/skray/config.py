@@ -114,7 +114,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def redact_values(value: Any) -> Any:
-    """``value`` with every URI-like string (one holding ``://``) passed through :func:`redact_uri`."""
+    """``value`` with every URI-like string (one holding ``://``) passed through
+    :func:`redact_uri`."""
     if isinstance(value, dict):
         return {k: redact_values(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -149,7 +149,8 @@ def ray_cli() -> str:
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for ``ray start`` / ``ray job submit``: this venv first on PATH, token auth on."""
+    """Environment for ``ray start`` / ``ray job submit``: this venv first on PATH, token auth
+    on."""
     env = {**os.environ, **(extra or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"

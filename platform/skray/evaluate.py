@@ -1,4 +1,5 @@
-"""``skray evaluate``: top-1 / top-5 of a model on a labeled image set, with the card's eval transform.
+"""``skray evaluate``: top-1 / top-5 of a model on a labeled image set, with the card's eval
+transform.
 
 How a user confirms 80.15 / 94.64 for the published weights on ImageNet val
 (``ROOT/<synset>/<image>``: sorted synsets are the logits' order). The data
@@ -36,7 +37,8 @@ class EvaluateConfig(StrictModel):
 
 
 class Scorer:
-    """Ray Data class UDF: the model loaded once; each batch -> its hit counts (:func:`skray.train.count_hits`)."""
+    """Ray Data class UDF: the model loaded once; each batch -> its hit counts
+    (:func:`skray.train.count_hits`)."""
 
     def __init__(
         self,

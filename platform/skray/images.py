@@ -316,7 +316,8 @@ def normalize(
 def eval_transform(
     cfg: PreprocessingConfig = PreprocessingConfig(),
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` + :func:`normalize`)."""
+    """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` +
+    :func:`normalize`)."""
     crop = eval_crop(cfg)
     return lambda image: normalize(crop(image), cfg.mean, cfg.std)
 

@@ -229,7 +229,8 @@ class Lease:
             if holder is not None and not holder.stale(time.time()):
                 raise LeaseHeld(
                     f"{self.uri} is held by {holder.describe()}: one run per output. "
-                    f"If that run is gone, its lease expires within {max(holder.expires - time.time(), 0):.0f} s."
+                    "If that run is gone, its lease expires within "
+                    f"{max(holder.expires - time.time(), 0):.0f} s."
                 )
             self.token = self.store.replace(self._body(), token)
             if self.token is not None:

@@ -1,3 +1,5 @@
-"""Network defaults shared by every server skray starts (Serve, the embedded S3 server and Ray head)."""
+"""Network defaults shared by every server skray starts (Serve, the embedded S3 server and Ray
+head)."""
 
-LOOPBACK = "127.0.0.1"  # bind here unless told otherwise: nothing is reachable from other machines by default
+# Bind here unless told otherwise: nothing is reachable from other machines by default.
+LOOPBACK = "127.0.0.1"

@@ -259,8 +259,9 @@ def load_model(
     """Build a model and load ``weights`` into it, reading what is not given from the file.
 
     ``weights="pretrained"`` means the variant's published checkpoint; ``None``
-    means random weights; :class:`PinnedWeights` load only with their sha256. A ``num_classes`` different from the checkpoint's
-    loads the backbone under a fresh head (fine-tuning).
+    means random weights; :class:`PinnedWeights` load only with their sha256. A
+    ``num_classes`` different from the checkpoint's loads the backbone under a fresh head
+    (fine-tuning).
     """
     if weights is None:
         return create_model(name or DEFAULT_MODEL, num_classes or 1000), None

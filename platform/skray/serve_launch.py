@@ -87,8 +87,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve_forever(launch: Launch, address: str | None = None) -> None:
-    """Deploy on the Ray at ``address`` (or ``RAY_ADDRESS``, else a new local one) until SIGINT/SIGTERM,
-    then delete the application."""
+    """Deploy on the Ray at ``address`` (or ``RAY_ADDRESS``, else a new local one) until
+    SIGINT/SIGTERM, then delete the application."""
     import ray
 
     ray.init(
@@ -103,8 +103,8 @@ def serve_forever(launch: Launch, address: str | None = None) -> None:
             route_prefix=launch.route_prefix,
         )
         print(
-            f"[serve] {launch.name}: {launch.config.model or 'model from weights'} at {launch.url}/v1/classify "
-            f"(docs {launch.url}/docs); Ctrl-C stops it",
+            f"[serve] {launch.name}: {launch.config.model or 'model from weights'} "
+            f"at {launch.url}/v1/classify (docs {launch.url}/docs); Ctrl-C stops it",
             flush=True,
         )
         while True:

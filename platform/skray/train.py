@@ -2,9 +2,9 @@
 
 ``train_loop`` is the whole per-worker loop, top to bottom: build the model,
 restore the latest checkpoint if there is one, then per epoch :func:`train_epoch`,
-:func:`validate`, :func:`save_checkpoint` through ``ray.train.report`` and log to MLflow (rank 0). ``run`` is the
-driver: it checks everything it can before a worker starts, opens the MLflow run,
-fits, and registers the best checkpoint's model.
+:func:`validate`, :func:`save_checkpoint` through ``ray.train.report`` and log to MLflow
+(rank 0). ``run`` is the driver: it checks everything it can before a worker starts, opens
+the MLflow run, fits, and registers the best checkpoint's model.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum over ``model``'s parameters, at the scaled LR, no decay on norms and biases."""
+    """SGD with momentum over ``model``'s parameters, at the scaled LR, no decay on norms and
+    biases."""
     return torch.optim.SGD(
         param_groups(model, cfg.optim.weight_decay, cfg.optim.no_weight_decay_on_norm_and_bias),
         lr=cfg.lr,
@@ -368,11 +369,12 @@ def stall_guarded(batches: Iterable, timeout_s: float, what: str) -> Iterator:
                 kind, value = items.get(timeout=timeout_s)
             except queue.Empty:
                 raise IngestStalledError(
-                    f"no {what} batch for {timeout_s:g} s (data.stall_timeout_s): the input pipeline is stalled. "
-                    f"Most often its read+decode tasks (data.decode_cpus CPUs each) find no CPU left beside the "
-                    f"training workers (scaling.workers x scaling.cpus_per_worker): `ray status` shows them "
-                    f"under Pending Demands. Lower those or add CPUs; raise data.stall_timeout_s if the "
-                    f"batches are only slow."
+                    f"no {what} batch for {timeout_s:g} s (data.stall_timeout_s): the input "
+                    "pipeline is stalled. Most often its read+decode tasks (data.decode_cpus CPUs "
+                    "each) find no CPU left beside the training workers (scaling.workers x "
+                    "scaling.cpus_per_worker): `ray status` shows them under Pending Demands. "
+                    "Lower those or add CPUs; raise data.stall_timeout_s if the batches are only "
+                    "slow."
                 ) from None
             if kind == "end":
                 return
@@ -433,7 +435,8 @@ def train_epoch(
 
 
 def set_backbone_frozen(model: SKResNeXt, frozen: bool) -> None:
-    """Frozen: BatchNorm statistics stay put and only the head learns (grads dropped after backward)."""
+    """Frozen: BatchNorm statistics stay put and only the head learns (grads dropped after
+    backward)."""
     for name, module in model.named_modules():
         if not name.startswith("fc") and isinstance(module, nn.BatchNorm2d):
             module.train(not frozen)
@@ -482,8 +485,9 @@ def epoch_metrics(
     world: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """The epoch's metrics over all workers, from each worker's :func:`train_epoch` and :func:`validate`
-    sums; fails the run when more than ``data.max_bad_fraction`` of the images did not decode."""
+    """The epoch's metrics over all workers, from each worker's :func:`train_epoch` and
+    :func:`validate` sums; fails the run when more than ``data.max_bad_fraction`` of the images
+    did not decode."""
     seen, skipped, loss_sum, c1, c5, n, elapsed_sum = all_reduce(
         trained["seen"],
         trained["skipped"] + validated["skipped"],
@@ -522,7 +526,8 @@ def save_checkpoint(
     best_top1: float,
     class_names: list[str],
 ) -> None:
-    """A checkpoint in ``directory``: ``state.pt`` to resume exactly, ``model.safetensors`` to use the model."""
+    """A checkpoint in ``directory``: ``state.pt`` to resume exactly, ``model.safetensors`` to use
+    the model."""
     torch.save(
         checkpoint_state(
             raw_model,
@@ -789,8 +794,9 @@ def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
             per_worker,
             decode,
             note=(
-                f"the cluster has {cluster_cpus:g} CPUs now and the training workers ask for {need:g} ({asked}): "
-                f"training waits until nodes join; on a fixed cluster, lower those"
+                f"the cluster has {cluster_cpus:g} CPUs now and the training workers ask for "
+                f"{need:g} ({asked}): training waits until nodes join; on a fixed cluster, "
+                "lower those"
             ),
         )
     given = min(decode, per_worker / 2)
@@ -798,9 +804,10 @@ def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
         per_worker - given,
         given,
         note=(
-            f"{asked} would leave {max(cluster_cpus - need, 0):g} of the cluster's {cluster_cpus:g} CPUs to the "
-            f"ingest, less than one read+decode task (data.decode_cpus {decode:g}), which would wait forever: "
-            f"each worker gets {per_worker - given:g} CPUs and each decode task {given:g}. To choose yourself, "
+            f"{asked} would leave {max(cluster_cpus - need, 0):g} of the cluster's "
+            f"{cluster_cpus:g} CPUs to the ingest, less than one read+decode task "
+            f"(data.decode_cpus {decode:g}), which would wait forever: each worker gets "
+            f"{per_worker - given:g} CPUs and each decode task {given:g}. To choose yourself, "
             f"set them so that workers x cpus_per_worker + decode_cpus <= {cluster_cpus:g}"
         ),
     )
