@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 MODEL_NAME_TAG = "skray.model_name"
 MODEL_VERSION_TAG = "skray.model_version"
 OUTPUT_TAG = "skray.output"
-RUN_TAG_PREFIX = "skray.labeling_run."  # on a model version: one tag per labeling run, valued its output
+RUN_TAG_PREFIX = (
+    "skray.labeling_run."  # on a model version: one tag per labeling run, valued its output
+)
 
 
 def connect(tracking_uri: str | None, experiment: str) -> str:
@@ -53,13 +55,22 @@ def connect(tracking_uri: str | None, experiment: str) -> str:
 
 def registered_version(pinned: PinnedWeights | None) -> tuple[str, str] | None:
     """(name, version) when the weights are a registered model version, else None."""
-    if pinned is None or pinned.version is None or not (pinned.model_uri or "").startswith("models:/"):
+    if (
+        pinned is None
+        or pinned.version is None
+        or not (pinned.model_uri or "").startswith("models:/")
+    ):
         return None
     return pinned.model_uri.removeprefix("models:/").rsplit("/", 1)[0], pinned.version
 
 
-def start(experiment: str, params: dict[str, Any], output: str, data_uri: str,
-          pinned: PinnedWeights | None) -> str:
+def start(
+    experiment: str,
+    params: dict[str, Any],
+    output: str,
+    data_uri: str,
+    pinned: PinnedWeights | None,
+) -> str:
     """Open the run (params and tags) and link it with the registered model version, if any."""
     tags = {**tracking.run_tags(data_uri), OUTPUT_TAG: redact_uri(output)}
     registered = registered_version(pinned)
@@ -110,7 +121,11 @@ def finish(run_id: str, manifest: dict[str, Any], report_dir: str | None) -> Non
                 tracking.log_artifacts(run_id, Path(tmp) / "report", "report")
         tracking.end_run(run_id, "FINISHED")
     except (tracking.TrackingError, OSError) as err:
-        log.warning("the labeling output is complete, but MLflow run %s is not recorded in full: %s", run_id, err)
+        log.warning(
+            "the labeling output is complete, but MLflow run %s is not recorded in full: %s",
+            run_id,
+            err,
+        )
 
 
 def fail(run_id: str) -> None:
