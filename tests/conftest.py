@@ -64,7 +64,9 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def bucket(embedded_s3: EmbeddedS3, request: pytest.FixtureRequest) -> str:
     """A fresh bucket named after the test."""
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip(
+        "-"
+    )
     embedded_s3.create_bucket(name)
     return f"s3://{name}"
 
@@ -79,7 +81,13 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test on the session's Ray is slow: say so, so that `-m "not slow"` never starts Ray."""
-    unmarked = [item.nodeid for item in items
-                if "ray_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "ray_cluster" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("slow") is None
+    ]
     if unmarked:
-        raise pytest.UsageError("tests on the session's Ray need @pytest.mark.slow: " + ", ".join(unmarked))
+        raise pytest.UsageError(
+            "tests on the session's Ray need @pytest.mark.slow: " + ", ".join(unmarked)
+        )

@@ -101,8 +101,14 @@ def label_row(key: str, label: str | None = "cat", error: str | None = None) -> 
     """One output row as the sink stores it (error None = labeled)."""
     ok = error is None
     return {
-        "key": key, "label_id": 1 if ok else None, "label": label if ok else None,
-        "score": 0.9 if ok else None, "topk_ids": [1, 2] if ok else None,
-        "topk_scores": [0.9, 0.1] if ok else None, "model": SMALL, "weights_sha256": None,
-        "error": error, "meta": None,
+        "key": key,
+        "label_id": 1 if ok else None,
+        "label": label if ok else None,
+        "score": 0.9 if ok else None,
+        "topk_ids": [1, 2] if ok else None,
+        "topk_scores": [0.9, 0.1] if ok else None,
+        "model": SMALL,
+        "weights_sha256": None,
+        "error": error,
+        "meta": None,
     }

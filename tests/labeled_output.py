@@ -39,7 +39,12 @@ class Output:
 def _row(key: str, label: str | None, score: float, error: str | None = None) -> dict:
     row = label_row(key, label, error)
     if error is None:
-        row.update(label=label, score=score, label_id=None if label is None else 1, topk_scores=[score, 0.0])
+        row.update(
+            label=label,
+            score=score,
+            label_id=None if label is None else 1,
+            topk_scores=[score, 0.0],
+        )
     return row
 
 
@@ -64,7 +69,9 @@ def write_labeled_output(root: str, progress: bool = True) -> Output:
 
     shard = join(root, "src/shards/shard-00000.tar")
     members = [
-        (f"s/{n:04d}.{ext}", data) for n in range(5) for ext, data in (("jpg", photos[20 + n]), ("cls", b"1"))
+        (f"s/{n:04d}.{ext}", data)
+        for n in range(5)
+        for ext, data in (("jpg", photos[20 + n]), ("cls", b"1"))
     ]
     write_bytes_atomic(shard, tar_bytes(members))
     tar_keys = [f"{shard}#s/{n:04d}" for n in range(5)]
@@ -73,7 +80,9 @@ def write_labeled_output(root: str, progress: bool = True) -> Output:
     parquet_keys = [f"{table}#{n}" for n in range(4)]
     shard_rows = [_row(k, "rocket", 0.2 + 0.01 * n) for n, k in enumerate(tar_keys)]
     parquet_rows = [_row(k, "coffee mug", 0.3 + 0.01 * n) for n, k in enumerate(parquet_keys)]
-    abstained = [_row(join(root, f"src/images/unsure-{n}.jpg"), None, 0.05 + 0.01 * n) for n in range(2)]
+    abstained = [
+        _row(join(root, f"src/images/unsure-{n}.jpg"), None, 0.05 + 0.01 * n) for n in range(2)
+    ]
     failed = [
         _row(join(root, f"src/bad/{reason}-{n}"), None, 0.0, f"{reason}: detail {n}")
         for reason, count in FAILURES.items()
@@ -81,7 +90,13 @@ def write_labeled_output(root: str, progress: bool = True) -> Output:
     ]
 
     output = join(root, "labels")
-    parts = {"a": rows[:12], "b": rows[12:] + abstained, "c": shard_rows, "d": parquet_rows, "e": failed}
+    parts = {
+        "a": rows[:12],
+        "b": rows[12:] + abstained,
+        "c": shard_rows,
+        "d": parquet_rows,
+        "e": failed,
+    }
     for unit, part in parts.items():
         write_part(output, unit, part)
     timings = {"total_s": 12.5, "img_per_s": 3.4}

@@ -43,7 +43,12 @@ def test_predict_with_saved_weights_uses_their_class_names(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     save_weights(model, weights, architecture=SMALL, class_names=["cat", "dog", "owl"])
 
-    assert main(["predict", "--weights", str(weights), "--top-k", "2", write_image(tmp_path / "a.png")]) == 0
+    assert (
+        main(
+            ["predict", "--weights", str(weights), "--top-k", "2", write_image(tmp_path / "a.png")]
+        )
+        == 0
+    )
 
     out, err = capsys.readouterr()
     assert "RANDOM" not in err
@@ -66,7 +71,12 @@ def test_predict_with_weights_that_do_not_fit_says_so_and_exits_2(tmp_path, caps
 def test_label_with_a_missing_input_fails_before_any_work_naming_it(tmp_path, capsys):
     missing = tmp_path / "nothing-here"
 
-    assert main(["label", "--input", str(missing), "--output", str(tmp_path / "out"), "--model", SMALL]) == 2
+    assert (
+        main(
+            ["label", "--input", str(missing), "--output", str(tmp_path / "out"), "--model", SMALL]
+        )
+        == 2
+    )
 
     assert f"input not found: {missing}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -28,7 +28,9 @@ def predictor_batch(rows: list[tuple[str, str, int]], **stages: float) -> pa.Tab
     """A table shaped like the Predictor's output, from (key, unit, unit_rows) triples; each
     ``stages`` name (``model_s=...``) becomes a float64 column with that value on every row."""
     records = [{**label_row(key), "unit": unit, "unit_rows": n, **stages} for key, unit, n in rows]
-    schema = LABEL_SCHEMA.append(pa.field("unit", pa.string())).append(pa.field("unit_rows", pa.int64()))
+    schema = LABEL_SCHEMA.append(pa.field("unit", pa.string())).append(
+        pa.field("unit_rows", pa.int64())
+    )
     for name in stages:
         schema = schema.append(pa.field(name, pa.float64()))
     return pa.Table.from_pylist(records, schema=schema)
@@ -61,7 +63,9 @@ def writes(monkeypatch) -> list[str]:
 def test_a_unit_is_committed_once_all_its_rows_arrived_whatever_the_batch_order(tmp_path, writes):
     output = str(tmp_path / "out")
     with UnitCommitter(output) as committer:
-        assert committer.add(predictor_batch([("a2", "A", -1), ("b1", "B", 1), ("a1", "A", -1)])) == 3
+        assert (
+            committer.add(predictor_batch([("a2", "A", -1), ("b1", "B", 1), ("a1", "A", -1)])) == 3
+        )
         committer.add(predictor_batch([("c1", "C", 2)]))
         assert set(committer.pending) == {"A", "C"}  # A has 2 rows but no count yet; C 1 of 2
 
@@ -143,7 +147,10 @@ def test_a_failed_write_fails_the_commit_with_no_half_part_and_no_later_write(tm
             committer.add(predictor_batch([("a", "A", 1), ("b", "B", 1), ("c", "C", 1)]))
 
     assert committed_units(str(output)) == {"A"}  # C, queued behind B, is never written
-    assert sorted(os.listdir(output)) == [part_name("A"), part_name("B")]  # and no temporary file is left
+    assert sorted(os.listdir(output)) == [
+        part_name("A"),
+        part_name("B"),
+    ]  # and no temporary file is left
 
 
 def test_a_unit_still_incomplete_at_the_end_fails_the_commit_and_is_not_written(tmp_path):
@@ -170,10 +177,17 @@ def test_a_lost_lease_stops_every_write_not_yet_started(tmp_path, monkeypatch):
     try:
         with pytest.raises(LeaseLost):
             with UnitCommitter(output, lease.check, concurrency=1) as committer:
-                committer.add(predictor_batch([("a", "A", 1), ("b", "B", 1)]))  # A is being written, B queued
+                committer.add(
+                    predictor_batch([("a", "A", 1), ("b", "B", 1)])
+                )  # A is being written, B queued
                 assert first_write.wait(20)
-                stolen = {"run_id": "other", "host": "elsewhere", "pid": 1, "started": time.time(),
-                          "expires": time.time() + 300}
+                stolen = {
+                    "run_id": "other",
+                    "host": "elsewhere",
+                    "pid": 1,
+                    "started": time.time(),
+                    "expires": time.time() + 300,
+                }
                 write_bytes_atomic(join(output, LEASE_FILE), json.dumps(stolen).encode())
                 wait_for(lambda: lease.lost, 20, "the heartbeat to notice the takeover")
                 carry_on.set()
@@ -189,15 +203,20 @@ def test_a_lost_lease_stops_every_write_not_yet_started(tmp_path, monkeypatch):
 
 def test_stage_seconds_are_summed_into_figures_and_never_reach_a_part(tmp_path):
     stages = StageTimes()
-    batches = [predictor_batch([("a1", "A", -1), ("a2", "A", 2)], decode_s=0.5, model_s=0.1, wait_s=0.025),
-               predictor_batch([("b1", "B", 1)], decode_s=1.0, model_s=0.2, wait_s=0.2)]
+    batches = [
+        predictor_batch([("a1", "A", -1), ("a2", "A", 2)], decode_s=0.5, model_s=0.1, wait_s=0.025),
+        predictor_batch([("b1", "B", 1)], decode_s=1.0, model_s=0.2, wait_s=0.2),
+    ]
     with UnitCommitter(str(tmp_path)) as committer:
         for batch in batches:
             stages.add(batch)
             committer.add(batch)
 
     assert stages.figures() == {  # 3 rows; 2 s decoding, 0.4 s in the model, 0.25 s waiting
-        "decode_img_per_s": 1.5, "model_img_per_s": 7.5, "actor_busy_fraction": 0.6154, "actor_wait_s": 0.25,
+        "decode_img_per_s": 1.5,
+        "model_img_per_s": 7.5,
+        "actor_busy_fraction": 0.6154,
+        "actor_wait_s": 0.25,
     }
     assert read_part(str(tmp_path), "A").schema == LABEL_SCHEMA
     assert read_part(str(tmp_path), "B").schema == LABEL_SCHEMA
@@ -215,17 +234,28 @@ def test_without_stage_columns_there_are_no_figures_and_the_progress_line_is_pla
 
 def test_the_progress_line_and_the_summary_show_the_stage_figures():
     stages = StageTimes()
-    stages.add(predictor_batch([("a", "A", 1), ("b", "A", 1)], decode_s=0.01, model_s=0.004, wait_s=0.001))
+    stages.add(
+        predictor_batch([("a", "A", 1), ("b", "A", 1)], decode_s=0.01, model_s=0.004, wait_s=0.001)
+    )
     progress = Progress(total=4, interval_s=60, stages=stages)
     progress.add(2)
     manifest = {
-        "output": "out", "inputs": 2, "labeled": 2, "failed": 0, "failed_by_reason": {},
-        "skipped_already_done": 0, "duplicates": 0, "model": SMALL, "random_weights": False, "top_labels": [],
+        "output": "out",
+        "inputs": 2,
+        "labeled": 2,
+        "failed": 0,
+        "failed_by_reason": {},
+        "skipped_already_done": 0,
+        "duplicates": 0,
+        "model": SMALL,
+        "random_weights": False,
+        "top_labels": [],
         "timings": {"img_per_s": 9.0, "total_s": 1.0, **stages.figures()},
     }
 
-    assert progress.line().endswith("(decode 100.0 img/s/task; model 250.0 img/s/actor; actors busy 80%; "
-                                    "actors waited 0.0s)")
+    assert progress.line().endswith(
+        "(decode 100.0 img/s/task; model 250.0 img/s/actor; actors busy 80%; actors waited 0.0s)"
+    )
     assert "\n  model 250.0 img/s/actor\n  actors busy 80%\n" in format_summary(manifest)
 
 
@@ -243,7 +273,9 @@ def test_the_progress_line_and_the_summary_show_the_stage_figures():
         ((3, 1), 0.0, 0, (3, 3)),  # max below min means min
     ],
 )
-def test_the_actor_pool_starts_full_on_gpus_and_at_min_on_cpus(actors, gpus_per_actor, cluster_gpus, sizes):
+def test_the_actor_pool_starts_full_on_gpus_and_at_min_on_cpus(
+    actors, gpus_per_actor, cluster_gpus, sizes
+):
     config = ActorsConfig(min=actors[0], max=actors[1])
 
     assert actor_pool_sizes(config, gpus_per_actor, cluster_gpus) == sizes

@@ -62,7 +62,10 @@ def test_a_webdataset_dataset_takes_labels_from_cls_members_and_needs_its_classe
 
 def test_a_parquet_dataset_reads_a_label_column_of_names_or_indices(tmp_path):
     images = [labeled_image(i % 2, i) for i in range(4)]
-    pq.write_table(pa.table({"image": images, "label": ["dog", "cat", "dog", "cat"]}), tmp_path / "named.parquet")
+    pq.write_table(
+        pa.table({"image": images, "label": ["dog", "cat", "dog", "cat"]}),
+        tmp_path / "named.parquet",
+    )
 
     data = discover(str(tmp_path / "named.parquet"), "parquet")
 
@@ -71,7 +74,9 @@ def test_a_parquet_dataset_reads_a_label_column_of_names_or_indices(tmp_path):
 
 
 def test_a_label_outside_the_classes_is_skipped_like_an_undecodable_image(tmp_path):
-    pq.write_table(pa.table({"image": [labeled_image(0, 0)] * 2, "label": [0, 7]}), tmp_path / "t.parquet")
+    pq.write_table(
+        pa.table({"image": [labeled_image(0, 0)] * 2, "label": [0, 7]}), tmp_path / "t.parquet"
+    )
 
     data = discover(str(tmp_path / "t.parquet"), "parquet", class_names=["a", "b"])
 
@@ -79,8 +84,10 @@ def test_a_label_outside_the_classes_is_skipped_like_an_undecodable_image(tmp_pa
 
 
 def test_an_empty_label_column_means_no_classes(tmp_path):
-    pq.write_table(pa.table({"image": [labeled_image(0, 0)], "label": pa.array([None], pa.int64())}),
-                   tmp_path / "t.parquet")
+    pq.write_table(
+        pa.table({"image": [labeled_image(0, 0)], "label": pa.array([None], pa.int64())}),
+        tmp_path / "t.parquet",
+    )
 
     with pytest.raises(DatasetError, match="no classes"):
         discover(str(tmp_path / "t.parquet"), "parquet")
@@ -89,19 +96,27 @@ def test_an_empty_label_column_means_no_classes(tmp_path):
 def test_a_folder_label_comes_from_the_path_alone(tmp_path):
     write_labeled_folder(str(tmp_path), classes=2, per_class=1)
     data = discover(str(tmp_path), "folder")
-    assert data.label_of({"key": str(tmp_path / "class1" / "0000.png"), "meta": json.dumps({})}) == 1
+    assert (
+        data.label_of({"key": str(tmp_path / "class1" / "0000.png"), "meta": json.dumps({})}) == 1
+    )
 
 
 def test_evaluation_reads_and_crops_a_unit_exactly_as_labeling_does(tmp_path):
     write_labeled_folder(str(tmp_path), classes=2, per_class=2)
-    write_bytes_atomic(str(tmp_path / "class0" / "big.jpg"), synthetic_image(0, (640, 480)))  # large: drafts
+    write_bytes_atomic(
+        str(tmp_path / "class0" / "big.jpg"), synthetic_image(0, (640, 480))
+    )  # large: drafts
     (tmp_path / "class1" / "broken.png").write_bytes(b"nope")
     data = discover(str(tmp_path), "folder")
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
 
     [evaluated] = read_labeled(units, data, 48, False, EVAL, {}, batch_size=8)
-    [labeled] = read_and_decode(units, EVAL, EVAL.max_pixels, 8, "image", None, max_object_bytes=2**20)
+    [labeled] = read_and_decode(
+        units, EVAL, EVAL.max_pixels, 8, "image", None, max_object_bytes=2**20
+    )
 
     assert np.array_equal(evaluated["image"], labeled["image"])
-    assert [label == BAD_LABEL for label in evaluated["label"]] == [bool(e) for e in labeled["error"]]
+    assert [label == BAD_LABEL for label in evaluated["label"]] == [
+        bool(e) for e in labeled["error"]
+    ]
     assert sorted(evaluated["label"].tolist()) == [BAD_LABEL, 0, 0, 0, 1, 1]

@@ -41,7 +41,9 @@ def generated_images() -> list[bytes]:
     """What the photo corpus lacks: EXIF rotation, CMYK and alpha (both go to Pillow), greyscale
     gradients, noise, a tiny image and a progressive JPEG."""
     gen = torch.Generator().manual_seed(0)
-    noise = Image.fromarray(torch.randint(0, 256, (300, 420, 3), generator=gen, dtype=torch.uint8).numpy())
+    noise = Image.fromarray(
+        torch.randint(0, 256, (300, 420, 3), generator=gen, dtype=torch.uint8).numpy()
+    )
     gradient = Image.linear_gradient("L").resize((640, 360))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 cw on display
@@ -63,7 +65,9 @@ def images() -> list[bytes]:
     return [data for _, data in photo_corpus(24)] + generated_images()
 
 
-def test_device_crops_match_the_pillow_crops_within_two_levels_on_photos_and_generated_images(images):
+def test_device_crops_match_the_pillow_crops_within_two_levels_on_photos_and_generated_images(
+    images,
+):
     crops, errors = DeviceDecoder(CFG, device=DEVICE)(images)
     reference = torch.stack([decode_for_eval(data, CFG) for data in images])
 
@@ -91,7 +95,9 @@ def pixel_bomb_png(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    )
 
 
 def hostile_inputs() -> dict[str, bytes]:
@@ -121,10 +127,14 @@ def test_hostile_inputs_fail_with_the_same_reasons_as_the_pillow_path():
 def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles():
     compiled = Classifier(SMALL, device=str(DEVICE), compile=True, batch_size=4)
     eager = Classifier(SMALL, device=str(DEVICE))
-    crops = torch.randint(0, 256, (7, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    crops = torch.randint(
+        0, 256, (7, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
 
     compiled.logits(crops[:4])  # compiles for the batch shape
-    with torch._dynamo.config.patch(error_on_recompile=True):  # monkeypatch's undo would hide the key
+    with torch._dynamo.config.patch(
+        error_on_recompile=True
+    ):  # monkeypatch's undo would hide the key
         logits = compiled.logits(crops)  # a chunk of 4, then 3 padded to 4
 
     assert logits.shape == (7, eager.logits(crops).shape[1])
@@ -133,10 +143,15 @@ def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles()
 
 def predictor_batch(blobs: list[bytes]) -> dict[str, np.ndarray]:
     n = len(blobs)
-    return {"key": np.array([f"k{i:03d}" for i in range(n)], dtype=object),
-            "error": np.array([None] * n, dtype=object), "meta": np.array([None] * n, dtype=object),
-            "unit": np.array(["u"] * n, dtype=object), "unit_rows": np.full(n, -1, dtype=np.int64),
-            "decode_s": np.zeros(n), "data": np.array(blobs, dtype=object)}
+    return {
+        "key": np.array([f"k{i:03d}" for i in range(n)], dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "meta": np.array([None] * n, dtype=object),
+        "unit": np.array(["u"] * n, dtype=object),
+        "unit_rows": np.full(n, -1, dtype=np.int64),
+        "decode_s": np.zeros(n),
+        "data": np.array(blobs, dtype=object),
+    }
 
 
 def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillow_path(images):
@@ -144,8 +159,14 @@ def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillo
     shape, decoding on a second CUDA stream from pinned memory."""
     hostile = list(hostile_inputs().values())
     blobs = images + hostile
-    chunked = Predictor(SMALL, None, top_k=3, preprocessing=CFG, decode="gpu",
-                        batch_size="auto" if DEVICE.type == "cuda" else 8)
+    chunked = Predictor(
+        SMALL,
+        None,
+        top_k=3,
+        preprocessing=CFG,
+        decode="gpu",
+        batch_size="auto" if DEVICE.type == "cuda" else 8,
+    )
     reference = Classifier(SMALL, device=str(DEVICE)).predict_bytes(blobs, top_k=3)
 
     table = chunked(predictor_batch(blobs)).to_pylist()
@@ -162,12 +183,18 @@ def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillo
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_labeling_job_decoding_in_the_actors_gives_the_labels_of_the_cpu_decode(ray_cluster, tmp_path):
+def test_a_labeling_job_decoding_in_the_actors_gives_the_labels_of_the_cpu_decode(
+    ray_cluster, tmp_path
+):
     from skray.label import LabelConfig, run
 
     data = tmp_path / "data"
     data.mkdir()
-    for name, blob in [*photo_corpus(20), ("broken.jpg", photo_corpus(1)[0][1][:500]), ("junk.jpg", b"junk")]:
+    for name, blob in [
+        *photo_corpus(20),
+        ("broken.jpg", photo_corpus(1)[0][1][:500]),
+        ("junk.jpg", b"junk"),
+    ]:
         (data / name).write_bytes(blob)
     tables = {}
     for decode in ("cpu", "gpu"):
@@ -179,6 +206,7 @@ def test_a_labeling_job_decoding_in_the_actors_gives_the_labels_of_the_cpu_decod
     assert cpu.num_rows == gpu.num_rows == 22
     assert gpu.column("key").to_pylist() == cpu.column("key").to_pylist()
     assert gpu.column("label_id").to_pylist() == cpu.column("label_id").to_pylist()
-    assert [e and e.split(":")[0] for e in gpu.column("error").to_pylist()] == \
-        [e and e.split(":")[0] for e in cpu.column("error").to_pylist()]
+    assert [e and e.split(":")[0] for e in gpu.column("error").to_pylist()] == [
+        e and e.split(":")[0] for e in cpu.column("error").to_pylist()
+    ]
     assert gpu.column("error").null_count == 20

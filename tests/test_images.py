@@ -144,8 +144,10 @@ def test_exif_orientation_is_applied_so_the_image_comes_back_upright():
         pytest.param(row("RGB", [RED, (1, 2, 3)]), "PNG", [RED, (1, 2, 3)], id="RGB"),
         # CMYK all-zero is blank paper: white. Pure cyan has no red.
         pytest.param(
-            row("CMYK", [(0, 0, 0, 0), (0, 0, 0, 255), (255, 0, 0, 0)]), "TIFF",
-            [WHITE, BLACK, (0, 255, 255)], id="CMYK",
+            row("CMYK", [(0, 0, 0, 0), (0, 0, 0, 255), (255, 0, 0, 0)]),
+            "TIFF",
+            [WHITE, BLACK, (0, 255, 255)],
+            id="CMYK",
         ),
         # 16-bit: value >> 8.
         pytest.param(
@@ -301,13 +303,20 @@ def test_eval_config_is_configurable(image_size, crop_pct, resize_size):
 
 @pytest.fixture
 def wide_eval_model(monkeypatch) -> str:
-    """A registered variant whose eval preprocessing differs from the default model's in every field."""
+    """A registered variant whose eval preprocessing differs from the default model's in every
+    field."""
     import dataclasses
 
     from skray import model
 
-    spec = dataclasses.replace(model.model_spec("skresnext14_8x4d_half"), image_size=256, crop_pct=0.95,
-                               interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    spec = dataclasses.replace(
+        model.model_spec("skresnext14_8x4d_half"),
+        image_size=256,
+        crop_pct=0.95,
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
     monkeypatch.setitem(model._MODELS, "wide_eval", spec)
     return "wide_eval"
 
@@ -317,8 +326,12 @@ def test_preprocessing_left_unset_is_the_models_and_what_is_set_stays(wide_eval_
 
     assert (cfg.image_size, cfg.crop_pct, cfg.interpolation) == (256, 0.9, "bilinear")
     assert (cfg.mean, cfg.std, cfg.jpeg_draft) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True)
-    assert cfg.for_model("skresnext14_8x4d_half") == cfg, "resolved once: a second model changes nothing"
-    assert PreprocessingConfig() == PreprocessingConfig().for_model(None), "unresolved: the default model's"
+    assert cfg.for_model("skresnext14_8x4d_half") == cfg, (
+        "resolved once: a second model changes nothing"
+    )
+    assert PreprocessingConfig() == PreprocessingConfig().for_model(None), (
+        "unresolved: the default model's"
+    )
 
 
 @pytest.mark.parametrize(
@@ -487,8 +500,13 @@ def test_resize_bombs_are_refused_without_a_memory_spike(slivers, tmp_path):
     for name, data in slivers.items():
         paths.append(tmp_path / name)
         paths[-1].write_bytes(data)
-    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, *map(str, paths)],
-                          capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_PROBE, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["outcomes"] == ["too_many_pixels"] * 2
     assert report["grown_kib"] < 32 * 1024
@@ -496,12 +514,18 @@ def test_resize_bombs_are_refused_without_a_memory_spike(slivers, tmp_path):
 
 @pytest.mark.parametrize(
     ("error", "reason"),
-    [(MemoryError(), "too_many_pixels"), (ValueError("bad size"), "undecodable"),
-     (SyntaxError("broken plugin"), "undecodable"), (OSError("decoder error -2"), "undecodable")],
+    [
+        (MemoryError(), "too_many_pixels"),
+        (ValueError("bad size"), "undecodable"),
+        (SyntaxError("broken plugin"), "undecodable"),
+        (OSError("decoder error -2"), "undecodable"),
+    ],
     ids=["MemoryError", "ValueError", "SyntaxError", "OSError"],
 )
 @pytest.mark.parametrize("step", ["resize", "convert"])
-def test_any_failure_while_preparing_an_image_becomes_a_decode_error(monkeypatch, error, reason, step):
+def test_any_failure_while_preparing_an_image_becomes_a_decode_error(
+    monkeypatch, error, reason, step
+):
     data = encode(smooth((300, 200)), "PNG")
 
     def fail(*args, **kwargs):
@@ -526,8 +550,12 @@ def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(sli
     from skray.predictor import decode_rows
 
     good = encode(smooth((300, 200)), "PNG")
-    rows = [{"key": key, "data": data, "error": None, "meta": None, "unit": "u", "unit_rows": 2}
-            for key, data in [("bomb", slivers["jpeg_1x65000"]), ("good", good)]]
+    rows = [
+        {"key": key, "data": data, "error": None, "meta": None, "unit": "u", "unit_rows": 2}
+        for key, data in [("bomb", slivers["jpeg_1x65000"]), ("good", good)]
+    ]
     out = decode_rows(rows, PreprocessingConfig())
     assert out["error"][0].startswith("too_many_pixels: 1x65000 resizes to 256x")
-    assert out["error"][1] is None and torch.equal(torch.from_numpy(out["image"][1]), decode_for_eval(good))
+    assert out["error"][1] is None and torch.equal(
+        torch.from_numpy(out["image"][1]), decode_for_eval(good)
+    )

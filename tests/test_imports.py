@@ -1,4 +1,5 @@
-"""The package's import structure: imports point down (no cycle), and the model core needs no Ray or MLflow."""
+"""The package's import structure: imports point down (no cycle), and the model core needs
+no Ray or MLflow."""
 
 from __future__ import annotations
 
@@ -31,10 +32,17 @@ def skray_imports(path: Path) -> set[str]:
     """The skray modules ``path`` imports anywhere in it: at module level and inside functions."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "skray":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "skray"
+        ):
             if node.module == "skray":  # from skray import tracking
-                found.update(f"skray.{alias.name}" for alias in node.names
-                             if (PACKAGE / f"{alias.name}.py").is_file())
+                found.update(
+                    f"skray.{alias.name}"
+                    for alias in node.names
+                    if (PACKAGE / f"{alias.name}.py").is_file()
+                )
             else:
                 found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -53,7 +61,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         if node in done:
             return None
         for target in sorted(graph[node]):
@@ -78,21 +86,32 @@ def test_the_cycle_finder_names_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("module, skray_modules", [
-    ("skray.model", {"skray", "skray.model"}),  # "the part of skray a user can take alone"
-    ("skray.images", {"skray", "skray.model", "skray.images"}),
-    ("skray.classes", {"skray", "skray.classes"}),
-])
+@pytest.mark.parametrize(
+    "module, skray_modules",
+    [
+        ("skray.model", {"skray", "skray.model"}),  # "the part of skray a user can take alone"
+        ("skray.images", {"skray", "skray.model", "skray.images"}),
+        ("skray.classes", {"skray", "skray.classes"}),
+    ],
+)
 def test_core_modules_import_without_ray_or_mlflow(module: str, skray_modules: set[str]) -> None:
-    code = BLOCKED + (f"import {module}\n"
-                      "assert not {'ray', 'mlflow'} & set(sys.modules)\n"
-                      "print(sorted(m for m in sys.modules if m.split('.')[0] == 'skray'))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    code = BLOCKED + (
+        f"import {module}\n"
+        "assert not {'ray', 'mlflow'} & set(sys.modules)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'skray'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
+    )
     assert result.returncode == 0, result.stderr
-    assert set(ast.literal_eval(result.stdout)) == skray_modules, "what its docstring says it imports"
+    assert set(ast.literal_eval(result.stdout)) == skray_modules, (
+        "what its docstring says it imports"
+    )
 
 
 def test_blocking_works_on_a_module_that_needs_mlflow() -> None:
     code = BLOCKED + "import skray.tracking\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
+    )
     assert "mlflow is blocked" in result.stderr

@@ -51,11 +51,16 @@ def test_config_requires_input_and_output():
 
 def test_config_set_overrides_win_over_values_which_win_over_the_file(tmp_path):
     path = tmp_path / "label.yaml"
-    path.write_text("input: from-file\noutput: from-file\ntop_k: 3\nbatch_size: 8\n"
-                    "actors: {max: 2}\n")
+    path.write_text(
+        "input: from-file\noutput: from-file\ntop_k: 3\nbatch_size: 8\nactors: {max: 2}\n"
+    )
 
-    cfg = load_config(LabelConfig, path, overrides=["top_k=7", "actors.max=4"],
-                      values={"top_k": 4, "batch_size": 16, "output": "from-values"})
+    cfg = load_config(
+        LabelConfig,
+        path,
+        overrides=["top_k=7", "actors.max=4"],
+        values={"top_k": 4, "batch_size": 16, "output": "from-values"},
+    )
 
     assert (cfg.top_k, cfg.batch_size, cfg.actors.max) == (7, 16, 4)
     assert (cfg.input, cfg.output) == ("from-file", "from-values")
@@ -63,7 +68,12 @@ def test_config_set_overrides_win_over_values_which_win_over_the_file(tmp_path):
 
 def test_parse_overrides_parses_values_as_yaml_into_nested_sections():
     assert parse_overrides(["a.b=3", "c=[1, 2]", "d=null", "e=", "f=text", "g.h.i=0.5"]) == {
-        "a": {"b": 3}, "c": [1, 2], "d": None, "e": None, "f": "text", "g": {"h": {"i": 0.5}},
+        "a": {"b": 3},
+        "c": [1, 2],
+        "d": None,
+        "e": None,
+        "f": "text",
+        "g": {"h": {"i": 0.5}},
     }
 
 

@@ -33,14 +33,19 @@ def test_decode_memory_grows_with_batch_size_and_max_object_bytes_unless_set():
     bigger = label.decode_memory_bytes(cfg.model_copy(update={"batch_size": cfg.batch_size + 10}))
 
     assert bigger - base >= 10 * cfg.max_object_bytes
-    assert base < label.decode_memory_bytes(cfg.model_copy(update={"max_object_bytes": 2 * cfg.max_object_bytes}))
+    assert base < label.decode_memory_bytes(
+        cfg.model_copy(update={"max_object_bytes": 2 * cfg.max_object_bytes})
+    )
     assert label.decode_memory_bytes(cfg.model_copy(update={"decode_memory_mb": 300})) == 300 * mib
     assert base <= 8 * 2**30  # the default fits a small machine
 
 
 def test_decode_memory_never_asks_for_more_than_the_largest_live_node_has():
-    nodes = [{"Alive": True, "Resources": {"memory": 4e9}}, {"Alive": False, "Resources": {"memory": 64e9}},
-             {"Alive": True, "Resources": {"CPU": 2.0}}]
+    nodes = [
+        {"Alive": True, "Resources": {"memory": 4e9}},
+        {"Alive": False, "Resources": {"memory": 64e9}},
+        {"Alive": True, "Resources": {"CPU": 2.0}},
+    ]
 
     assert label.schedulable_memory(10**9, nodes) == 10**9
     assert label.schedulable_memory(10**10, nodes) == 4 * 10**9
@@ -77,7 +82,10 @@ def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: Lab
 
     assert [u.rows for u in p.plan.units] == [2, 2, 1] and p.plan.committed_rows == 0
     assert read_json(join(job.output, JOB_FILE)) == {
-        "fingerprint": job.fingerprint(), "weights_sha256": None, "weights_version": None}
+        "fingerprint": job.fingerprint(),
+        "weights_sha256": None,
+        "weights_version": None,
+    }
     assert p.weights["random_weights"] and p.weights["model"] == SMALL
     assert p.weights["num_classes"] == 1000
 
@@ -93,7 +101,9 @@ def test_prepare_leaves_out_the_keys_already_committed(job: LabelConfig, prepare
     assert again.plan.committed_rows == 2
 
 
-def test_prepare_holds_the_output_so_a_second_run_is_refused_naming_the_first(job: LabelConfig, prepared):
+def test_prepare_holds_the_output_so_a_second_run_is_refused_naming_the_first(
+    job: LabelConfig, prepared
+):
     first = prepared(job)
 
     with pytest.raises(LeaseHeld, match=f"pid {os.getpid()}"):
@@ -121,7 +131,9 @@ def test_a_rerun_in_another_precision_is_refused_so_one_output_holds_one_models_
     job: LabelConfig, prepared
 ):
     prepared(job).lease.release()
-    int8 = job.model_copy(update={"actors": ActorsConfig(precision="int8", gpus=0, calibration="calib/")})
+    int8 = job.model_copy(
+        update={"actors": ActorsConfig(precision="int8", gpus=0, calibration="calib/")}
+    )
 
     with pytest.raises(OutputError, match="--overwrite"):
         prepare(int8)
@@ -139,7 +151,9 @@ def test_prepare_refuses_weights_that_changed_behind_the_same_path_naming_both_h
     with pytest.raises(OutputError) as refused:
         prepare(cfg)
     assert old in str(refused.value) and new in str(refused.value) and old != new
-    prepared(cfg.model_copy(update={"overwrite": True}))  # --overwrite starts over with the new weights
+    prepared(
+        cfg.model_copy(update={"overwrite": True})
+    )  # --overwrite starts over with the new weights
 
 
 def test_prepare_with_overwrite_clears_the_earlier_output_and_proceeds(job: LabelConfig, prepared):
@@ -171,8 +185,14 @@ def test_prepare_reports_the_weights_it_pinned(job: LabelConfig, prepared, tmp_p
 
     info = prepared(job.model_copy(update={"weights": weights, "model": None})).weights
 
-    assert info == {"model": SMALL, "weights": weights, "weights_version": None, "weights_sha256": sha,
-                    "random_weights": False, "num_classes": 10}
+    assert info == {
+        "model": SMALL,
+        "weights": weights,
+        "weights_version": None,
+        "weights_sha256": sha,
+        "random_weights": False,
+        "num_classes": 10,
+    }
 
 
 def test_prepare_fails_on_missing_input_before_touching_the_output(tmp_path):
@@ -223,10 +243,16 @@ def test_progress_prints_a_line_once_per_interval(clock, capsys):
 
 def test_format_summary_lists_failures_by_reason_labels_and_a_random_weights_warning():
     manifest = {
-        "output": "s3://b/labels", "inputs": 10, "labeled": 7, "failed": 3,
+        "output": "s3://b/labels",
+        "inputs": 10,
+        "labeled": 7,
+        "failed": 3,
         "failed_by_reason": {"empty": 2, "broken_tar": 1},
-        "skipped_already_done": 0, "duplicates": 0,
-        "timings": {"img_per_s": 12.5, "total_s": 4.2}, "model": SMALL, "random_weights": True,
+        "skipped_already_done": 0,
+        "duplicates": 0,
+        "timings": {"img_per_s": 12.5, "total_s": 4.2},
+        "model": SMALL,
+        "random_weights": True,
         "top_labels": [["cat", 5], ["dog", 2]],
     }
 
@@ -236,4 +262,7 @@ def test_format_summary_lists_failures_by_reason_labels_and_a_random_weights_war
     assert "  empty             2" in text and "  broken_tar        1" in text
     assert "RANDOM weights" in text
     assert "       5  cat" in text
-    assert text.splitlines()[-1] == "Parquet             s3://b/labels"
+    assert text.splitlines()[-2:] == [
+        "Parquet             s3://b/labels",
+        "report              s3://b/labels/_report/index.html",
+    ]

@@ -36,9 +36,23 @@ def output_table(output: str) -> pa.Table:
 
 
 def label_command(input_uri: str, output_uri: str, *extra: str) -> list[str]:
-    return ["python", "pipelines/label.py", "--config", "configs/label.yaml",
-            "--set", f"input={input_uri}", "--set", f"output={output_uri}",
-            "--set", f"model={SMALL}", "--set", "batch_size=16", "--set", "progress_interval_s=1", *extra]
+    return [
+        "python",
+        "pipelines/label.py",
+        "--config",
+        "configs/label.yaml",
+        "--set",
+        f"input={input_uri}",
+        "--set",
+        f"output={output_uri}",
+        "--set",
+        f"model={SMALL}",
+        "--set",
+        "batch_size=16",
+        "--set",
+        "progress_interval_s=1",
+        *extra,
+    ]
 
 
 def write_parquet_images(uri: str, ids: list[str]) -> None:
@@ -54,8 +68,12 @@ def test_ray_job_submit_labels_every_s3_input_exactly_once(ray_cluster: LocalRay
     write_parquet_images(f"{data}/tables/part-0.parquet", ["a", "b", "c"])
     keys += [f"{data}/tables/part-0.parquet#{i}" for i in "abc"]
 
-    job = ray_cluster.submit(label_command(data + "/", labels + "/", "--set", "id_column=id",
-                                           "--set", "files_per_unit=8"), working_dir=str(PROJECT))
+    job = ray_cluster.submit(
+        label_command(
+            data + "/", labels + "/", "--set", "id_column=id", "--set", "files_per_unit=8"
+        ),
+        working_dir=str(PROJECT),
+    )
 
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
@@ -70,17 +88,25 @@ def test_ray_job_submit_labels_every_s3_input_exactly_once(ray_cluster: LocalRay
     good = rows[f"{data}/images/00/img00009"]  # an extension-less object, recognized by content
     assert good["error"] is None and 0 <= good["label_id"] < 1000 and len(good["topk_ids"]) == 5
     assert good["label"] and good["model"] == SMALL
-    assert rows[f"{data}/shards/shard-00001.tar#sample100013"]["meta"] == \
-        '{"cls": 3, "json": {"index": 100013, "source": "demo"}}'
+    assert (
+        rows[f"{data}/shards/shard-00001.tar#sample100013"]["meta"]
+        == '{"cls": 3, "json": {"index": 100013, "source": "demo"}}'
+    )
     manifest = read_json(join(labels, MANIFEST))
     assert manifest["inputs"] == len(keys) and manifest["duplicates"] == 0
-    assert manifest["failed"] == len(errors) and sum(manifest["failed_by_reason"].values()) == len(errors)
+    assert manifest["failed"] == len(errors) and sum(manifest["failed_by_reason"].values()) == len(
+        errors
+    )
     assert manifest["config"]["input"] == data + "/"
 
 
-def test_config_with_an_unknown_key_fails_before_any_work(ray_cluster: LocalRayHead, bucket: str, tmp_path):
-    job = ray_cluster.submit(label_command(f"{bucket}/data/", f"{bucket}/out/", "--set", "actors.maxx=3"),
-                             working_dir=str(PROJECT))
+def test_config_with_an_unknown_key_fails_before_any_work(
+    ray_cluster: LocalRayHead, bucket: str, tmp_path
+):
+    job = ray_cluster.submit(
+        label_command(f"{bucket}/data/", f"{bucket}/out/", "--set", "actors.maxx=3"),
+        working_dir=str(PROJECT),
+    )
 
     assert job.returncode != 0
     assert "actors.maxx: unknown key" in job.stdout + job.stderr
@@ -98,11 +124,17 @@ def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(
 ):
     data, labels = f"{bucket}/data", f"{bucket}/labels"
     keys = write_sample_dataset(data, files=96, shards=0, broken=False)
-    command = ray_cluster.submit_command(label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
-                                         working_dir=str(PROJECT))
-    first = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ray_cluster.submit_command(
+        label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
+        working_dir=str(PROJECT),
+    )
+    first = subprocess.Popen(
+        command, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        wait_for(lambda: len(committed_units(labels)) >= 2, 300, "two committed units", interval_s=0.5)
+        wait_for(
+            lambda: len(committed_units(labels)) >= 2, 300, "two committed units", interval_s=0.5
+        )
         for pid in driver_pids():
             os.kill(pid, signal.SIGKILL)
         first.wait(timeout=120)
@@ -111,12 +143,16 @@ def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(
     done_before = len(committed_units(labels))
     assert 2 <= done_before < 12, "the driver must have died mid-run"
 
-    rerun = ray_cluster.submit(label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
-                               working_dir=str(PROJECT))
+    rerun = ray_cluster.submit(
+        label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
+        working_dir=str(PROJECT),
+    )
 
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert f"{done_before} already committed" in rerun.stdout or \
-        f"{len(committed_units(labels))}" in rerun.stdout
+    assert (
+        f"{done_before} already committed" in rerun.stdout
+        or f"{len(committed_units(labels))}" in rerun.stdout
+    )
     got = output_keys(labels)
     assert len(got) == len(set(got)), "no key twice"
     assert sorted(got) == keys, "no key missing"
@@ -147,7 +183,9 @@ def test_a_part_that_cannot_be_written_fails_the_run_without_a_manifest_and_the_
     data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
     keys = write_sample_dataset(data, files=16, shards=0, broken=False)
     cfg = LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=4, batch_size=4)
-    blocked = join(labels, part_name(plan(list_inputs(data, []), labels, files_per_unit=4).units[2].id))
+    blocked = join(
+        labels, part_name(plan(list_inputs(data, []), labels, files_per_unit=4).units[2].id)
+    )
     os.makedirs(blocked)  # the third unit's part name is taken by a folder: its write fails
 
     with pytest.raises(OSError):
@@ -169,14 +207,22 @@ def raylet_pid(socket_name: str) -> int:
             args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if args and args[0].endswith(b"raylet") and f"--raylet_socket_name={socket_name}".encode() in args:
+        if (
+            args
+            and args[0].endswith(b"raylet")
+            and f"--raylet_socket_name={socket_name}".encode() in args
+        ):
             return int(pid)
     raise AssertionError(f"no raylet with socket {socket_name}")
 
 
 def job_status(head: LocalRayHead, job_id: str) -> str:
-    status = subprocess.run([ray_cli(), "job", "status", f"--address={head.address}", job_id],
-                            env=head.env, capture_output=True, text=True)
+    status = subprocess.run(
+        [ray_cli(), "job", "status", f"--address={head.address}", job_id],
+        env=head.env,
+        capture_output=True,
+        text=True,
+    )
     return (status.stdout + status.stderr).lower()
 
 
@@ -186,44 +232,79 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
     import ray
 
     ray_cluster.add_worker_node(num_cpus=3)
-    worker = wait_for(lambda: [n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]],
-                      60, "the worker node")[0]
+    worker = wait_for(
+        lambda: [
+            n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]
+        ],
+        60,
+        "the worker node",
+    )[0]
     data, labels = f"{bucket}/data", f"{bucket}/labels"
     keys = write_sample_dataset(data, files=96, shards=0, broken=False)
     # Two 3-CPU actors cannot share the 4-CPU head: one runs on the worker node.
-    args = label_command(data + "/", labels + "/", "--set", "files_per_unit=8",
-                         "--set", "actors.min=2", "--set", "actors.max=2", "--set", "actors.cpus=3")
+    args = label_command(
+        data + "/",
+        labels + "/",
+        "--set",
+        "files_per_unit=8",
+        "--set",
+        "actors.min=2",
+        "--set",
+        "actors.max=2",
+        "--set",
+        "actors.cpus=3",
+    )
     job_id = f"node-loss-{time.time_ns()}"
-    subprocess.run(ray_cluster.submit_command(args, str(PROJECT), submission_id=job_id, wait=False),
-                   env=ray_cluster.env, capture_output=True, check=True)
+    subprocess.run(
+        ray_cluster.submit_command(args, str(PROJECT), submission_id=job_id, wait=False),
+        env=ray_cluster.env,
+        capture_output=True,
+        check=True,
+    )
 
     def labeling_actors_on_the_worker() -> list:
         from ray.util.state import list_actors
 
-        alive = list_actors(filters=[("node_id", "=", worker["NodeID"]), ("state", "=", "ALIVE")], limit=100)
+        alive = list_actors(
+            filters=[("node_id", "=", worker["NodeID"]), ("state", "=", "ALIVE")], limit=100
+        )
         return [a for a in alive if "Predictor" in a.class_name]  # MapWorker(MapBatches(Predictor))
 
     # The worker node's actor starts last; once it is up the job labels all 12 units in seconds,
     # so the node is killed at once: the job still runs and still has units to commit.
-    wait_for(labeling_actors_on_the_worker, 300, "a labeling actor on the worker node", interval_s=0.5)
+    wait_for(
+        labeling_actors_on_the_worker, 300, "a labeling actor on the worker node", interval_s=0.5
+    )
     assert "running" in job_status(ray_cluster, job_id)
     os.kill(raylet_pid(worker["RayletSocketName"]), signal.SIGKILL)
     units = -(-len(keys) // 8)  # files_per_unit=8
     committed_at_kill = len(committed_units(labels))  # an upper bound: read just after the kill
     assert committed_at_kill < units, "the node died while the job still had units to label"
-    wait_for(lambda: not [n for n in ray.nodes() if n["NodeID"] == worker["NodeID"] and n["Alive"]], 120,
-             "the node to be declared dead")
+    wait_for(
+        lambda: not [n for n in ray.nodes() if n["NodeID"] == worker["NodeID"] and n["Alive"]],
+        120,
+        "the node to be declared dead",
+    )
 
     try:
-        finished = wait_for(lambda: any(s in job_status(ray_cluster, job_id) for s in ("succeeded", "failed")),
-                            120, "the job to end", interval_s=0.5)
+        finished = wait_for(
+            lambda: any(s in job_status(ray_cluster, job_id) for s in ("succeeded", "failed")),
+            120,
+            "the job to end",
+            interval_s=0.5,
+        )
     except AssertionError:
         finished = False
     if not finished or "succeeded" not in job_status(ray_cluster, job_id):
-        subprocess.run([ray_cli(), "job", "stop", f"--address={ray_cluster.address}", job_id],
-                       env=ray_cluster.env, capture_output=True)
-        rerun = ray_cluster.submit(label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
-                                   working_dir=str(PROJECT))
+        subprocess.run(
+            [ray_cli(), "job", "stop", f"--address={ray_cluster.address}", job_id],
+            env=ray_cluster.env,
+            capture_output=True,
+        )
+        rerun = ray_cluster.submit(
+            label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
+            working_dir=str(PROJECT),
+        )
         assert rerun.returncode == 0, rerun.stdout[-3000:]
 
     got = output_keys(labels)
@@ -237,8 +318,11 @@ def test_s3_endpoint_from_the_config_wins_over_the_environment(
     keys = write_sample_dataset(data, files=6, shards=0, broken=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
 
-    manifest = run(LabelConfig(input=data, output=labels, model=SMALL,
-                               s3={"endpoint_url": embedded_s3.endpoint_url}))
+    manifest = run(
+        LabelConfig(
+            input=data, output=labels, model=SMALL, s3={"endpoint_url": embedded_s3.endpoint_url}
+        )
+    )
 
     assert manifest["labeled"] == len(keys) and sorted(output_keys(labels)) == keys
 
@@ -256,9 +340,12 @@ def test_a_rerun_after_files_were_added_anywhere_and_some_removed_labels_only_th
     first = write_images(data, [f"m/{i:03d}.jpg" for i in range(120)])
     cfg = LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=16, batch_size=16)
     run(cfg)
-    added = write_images(data, [f"a/{i:02d}.jpg" for i in range(15)]          # sort first
-                         + [f"m/{i:03d}x.jpg" for i in range(0, 120, 6)]       # in the middle
-                         + [f"z/{i:02d}.jpg" for i in range(15)])             # sort last
+    added = write_images(
+        data,
+        [f"a/{i:02d}.jpg" for i in range(15)]  # sort first
+        + [f"m/{i:03d}x.jpg" for i in range(0, 120, 6)]  # in the middle
+        + [f"z/{i:02d}.jpg" for i in range(15)],
+    )  # sort last
     removed = first[3:120:25]
     for uri in removed:
         os.remove(uri)
@@ -279,11 +366,20 @@ def test_two_runs_on_one_output_started_a_second_apart_one_labels_and_one_is_ref
 ):
     data, labels = f"{bucket}/data", f"{bucket}/labels"
     keys = write_sample_dataset(data, files=48, shards=0, broken=False)
-    command = ray_cluster.submit_command(label_command(data + "/", labels + "/"), working_dir=str(PROJECT))
+    command = ray_cluster.submit_command(
+        label_command(data + "/", labels + "/"), working_dir=str(PROJECT)
+    )
     runs = []
     for _ in range(2):
-        runs.append(subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True))
+        runs.append(
+            subprocess.Popen(
+                command,
+                env=ray_cluster.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         time.sleep(1)  # the scenario itself: the second run starts a second after the first
     outputs = [r.communicate(timeout=540)[0] for r in runs]
 
@@ -295,7 +391,7 @@ def test_two_runs_on_one_output_started_a_second_apart_one_labels_and_one_is_ref
     assert len(got) == len(set(got)) and sorted(got) == keys
 
 
-def test_hostile_files_become_error_rows_and_a_secret_in_the_weights_url_is_neither_printed_nor_stored(
+def test_hostile_files_become_error_rows_and_a_weights_url_secret_is_not_printed_or_stored(
     ray_cluster: LocalRayHead, tmp_path, capsys
 ):
     import http.server
@@ -321,13 +417,20 @@ def test_hostile_files_become_error_rows_and_a_secret_in_the_weights_url_is_neit
     write_bytes_atomic(join(data, "huge.jpg"), os.urandom(300_000))
     weights = f"http://127.0.0.1:{server.server_port}/w.safetensors?X-Amz-Signature={secret}&token={secret}"
     try:
-        manifest = run(LabelConfig(input=data, output=labels, weights=weights, batch_size=4,
-                                   max_object_bytes=200_000))
+        manifest = run(
+            LabelConfig(
+                input=data, output=labels, weights=weights, batch_size=4, max_object_bytes=200_000
+            )
+        )
     finally:
         server.shutdown()
 
     assert manifest["labeled"] == 4
     assert manifest["failed_by_reason"] == {"too_many_pixels": 1, "too_large": 1}
-    stored = [open(os.path.join(labels, name)).read() for name in os.listdir(labels) if name.endswith(".json")]
+    stored = [
+        open(os.path.join(labels, name)).read()
+        for name in os.listdir(labels)
+        if name.endswith(".json")
+    ]
     assert len(stored) >= 2 and all(secret not in text for text in stored)
     assert secret not in capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_plan_of_a_fresh_output_cuts_the_sorted_listing_into_units_named_after_t
 
 
 @pytest.mark.parametrize("batch_keys", [3, 1 << 21], ids=["many-batches", "one-batch"])
-def test_a_rerun_after_files_were_added_first_middle_and_last_and_some_removed_plans_only_the_new_keys(
+def test_a_rerun_after_files_added_first_middle_last_and_some_removed_plans_only_new_keys(
     tmp_path, monkeypatch, batch_keys
 ):
     monkeypatch.setattr(plan_module, "BATCH_KEYS", batch_keys)
@@ -115,7 +115,13 @@ def test_a_second_run_on_a_held_output_fails_at_once_naming_the_holder(output: s
 
 
 def write_foreign_lease(output: str, pid: int, host: str, expires: float) -> None:
-    holder = {"run_id": "dead", "host": host, "pid": pid, "started": time.time() - 600, "expires": expires}
+    holder = {
+        "run_id": "dead",
+        "host": host,
+        "pid": pid,
+        "started": time.time() - 600,
+        "expires": expires,
+    }
     write_bytes_atomic(join(output, LEASE_FILE), json.dumps(holder).encode())
 
 
@@ -134,8 +140,12 @@ def test_a_live_lease_of_another_host_is_respected_until_it_expires(output: str)
 
 
 def test_the_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(output: str):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     write_foreign_lease(output, int(dead.stdout), socket.gethostname(), expires=time.time() + 300)
 
     with Lease(output):
@@ -147,8 +157,11 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(output: str):
     lease.acquire()
     try:
         expires = read_json(join(output, LEASE_FILE))["expires"]
-        wait_for(lambda: read_json(join(output, LEASE_FILE))["expires"] != expires, 10,
-                 "the heartbeat to renew the lease")
+        wait_for(
+            lambda: read_json(join(output, LEASE_FILE))["expires"] != expires,
+            10,
+            "the heartbeat to renew the lease",
+        )
         write_foreign_lease(output, 1, "elsewhere", expires=time.time() + 300)  # stolen
         wait_for(lambda: lease.lost, 10, "the heartbeat to notice the takeover")
         with pytest.raises(RuntimeError, match="taken over"):

@@ -60,7 +60,10 @@ def test_default_model_is_the_50_layer_one():
 
 def test_state_dict_keys_and_shapes_equal_the_reference_exactly():
     model = create_model("skresnext50_32x4d")
-    ours = {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()}
+    ours = {
+        k: (str(v.dtype).removeprefix("torch."), tuple(v.shape))
+        for k, v in model.state_dict().items()
+    }
     ref = {k: (dtype, shape) for k, dtype, shape in reference_keys()}
     assert ours == ref
     assert sum(p.numel() for p in model.parameters()) == 27_479_784
@@ -99,7 +102,12 @@ def test_fast_path_with_torch_compile_agrees():
 def test_forward_features_and_any_input_of_at_least_32px():
     model = create_model(SMALL).eval()
     with torch.no_grad():
-        assert model.forward_features(torch.randn(1, 3, 64, 96)).shape == (1, model.num_features, 2, 3)
+        assert model.forward_features(torch.randn(1, 3, 64, 96)).shape == (
+            1,
+            model.num_features,
+            2,
+            3,
+        )
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
         assert model(torch.randn(1, 3, 77, 51)).shape == (1, 1000)
         with pytest.raises(ValueError, match="at least 32"):

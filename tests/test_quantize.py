@@ -37,8 +37,14 @@ def calibration() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def int8(calibration: torch.Tensor) -> Classifier:
     counters.clear()  # Inductor's pattern counters then count this compile only
-    return Classifier(SMALL, device="cpu", preprocessing=EVAL, batch_size=32, precision="int8",
-                      calibration=calibration)
+    return Classifier(
+        SMALL,
+        device="cpu",
+        preprocessing=EVAL,
+        batch_size=32,
+        precision="int8",
+        calibration=calibration,
+    )
 
 
 @pytest.mark.timeout(240)
@@ -51,7 +57,9 @@ def test_int8_top1_agrees_with_fp32_on_real_photos(int8: Classifier, photos: tor
     agreement = (reference.argmax(1) == quantized.argmax(1)).float().mean().item()
     assert agreement >= 0.90, f"top-1 agreement {agreement:.1%}"
     relative_error = ((quantized - reference).abs().mean() / reference.std()).item()
-    assert relative_error < 0.05, f"mean |logit delta| is {relative_error:.1%} of the logits' spread"
+    assert relative_error < 0.05, (
+        f"mean |logit delta| is {relative_error:.1%} of the logits' spread"
+    )
 
 
 @pytest.mark.timeout(240)
@@ -89,17 +97,26 @@ def test_calibration_without_a_decodable_image_fails(tmp_path: Path) -> None:
         calibration_crops(str(tmp_path), 8, EVAL, max_pixels=1 << 26)
 
 
-@pytest.mark.parametrize("actors, key, message", [
-    ({"precision": "int9"}, "actors.precision", "'fp32' or 'int8'"),
-    ({"precision": "int8", "calibration": "calib/"}, "actors", "set gpus: 0"),
-    ({"precision": "int8", "gpus": 0}, "actors", "int8 needs calibration"),
-])
+@pytest.mark.parametrize(
+    "actors, key, message",
+    [
+        ({"precision": "int9"}, "actors.precision", "'fp32' or 'int8'"),
+        ({"precision": "int8", "calibration": "calib/"}, "actors", "set gpus: 0"),
+        ({"precision": "int8", "gpus": 0}, "actors", "int8 needs calibration"),
+    ],
+)
 def test_label_config_rejects_unusable_precision(actors: dict, key: str, message: str) -> None:
     with pytest.raises(ConfigError, match=rf"(?s){key}: .*{message}"):
         validate(LabelConfig, {"input": "in/", "output": "out/", "actors": actors})
 
 
 def test_label_config_takes_int8_on_cpu_actors_with_calibration() -> None:
-    cfg = validate(LabelConfig, {"input": "in/", "output": "out/",
-                                 "actors": {"precision": "int8", "gpus": 0, "calibration": "calib/"}})
+    cfg = validate(
+        LabelConfig,
+        {
+            "input": "in/",
+            "output": "out/",
+            "actors": {"precision": "int8", "gpus": 0, "calibration": "calib/"},
+        },
+    )
     assert (cfg.actors.precision, cfg.actors.calibration_images) == ("int8", 256)

@@ -1,4 +1,5 @@
-"""The labeling report: one pass over the parts, a self-contained page, thumbnails from the sources."""
+"""The labeling report: one pass over the parts, a self-contained page, thumbnails from the
+sources."""
 
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def test_failures_table_names_each_reason_with_its_count_and_example_keys(local_
 
 
 @pytest.mark.timeout(120)
-def test_galleries_show_thumbnails_from_image_files_shard_members_and_parquet_cells(local_report) -> None:
+def test_galleries_show_thumbnails_from_image_files_shard_members_and_parquet_cells(
+    local_report,
+) -> None:
     out, _, parsed = local_report
     thumbs = {key: src for key, src in parsed.images.items() if key.startswith(out.root)}
     assert set(out.tar_keys) <= set(thumbs), "the five shard members are the lowest-scoring rockets"
@@ -105,7 +108,10 @@ def test_unreadable_sources_show_their_key_and_why(local_report) -> None:
         (out.garbage, "not_an_image"),
         (out.bomb, "too_many_pixels"),
     ):
-        assert any(box.startswith(key) and reason in box for box in parsed.missing), (key, parsed.missing)
+        assert any(box.startswith(key) and reason in box for box in parsed.missing), (
+            key,
+            parsed.missing,
+        )
     assert out.deleted not in parsed.images
 
 

@@ -21,10 +21,16 @@ from labeled_output import write_labeled_output
 from skray.report import write_report
 
 BROWSER = next(
-    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+    (
+        shutil.which(name)
+        for name in ("chromium", "chromium-browser", "google-chrome")
+        if shutil.which(name)
+    ),
     None,
 )
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium on PATH (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    BROWSER is None, reason="no chromium on PATH (apt-get install chromium)"
+)
 
 PROBE = """<script>
 window.__errors = [];
@@ -85,6 +91,8 @@ def test_report_renders_offline_with_every_image_and_no_error(tmp_path: Path) ->
 def test_the_probe_sees_a_broken_image(tmp_path: Path) -> None:
     """The check itself: a page with one image that cannot load is reported, not passed."""
     page = tmp_path / "broken.html"
-    page.write_text('<!doctype html><html><head></head><body><img alt="gone" src="gone.png"></body></html>')
+    page.write_text(
+        '<!doctype html><html><head></head><body><img alt="gone" src="gone.png"></body></html>'
+    )
     result = probe(page, tmp_path)
     assert result["broken"] == ["gone"] and result["errors"], result

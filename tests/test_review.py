@@ -19,7 +19,9 @@ def read_review(uri: str) -> list[dict]:
     if uri.endswith(".csv"):
         return pacsv.read_csv(
             io.BytesIO(data),
-            convert_options=pacsv.ConvertOptions(column_types=REVIEW_SCHEMA, strings_can_be_null=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types=REVIEW_SCHEMA, strings_can_be_null=True
+            ),
         ).to_pylist()
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
@@ -39,7 +41,8 @@ def test_each_label_gives_its_lowest_score_before_any_gives_a_second(output) -> 
         assert row["score"] == pytest.approx(by_key[row["key"]]["score"])
     for label in LABELS:  # the one taken is that label's lowest
         lowest = min(
-            (r for r in output.rows if r["label"] == label and r["error"] is None), key=lambda r: r["score"]
+            (r for r in output.rows if r["label"] == label and r["error"] is None),
+            key=lambda r: r["score"],
         )
         assert any(r["key"] == lowest["key"] for r in rows)
     scores = [r["score"] for r in rows[2:]]
@@ -76,7 +79,11 @@ def test_s3_sources_get_presigned_urls_that_fetch_the_object(bucket: str) -> Non
     assert review == join(out.uri, "_review.csv")
     rows = {r["key"]: r for r in read_review(review)}
     shard = rows[out.tar_keys[1]]
-    assert shard["uri"].startswith("http") and "Signature" in shard["uri"] and shard["member"] == "s/0001"
+    assert (
+        shard["uri"].startswith("http")
+        and "Signature" in shard["uri"]
+        and shard["member"] == "s/0001"
+    )
     with urllib.request.urlopen(shard["uri"], timeout=30) as response:
         assert response.read() == read_bytes(out.tar_keys[1].split("#")[0])
     image = next(r for r in rows.values() if r["label"] == "daisy")

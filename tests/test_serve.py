@@ -94,9 +94,17 @@ def serve_port(ray_cluster: LocalRayHead) -> Iterator[int]:
 @pytest.fixture(scope="module")
 def url(serve_port: int, weights: str) -> str:
     """The classifier app at the root of the proxy (small model, 10 classes, tight limits)."""
-    cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=8, batch_wait_timeout_s=0.2,
-                      max_body_bytes=BODY_LIMIT, max_images_per_request=6, warmup_batches=1, top_k=3,
-                      body_timeout_s=BODY_TIMEOUT_S)
+    cfg = ServeConfig(
+        model=SMALL,
+        weights=weights,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.2,
+        max_body_bytes=BODY_LIMIT,
+        max_images_per_request=6,
+        warmup_batches=1,
+        top_k=3,
+        body_timeout_s=BODY_TIMEOUT_S,
+    )
     deploy(cfg, "skray", "/")
     base = f"http://{LOOPBACK}:{serve_port}"
     wait_ready(base)
@@ -109,24 +117,39 @@ def expected(weights: str, images: list[Path]) -> dict[str, list[tuple[int, floa
 
 
 @pytest.mark.slow
-def test_raw_bodies_and_multipart_files_get_the_answers_skray_predict_gives(url, images, expected, weights):
+def test_raw_bodies_and_multipart_files_get_the_answers_skray_predict_gives(
+    url, images, expected, weights
+):
     from skray.weights import file_sha256
 
     for path in images[:3]:  # one of each format
-        reply = httpx.post(f"{url}/v1/classify?top_k=5", content=path.read_bytes(),
-                           headers={"content-type": FORMATS[path.suffix[1:].upper()]}, timeout=30)
+        reply = httpx.post(
+            f"{url}/v1/classify?top_k=5",
+            content=path.read_bytes(),
+            headers={"content-type": FORMATS[path.suffix[1:].upper()]},
+            timeout=30,
+        )
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert_same_answer(body, expected[str(path)])
         assert body["model"] == SMALL and body["weights_sha256"] == file_sha256(Path(weights))
         assert body["latency_ms"] > 0
 
-    octet = httpx.post(f"{url}/v1/classify?top_k=5", content=images[3].read_bytes(),
-                       headers={"content-type": "application/octet-stream"}, timeout=30)
-    multipart = httpx.post(f"{url}/v1/classify?top_k=5", files={"file": ("x.png", images[4].read_bytes())},
-                           timeout=30)
-    default_k = httpx.post(f"{url}/v1/classify", content=images[5].read_bytes(),
-                           headers={"content-type": "image/webp"}, timeout=30)
+    octet = httpx.post(
+        f"{url}/v1/classify?top_k=5",
+        content=images[3].read_bytes(),
+        headers={"content-type": "application/octet-stream"},
+        timeout=30,
+    )
+    multipart = httpx.post(
+        f"{url}/v1/classify?top_k=5", files={"file": ("x.png", images[4].read_bytes())}, timeout=30
+    )
+    default_k = httpx.post(
+        f"{url}/v1/classify",
+        content=images[5].read_bytes(),
+        headers={"content-type": "image/webp"},
+        timeout=30,
+    )
     assert_same_answer(octet.json(), expected[str(images[3])])
     assert_same_answer(multipart.json(), expected[str(images[4])])
     assert len(default_k.json()["top_k"]) == 3  # the config's top_k
@@ -136,11 +159,16 @@ def test_raw_bodies_and_multipart_files_get_the_answers_skray_predict_gives(url,
 def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(url, images, expected):
     async def send_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(
-                client.post(f"{url}/v1/classify?top_k=5", content=path.read_bytes(),
-                            headers={"content-type": FORMATS[path.suffix[1:].upper()]})
-                for path in images
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{url}/v1/classify?top_k=5",
+                        content=path.read_bytes(),
+                        headers={"content-type": FORMATS[path.suffix[1:].upper()]},
+                    )
+                    for path in images
+                )
+            )
 
     replies = asyncio.run(send_all())
 
@@ -150,14 +178,18 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(url, ima
     batch_sizes = [int(r.headers["x-skray-batch-size"]) for r in replies]
     assert max(batch_sizes) > 1 and max(batch_sizes) <= 8  # batched, never over max_batch_size
     for reply in replies:  # where its time went in the replica, stage by stage (ms)
-        stages = dict(entry.strip().split(";dur=") for entry in reply.headers["server-timing"].split(","))
+        stages = dict(
+            entry.strip().split(";dur=") for entry in reply.headers["server-timing"].split(",")
+        )
         assert list(stages) == ["read", "decode_wait", "decode", "queue", "forward", "total"]
         assert float(stages["forward"]) > 0
         assert float(stages["total"]) >= sum(float(v) for k, v in stages.items() if k != "total")
 
 
 @pytest.mark.slow
-def test_the_batch_endpoint_answers_each_image_and_reports_the_broken_one_alone(url, images, expected):
+def test_the_batch_endpoint_answers_each_image_and_reports_the_broken_one_alone(
+    url, images, expected
+):
     files = [("files", (p.name, p.read_bytes())) for p in images[:3]]
     files.insert(1, ("files", ("broken.jpg", images[0].read_bytes()[:300])))
 
@@ -165,7 +197,12 @@ def test_the_batch_endpoint_answers_each_image_and_reports_the_broken_one_alone(
 
     assert reply.status_code == 200, reply.text
     results = reply.json()["results"]
-    assert [r["filename"] for r in results] == ["img00.jpeg", "broken.jpg", "img01.png", "img02.webp"]
+    assert [r["filename"] for r in results] == [
+        "img00.jpeg",
+        "broken.jpg",
+        "img01.png",
+        "img02.webp",
+    ]
     assert results[1]["error"]["code"] == "image_truncated" and results[1]["label"] is None
     for result, path in zip([results[0], *results[2:]], images[:3]):
         assert result["error"] is None
@@ -177,39 +214,105 @@ def multipart(files: int) -> dict:
 
 
 BAD_REQUESTS = {
-    "not an image": ("/v1/classify", {"content": b"hello, world", "headers": {"content-type": "image/jpeg"}},
-                     400, "image_not_an_image", "not a JPEG"),
-    "truncated image": ("/v1/classify",
-                        {"content": synthetic_image(1)[:400], "headers": {"content-type": "image/jpeg"}},
-                        400, "image_truncated", "truncated"),
-    "empty body": ("/v1/classify", {"content": b"", "headers": {"content-type": "image/png"}},
-                   400, "image_empty", "no bytes"),
-    "body over the limit": ("/v1/classify", {"content": b"\xff" * (BODY_LIMIT + 1),
-                                             "headers": {"content-type": "image/jpeg"}},
-                            413, "payload_too_large", str(BODY_LIMIT)),
-    "chunked body over the limit": ("/v1/classify", {"content": iter([b"\xff" * 65536] * 5),
-                                                     "headers": {"content-type": "image/jpeg"}},
-                                    413, "payload_too_large", str(BODY_LIMIT)),
-    "json": ("/v1/classify", {"json": {"image": "aGVsbG8="}}, 415, "unsupported_media_type", "application/json"),
-    "text": ("/v1/classify", {"content": b"cat", "headers": {"content-type": "text/plain"}},
-             415, "unsupported_media_type", "text/plain"),
-    "no content type": ("/v1/classify", {"content": b"\xff\xd8"}, 415, "unsupported_media_type", "(none)"),
-    "top_k zero": ("/v1/classify?top_k=0", {"content": synthetic_image(1), "headers": {"content-type": "image/jpeg"}},
-                   422, "invalid_parameter", "top_k"),
-    "top_k not a number": ("/v1/classify?top_k=many", {"content": synthetic_image(1),
-                                                       "headers": {"content-type": "image/jpeg"}},
-                           422, "invalid_parameter", "top_k"),
-    "top_k over the classes": ("/v1/classify?top_k=11", {"content": synthetic_image(1),
-                                                         "headers": {"content-type": "image/jpeg"}},
-                               422, "invalid_parameter", "at most 10"),
-    "two files to the single endpoint": ("/v1/classify", multipart(2), 422, "one_file_expected", "batch"),
+    "not an image": (
+        "/v1/classify",
+        {"content": b"hello, world", "headers": {"content-type": "image/jpeg"}},
+        400,
+        "image_not_an_image",
+        "not a JPEG",
+    ),
+    "truncated image": (
+        "/v1/classify",
+        {"content": synthetic_image(1)[:400], "headers": {"content-type": "image/jpeg"}},
+        400,
+        "image_truncated",
+        "truncated",
+    ),
+    "empty body": (
+        "/v1/classify",
+        {"content": b"", "headers": {"content-type": "image/png"}},
+        400,
+        "image_empty",
+        "no bytes",
+    ),
+    "body over the limit": (
+        "/v1/classify",
+        {"content": b"\xff" * (BODY_LIMIT + 1), "headers": {"content-type": "image/jpeg"}},
+        413,
+        "payload_too_large",
+        str(BODY_LIMIT),
+    ),
+    "chunked body over the limit": (
+        "/v1/classify",
+        {"content": iter([b"\xff" * 65536] * 5), "headers": {"content-type": "image/jpeg"}},
+        413,
+        "payload_too_large",
+        str(BODY_LIMIT),
+    ),
+    "json": (
+        "/v1/classify",
+        {"json": {"image": "aGVsbG8="}},
+        415,
+        "unsupported_media_type",
+        "application/json",
+    ),
+    "text": (
+        "/v1/classify",
+        {"content": b"cat", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
+    "no content type": (
+        "/v1/classify",
+        {"content": b"\xff\xd8"},
+        415,
+        "unsupported_media_type",
+        "(none)",
+    ),
+    "top_k zero": (
+        "/v1/classify?top_k=0",
+        {"content": synthetic_image(1), "headers": {"content-type": "image/jpeg"}},
+        422,
+        "invalid_parameter",
+        "top_k",
+    ),
+    "top_k not a number": (
+        "/v1/classify?top_k=many",
+        {"content": synthetic_image(1), "headers": {"content-type": "image/jpeg"}},
+        422,
+        "invalid_parameter",
+        "top_k",
+    ),
+    "top_k over the classes": (
+        "/v1/classify?top_k=11",
+        {"content": synthetic_image(1), "headers": {"content-type": "image/jpeg"}},
+        422,
+        "invalid_parameter",
+        "at most 10",
+    ),
+    "two files to the single endpoint": (
+        "/v1/classify",
+        multipart(2),
+        422,
+        "one_file_expected",
+        "batch",
+    ),
     "too many files": ("/v1/classify/batch", multipart(7), 413, "too_many_images", "6"),
-    "raw body to the batch endpoint": ("/v1/classify/batch", {"content": synthetic_image(1),
-                                                              "headers": {"content-type": "image/jpeg"}},
-                                       415, "unsupported_media_type", "multipart"),
-    "multipart without a boundary": ("/v1/classify", {"content": b"--x\r\n",
-                                                      "headers": {"content-type": "multipart/form-data"}},
-                                     400, "bad_multipart", "boundary"),
+    "raw body to the batch endpoint": (
+        "/v1/classify/batch",
+        {"content": synthetic_image(1), "headers": {"content-type": "image/jpeg"}},
+        415,
+        "unsupported_media_type",
+        "multipart",
+    ),
+    "multipart without a boundary": (
+        "/v1/classify",
+        {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "bad_multipart",
+        "boundary",
+    ),
     "unknown path": ("/v1/clasify", {"content": b"x"}, 404, "not_found", "Not Found"),
 }
 
@@ -224,8 +327,12 @@ def test_bad_input_gets_a_4xx_json_error_naming_it_and_the_replica_carries_on(ur
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["code"] == code and named in error["message"]
-    after = httpx.post(f"{url}/v1/classify", content=images[0].read_bytes(),
-                       headers={"content-type": "image/jpeg"}, timeout=30)
+    after = httpx.post(
+        f"{url}/v1/classify",
+        content=images[0].read_bytes(),
+        headers={"content-type": "image/jpeg"},
+        timeout=30,
+    )
     assert after.status_code == 200
 
 
@@ -240,29 +347,44 @@ def resize_bombs() -> dict[str, bytes]:
     """A few KB each; the eval resize (shorter side -> 256) of each would need GBs."""
     return {
         "jpeg 1x65000": encoded(Image.new("L", (1, 65_000)), "JPEG"),  # 65k pixels, resize 4.3G
-        "1-bit png 16x2000000": encoded(Image.new("1", (16, 2_000_000)), "PNG"),  # 32M pixels, resize 8G
-        "1-bit png 16x5500000": encoded(Image.new("1", (16, 5_500_000)), "PNG"),  # 88M: over the limit itself
+        "1-bit png 16x2000000": encoded(
+            Image.new("1", (16, 2_000_000)), "PNG"
+        ),  # 32M pixels, resize 8G
+        "1-bit png 16x5500000": encoded(
+            Image.new("1", (16, 5_500_000)), "PNG"
+        ),  # 88M: over the limit itself
     }
 
 
 @pytest.mark.slow
-def test_resize_bombs_get_a_quick_400_and_the_replica_keeps_serving(url, images, expected, resize_bombs):
+def test_resize_bombs_get_a_quick_400_and_the_replica_keeps_serving(
+    url, images, expected, resize_bombs
+):
     timings = {}
     for name, data in resize_bombs.items():
         assert len(data) < 20_000, name
         started = time.monotonic()
-        reply = httpx.post(f"{url}/v1/classify", content=data, headers={"content-type": "image/png"}, timeout=30)
+        reply = httpx.post(
+            f"{url}/v1/classify", content=data, headers={"content-type": "image/png"}, timeout=30
+        )
         timings[name] = time.monotonic() - started
-        assert reply.status_code == 400 and reply.json()["error"]["code"] == "image_too_many_pixels", reply.text
+        assert (
+            reply.status_code == 400 and reply.json()["error"]["code"] == "image_too_many_pixels"
+        ), reply.text
     assert max(timings.values()) < 1.0, timings
 
     async def ordinary() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(
-                client.post(f"{url}/v1/classify?top_k=5", content=path.read_bytes(),
-                            headers={"content-type": FORMATS[path.suffix[1:].upper()]})
-                for path in images
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{url}/v1/classify?top_k=5",
+                        content=path.read_bytes(),
+                        headers={"content-type": FORMATS[path.suffix[1:].upper()]},
+                    )
+                    for path in images
+                )
+            )
 
     replies = asyncio.run(ordinary())
     assert [r.status_code for r in replies] == [200] * len(images)
@@ -274,8 +396,10 @@ def test_resize_bombs_get_a_quick_400_and_the_replica_keeps_serving(url, images,
 def stalled_upload(port: int, declared: int, sent: bytes, wait_s: float) -> tuple[int, dict, float]:
     """POST headers declaring ``declared`` body bytes, send only ``sent`` and stall: the status and
     JSON body the server answers with, and the seconds it took (socket errors after ``wait_s``)."""
-    head = (f"POST /v1/classify HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: {declared}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
     with socket.create_connection((LOOPBACK, port), timeout=wait_s) as sock:
         started = time.monotonic()
         sock.sendall(head + sent)
@@ -293,12 +417,18 @@ def stalled_upload(port: int, declared: int, sent: bytes, wait_s: float) -> tupl
 
 @pytest.mark.slow
 def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
-    status, body, elapsed = stalled_upload(serve_port, 100_000, b"\xff" * 10, wait_s=BODY_TIMEOUT_S + 10)
+    status, body, elapsed = stalled_upload(
+        serve_port, 100_000, b"\xff" * 10, wait_s=BODY_TIMEOUT_S + 10
+    )
 
     assert status == 408 and body["error"]["code"] == "request_timeout", body
     assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 3
-    after = httpx.post(f"{url}/v1/classify", content=images[0].read_bytes(),
-                       headers={"content-type": "image/jpeg"}, timeout=30)
+    after = httpx.post(
+        f"{url}/v1/classify",
+        content=images[0].read_bytes(),
+        headers={"content-type": "image/jpeg"},
+        timeout=30,
+    )
     assert after.status_code == 200
 
 
@@ -308,13 +438,26 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
 
     info = httpx.get(f"{url}/v1/model", timeout=10).json()
     assert info["model"] == SMALL and info["classes"] == CLASSES and info["num_classes"] == 10
-    assert info["weights"] == {"requested": weights, "source": weights, "sha256": file_sha256(Path(weights)),
-                               "version": None, "model_uri": None, "random": False}
-    assert info["preprocessing"]["image_size"] == 224 and info["preprocessing"]["resize_size"] == 256
+    assert info["weights"] == {
+        "requested": weights,
+        "source": weights,
+        "sha256": file_sha256(Path(weights)),
+        "version": None,
+        "model_uri": None,
+        "random": False,
+    }
+    assert (
+        info["preprocessing"]["image_size"] == 224 and info["preprocessing"]["resize_size"] == 256
+    )
     assert info["preprocessing"]["interpolation"] == "bicubic"
     assert info["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}
-    assert info["limits"]["max_pixels"] == info["preprocessing"]["max_pixels"] == 40_000_000  # serving's own
-    assert info["limits"]["body_timeout_s"] == BODY_TIMEOUT_S and info["limits"]["decode_concurrency"] == 2
+    assert (
+        info["limits"]["max_pixels"] == info["preprocessing"]["max_pixels"] == 40_000_000
+    )  # serving's own
+    assert (
+        info["limits"]["body_timeout_s"] == BODY_TIMEOUT_S
+        and info["limits"]["decode_concurrency"] == 2
+    )
     assert info["auth"] is None
     schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/classify", "/v1/classify/batch", "/v1/model", "/healthz"} <= set(schema["paths"])
@@ -325,19 +468,35 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
 @pytest.mark.slow
 def test_bearer_token_auth_when_configured(serve_port, weights, images):
     token = "s3cret-test-token"
-    cfg = ServeConfig(model=SMALL, weights=weights, auth_token_env="SKRAY_TEST_SERVE_TOKEN", warmup_batches=0)
-    deploy(cfg, "secure", "/secure",
-           ray_actor_options={"runtime_env": {"env_vars": {"SKRAY_TEST_SERVE_TOKEN": token}}})
+    cfg = ServeConfig(
+        model=SMALL, weights=weights, auth_token_env="SKRAY_TEST_SERVE_TOKEN", warmup_batches=0
+    )
+    deploy(
+        cfg,
+        "secure",
+        "/secure",
+        ray_actor_options={"runtime_env": {"env_vars": {"SKRAY_TEST_SERVE_TOKEN": token}}},
+    )
     base = f"http://{LOOPBACK}:{serve_port}/secure"
     try:
         assert wait_ready(base)["status"] == "ok"  # probes need no token
         image = {"content": images[0].read_bytes(), "headers": {"content-type": "image/jpeg"}}
         missing = httpx.post(f"{base}/v1/classify", timeout=30, **image)
-        wrong = httpx.post(f"{base}/v1/classify", timeout=30, content=image["content"],
-                           headers={**image["headers"], "authorization": "Bearer nope"})
-        right = httpx.post(f"{base}/v1/classify", timeout=30, content=image["content"],
-                           headers={**image["headers"], "authorization": f"Bearer {token}"})
-        info = httpx.get(f"{base}/v1/model", headers={"authorization": f"Bearer {token}"}, timeout=10)
+        wrong = httpx.post(
+            f"{base}/v1/classify",
+            timeout=30,
+            content=image["content"],
+            headers={**image["headers"], "authorization": "Bearer nope"},
+        )
+        right = httpx.post(
+            f"{base}/v1/classify",
+            timeout=30,
+            content=image["content"],
+            headers={**image["headers"], "authorization": f"Bearer {token}"},
+        )
+        info = httpx.get(
+            f"{base}/v1/model", headers={"authorization": f"Bearer {token}"}, timeout=10
+        )
     finally:
         from ray import serve
 
@@ -350,14 +509,20 @@ def test_bearer_token_auth_when_configured(serve_port, weights, images):
 
 
 @pytest.mark.slow
-def test_healthz_says_503_until_warmed_up_and_early_requests_wait_instead_of_failing(serve_port, weights, images):
+def test_healthz_says_503_until_warmed_up_and_early_requests_wait_instead_of_failing(
+    serve_port, weights, images
+):
     cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=16, warmup_batches=20)
     base = f"http://{LOOPBACK}:{serve_port}/warm"
     deploy(cfg, "warm", "/warm")  # returns once the replica is constructed; warm-up runs after
     try:
         before = httpx.get(f"{base}/healthz", timeout=10)
-        early = httpx.post(f"{base}/v1/classify", content=images[0].read_bytes(),
-                           headers={"content-type": "image/jpeg"}, timeout=120)
+        early = httpx.post(
+            f"{base}/v1/classify",
+            content=images[0].read_bytes(),
+            headers={"content-type": "image/jpeg"},
+            timeout=120,
+        )
         after = httpx.get(f"{base}/healthz", timeout=10)
     finally:
         from ray import serve
@@ -365,29 +530,54 @@ def test_healthz_says_503_until_warmed_up_and_early_requests_wait_instead_of_fai
         serve.delete("warm")
     assert before.status_code == 503 and before.json() == {"status": "warming_up"}
     assert early.status_code == 200 and early.json()["label"] in CLASSES
-    assert after.status_code == 200 and after.json()["status"] == "ok" and after.json()["warmup_s"] > 0
+    assert (
+        after.status_code == 200 and after.json()["status"] == "ok" and after.json()["warmup_s"] > 0
+    )
 
 
 @pytest.mark.slow
-def test_skray_serve_deploys_a_config_file_and_stops_on_sigterm(ray_cluster, serve_port, weights, images, tmp_path):
+def test_skray_serve_deploys_a_config_file_and_stops_on_sigterm(
+    ray_cluster, serve_port, weights, images, tmp_path
+):
     config = yaml.safe_load((PROJECT / "configs/serve.yaml").read_text())
     config["http_options"]["port"] = serve_port
     app = config["applications"][0]
     app.update(name="cli", route_prefix="/cli")
     app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "skray.cli", "serve", "--config", str(tmp_path / "serve.yaml"),
-               "--weights", weights, "--set", "warmup_batches=0", "--address", ray_cluster.gcs_address]
-    process = subprocess.Popen(command, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "skray.cli",
+        "serve",
+        "--config",
+        str(tmp_path / "serve.yaml"),
+        "--weights",
+        weights,
+        "--set",
+        "warmup_batches=0",
+        "--address",
+        ray_cluster.gcs_address,
+    ]
+    process = subprocess.Popen(
+        command, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     base = f"http://{LOOPBACK}:{serve_port}/cli"
     try:
-        wait_for(lambda: any("Ctrl-C stops it" in line for line in lines), 120, "skray serve to say it is up")
+        wait_for(
+            lambda: any("Ctrl-C stops it" in line for line in lines),
+            120,
+            "skray serve to say it is up",
+        )
         assert any(f"at {base}/v1/classify" in line for line in lines), "".join(lines)
-        reply = httpx.post(f"{base}/v1/classify", content=images[1].read_bytes(),
-                           headers={"content-type": "image/png"}, timeout=30)
+        reply = httpx.post(
+            f"{base}/v1/classify",
+            content=images[1].read_bytes(),
+            headers={"content-type": "image/png"},
+            timeout=30,
+        )
         assert reply.status_code == 200 and reply.json()["model"] == SMALL
     finally:
         process.send_signal(signal.SIGTERM)
@@ -402,20 +592,26 @@ def test_shipped_serve_configs_validate_with_serve_and_skray(tmp_path):
 
     launch = resolve_launch(str(PROJECT / "configs/serve.yaml"))
     assert launch.http_options == {"host": "127.0.0.1", "port": 8000}
-    assert launch.config.model is None and launch.deployment_options["autoscaling_config"]["max_replicas"] == 4
+    assert (
+        launch.config.model is None
+        and launch.deployment_options["autoscaling_config"]["max_replicas"] == 4
+    )
     service = yaml.safe_load((PROJECT / "configs/cluster/rayservice.yaml").read_text())
     (tmp_path / "v2.yaml").write_text(service["spec"]["serveConfigV2"])
     ServeDeploySchema.parse_obj(yaml.safe_load(service["spec"]["serveConfigV2"]))
     assert resolve_launch(str(tmp_path / "v2.yaml")).config.auth_token_env == "SKRAY_SERVE_TOKEN"
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--set", "max_batch_size=0"], "max_batch_size"),
-    (["--set", "max_batchsize=8"], "max_batchsize: unknown key"),
-    (["--app", "nope"], "--app"),
-    (["--set", "precision=int8", "--set", "gpus_per_replica=0"], "needs calibration"),
-    (["--set", "precision=int8", "--set", "calibration=/data"], "gpus_per_replica: 0"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--set", "max_batch_size=0"], "max_batch_size"),
+        (["--set", "max_batchsize=8"], "max_batchsize: unknown key"),
+        (["--app", "nope"], "--app"),
+        (["--set", "precision=int8", "--set", "gpus_per_replica=0"], "needs calibration"),
+        (["--set", "precision=int8", "--set", "calibration=/data"], "gpus_per_replica: 0"),
+    ],
+)
 def test_a_bad_serve_config_fails_before_anything_starts_naming_the_key(args, named, capsys):
     assert main(["serve", "--config", str(PROJECT / "configs/serve.yaml"), *args]) == 2
     assert named in capsys.readouterr().err

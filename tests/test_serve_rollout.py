@@ -23,8 +23,13 @@ pytestmark = pytest.mark.slow
 
 def serve_deploy(head: LocalRayHead, config: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([str(Path(ray_cli()).parent / "serve"), "deploy", str(path), "-a", head.address],
-                   env=head.env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [str(Path(ray_cli()).parent / "serve"), "deploy", str(path), "-a", head.address],
+        env=head.env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -41,8 +46,13 @@ def serve_config(ray_cluster: LocalRayHead) -> Iterator[dict]:
     serve.shutdown()
 
 
-def test_serve_deploy_rolls_out_new_weights_without_dropping_a_request(ray_cluster, serve_config, tmp_path):
-    old, new = write_weights(tmp_path / "v1.safetensors", seed=1), write_weights(tmp_path / "v2.safetensors", seed=2)
+def test_serve_deploy_rolls_out_new_weights_without_dropping_a_request(
+    ray_cluster, serve_config, tmp_path
+):
+    old, new = (
+        write_weights(tmp_path / "v1.safetensors", seed=1),
+        write_weights(tmp_path / "v2.safetensors", seed=2),
+    )
     old_sha, new_sha = file_sha256(Path(old)), file_sha256(Path(new))
     app = serve_config["applications"][0]
     base = f"http://{LOOPBACK}:{serve_config['http_options']['port']}"
@@ -61,7 +71,9 @@ def test_serve_deploy_rolls_out_new_weights_without_dropping_a_request(ray_clust
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
                 try:
-                    reply = http.post(f"{base}/v1/classify", content=image, headers={"content-type": "image/jpeg"})
+                    reply = http.post(
+                        f"{base}/v1/classify", content=image, headers={"content-type": "image/jpeg"}
+                    )
                 except Exception as err:  # noqa: BLE001 - no reply at all: connection refused, reset, timeout
                     answers.append((number, None, f"{type(err).__name__}: {err}"))
                     stop.wait(0.1)
@@ -69,7 +81,9 @@ def test_serve_deploy_rolls_out_new_weights_without_dropping_a_request(ray_clust
                 try:
                     answers.append((number, reply.status_code, reply.json()["weights_sha256"]))
                 except Exception:  # noqa: BLE001 - a 5xx page, a truncated body, JSON without the field
-                    answers.append((number, reply.status_code, f"not a classification: {reply.text[:200]!r}"))
+                    answers.append(
+                        (number, reply.status_code, f"not a classification: {reply.text[:200]!r}")
+                    )
 
     clients = [threading.Thread(target=client, args=(number,)) for number in range(3)]
     for thread in clients:
@@ -78,8 +92,11 @@ def test_serve_deploy_rolls_out_new_weights_without_dropping_a_request(ray_clust
         wait_for(lambda: {n for n, _, _ in answers} == {0, 1, 2}, 60, "an answer to every client")
         app["args"]["weights"] = new
         serve_deploy(ray_cluster, serve_config, tmp_path / "v2.yaml")
-        wait_for(lambda: {n for n, _, sha in answers if sha == new_sha} == {0, 1, 2}, 120,
-                 "every client answered by the new weights")
+        wait_for(
+            lambda: {n for n, _, sha in answers if sha == new_sha} == {0, 1, 2},
+            120,
+            "every client answered by the new weights",
+        )
         rolled_out = len(answers)
         wait_for(lambda: len(answers) >= rolled_out + 6, 60, "answers after the rollout")
     finally:

@@ -74,10 +74,20 @@ def test_check_writable_fails_for_an_unwritable_output(tmp_path):
 
 def test_summarize_output_counts_rows_failures_by_reason_and_top_labels(tmp_path):
     output = str(tmp_path / "out")
-    write_part(output, "u1", [label_row("a", "cat"), label_row("b", "dog"),
-                              label_row("c", error="empty: zero bytes")])
-    write_part(output, "u2", [label_row("d", "cat"), label_row("e", error="not_an_image: text"),
-                              label_row("f", error="empty: zero bytes")])
+    write_part(
+        output,
+        "u1",
+        [label_row("a", "cat"), label_row("b", "dog"), label_row("c", error="empty: zero bytes")],
+    )
+    write_part(
+        output,
+        "u2",
+        [
+            label_row("d", "cat"),
+            label_row("e", error="not_an_image: text"),
+            label_row("f", error="empty: zero bytes"),
+        ],
+    )
 
     summary = summarize_output(output)
 

@@ -36,8 +36,18 @@ def test_list_inputs_returns_every_file_below_the_prefix_recursively_and_sorted(
 
 
 def test_list_inputs_skips_hidden_names_in_any_path_component_below_the_prefix(root: str):
-    write_files(root, ["keep.jpg", ".DS_Store", "_SUCCESS", "_tmp/x.jpg", "sub/.cache/y.jpg",
-                       "sub/_staging/z.jpg", "sub/keep.jpg"])
+    write_files(
+        root,
+        [
+            "keep.jpg",
+            ".DS_Store",
+            "_SUCCESS",
+            "_tmp/x.jpg",
+            "sub/.cache/y.jpg",
+            "sub/_staging/z.jpg",
+            "sub/keep.jpg",
+        ],
+    )
 
     assert list_inputs(root) == [join(root, "keep.jpg"), join(root, "sub/keep.jpg")]
 
@@ -244,7 +254,9 @@ def test_read_unit_of_a_parquet_file_without_rows_yields_one_empty_shard_error_r
 
     rows = read_unit(Unit("p", "parquet", (table,), 0))
 
-    assert [(r["key"], r["error"].split(":")[0], r["unit_rows"]) for r in rows] == [(table, "empty_shard", 1)]
+    assert [(r["key"], r["error"].split(":")[0], r["unit_rows"]) for r in rows] == [
+        (table, "empty_shard", 1)
+    ]
 
 
 def test_read_unit_of_an_empty_tar_yields_one_empty_shard_error_row(tmp_path):
@@ -306,7 +318,11 @@ def test_read_unit_makes_an_image_file_over_max_object_bytes_a_too_large_row_wit
 
     rows = read_unit(Unit("u", "images", (big, small), 2), max_object_bytes=100)
 
-    assert rows[0]["key"] == big and rows[0]["error"].startswith("too_large") and rows[0]["data"] == b""
+    assert (
+        rows[0]["key"] == big
+        and rows[0]["error"].startswith("too_large")
+        and rows[0]["data"] == b""
+    )
     assert rows[1]["error"] == "" and rows[1]["data"] == b"s" * 100
     assert spy_fs.opened == [small]
 
@@ -331,10 +347,13 @@ def tar_member(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
 
 
 def gnu_sparse_member(name: str, stored: bytes, claimed: int) -> bytes:
-    """A GNU sparse member (type 'S'): ``stored`` in the archive, ``claimed`` bytes once expanded."""
+    """A GNU sparse member (type 'S'): ``stored`` in the archive, ``claimed`` bytes once
+    expanded."""
     header = bytearray(tar_member(tarfile.TarInfo(name), stored)[: tarfile.BLOCKSIZE])
     header[156:157] = tarfile.GNUTYPE_SPARSE
-    header[386:398] = tarfile.itn(claimed - len(stored), 12, tarfile.GNU_FORMAT)  # the one data region
+    header[386:398] = tarfile.itn(
+        claimed - len(stored), 12, tarfile.GNU_FORMAT
+    )  # the one data region
     header[398:410] = tarfile.itn(len(stored), 12, tarfile.GNU_FORMAT)
     header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)  # the size it claims
     header[148:156] = b" " * 8
@@ -348,24 +367,39 @@ def test_read_unit_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(t
     hard = tarfile.TarInfo("hard.jpg")
     hard.type, hard.linkname = tarfile.LNKTYPE, "good0.jpg"
     shard = str(tmp_path / "shard.tar")
-    write_bytes_atomic(shard, b"".join([
-        tar_member(tarfile.TarInfo("good0.jpg"), b"img0"),
-        tar_member(link),
-        tar_member(hard),
-        gnu_sparse_member("sparse.jpg", b"s" * 512, claimed=4 * 2**30),
-        tar_member(tarfile.TarInfo("big.jpg"), b"b" * 101),
-        tar_member(tarfile.TarInfo("good1.jpg"), b"img1"),
-        tar_member(tarfile.TarInfo("good1.cls"), b"1"),
-        b"\0" * 2 * tarfile.BLOCKSIZE,
-    ]))
+    write_bytes_atomic(
+        shard,
+        b"".join(
+            [
+                tar_member(tarfile.TarInfo("good0.jpg"), b"img0"),
+                tar_member(link),
+                tar_member(hard),
+                gnu_sparse_member("sparse.jpg", b"s" * 512, claimed=4 * 2**30),
+                tar_member(tarfile.TarInfo("big.jpg"), b"b" * 101),
+                tar_member(tarfile.TarInfo("good1.jpg"), b"img1"),
+                tar_member(tarfile.TarInfo("good1.cls"), b"1"),
+                b"\0" * 2 * tarfile.BLOCKSIZE,
+            ]
+        ),
+    )
 
     rows = read_unit(Unit("s", "webdataset", (shard,)), max_object_bytes=100)
 
     errors = {r["key"].split("#")[1]: r["error"].split(":")[0] for r in rows}
-    assert errors == {"good0": "", "link": "tar_member_not_regular", "hard": "tar_member_not_regular",
-                      "sparse": "tar_member_not_regular", "big": "too_large", "good1": ""}
+    assert errors == {
+        "good0": "",
+        "link": "tar_member_not_regular",
+        "hard": "tar_member_not_regular",
+        "sparse": "tar_member_not_regular",
+        "big": "too_large",
+        "good1": "",
+    }
     assert "sparse" in rows[3]["error"] and str(4 * 2**30) in rows[3]["error"]
-    assert (rows[0]["data"], rows[5]["data"], json.loads(rows[5]["meta"])) == (b"img0", b"img1", {"cls": 1})
+    assert (rows[0]["data"], rows[5]["data"], json.loads(rows[5]["meta"])) == (
+        b"img0",
+        b"img1",
+        {"cls": 1},
+    )
     assert {r["unit_rows"] for r in rows} == {6}
 
 
@@ -373,12 +407,17 @@ def test_read_unit_of_a_tar_stops_at_a_long_name_header_too_large_to_hold(tmp_pa
     long_name = tarfile.TarInfo("././@LongLink")
     long_name.type = tarfile.GNUTYPE_LONGNAME
     shard = str(tmp_path / "shard.tar")
-    write_bytes_atomic(shard, b"".join([
-        tar_member(tarfile.TarInfo("good.jpg"), b"img"),
-        tar_member(long_name, b"n" * (sources.TAR_HEADER_MAX_BYTES + 1)),
-        tar_member(tarfile.TarInfo("after.jpg"), b"img"),
-        b"\0" * 2 * tarfile.BLOCKSIZE,
-    ]))
+    write_bytes_atomic(
+        shard,
+        b"".join(
+            [
+                tar_member(tarfile.TarInfo("good.jpg"), b"img"),
+                tar_member(long_name, b"n" * (sources.TAR_HEADER_MAX_BYTES + 1)),
+                tar_member(tarfile.TarInfo("after.jpg"), b"img"),
+                b"\0" * 2 * tarfile.BLOCKSIZE,
+            ]
+        ),
+    )
 
     rows = read_unit(Unit("s", "webdataset", (shard,)))
 
@@ -394,7 +433,9 @@ def test_unit_batches_streams_a_tar_shard_and_puts_the_row_count_in_the_last_bat
     batches = unit_batches(Unit("s", "webdataset", (shard,)), batch_size=2)
 
     assert [[(r["unit"], r["unit_rows"]) for r in b] for b in batches] == [
-        [("s", -1), ("s", -1)], [("s", -1), ("s", -1)], [("s", 5)]
+        [("s", -1), ("s", -1)],
+        [("s", -1), ("s", -1)],
+        [("s", 5)],
     ]
 
 

@@ -1,4 +1,5 @@
-"""Ray Tune sweeps: ASHA, nested MLflow runs, the best model registered, compare, resume, bad spaces."""
+"""Ray Tune sweeps: ASHA, nested MLflow runs, the best model registered, compare, resume,
+bad spaces."""
 
 from __future__ import annotations
 
@@ -21,18 +22,30 @@ def dataset(tmp_path_factory) -> dict[str, str]:
 
 def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
     values = {
-        "name": "lrwd", "base": str(PROJECT / "configs" / "train_cpu_small.yaml"),
-        "set": [f"data.train={dataset['train']}", f"data.val={dataset['val']}", "preprocessing.image_size=48",
-                "epochs=4", "scaling.workers=1", "batch_size=16", "mlflow.registered_model=null"],
+        "name": "lrwd",
+        "base": str(PROJECT / "configs" / "train_cpu_small.yaml"),
+        "set": [
+            f"data.train={dataset['train']}",
+            f"data.val={dataset['val']}",
+            "preprocessing.image_size=48",
+            "epochs=4",
+            "scaling.workers=1",
+            "batch_size=16",
+            "mlflow.registered_model=null",
+        ],
         # Two useful learning rates first, two hopeless ones after: ASHA must stop those.
-        "space": {"optim.lr": {"type": "grid", "values": [0.8, 0.6, 1e-7, 1e-8]},
-                  "optim.weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
-        "num_samples": 1, "max_concurrent_trials": 2, "asha": {"grace_period": 1, "reduction_factor": 2},
-        "storage_path": str(tmp_path / "sweeps"), "mlflow": {"registered_model": "skray-sweep"},
+        "space": {
+            "optim.lr": {"type": "grid", "values": [0.8, 0.6, 1e-7, 1e-8]},
+            "optim.weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        },
+        "num_samples": 1,
+        "max_concurrent_trials": 2,
+        "asha": {"grace_period": 1, "reduction_factor": 2},
+        "storage_path": str(tmp_path / "sweeps"),
+        "mlflow": {"registered_model": "skray-sweep"},
         **changes,
     }
     return validate(SweepConfig, values, source="sweep config")
-
 
 
 @pytest.mark.slow
@@ -45,14 +58,17 @@ def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_mod
     assert len(states) == 4 and "stopped_early" in states and "completed" in states
     client = MlflowClient()
     parent = client.get_run(summary["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"
+    )
     assert len(children) == 4
     assert all(client.get_metric_history(c.info.run_id, "val_top1") for c in children)
     assert {c.data.tags["skray.trial_state"] for c in children} == set(states)
     # MLflow's own status says the same: ASHA's stopped trials are KILLED, finished ones FINISHED.
     assert {(c.data.tags["skray.trial_state"], c.info.status) for c in children} <= {
-        ("completed", "FINISHED"), ("stopped_early", "KILLED")}
+        ("completed", "FINISHED"),
+        ("stopped_early", "KILLED"),
+    }
     assert parent.data.metrics["best_val_top1"] == summary["best"]["best"]
     version = client.get_model_version_by_alias("skray-sweep", "sweep-best")
     assert version.run_id == summary["best"]["run_id"]
@@ -67,19 +83,24 @@ def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_mod
     assert all(p.stat().st_size > 1000 for p in plots)
     legend = learning_curves(rows, "val_top1").axes[0].get_legend()
     assert len(legend.get_texts()) == 4, "one labeled curve per trial (Tune names them _trial_...)"
-    assert {a.path for a in client.list_artifacts(summary["parent_run_id"], "compare")} == \
-        {"compare/lr_wd.png", "compare/learning_curves.png"}
+    assert {a.path for a in client.list_artifacts(summary["parent_run_id"], "compare")} == {
+        "compare/lr_wd.png",
+        "compare/learning_curves.png",
+    }
 
 
 # --- bad sweeps fail before any trial ------------------------------------------
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"optim.lr": {"type": "loguniform", "low": 0.3, "high": 0.03}}, "low < high"),
-    ({"optim.lr": {"type": "loguniform", "low": 0, "high": 0.3}}, "low > 0"),
-    ({"optim.lr": {"type": "choice", "values": []}}, "non-empty values"),
-    ({"optim.lr": {"type": "normal", "low": 0, "high": 1}}, "space.optim.lr.type"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"optim.lr": {"type": "loguniform", "low": 0.3, "high": 0.03}}, "low < high"),
+        ({"optim.lr": {"type": "loguniform", "low": 0, "high": 0.3}}, "low > 0"),
+        ({"optim.lr": {"type": "choice", "values": []}}, "non-empty values"),
+        ({"optim.lr": {"type": "normal", "low": 0, "high": 1}}, "space.optim.lr.type"),
+    ],
+)
 def test_an_invalid_search_space_fails_naming_the_key(dataset, tmp_path, space, message):
     with pytest.raises(ConfigError, match=message):
         sweep_config(dataset, tmp_path, space=space)
@@ -95,7 +116,9 @@ def test_grid_search_takes_only_grid_dimensions_and_optuna_none(dataset, tmp_pat
 
 
 def test_a_space_key_the_trainer_does_not_take_fails_before_any_trial(dataset, tmp_path):
-    cfg = sweep_config(dataset, tmp_path, space={"optim.learning_rate": {"type": "uniform", "low": 0.1, "high": 1}})
+    cfg = sweep_config(
+        dataset, tmp_path, space={"optim.learning_rate": {"type": "uniform", "low": 0.1, "high": 1}}
+    )
     with pytest.raises(ConfigError, match="optim.learning_rate: unknown key"):
         resolve(cfg)
 
@@ -123,16 +146,25 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
     import yaml
 
     # Three trials of two epochs, two at a time: once one has finished, the driver dies.
-    cfg = sweep_config(dataset, tmp_path, name="interrupted", asha={"enabled": False},
-                       space={"optim.lr": {"type": "grid", "values": [0.8, 0.6, 0.4]}},
-                       mlflow={"registered_model": None, "tracking_uri": mlflow_store})
+    cfg = sweep_config(
+        dataset,
+        tmp_path,
+        name="interrupted",
+        asha={"enabled": False},
+        space={"optim.lr": {"type": "grid", "values": [0.8, 0.6, 0.4]}},
+        mlflow={"registered_model": None, "tracking_uri": mlflow_store},
+    )
     cfg.set.append("epochs=2")
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     sweep_dir = tmp_path / "sweeps" / "interrupted"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.gcs_address, "RAY_AUTH_MODE": "token"}
-    driver = subprocess.Popen([sys.executable, "-m", "skray.cli", "sweep", "--config", str(config_file)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "skray.cli", "sweep", "--config", str(config_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def finished_trials() -> dict[str, int]:
         record = sweep_dir / "skray_sweep.json"
@@ -140,9 +172,12 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
             return {}
         client = MlflowClient()
         parent = client.get_run(json.loads(record.read_text())["parent_run_id"])
-        children = client.search_runs([parent.info.experiment_id],
-                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        epochs = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "epoch")) for c in children}
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+        epochs = {
+            c.info.run_id: len(client.get_metric_history(c.info.run_id, "epoch")) for c in children
+        }
         return {run_id: n for run_id, n in epochs.items() if n >= 2}
 
     def trials_tune_saved_as_finished() -> int:
@@ -155,8 +190,12 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
         return sum(json.loads(state)["status"] == "TERMINATED" for state, _ in trials)
 
     done_before = wait_for(finished_trials, 400, "a trial to finish", interval_s=1)
-    wait_for(lambda: trials_tune_saved_as_finished() >= len(done_before), 120,
-             "Tune to save the finished trial in its experiment state", interval_s=0.5)
+    wait_for(
+        lambda: trials_tune_saved_as_finished() >= len(done_before),
+        120,
+        "Tune to save the finished trial in its experiment state",
+        interval_s=0.5,
+    )
     driver.kill()
     driver.wait(timeout=60)
 
@@ -165,9 +204,18 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
     assert len(summary["trials"]) == 3
     client = MlflowClient()
     for run_id, epochs in done_before.items():
-        assert len(client.get_metric_history(run_id, "epoch")) == epochs, "finished trials did not run again"
-    assert len(client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")) == 3
+        assert len(client.get_metric_history(run_id, "epoch")) == epochs, (
+            "finished trials did not run again"
+        )
+    assert (
+        len(
+            client.search_runs(
+                [client.get_run(summary["parent_run_id"]).info.experiment_id],
+                f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
+            )
+        )
+        == 3
+    )
 
 
 def test_optuna_search_without_optuna_installed_fails_before_any_trial(dataset, tmp_path):
@@ -176,16 +224,31 @@ def test_optuna_search_without_optuna_installed_fails_before_any_trial(dataset, 
     if importlib.util.find_spec("optuna") is not None:
         pytest.skip("optuna is installed here")
     with pytest.raises(ConfigError, match="search: optuna needs the optuna package"):
-        resolve(sweep_config(dataset, tmp_path, search="optuna",
-                             space={"optim.lr": {"type": "loguniform", "low": 0.01, "high": 1}}))
+        resolve(
+            sweep_config(
+                dataset,
+                tmp_path,
+                search="optuna",
+                space={"optim.lr": {"type": "loguniform", "low": 0.01, "high": 1}},
+            )
+        )
 
 
 @pytest.mark.slow
-def test_an_optuna_tpe_sweep_samples_inside_the_space(ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store):
+def test_an_optuna_tpe_sweep_samples_inside_the_space(
+    ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
+):
     pytest.importorskip("optuna")
-    cfg = sweep_config(dataset, tmp_path, name="tpe", search="optuna", num_samples=2, asha={"enabled": False},
-                       space={"optim.lr": {"type": "loguniform", "low": 0.05, "high": 1.0}},
-                       mlflow={"registered_model": None})
+    cfg = sweep_config(
+        dataset,
+        tmp_path,
+        name="tpe",
+        search="optuna",
+        num_samples=2,
+        asha={"enabled": False},
+        space={"optim.lr": {"type": "loguniform", "low": 0.05, "high": 1.0}},
+        mlflow={"registered_model": None},
+    )
     cfg.set.append("epochs=1")
 
     summary = run(cfg)
@@ -203,13 +266,28 @@ def logged_sweep(metric: str, curves: dict[str, list[float]], mode: str = "max",
     trial, named as Tune names them, with ``metric`` logged per epoch; returns the parent id."""
     from skray import tracking
 
-    cfg = validate(SweepConfig, {"base": "unused.yaml", "metric": metric, "mode": mode,
-                                 "space": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}, **sweep},
-                   source="sweep config")
-    parent = tracking.start_run("skray-sweeps", "sweep", params={"sweep": cfg.model_dump(mode="json")}, tags={})
+    cfg = validate(
+        SweepConfig,
+        {
+            "base": "unused.yaml",
+            "metric": metric,
+            "mode": mode,
+            "space": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}},
+            **sweep,
+        },
+        source="sweep config",
+    )
+    parent = tracking.start_run(
+        "skray-sweeps", "sweep", params={"sweep": cfg.model_dump(mode="json")}, tags={}
+    )
     for name, curve in curves.items():
-        child = tracking.start_run("skray-sweeps", name, params={"optim": {"lr": 0.1, "weight_decay": 1e-4}},
-                                   tags={tracking.TRIAL_TAG: name}, parent_run_id=parent)
+        child = tracking.start_run(
+            "skray-sweeps",
+            name,
+            params={"optim": {"lr": 0.1, "weight_decay": 1e-4}},
+            tags={tracking.TRIAL_TAG: name},
+            parent_run_id=parent,
+        )
         for epoch, value in enumerate(curve):
             tracking.log_metrics(child, {metric: value}, step=epoch)
     return parent
@@ -217,13 +295,23 @@ def logged_sweep(metric: str, curves: dict[str, list[float]], mode: str = "max",
 
 def test_compare_ranks_a_min_mode_sweep_lowest_first(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the store's artifacts land here
-    parent = logged_sweep("train_loss", {"_trial_a_00000": [2.0, 1.5, 1.2], "_trial_a_00001": [2.0, 0.4, 0.3],
-                                         "_trial_a_00002": [3.0, 2.5, 2.6]}, mode="min")
+    parent = logged_sweep(
+        "train_loss",
+        {
+            "_trial_a_00000": [2.0, 1.5, 1.2],
+            "_trial_a_00001": [2.0, 0.4, 0.3],
+            "_trial_a_00002": [3.0, 2.5, 2.6],
+        },
+        mode="min",
+    )
 
     rows, _ = compare(parent=parent, metric="train_loss", out_dir=str(tmp_path / "plots"))
 
     assert [(r["run"], r["best"]) for r in rows] == [
-        ("_trial_a_00001", 0.3), ("_trial_a_00000", 1.2), ("_trial_a_00002", 2.5)]
+        ("_trial_a_00001", 0.3),
+        ("_trial_a_00000", 1.2),
+        ("_trial_a_00002", 2.5),
+    ]
 
 
 def test_compare_takes_the_mode_from_the_sweep_then_the_flag_then_the_metric_name(mlflow_store):
@@ -232,13 +320,17 @@ def test_compare_takes_the_mode_from_the_sweep_then_the_flag_then_the_metric_nam
     min_sweep = logged_sweep("val_top1", {}, mode="min")  # a sweep may rank any metric either way
     assert resolve_mode(min_sweep, "val_top1") == "min"
     assert resolve_mode(min_sweep, "val_top1", mode="max") == "max"
-    assert resolve_mode(min_sweep, "train_loss") == "min"  # not the metric the sweep ranked: by its name
+    assert (
+        resolve_mode(min_sweep, "train_loss") == "min"
+    )  # not the metric the sweep ranked: by its name
     assert resolve_mode(None, "train_loss") == "min" and resolve_mode(None, "val_top5") == "max"
     with pytest.raises(ValueError, match="mode must be max or min"):
         resolve_mode(None, "val_top1", mode="lowest")
 
 
-def test_the_learning_curves_plot_has_a_labeled_line_per_run_best_first(mlflow_store, tmp_path, monkeypatch, recwarn):
+def test_the_learning_curves_plot_has_a_labeled_line_per_run_best_first(
+    mlflow_store, tmp_path, monkeypatch, recwarn
+):
     from skray.compare import collect, learning_curves
 
     monkeypatch.chdir(tmp_path)
@@ -267,13 +359,25 @@ def test_optuna_search_is_tpe_its_suggestions_after_the_random_start_close_in_on
     from skray.sweep import search_algorithm
 
     pytest.importorskip("optuna")
-    cfg = validate(SweepConfig, {
-        "base": "unused.yaml", "search": "optuna", "seed": 0, "optuna_startup_trials": 10,
-        "space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1.0},
-                  "optim.weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-2}}}, source="sweep config")
+    cfg = validate(
+        SweepConfig,
+        {
+            "base": "unused.yaml",
+            "search": "optuna",
+            "seed": 0,
+            "optuna_startup_trials": 10,
+            "space": {
+                "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1.0},
+                "optim.weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-2},
+            },
+        },
+        source="sweep config",
+    )
     searcher = search_algorithm(cfg)
     # What tune.Tuner does with the search algorithm and the space it is given.
-    assert searcher.set_search_properties(cfg.metric, cfg.mode, {k: d.to_tune() for k, d in cfg.space.items()})
+    assert searcher.set_search_properties(
+        cfg.metric, cfg.mode, {k: d.to_tune() for k, d in cfg.space.items()}
+    )
 
     def decades_from_best(c: dict) -> float:  # val_top1 is best at lr 1e-2, weight decay 1e-4
         return math.hypot(math.log10(c["optim.lr"]) + 2, math.log10(c["optim.weight_decay"]) + 4)
@@ -282,7 +386,9 @@ def test_optuna_search_is_tpe_its_suggestions_after_the_random_start_close_in_on
     for i in range(50):
         config = searcher.suggest(f"trial{i}")
         distances.append(decades_from_best(config))
-        searcher.on_trial_complete(f"trial{i}", {"val_top1": 100 - 10 * distances[-1] ** 2, "config": config})
+        searcher.on_trial_complete(
+            f"trial{i}", {"val_top1": 100 - 10 * distances[-1] ** 2, "config": config}
+        )
 
     # Within a decade of the best: about 1 in 10 random suggestions (often 3 to 9 of the last 25).
     assert all(0 <= d <= math.hypot(2, 2) * 1.5 for d in distances)
@@ -292,7 +398,9 @@ def test_optuna_search_is_tpe_its_suggestions_after_the_random_start_close_in_on
 # --- failed and stopped trials in MLflow ---------------------------------------------------
 
 
-def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_rest_are_ranked(mlflow_store):
+def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_rest_are_ranked(
+    mlflow_store,
+):
     import pandas as pd
     from ray.tune import Result
 
@@ -301,41 +409,91 @@ def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_re
     from skray.train import TrainConfig
 
     names = ["_trial_c_00000", "_trial_c_00001", "_trial_c_00002", "_trial_c_00003"]
-    curves = {names[0]: [40.0, 60.0, 70.0, 75.0], names[1]: [50.0, 80.0, 85.0, 82.0],
-              names[2]: [10.0, 12.0], names[3]: []}
+    curves = {
+        names[0]: [40.0, 60.0, 70.0, 75.0],
+        names[1]: [50.0, 80.0, 85.0, 82.0],
+        names[2]: [10.0, 12.0],
+        names[3]: [],
+    }
     parent = logged_sweep("val_top1", curves, mlflow={"registered_model": None})
 
     def result(name: str, error: Exception | None = None) -> Result:
         frame = pd.DataFrame({"epoch": range(len(curves[name])), "val_top1": curves[name]})
-        return Result(metrics={"config": {"optim.lr": 0.1}}, checkpoint=None, error=error,
-                      path=f"/sweeps/lrwd/{name}_{name[-1]}_optim.lr=0.1", metrics_dataframe=frame)
+        return Result(
+            metrics={"config": {"optim.lr": 0.1}},
+            checkpoint=None,
+            error=error,
+            path=f"/sweeps/lrwd/{name}_{name[-1]}_optim.lr=0.1",
+            metrics_dataframe=frame,
+        )
 
-    cfg = validate(SweepConfig, {"base": "unused.yaml", "mlflow": {"registered_model": None},
-                                 "space": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}},
-                   source="sweep config")
-    grid = [result(names[0]), result(names[1]), result(names[2]),
-            result(names[3], error=RuntimeError("the trial raised before its first epoch"))]
+    cfg = validate(
+        SweepConfig,
+        {
+            "base": "unused.yaml",
+            "mlflow": {"registered_model": None},
+            "space": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}},
+        },
+        source="sweep config",
+    )
+    grid = [
+        result(names[0]),
+        result(names[1]),
+        result(names[2]),
+        result(names[3], error=RuntimeError("the trial raised before its first epoch")),
+    ]
 
     summary = finish(cfg, grid, parent, TrainConfig(data={"train": "x", "val": "y"}, epochs=4))
 
     client = MlflowClient()
     runs = {name: client.get_run(tracking.child_runs(parent)[name]) for name in names}
     assert {n: (r.info.status, r.data.tags[tracking.STATE_TAG]) for n, r in runs.items()} == {
-        names[0]: ("FINISHED", "completed"), names[1]: ("FINISHED", "completed"),
-        names[2]: ("KILLED", "stopped_early"), names[3]: ("FAILED", "failed")}
-    assert [t["state"] for t in summary["trials"]] == ["completed", "completed", "stopped_early", "failed"]
-    assert summary["best"]["run_id"] == runs[names[1]].info.run_id and summary["best"]["best"] == 85.0
+        names[0]: ("FINISHED", "completed"),
+        names[1]: ("FINISHED", "completed"),
+        names[2]: ("KILLED", "stopped_early"),
+        names[3]: ("FAILED", "failed"),
+    }
+    assert [t["state"] for t in summary["trials"]] == [
+        "completed",
+        "completed",
+        "stopped_early",
+        "failed",
+    ]
+    assert (
+        summary["best"]["run_id"] == runs[names[1]].info.run_id and summary["best"]["best"] == 85.0
+    )
     finished_parent = client.get_run(parent)
-    assert finished_parent.info.status == "FINISHED" and finished_parent.data.metrics["best_val_top1"] == 85.0
+    assert (
+        finished_parent.info.status == "FINISHED"
+        and finished_parent.data.metrics["best_val_top1"] == 85.0
+    )
 
 
-def test_skray_compare_mode_flag_overrides_the_sweeps_mode(mlflow_store, tmp_path, monkeypatch, capsys):
+def test_skray_compare_mode_flag_overrides_the_sweeps_mode(
+    mlflow_store, tmp_path, monkeypatch, capsys
+):
     from skray.cli import main
 
     monkeypatch.chdir(tmp_path)
-    parent = logged_sweep("train_loss", {"_trial_b_00000": [1.0, 0.2], "_trial_b_00001": [1.0, 0.9]}, mode="min")
+    parent = logged_sweep(
+        "train_loss", {"_trial_b_00000": [1.0, 0.2], "_trial_b_00001": [1.0, 0.9]}, mode="min"
+    )
 
-    assert main(["compare", "--parent", parent, "--metric", "train_loss", "--mode", "max",
-                 "--out", str(tmp_path / "plots")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--parent",
+                parent,
+                "--metric",
+                "train_loss",
+                "--mode",
+                "max",
+                "--out",
+                str(tmp_path / "plots"),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert table.index("_trial_b_00001") < table.index("_trial_b_00000")

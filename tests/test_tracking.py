@@ -337,15 +337,21 @@ def test_metric_history_is_one_value_per_step_and_a_relogged_step_keeps_its_late
 # --- pinned registry weights ---------------------------------------------------
 
 
-def test_pinning_an_alias_records_the_version_and_a_later_alias_move_changes_nothing(store: Logged) -> None:
+def test_pinning_an_alias_records_the_version_and_a_later_alias_move_changes_nothing(
+    store: Logged,
+) -> None:
     client = MlflowClient()
     client.set_registered_model_alias("skray-test", "pin-test", "1")
     pinned = pin_weights("models:/skray-test@pin-test")
 
     assert (pinned.version, pinned.sha256) == ("1", store.sha256)
     assert pinned.model_uri == "models:/skray-test/1"
-    assert Path(pinned.source).is_file() and pinned.source.endswith(WEIGHTS_FILE)  # the artifact itself
-    moved = client.create_model_version("skray-test", store.plain_model_uri)  # no skray weights in it
+    assert Path(pinned.source).is_file() and pinned.source.endswith(
+        WEIGHTS_FILE
+    )  # the artifact itself
+    moved = client.create_model_version(
+        "skray-test", store.plain_model_uri
+    )  # no skray weights in it
     client.set_registered_model_alias("skray-test", "pin-test", moved.version)
     with pytest.raises(WeightsError, match="holds no skray weights"):
         pin_weights("models:/skray-test@pin-test")  # the alias did move
@@ -362,13 +368,20 @@ def test_workers_get_the_weights_artifact_not_the_tracking_uri(store: Logged) ->
     from skray.serving import ServeConfig, application
 
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    app = application(ServeConfig(model=SMALL, weights="models:/skray-test@best", gpus_per_replica=0))
+    app = application(
+        ServeConfig(model=SMALL, weights="models:/skray-test@best", gpus_per_replica=0)
+    )
     deployment = app._bound_deployment
     pinned = PinnedWeights.from_dict(deployment.init_args[1])
     assert (pinned.version, pinned.sha256) == ("1", store.sha256)
     assert tracking_uri not in repr(deployment.ray_actor_options)
     assert "runtime_env" not in deployment.ray_actor_options
-    assert worker_env(LabelConfig(input="s3://in", output="s3://out", weights="models:/skray-test@best")) == {}
+    assert (
+        worker_env(
+            LabelConfig(input="s3://in", output="s3://out", weights="models:/skray-test@best")
+        )
+        == {}
+    )
 
 
 def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
@@ -379,14 +392,20 @@ def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
 
     secret = "s3cretpassw0rd"
     cfg = TrainConfig(
-        data={"train": f"s3://bucket/train?X-Amz-Signature={secret}",
-              "val": f"http://user:{secret}@minio.internal:9000/bucket/val"},
+        data={
+            "train": f"s3://bucket/train?X-Amz-Signature={secret}",
+            "val": f"http://user:{secret}@minio.internal:9000/bucket/val",
+        },
         model={"weights": f"https://h/w.pth?token={secret}"},
         mlflow={"tracking_uri": f"postgresql://user:{secret}@db.internal/mlflow"},
         scaling={"workers": 1},
     )
-    run_id = start_run("skray-tests", "secrets", params=cfg.model_dump(mode="json"),
-                       tags=run_tags(f"s3://user:{secret}@minio.internal/bucket/train"))
+    run_id = start_run(
+        "skray-tests",
+        "secrets",
+        params=cfg.model_dump(mode="json"),
+        tags=run_tags(f"s3://user:{secret}@minio.internal/bucket/train"),
+    )
     log_text(run_id, dump_config(cfg), "config.yaml")
     print(dump_config(cfg))
 
@@ -405,11 +424,19 @@ def test_registering_the_model_of_a_trial_asha_stopped_leaves_its_run_killed(
 
     monkeypatch.chdir(tmp_path)  # the store's artifacts land here
     run_id = start_run("skray-tests", "_trial_d_00000", params={}, tags={})
-    tracking.set_state(run_id, "stopped_early")  # what a sweep's finish does before registering the best
+    tracking.set_state(
+        run_id, "stopped_early"
+    )  # what a sweep's finish does before registering the best
     ended = MlflowClient().get_run(run_id).info
 
-    tracking.log_model_to_run(run_id, create_model(SMALL, num_classes=2), architecture=SMALL,
-                              class_names=["a", "b"], image_size=32, registered_model_name="skray-stopped")
+    tracking.log_model_to_run(
+        run_id,
+        create_model(SMALL, num_classes=2),
+        architecture=SMALL,
+        class_names=["a", "b"],
+        image_size=32,
+        registered_model_name="skray-stopped",
+    )
 
     run = MlflowClient().get_run(run_id)
     assert (run.info.status, run.info.end_time) == ("KILLED", ended.end_time)

@@ -1,4 +1,5 @@
-"""Training on Ray Train: learning, DDP, fault tolerance, resume, MLflow, and the model it registers."""
+"""Training on Ray Train: learning, DDP, fault tolerance, resume, MLflow, and the model it
+registers."""
 
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ def dataset(tmp_path_factory) -> dict[str, str]:
     return labeled_dataset(tmp_path_factory.mktemp("data"), per_class=48)
 
 
-
 @pytest.fixture(scope="module")
 def learned(ray_cluster: LocalRayHead, dataset, tmp_path_factory) -> Iterator[dict]:
     """One 4-epoch two-worker run registered as skray-test, in its own MLflow store: the tests
@@ -76,13 +76,25 @@ def learned_store(learned: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def small_config(dataset: dict[str, str], tmp_path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, CPU_CONFIG, [
-        f"data.train={dataset['train']}", f"data.val={dataset['val']}", f"storage_path={tmp_path}/runs",
-        "preprocessing.image_size=48", "mlflow.registered_model=skray-test", *overrides])
+    return load_config(
+        TrainConfig,
+        CPU_CONFIG,
+        [
+            f"data.train={dataset['train']}",
+            f"data.val={dataset['val']}",
+            f"storage_path={tmp_path}/runs",
+            "preprocessing.image_size=48",
+            "mlflow.registered_model=skray-test",
+            *overrides,
+        ],
+    )
 
 
 def metric_history(run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
+    return [
+        m.value
+        for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
+    ]
 
 
 @pytest.mark.slow
@@ -101,7 +113,9 @@ def test_two_worker_ddp_training_learns_and_logs_everything_to_mlflow(learned_st
     assert mlrun.info.status == "FINISHED"
     version = client.get_model_version("skray-test", summary["model"]["registered_version"])
     assert version.run_id == summary["mlflow_run_id"]
-    assert read_json(join(summary["run_dir"], RUN_FILE))["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert (
+        read_json(join(summary["run_dir"], RUN_FILE))["mlflow_run_id"] == summary["mlflow_run_id"]
+    )
 
 
 @pytest.mark.slow
@@ -115,22 +129,50 @@ def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
     summary = learned_store
     uri = f"models:/skray-test/{summary['model']['registered_version']}"
 
-    manifest = label(LabelConfig(input=dataset["val"], output=str(tmp_path / "labels"), weights=uri,
-                                 preprocessing={"image_size": 48}))
-    assert main(["predict", "--weights", uri, "--top-k", "1", f"{dataset['val']}/class2/0000.png"]) == 0
+    manifest = label(
+        LabelConfig(
+            input=dataset["val"],
+            output=str(tmp_path / "labels"),
+            weights=uri,
+            preprocessing={"image_size": 48},
+        )
+    )
+    assert (
+        main(["predict", "--weights", uri, "--top-k", "1", f"{dataset['val']}/class2/0000.png"])
+        == 0
+    )
 
     assert manifest["labeled"] == 48 and not manifest["random_weights"]
     assert set(dict(manifest["top_labels"])) <= {"class0", "class1", "class2", "class3"}
     assert "class2" in capsys.readouterr().out
 
-    assert main(["evaluate", "--data", dataset["val"], "--weights", uri, "--image-size", "48",
-                 "--mlflow-experiment", "skray-eval"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                dataset["val"],
+                "--weights",
+                uri,
+                "--image-size",
+                "48",
+                "--mlflow-experiment",
+                "skray-eval",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     top1 = float(out.split("top-1 ")[1].split()[0])
-    # The fast path (folded BatchNorm) may flip a near-tie argmax of the plain eval: one image at most.
-    assert abs(top1 - summary["best"]["val_top1"]) <= 100 / 48 + 0.01, "evaluate agrees with training's validation"
+    # The fast path (folded BatchNorm) may flip a near-tie argmax of the plain eval: one image
+    # at most.
+    assert abs(top1 - summary["best"]["val_top1"]) <= 100 / 48 + 0.01, (
+        "evaluate agrees with training's validation"
+    )
     assert "top-5 100.00" in out and "(48 images, 0 undecodable)" in out
-    evaluation = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("skray-eval").experiment_id])[0]
+    evaluation = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("skray-eval").experiment_id]
+    )[0]
     assert abs(evaluation.data.metrics["top1"] - top1) < 0.01
 
 
@@ -145,16 +187,28 @@ def test_fine_tuning_starts_from_weights_with_a_new_head_and_can_freeze_the_back
 
     pretrained = create_model("skresnext14_8x4d_half", num_classes=1000)
     save_weights(pretrained, tmp_path / "pre.safetensors", architecture="skresnext14_8x4d_half")
-    cfg = small_config(dataset, tmp_path, "epochs=2", "name=finetune", f"model.weights={tmp_path}/pre.safetensors",
-                       "model.freeze_backbone_epochs=1", "mlflow.registered_model=null")
+    cfg = small_config(
+        dataset,
+        tmp_path,
+        "epochs=2",
+        "name=finetune",
+        f"model.weights={tmp_path}/pre.safetensors",
+        "model.freeze_backbone_epochs=1",
+        "mlflow.registered_model=null",
+    )
 
     summary = run(cfg)
 
-    states = [torch.load(p, weights_only=True) for p in (tmp_path / "runs" / "finetune").glob("checkpoint_*/state.pt")]
+    states = [
+        torch.load(p, weights_only=True)
+        for p in (tmp_path / "runs" / "finetune").glob("checkpoint_*/state.pt")
+    ]
     frozen = next(s for s in states if s["epoch"] == 0)["model"]
     before = pretrained.state_dict()
     assert frozen["fc.weight"].shape == (4, pretrained.num_features)
-    assert all(torch.equal(frozen[k], before[k]) for k in before if not k.startswith("fc.")), "backbone frozen"
+    assert all(torch.equal(frozen[k], before[k]) for k in before if not k.startswith("fc.")), (
+        "backbone frozen"
+    )
     thawed = next(s for s in states if s["epoch"] == 1)["model"]
     assert not torch.equal(thawed["conv1.weight"], before["conv1.weight"]), "then it trains"
     assert summary["model"]["registered_version"] is None
@@ -168,7 +222,11 @@ def train_worker_pids() -> list[int]:
 def registered_checkpoints(run_dir) -> int:
     """Checkpoints Ray Train's controller has registered (reported ones may still be in flight)."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    return len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) if snapshot.exists() else 0
+    return (
+        len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
+        if snapshot.exists()
+        else 0
+    )
 
 
 @pytest.mark.slow
@@ -179,7 +237,11 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(run(cfg)))
     thread.start()
-    wait_for(lambda: registered_checkpoints(tmp_path / "runs" / "survives"), 300, "a registered checkpoint")
+    wait_for(
+        lambda: registered_checkpoints(tmp_path / "runs" / "survives"),
+        300,
+        "a registered checkpoint",
+    )
     os.kill(train_worker_pids()[-1], signal.SIGKILL)
     thread.join(timeout=500)
 
@@ -195,14 +257,38 @@ def test_resume_continues_a_stopped_run_from_its_directory(
     run_dir = tmp_path / "runs" / "stopped"
     job = f"train-stop-{time.time_ns()}"
     command = ray_cluster.submit_command(
-        ["python", "pipelines/train.py", "--config", str(CPU_CONFIG), "--set", f"data.train={dataset['train']}",
-         "--set", f"data.val={dataset['val']}", "--set", f"storage_path={tmp_path}/runs", "--set", "name=stopped",
-         "--set", "preprocessing.image_size=48", "--set", "epochs=3", "--set", f"mlflow.tracking_uri={mlflow_store}"],
-        str(PROJECT), submission_id=job, wait=False)
+        [
+            "python",
+            "pipelines/train.py",
+            "--config",
+            str(CPU_CONFIG),
+            "--set",
+            f"data.train={dataset['train']}",
+            "--set",
+            f"data.val={dataset['val']}",
+            "--set",
+            f"storage_path={tmp_path}/runs",
+            "--set",
+            "name=stopped",
+            "--set",
+            "preprocessing.image_size=48",
+            "--set",
+            "epochs=3",
+            "--set",
+            f"mlflow.tracking_uri={mlflow_store}",
+        ],
+        str(PROJECT),
+        submission_id=job,
+        wait=False,
+    )
     subprocess.run(command, env=ray_cluster.env, check=True, capture_output=True)
     wait_for(lambda: registered_checkpoints(run_dir), 300, "a registered checkpoint")
-    subprocess.run([command[0], "job", "stop", f"--address={ray_cluster.address}", job],
-                   env=ray_cluster.env, check=True, capture_output=True)
+    subprocess.run(
+        [command[0], "job", "stop", f"--address={ray_cluster.address}", job],
+        env=ray_cluster.env,
+        check=True,
+        capture_output=True,
+    )
     first_run_id = read_json(str(run_dir / RUN_FILE))["mlflow_run_id"]
 
     summary = run(None, resume=str(run_dir))
@@ -220,9 +306,19 @@ def test_too_many_undecodable_images_fail_the_run_naming_the_threshold(
     write_labeled_folder(str(broken), classes=2, per_class=16)
     for i in range(8):
         write_bytes_atomic(str(broken / "class0" / f"bad{i}.png"), b"not a png")
-    cfg = load_config(TrainConfig, CPU_CONFIG, [
-        f"data.train={broken}", "data.val=null", f"storage_path={tmp_path}/runs", "preprocessing.image_size=48",
-        "epochs=1", "mlflow.registered_model=null", "max_failures=0"])
+    cfg = load_config(
+        TrainConfig,
+        CPU_CONFIG,
+        [
+            f"data.train={broken}",
+            "data.val=null",
+            f"storage_path={tmp_path}/runs",
+            "preprocessing.image_size=48",
+            "epochs=1",
+            "mlflow.registered_model=null",
+            "max_failures=0",
+        ],
+    )
 
     with pytest.raises(Exception, match="max_bad_fraction"):
         run(cfg)
@@ -261,14 +357,27 @@ def test_the_old_key_model_pretrained_fails_saying_to_use_model_weights():
 def test_a_config_error_shows_no_credentials_from_the_config():
     secret = "s3cretpassw0rd"
     with pytest.raises(ConfigError) as error:
-        load_config(TrainConfig, CPU_CONFIG, [f"data.train=s3://bucket/train?X-Amz-Signature={secret}",
-                                              f"model.pretrained=https://h/w.pth?token={secret}"])
-    assert "model.pretrained is now model.weights" in str(error.value) and secret not in str(error.value)
+        load_config(
+            TrainConfig,
+            CPU_CONFIG,
+            [
+                f"data.train=s3://bucket/train?X-Amz-Signature={secret}",
+                f"model.pretrained=https://h/w.pth?token={secret}",
+            ],
+        )
+    assert "model.pretrained is now model.weights" in str(error.value) and secret not in str(
+        error.value
+    )
 
 
-@pytest.mark.parametrize("old, new", [("image_size=48", "preprocessing.image_size"),
-                                      ("eval_crop_pct=0.9", "preprocessing.crop_pct"),
-                                      ("interpolation=bilinear", "preprocessing.interpolation")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("image_size=48", "preprocessing.image_size"),
+        ("eval_crop_pct=0.9", "preprocessing.crop_pct"),
+        ("interpolation=bilinear", "preprocessing.interpolation"),
+    ],
+)
 def test_the_old_flat_preprocessing_keys_fail_naming_their_new_place(old, new):
     with pytest.raises(ConfigError, match=f"{old.split('=')[0]} is now {new}"):
         load_config(TrainConfig, CPU_CONFIG, [old])
@@ -281,16 +390,27 @@ def test_every_jobs_preprocessing_defaults_to_its_models(monkeypatch):
     from skray.evaluate import EvaluateConfig
     from skray.label import LabelConfig
 
-    spec = dataclasses.replace(model.model_spec(SMALL), image_size=256, crop_pct=0.95, interpolation="bilinear")
+    spec = dataclasses.replace(
+        model.model_spec(SMALL), image_size=256, crop_pct=0.95, interpolation="bilinear"
+    )
     monkeypatch.setitem(model._MODELS, "wide_eval", spec)
-    configs = [TrainConfig(data={"train": "d"}, model={"name": "wide_eval"}, scaling={"workers": 1},
-                           preprocessing={"crop_pct": 0.9}),
-               EvaluateConfig(data="d", model="wide_eval", preprocessing={"crop_pct": 0.9}),
-               LabelConfig(input="d", output="o", model="wide_eval", preprocessing={"crop_pct": 0.9})]
+    configs = [
+        TrainConfig(
+            data={"train": "d"},
+            model={"name": "wide_eval"},
+            scaling={"workers": 1},
+            preprocessing={"crop_pct": 0.9},
+        ),
+        EvaluateConfig(data="d", model="wide_eval", preprocessing={"crop_pct": 0.9}),
+        LabelConfig(input="d", output="o", model="wide_eval", preprocessing={"crop_pct": 0.9}),
+    ]
 
     for cfg in configs:
-        assert (cfg.preprocessing.image_size, cfg.preprocessing.crop_pct, cfg.preprocessing.interpolation) == \
-            (256, 0.9, "bilinear"), type(cfg).__name__
+        assert (
+            cfg.preprocessing.image_size,
+            cfg.preprocessing.crop_pct,
+            cfg.preprocessing.interpolation,
+        ) == (256, 0.9, "bilinear"), type(cfg).__name__
     assert EvaluateConfig(data="d").preprocessing.image_size == 224, "no model: the default model's"
 
 
@@ -299,9 +419,16 @@ def test_the_baseline_config_is_the_published_recipe():
     assert (cfg.model.name, cfg.epochs, cfg.batch_size) == ("skresnext50_32x4d", 100, 256)
     assert cfg.preprocessing.image_size == 224
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
-    assert (cfg.scaling.workers, cfg.scaling.use_gpu, cfg.preprocessing.crop_pct) == (8, True, 0.875)
+    assert (cfg.scaling.workers, cfg.scaling.use_gpu, cfg.preprocessing.crop_pct) == (
+        8,
+        True,
+        0.875,
+    )
     assert cfg.lr == 0.1
-    assert load_config(TrainConfig, PROJECT / "configs" / "train_baseline.yaml", ["batch_size=512"]).lr == 0.2
+    assert (
+        load_config(TrainConfig, PROJECT / "configs" / "train_baseline.yaml", ["batch_size=512"]).lr
+        == 0.2
+    )
 
 
 # --- the cluster's CPUs, a stalled input, the schedule's steps, the loop's syncs -------------
@@ -313,35 +440,70 @@ def test_the_readme_cpu_command_finishes_on_a_ray_with_two_cpus(tmp_path):
     data.val=DIR`, on a Ray of this machine's size: its 2 workers x 1 CPU must not starve the
     ingest's decode tasks (they used to wait forever, silently)."""
     data = labeled_dataset(tmp_path / "data", per_class=16)
-    argv = ["train", "--config", str(CPU_CONFIG), "--set", f"data.train={data['train']}",
-            "--set", f"data.val={data['val']}", "--set", f"storage_path={tmp_path}/runs", "--set", "epochs=2",
-            "--set", "preprocessing.image_size=48", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    script = ("import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False); "
-              "from skray.cli import main; sys.exit(main(sys.argv[1:]))")
+    argv = [
+        "train",
+        "--config",
+        str(CPU_CONFIG),
+        "--set",
+        f"data.train={data['train']}",
+        "--set",
+        f"data.val={data['val']}",
+        "--set",
+        f"storage_path={tmp_path}/runs",
+        "--set",
+        "epochs=2",
+        "--set",
+        "preprocessing.image_size=48",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    script = (
+        "import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False); "
+        "from skray.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["SKRAY_HOME"] = str(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-c", script, *argv], cwd=PROJECT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        cwd=PROJECT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=420)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: its local Ray goes with it
         out, _ = proc.communicate()
-        pytest.fail("the README's CPU command did not finish on 2 CPUs within 420 s:\n" + out[-4000:])
+        pytest.fail(
+            "the README's CPU command did not finish on 2 CPUs within 420 s:\n" + out[-4000:]
+        )
 
     assert proc.returncode == 0, out[-4000:]
     assert "[train] done: best val_top1" in out
 
 
 def test_workers_that_would_take_every_cpu_leave_room_for_the_ingest_and_say_so():
-    cfg = TrainConfig(data={"train": "unused"}, scaling={"workers": 2, "use_gpu": False, "cpus_per_worker": 1})
+    cfg = TrainConfig(
+        data={"train": "unused"}, scaling={"workers": 2, "use_gpu": False, "cpus_per_worker": 1}
+    )
 
     tight = plan_cpus(cfg, cluster_cpus=2)
     roomy = plan_cpus(cfg, cluster_cpus=4)
 
-    assert 2 * tight.cpus_per_worker + tight.decode_cpus <= 2, "one decode task fits beside the workers"
-    assert tight.decode_cpus > 0 and "scaling.cpus_per_worker" in tight.note and "data.decode_cpus" in tight.note
-    assert (roomy.cpus_per_worker, roomy.decode_cpus, roomy.note) == (1, 0.5, None), "as asked when it fits"
+    assert 2 * tight.cpus_per_worker + tight.decode_cpus <= 2, (
+        "one decode task fits beside the workers"
+    )
+    assert (
+        tight.decode_cpus > 0
+        and "scaling.cpus_per_worker" in tight.note
+        and "data.decode_cpus" in tight.note
+    )
+    assert (roomy.cpus_per_worker, roomy.decode_cpus, roomy.note) == (1, 0.5, None), (
+        "as asked when it fits"
+    )
 
 
 @pytest.mark.timeout(60)
@@ -356,13 +518,17 @@ def test_an_input_that_stops_delivering_batches_fails_naming_the_timeout_instead
 
     got = []
     started = time.monotonic()
-    with pytest.raises(IngestStalledError, match=r"no training batch for 0.5 s \(data.stall_timeout_s\)"):
+    with pytest.raises(
+        IngestStalledError, match=r"no training batch for 0.5 s \(data.stall_timeout_s\)"
+    ):
         for batch in stall_guarded(stalls_after_two(), 0.5, "training"):
             got.append(batch)
     release.set()
 
     assert got == ["b0", "b1"] and time.monotonic() - started < 10
-    assert list(stall_guarded(iter(["a", "b"]), 5, "training")) == ["a", "b"], "a flowing input passes through"
+    assert list(stall_guarded(iter(["a", "b"]), 5, "training")) == ["a", "b"], (
+        "a flowing input passes through"
+    )
     with pytest.raises(ZeroDivisionError):
         list(stall_guarded((1 / 0 for _ in range(1)), 5, "training"))
 
@@ -378,7 +544,10 @@ def as_webdataset(folder: str, out, shards: int) -> None:
     for s in range(shards):
         with tarfile.open(out / f"shard-{s:03d}.tar", "w") as tar:
             for i, path in enumerate(files[s::shards]):
-                for ext, payload in (("png", path.read_bytes()), ("cls", path.parent.name[5:].encode())):
+                for ext, payload in (
+                    ("png", path.read_bytes()),
+                    ("cls", path.parent.name[5:].encode()),
+                ):
                     info = tarfile.TarInfo(f"{path.parent.name}/{s}-{i:04d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -391,26 +560,56 @@ def as_parquet(folder: str, path) -> None:
     import pyarrow.parquet as pq
 
     files = sorted(Path(folder).glob("class*/*.png"))
-    pq.write_table(pa.table({"image": [f.read_bytes() for f in files], "label": [f.parent.name for f in files]}),
-                   path, row_group_size=50)
+    pq.write_table(
+        pa.table(
+            {"image": [f.read_bytes() for f in files], "label": [f.parent.name for f in files]}
+        ),
+        path,
+        row_group_size=50,
+    )
 
 
-def test_webdataset_and_parquet_datasets_get_the_schedule_of_a_folder_of_the_same_images(dataset, tmp_path):
+def test_webdataset_and_parquet_datasets_get_the_schedule_of_a_folder_of_the_same_images(
+    dataset, tmp_path
+):
     as_webdataset(dataset["train"], tmp_path / "wds", shards=3)
     as_parquet(dataset["train"], tmp_path / "train.parquet")
     cfg = TrainConfig(data={"train": "unused"}, batch_size=32, epochs=4, optim={"warmup_epochs": 1})
 
-    folder = check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": dataset["train"]})}))[0]
-    webdataset = check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "train": str(tmp_path / "wds"), "format": "webdataset", "num_classes": 4})}))[0]
-    parquet = check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "train": str(tmp_path / "train.parquet"), "format": "parquet"})}))[0]
+    folder = check_inputs(
+        cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": dataset["train"]})})
+    )[0]
+    webdataset = check_inputs(
+        cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(
+                    update={
+                        "train": str(tmp_path / "wds"),
+                        "format": "webdataset",
+                        "num_classes": 4,
+                    }
+                )
+            }
+        )
+    )[0]
+    parquet = check_inputs(
+        cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(
+                    update={"train": str(tmp_path / "train.parquet"), "format": "parquet"}
+                )
+            }
+        )
+    )[0]
 
     assert folder.num_images == webdataset.num_images == parquet.num_images == 192
     steps = steps_per_epoch(folder, cfg)
     assert steps == 6 and steps_per_epoch(webdataset, cfg) == steps_per_epoch(parquet, cfg) == steps
     # the LR then warms up over the first epoch and decays over the rest, as for the folder
-    assert lr_at(steps - 1, steps, cfg) == pytest.approx(cfg.lr) and 0 < lr_at(3 * steps, steps, cfg) < cfg.lr
+    assert (
+        lr_at(steps - 1, steps, cfg) == pytest.approx(cfg.lr)
+        and 0 < lr_at(3 * steps, steps, cfg) < cfg.lr
+    )
 
 
 @pytest.mark.slow
@@ -418,16 +617,26 @@ def test_a_webdataset_run_logs_the_lr_curve_of_a_folder_run_of_the_same_size(
     ray_cluster: LocalRayHead, dataset, tmp_path, mlflow_store
 ):
     as_webdataset(dataset["train"], tmp_path / "wds", shards=3)
-    cfg = small_config(dataset, tmp_path, "epochs=3", "name=wds", f"data.train={tmp_path}/wds",
-                       "data.format=webdataset", "data.num_classes=4", "data.val=null",
-                       "mlflow.registered_model=null")
+    cfg = small_config(
+        dataset,
+        tmp_path,
+        "epochs=3",
+        "name=wds",
+        f"data.train={tmp_path}/wds",
+        "data.format=webdataset",
+        "data.num_classes=4",
+        "data.val=null",
+        "mlflow.registered_model=null",
+    )
     folder_steps = 192 // 32
 
     summary = run(cfg)
 
     expected = [lr_at((epoch + 1) * folder_steps - 1, folder_steps, cfg) for epoch in range(3)]
     assert metric_history(summary["mlflow_run_id"], "lr") == pytest.approx(expected)
-    assert expected[0] == pytest.approx(cfg.lr) and 0 < expected[1] < cfg.lr, "warm-up over epoch 0, cosine after"
+    assert expected[0] == pytest.approx(cfg.lr) and 0 < expected[1] < cfg.lr, (
+        "warm-up over epoch 0, cosine after"
+    )
 
 
 class SyncCounter:
@@ -460,14 +669,26 @@ def epoch_fixture(steps: int):
     from skray.model import create_model
 
     torch.manual_seed(0)
-    cfg = TrainConfig(data={"train": "unused"}, model={"name": SMALL}, batch_size=6, epochs=2, scaling={"workers": 1},
-                      optim={"label_smoothing": 0.1})
+    cfg = TrainConfig(
+        data={"train": "unused"},
+        model={"name": SMALL},
+        batch_size=6,
+        epochs=2,
+        scaling={"workers": 1},
+        optim={"label_smoothing": 0.1},
+    )
     model = create_model(SMALL, num_classes=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batches = [{"image": torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8),
-                "label": torch.tensor([0, 1, 2, 3, BAD_LABEL, i % 4][: 6 - i % 2] + [BAD_LABEL] * (i % 2))}
-               for i in range(steps)]
+    batches = [
+        {
+            "image": torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8),
+            "label": torch.tensor(
+                [0, 1, 2, 3, BAD_LABEL, i % 4][: 6 - i % 2] + [BAD_LABEL] * (i % 2)
+            ),
+        }
+        for i in range(steps)
+    ]
     return cfg, model, optimizer, scaler, batches
 
 
@@ -477,10 +698,21 @@ def test_a_training_epoch_never_reads_the_loss_back_between_steps():
     cfg, model, optimizer, scaler, batches = epoch_fixture(steps=2)
 
     with SyncCounter() as counter:
-        train_epoch(model, model, optimizer, scaler, batches, cfg, device=torch.device("cpu"), epoch=0,
-                    steps_per_epoch=2)
+        train_epoch(
+            model,
+            model,
+            optimizer,
+            scaler,
+            batches,
+            cfg,
+            device=torch.device("cpu"),
+            epoch=0,
+            steps_per_epoch=2,
+        )
 
-    assert counter.syncs == 0, f"{counter.syncs} device syncs in 2 steps: the sums belong on the device"
+    assert counter.syncs == 0, (
+        f"{counter.syncs} device syncs in 2 steps: the sums belong on the device"
+    )
 
 
 def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable_images():
@@ -490,13 +722,24 @@ def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable
     logits = []
     model.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
 
-    sums = train_epoch(model, model, optimizer, scaler, batches, cfg, device=torch.device("cpu"), epoch=0,
-                       steps_per_epoch=4)
+    sums = train_epoch(
+        model,
+        model,
+        optimizer,
+        scaler,
+        batches,
+        cfg,
+        device=torch.device("cpu"),
+        epoch=0,
+        steps_per_epoch=4,
+    )
 
     goods = [int((b["label"] != BAD_LABEL).sum()) for b in batches]
     losses = [float(batch_loss(out, b["label"], 0.1)) for out, b in zip(logits, batches)]
     assert (sums["seen"], sums["skipped"]) == (sum(goods), 4 * 6 - sum(goods))
-    assert sums["loss_sum"] / sums["seen"] == pytest.approx(sum(x * g for x, g in zip(losses, goods)) / sum(goods))
+    assert sums["loss_sum"] / sums["seen"] == pytest.approx(
+        sum(x * g for x, g in zip(losses, goods)) / sum(goods)
+    )
     assert sums["lr"] == lr_at(3, 4, cfg), "the last step's LR"
 
 
@@ -510,7 +753,9 @@ def test_validation_counts_top1_and_top5_over_the_decodable_images_and_skips_the
 
     with SyncCounter() as counter:
         counts = validate(model, batches, cfg, device=torch.device("cpu"))
-    assert counter.syncs == 0, f"{counter.syncs} device syncs in 10 batches: the counts belong on the device"
+    assert counter.syncs == 0, (
+        f"{counter.syncs} device syncs in 10 batches: the counts belong on the device"
+    )
 
     top1 = top5 = total = 0
     for out, batch in zip(logits, batches):
@@ -518,7 +763,9 @@ def test_validation_counts_top1_and_top5_over_the_decodable_images_and_skips_the
             if label != BAD_LABEL:
                 total += 1
                 top1 += int(row.argmax()) == label
-                top5 += label in row.topk(4).indices.tolist()  # 4 classes: every top-5 holds them all
+                top5 += (
+                    label in row.topk(4).indices.tolist()
+                )  # 4 classes: every top-5 holds them all
     assert counts == {"correct1": top1, "correct5": top5, "total": total, "skipped": 10 * 6 - total}
     assert top5 == total
 
@@ -530,7 +777,9 @@ def test_a_checkpoint_holds_the_state_to_resume_and_the_model_to_use(tmp_path):
 
     cfg, model, optimizer, scaler, _ = epoch_fixture(steps=1)
     names = ["a", "b", "c", "d"]
-    save_checkpoint(tmp_path, model, optimizer, scaler, cfg, epoch=3, best_top1=42.0, class_names=names)
+    save_checkpoint(
+        tmp_path, model, optimizer, scaler, cfg, epoch=3, best_top1=42.0, class_names=names
+    )
 
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert (state["epoch"], state["best_top1"], state["class_names"]) == (3, 42.0, names)

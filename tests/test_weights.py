@@ -1,4 +1,5 @@
-"""Weights: resolving and fetching (local, https, s3), verifying, reading, loading all-or-nothing, saving."""
+"""Weights: resolving and fetching (local, https, s3), verifying, reading, loading
+all-or-nothing, saving."""
 
 from __future__ import annotations
 
