@@ -392,6 +392,7 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "batch_size": cfg.actors.batch_size or cfg.batch_size,
             "precision": cfg.actors.precision,
             "min_score": cfg.min_score,
+            "output": redact_uri(cfg.output),
             "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,
                                              preprocessing, cfg.preprocessing.max_pixels)
             if cfg.actors.precision == "int8" else None,
@@ -407,6 +408,8 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
 def run(cfg: LabelConfig) -> dict[str, Any]:
     """Label every key under ``cfg.input`` not yet in ``cfg.output``; returns the manifest."""
     import ray
+
+    from skray.metrics import RunMetrics
 
     started = time.time()
     os.environ.update(cfg.s3.env())
@@ -425,11 +428,13 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         with UnitCommitter(cfg.output, lease.check, cfg.commit_concurrency) as committer:
             if planned.units:
                 ray.init(ignore_reinit_error=True)
+                live = RunMetrics(redact_uri(cfg.output), planned.pending_rows)
                 dataset = build_dataset(cfg, planned.units, prepared.pinned)
                 for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     lease.check()
                     progress.stages.add(batch)
                     progress.add(committer.add(batch))
+                    live.received(progress.done)
         # every part is written here: only now may the manifest say the output is complete
         progress.sample()
         print(progress.line(), flush=True)

@@ -27,6 +27,7 @@ import torch
 from skray.classifier import Classifier, Decode
 from skray.crops import crop_rows
 from skray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessingConfig, decode_for_eval
+from skray.metrics import LabelMetrics
 from skray.quantize import Precision
 from skray.resolver import PinnedWeights
 from skray.sinks import LABEL_SCHEMA
@@ -107,6 +108,7 @@ class Predictor:
         precision: Precision = "fp32",
         calibration: torch.Tensor | None = None,
         min_score: float | None = None,
+        output: str | None = None,  # the labeling output, as the live metrics' tag (skray.metrics)
     ) -> None:
         self.classifier = Classifier.for_worker(
             model, pinned, threads=threads, compile=compile, preprocessing=preprocessing,
@@ -118,6 +120,7 @@ class Predictor:
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="skray-prefetch")
         self._stream = torch.cuda.Stream() if on_gpu else None  # GPU only: decode beside the forward
         self._returned: float | None = None  # when the previous batch was handed back
+        self.metrics = LabelMetrics(output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         start = time.perf_counter()
@@ -138,6 +141,8 @@ class Predictor:
             "model_s": np.full(n, model_s / n),
             "wait_s": np.full(n, wait_s / n),
         })
+        self.metrics.batch(errors, {"decode": float(np.sum(batch["decode_s"])) + decode_s,
+                                    "model": model_s, "wait": wait_s})
         self._returned = time.perf_counter()
         return table
 

@@ -5,7 +5,8 @@ Each request is read (size-limited), authorized, and decoded with the same
 uint8 crop then queues for the model, and the next batch is taken when the model is
 free (:class:`skray.batching.Batcher`), so batches fill while one runs. Every answer
 says where its time went in the replica: a ``Server-Timing`` header (read, decode
-wait and decode, queue, forward, total; milliseconds) and ``X-Skray-Batch-Size``.
+wait and decode, queue, forward, total; milliseconds) and ``X-Skray-Batch-Size``; requests
+by route and status, their latency and the batch sizes are live metrics (:mod:`skray.metrics`).
 
 Bad input gets a 4xx JSON error naming it (the contract: :mod:`skray.serve_api`). A
 replica only says it is ready on ``/healthz`` once its model is loaded and warmed up;
@@ -41,6 +42,7 @@ from skray.batching import Batcher, BatchTiming
 from skray.classifier import Classifier, Decode, ModelName, ModelPreprocessing, Prediction
 from skray.config import StrictModel, deep_merge, resolve_gpus, validate
 from skray.images import ImageDecodeError, PreprocessingConfig
+from skray.metrics import RequestMetrics, serve_metrics
 from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
 from skray.resolver import PinnedWeights, pin_weights
 from skray.serve_api import (
@@ -116,6 +118,9 @@ def bearer_token(variable: str | None) -> str | None:
     return token
 
 
+api.add_middleware(RequestMetrics)  # requests by route and status, latency (skray.metrics)
+
+
 # ---- the replica: ``serve.ingress`` snapshots the FastAPI app (and so the globals its methods
 # use) when the class is defined, so everything they call is defined above this line. ----------
 
@@ -139,6 +144,7 @@ class ClassifierDeployment:
         # decode on the model's device: requests queue their bytes and each batch decodes together
         self._device_decode = self.classifier.decode_on == "gpu"
         self.num_classes = len(self.classifier.class_names)
+        self.metrics = serve_metrics()
         self._batcher: Batcher[tuple[torch.Tensor | bytes, int], Prediction | ImageDecodeError] = Batcher(
             self._forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         self._decode_slots = asyncio.Semaphore(cfg.decode_concurrency)
@@ -288,6 +294,7 @@ class ClassifierDeployment:
         """One forward pass for every image queued together (crops, or bytes the model's device
         decodes), each answer cut to its own top_k; an image that does not decode gets its error."""
         images, k = [image for image, _ in items], max(k for _, k in items)
+        self.metrics.batch_size.observe(len(items))
         answers = (self.classifier.predict_bytes(images, k) if self._device_decode
                    else self.classifier.predict_tensors(torch.stack(images), k))
         return [a if isinstance(a, ImageDecodeError) else a.top(top_k) for a, (_, top_k) in zip(answers, items)]
