@@ -4,6 +4,7 @@ local Ray cluster per test session, an MLflow store, buckets."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from skray.embedded import EmbeddedS3, LocalRayHead
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
 os.environ["RAY_AUTH_MODE"] = "token"
+# Jobs that track by default (labeling runs, training) write their MLflow store under
+# SKRAY_HOME: a session folder, never the checkout's .skray/ (tests wanting a store of their
+# own set it per test).
+os.environ["SKRAY_HOME"] = tempfile.mkdtemp(prefix="skray-test-home-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")
