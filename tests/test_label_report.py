@@ -73,7 +73,7 @@ def label_runs(experiment: str = "skray-label") -> list:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_labeling_run_flags_low_confidence_writes_its_report_and_is_an_mlflow_run_of_the_model_version(
+def test_labeling_flags_low_confidence_writes_its_report_and_is_an_mlflow_run_of_the_model_version(
     ray_cluster, registry: str, location: str
 ) -> None:
     data, labels = join(location, "data"), join(location, "labels")

@@ -37,15 +37,19 @@ class _Pending(Generic[Item, Result]):
 
 
 class Batcher(Generic[Item, Result]):
-    """Calls ``run`` (blocking, in a worker thread) on batches of submitted items, one batch at a time.
+    """Calls the blocking ``run`` in a worker thread on batches of submitted items, one at a time.
 
     ``run`` maps a list of items to one result per item, in order; if it raises, every item of
     that batch gets the exception. A submitter that is cancelled (client gone) drops out of
     the batch it was waiting for.
     """
 
-    def __init__(self, run: Callable[[list[Item]], Sequence[Result]], max_batch_size: int,
-                 wait_timeout_s: float) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Sequence[Result]],
+        max_batch_size: int,
+        wait_timeout_s: float,
+    ) -> None:
         self.run, self.max_batch_size, self.wait_timeout_s = run, max_batch_size, wait_timeout_s
         self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
         self._loop_task: asyncio.Task | None = None
@@ -60,7 +64,8 @@ class Batcher(Generic[Item, Result]):
         return await future
 
     async def _next_batch(self) -> list[_Pending[Item, Result]]:
-        """Everything queued (up to the maximum); if that is short, what arrives within the timeout."""
+        """Everything queued (up to the maximum); if that is short, what arrives within the
+        timeout."""
         assert self._queue is not None
         batch = [await self._queue.get()]
         deadline = time.perf_counter() + self.wait_timeout_s
@@ -93,4 +98,6 @@ class Batcher(Generic[Item, Result]):
             forward_s = time.perf_counter() - started
             for p, result in zip(batch, results):
                 if not p.future.done():
-                    p.future.set_result((result, BatchTiming(len(batch), started - p.queued_at, forward_s)))
+                    p.future.set_result(
+                        (result, BatchTiming(len(batch), started - p.queued_at, forward_s))
+                    )

@@ -15,8 +15,11 @@ RANDOM_WEIGHTS_WARNING = (
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="path, s3://, https:// URI, or 'pretrained'")
-    parser.add_argument("--model", choices=list_models(), help=f"architecture (default {DEFAULT_MODEL}, "
-                        "or the one recorded in the weights)")
+    parser.add_argument(
+        "--model",
+        choices=list_models(),
+        help=f"architecture (default {DEFAULT_MODEL}, or the one recorded in the weights)",
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -50,7 +53,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"  error: {result}")
                 continue
-            for label_id, label, score in zip(result.topk_ids, result.topk_labels, result.topk_scores):
+            for label_id, label, score in zip(
+                result.topk_ids, result.topk_labels, result.topk_scores
+            ):
                 print(f"  {score:7.4f}  {label} ({label_id})")
     return 1 if failures == len(args.images) else 0
 
@@ -63,12 +68,19 @@ def cmd_label(args: argparse.Namespace) -> int:
     from skray.weights import WeightsError
 
     flags = {
-        "input": args.input, "output": args.output, "weights": args.weights, "model": args.model,
-        "format": args.format, "batch_size": args.batch_size, "top_k": args.top_k,
+        "input": args.input,
+        "output": args.output,
+        "weights": args.weights,
+        "model": args.model,
+        "format": args.format,
+        "batch_size": args.batch_size,
+        "top_k": args.top_k,
         "overwrite": args.overwrite or None,
     }
     try:
-        cfg = load_config(LabelConfig, args.config, args.set, {k: v for k, v in flags.items() if v is not None})
+        cfg = load_config(
+            LabelConfig, args.config, args.set, {k: v for k, v in flags.items() if v is not None}
+        )
         manifest = run(cfg)
     except (ConfigError, InputError, OutputError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -90,9 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     best = summary["best"]
-    print(f"[train] done: best val_top1 {best['val_top1']:.2f} / top5 {best['val_top5']:.2f} at epoch "
-          f"{best['epoch']}; run {summary['run_dir']}; MLflow run {summary['mlflow_run_id']}; "
-          f"model {summary['model']}")
+    print(
+        f"[train] done: best val_top1 {best['val_top1']:.2f} / top5 {best['val_top5']:.2f} "
+        f"at epoch {best['epoch']}; run {summary['run_dir']}; "
+        f"MLflow run {summary['mlflow_run_id']}; "
+        f"model {summary['model']}"
+    )
     return 0
 
 
@@ -106,21 +121,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     try:
         given = {"image_size": args.image_size, "crop_pct": args.crop_pct}  # unset: the model's
-        result = evaluate(validate(EvaluateConfig, {
-            "data": args.data, "weights": args.weights, "model": args.model, "format": args.format,
-            "batch_size": args.batch_size,
-            "preprocessing": {k: v for k, v in given.items() if v is not None}}, source="arguments"))
+        result = evaluate(
+            validate(
+                EvaluateConfig,
+                {
+                    "data": args.data,
+                    "weights": args.weights,
+                    "model": args.model,
+                    "format": args.format,
+                    "batch_size": args.batch_size,
+                    "preprocessing": {k: v for k, v in given.items() if v is not None},
+                },
+                source="arguments",
+            )
+        )
     except (DatasetError, WeightsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{result['model']} on {result['data']}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
-          f"({result['images']} images, {result['skipped']} undecodable)")
+    print(
+        f"{result['model']} on {result['data']}: "
+        f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
+        f"({result['images']} images, {result['skipped']} undecodable)"
+    )
     if args.mlflow_experiment:
         from skray import tracking
 
         tracking.configure()
-        run_id = tracking.start_run(args.mlflow_experiment, "evaluate", params=result,
-                                    tags=tracking.run_tags(args.data))
+        run_id = tracking.start_run(
+            args.mlflow_experiment, "evaluate", params=result, tags=tracking.run_tags(args.data)
+        )
         tracking.log_metrics(run_id, {"top1": result["top1"], "top5": result["top5"]}, step=0)
         tracking.end_run(run_id)
         print(f"logged to MLflow run {run_id} in experiment {args.mlflow_experiment}")
@@ -139,10 +168,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for trial in summary["trials"]:
-        print(f"[sweep] {trial['trial']}: {trial['state']}, {trial['epochs']} epochs, best {trial['best']}")
+        print(
+            f"[sweep] {trial['trial']}: {trial['state']}, {trial['epochs']} epochs, "
+            f"best {trial['best']}"
+        )
     best = summary["best"]
-    print(f"[sweep] best: {best['trial'] if best else None} ({best['best'] if best else '-'}); "
-          f"MLflow parent run {summary['parent_run_id']}; model {summary.get('model')}")
+    print(
+        f"[sweep] best: {best['trial'] if best else None} ({best['best'] if best else '-'}); "
+        f"MLflow parent run {summary['parent_run_id']}; model {summary.get('model')}"
+    )
     return 0 if best else 1
 
 
@@ -167,9 +201,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"weights": args.weights, "model": args.model}
     http = {"host": args.host, "port": args.port}
     try:
-        launch = resolve_launch(args.config, args.app, args.set,
-                                args={k: v for k, v in flags.items() if v is not None},
-                                http={k: v for k, v in http.items() if v is not None})
+        launch = resolve_launch(
+            args.config,
+            args.app,
+            args.set,
+            args={k: v for k, v in flags.items() if v is not None},
+            http={k: v for k, v in http.items() if v is not None},
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -214,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     predict = sub.add_parser("predict", help="print the top-k labels of images")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_URI", help="local path or s3:// URI")
+    predict.add_argument(
+        "images", nargs="+", metavar="IMAGE_OR_URI", help="local path or s3:// URI"
+    )
     _add_model_args(predict)
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--batch-size", type=int, default=16)
@@ -222,67 +262,116 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="label images in bulk on Ray Data, exactly once")
     label.add_argument("--config", help="YAML config (configs/label.yaml)")
-    label.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set actors.max=4 (repeatable)")
+    label.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set actors.max=4 (repeatable)",
+    )
     label.add_argument("--input", help="local path or s3://bucket/prefix (globs allowed)")
     label.add_argument("--output", help="local path or s3://bucket/prefix for the Parquet parts")
     _add_model_args(label)
     label.add_argument("--format", choices=["auto", "images", "webdataset", "parquet"])
     label.add_argument("--batch-size", type=int)
     label.add_argument("--top-k", type=int)
-    label.add_argument("--overwrite", action="store_true", help="discard earlier output and start over")
+    label.add_argument(
+        "--overwrite", action="store_true", help="discard earlier output and start over"
+    )
     label.set_defaults(func=cmd_label)
 
     train = sub.add_parser("train", help="train on Ray Train (the published recipe by default)")
     train.add_argument("--config", help="YAML config (configs/train_baseline.yaml)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue a stopped run from its directory (storage_path/name, local or s3://)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its directory (storage_path/name, local or s3://)",
+    )
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="top-1/top-5 on a labeled image set (card eval transform)")
+    evaluate = sub.add_parser(
+        "evaluate", help="top-1/top-5 on a labeled image set (card eval transform)"
+    )
     evaluate.add_argument("--data", required=True, help="ROOT/<class>/<image>, local or s3://")
     _add_model_args(evaluate)
     evaluate.add_argument("--format", default="folder", choices=["folder", "webdataset", "parquet"])
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--image-size", type=int, help="default: the model's (224)")
     evaluate.add_argument("--crop-pct", type=float, help="default: the model's (0.875)")
-    evaluate.add_argument("--mlflow-experiment", help="also log the result to this MLflow experiment")
+    evaluate.add_argument(
+        "--mlflow-experiment", help="also log the result to this MLflow experiment"
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     sweep = sub.add_parser("sweep", help="Ray Tune sweep over training keys (ASHA), in MLflow")
-    sweep.add_argument("--config", required=True, help="YAML sweep config (configs/sweep_lr_wd.yaml)")
+    sweep.add_argument(
+        "--config", required=True, help="YAML sweep config (configs/sweep_lr_wd.yaml)"
+    )
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep (storage_path/name)")
+    sweep.add_argument(
+        "--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep (storage_path/name)"
+    )
     sweep.set_defaults(func=cmd_sweep)
 
-    compare = sub.add_parser("compare", help="runs side by side from MLflow, sorted by a metric, with plots")
+    compare = sub.add_parser(
+        "compare", help="runs side by side from MLflow, sorted by a metric, with plots"
+    )
     compare.add_argument("--experiment", help="an MLflow experiment (default skray-train)")
     compare.add_argument("--parent", help="a sweep's parent run id: compare its trials")
     compare.add_argument("--metric", default="val_top1")
     compare.add_argument("--out", help="folder for the PNGs (default .skray/compare/...)")
-    compare.add_argument("--mode", choices=["max", "min"],
-                         help="best is max or min (default: the sweep's mode, else min for a loss or error)")
+    compare.add_argument(
+        "--mode",
+        choices=["max", "min"],
+        help="best is max or min (default: the sweep's mode, else min for a loss or error)",
+    )
     compare.set_defaults(func=cmd_compare)
 
-    serve = sub.add_parser("serve", help="the classifier behind a Ray Serve HTTP endpoint (until Ctrl-C)")
-    serve.add_argument("--config", help="a Serve config file (configs/serve.yaml); default: built-in defaults")
+    serve = sub.add_parser(
+        "serve", help="the classifier behind a Ray Serve HTTP endpoint (until Ctrl-C)"
+    )
+    serve.add_argument(
+        "--config", help="a Serve config file (configs/serve.yaml); default: built-in defaults"
+    )
     serve.add_argument("--app", help="which application of the config file (when it has several)")
     _add_model_args(serve)
-    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override an application arg, e.g. --set max_batch_size=32 (repeatable)")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1, or the config's http_options)")
-    serve.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's http_options)")
-    serve.add_argument("--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a new local Ray)")
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an application arg, e.g. --set max_batch_size=32 (repeatable)",
+    )
+    serve.add_argument(
+        "--host", help="bind address (default 127.0.0.1, or the config's http_options)"
+    )
+    serve.add_argument(
+        "--port", type=int, help="HTTP port (default 8000, or the config's http_options)"
+    )
+    serve.add_argument(
+        "--address", help="Ray cluster to deploy on (default RAY_ADDRESS, else a new local Ray)"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    report = sub.add_parser("report", help="an HTML report of a labeling output: labels, scores, failures, galleries")
+    report = sub.add_parser(
+        "report", help="an HTML report of a labeling output: labels, scores, failures, galleries"
+    )
     report.add_argument("output", metavar="OUTPUT", help="the labeling output, local or s3://")
-    report.add_argument("--dest", help="folder for index.html and the PNGs (default OUTPUT/_report)")
+    report.add_argument(
+        "--dest", help="folder for index.html and the PNGs (default OUTPUT/_report)"
+    )
     report.set_defaults(func=cmd_report)
 
-    review = sub.add_parser("review", help="a review sample: stratified by label, lowest scores first")
+    review = sub.add_parser(
+        "review", help="a review sample: stratified by label, lowest scores first"
+    )
     review.add_argument("output", metavar="OUTPUT", help="the labeling output, local or s3://")
     review.add_argument("--n", type=int, default=200, help="rows in the sample (default 200)")
     review.add_argument("--format", default="csv", choices=["csv", "parquet"])

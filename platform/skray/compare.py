@@ -1,8 +1,8 @@
 """``skray compare``: runs side by side, sorted by a metric, with plots.
 
-Reads MLflow only, through :mod:`skray.tracking`: the runs of an experiment, or the trials nested under a sweep's
-parent run. The table is for the terminal; the PNGs (LR x weight decay coloured by
-the metric, learning curves of the best runs) are saved and logged to the parent.
+Reads MLflow only, through :mod:`skray.tracking`: the runs of an experiment, or the trials
+nested under a sweep's parent run. The table is for the terminal; the PNGs (LR x weight decay
+coloured by the metric, learning curves of the best runs) are saved and logged to the parent.
 
 "Best" follows the mode: a sweep's own ``mode`` (recorded on its parent run), else the
 one given, else ``min`` for metrics named like a loss or an error and ``max`` otherwise.
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from skray import tracking
-
 
 Mode = Literal["max", "min"]
 
@@ -38,8 +37,9 @@ def resolve_mode(parent: str | None, metric: str, mode: str | None = None) -> Mo
     return infer_mode(metric)
 
 
-def collect(experiment: str | None, parent: str | None, metric: str,
-            mode: str | None = None) -> list[dict[str, Any]]:
+def collect(
+    experiment: str | None, parent: str | None, metric: str, mode: str | None = None
+) -> list[dict[str, Any]]:
     """One row per run, best first by ``mode`` (see :func:`resolve_mode`); runs that never
     reported the metric last."""
     mode = resolve_mode(parent, metric, mode)
@@ -47,13 +47,18 @@ def collect(experiment: str | None, parent: str | None, metric: str,
     rows = []
     for run in tracking.search_runs(experiment or "skray-train", parent):
         curve = tracking.metric_history(run.info.run_id, metric)
-        rows.append({
-            "run": run.info.run_name, "run_id": run.info.run_id,
-            "lr": _number(run.data.params.get("optim.lr")),
-            "weight_decay": _number(run.data.params.get("optim.weight_decay")),
-            "epochs": len(curve), "best": pick(curve) if curve else None, "curve": curve,
-            "state": run.data.tags.get(tracking.STATE_TAG, run.info.status.lower()),
-        })
+        rows.append(
+            {
+                "run": run.info.run_name,
+                "run_id": run.info.run_id,
+                "lr": _number(run.data.params.get("optim.lr")),
+                "weight_decay": _number(run.data.params.get("optim.weight_decay")),
+                "epochs": len(curve),
+                "best": pick(curve) if curve else None,
+                "curve": curve,
+                "state": run.data.tags.get(tracking.STATE_TAG, run.info.status.lower()),
+            }
+        )
     sign = -1.0 if mode == "max" else 1.0
     return sorted(rows, key=lambda r: (r["best"] is None, sign * (r["best"] or 0.0)))
 
@@ -63,13 +68,17 @@ def _number(value: str | None) -> float | None:
 
 
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
-    header = f"{'run':<34} {'lr':>9} {'weight_decay':>12} {'epochs':>6} {'best ' + metric:>14}  state"
+    header = (
+        f"{'run':<34} {'lr':>9} {'weight_decay':>12} {'epochs':>6} {'best ' + metric:>14}  state"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lr = f"{r['lr']:.4g}" if r["lr"] is not None else "-"
         wd = f"{r['weight_decay']:.3g}" if r["weight_decay"] is not None else "-"
         best = f"{r['best']:.2f}" if r["best"] is not None else "-"
-        lines.append(f"{r['run'][:34]:<34} {lr:>9} {wd:>12} {r['epochs']:>6} {best:>14}  {r['state']}")
+        lines.append(
+            f"{r['run'][:34]:<34} {lr:>9} {wd:>12} {r['epochs']:>6} {best:>14}  {r['state']}"
+        )
     return "\n".join(lines)
 
 
@@ -82,10 +91,21 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path, top: int = 5) -
     out_dir.mkdir(parents=True, exist_ok=True)
     scored = [r for r in rows if r["best"] is not None and r["lr"] and r["weight_decay"]]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    points = ax.scatter([r["lr"] for r in scored], [r["weight_decay"] for r in scored],
-                        c=[r["best"] for r in scored], cmap="viridis", s=60, edgecolors="k")
-    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="weight decay",
-           title=f"best {metric} by LR and weight decay")
+    points = ax.scatter(
+        [r["lr"] for r in scored],
+        [r["weight_decay"] for r in scored],
+        c=[r["best"] for r in scored],
+        cmap="viridis",
+        s=60,
+        edgecolors="k",
+    )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="learning rate",
+        ylabel="weight decay",
+        title=f"best {metric} by LR and weight decay",
+    )
     fig.colorbar(points, ax=ax, label=metric)
     space = out_dir / "lr_wd.png"
     fig.savefig(space, dpi=100, bbox_inches="tight")
@@ -115,17 +135,31 @@ def learning_curves(rows: list[dict[str, Any]], metric: str, top: int = 5):
     shown = [r for r in rows if r["curve"]][:top]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in shown:
-        ax.plot(range(len(r["curve"])), r["curve"], marker="o",
-                label=f"{curve_label(r['run'])} ({r['best']:.4g})")
-    ax.set(xlabel="epoch", ylabel=metric,
-           title=f"learning curves of the best {len(shown)} runs" if shown else f"no run reported {metric}")
+        ax.plot(
+            range(len(r["curve"])),
+            r["curve"],
+            marker="o",
+            label=f"{curve_label(r['run'])} ({r['best']:.4g})",
+        )
+    ax.set(
+        xlabel="epoch",
+        ylabel=metric,
+        title=f"learning curves of the best {len(shown)} runs"
+        if shown
+        else f"no run reported {metric}",
+    )
     if shown:
         ax.legend(fontsize=7, title=f"run (best {metric})", title_fontsize=7)
     return fig
 
 
-def compare(experiment: str | None = None, parent: str | None = None, metric: str = "val_top1",
-            out_dir: str | None = None, mode: str | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+def compare(
+    experiment: str | None = None,
+    parent: str | None = None,
+    metric: str = "val_top1",
+    out_dir: str | None = None,
+    mode: str | None = None,
+) -> tuple[list[dict[str, Any]], list[Path]]:
     tracking.configure()
     rows = collect(experiment, parent, metric, mode)
     target = Path(out_dir or Path(".skray") / "compare" / (parent or experiment or "skray-train"))

@@ -32,7 +32,12 @@ from skray.images import PreprocessingConfig
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
 from skray.plan import Plan, plan
-from skray.quantize import DEFAULT_CALIBRATION_IMAGES, Precision, calibration_crops, check_int8_config
+from skray.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    Precision,
+    calibration_crops,
+    check_int8_config,
+)
 from skray.report import write_report
 from skray.resolver import PinnedWeights, load_model, pin_weights
 from skray.sinks import (
@@ -58,10 +63,18 @@ class ActorsConfig(StrictModel):
     cpus: float = Field(1, gt=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU actor
     compile: bool = False
-    batch_size: int | Literal["auto"] | None = None  # the model's batch shape (None: batch_size); auto: probed per GPU
-    precision: Precision = "fp32"  # int8: quantized on CPU actors (always compiled), from `calibration`
-    calibration: str | None = None  # int8: images (folder, prefix, glob) like the input; read on the driver
-    calibration_images: int = Field(DEFAULT_CALIBRATION_IMAGES, ge=1)  # the first N that decode, sorted
+    batch_size: int | Literal["auto"] | None = (
+        None  # the model's batch shape (None: batch_size); auto: probed per GPU
+    )
+    precision: Precision = (
+        "fp32"  # int8: quantized on CPU actors (always compiled), from `calibration`
+    )
+    calibration: str | None = (
+        None  # int8: images (folder, prefix, glob) like the input; read on the driver
+    )
+    calibration_images: int = Field(
+        DEFAULT_CALIBRATION_IMAGES, ge=1
+    )  # the first N that decode, sorted
 
     @model_validator(mode="after")
     def _int8_needs_cpu_and_calibration(self) -> "ActorsConfig":
@@ -93,26 +106,42 @@ class LabelConfig(StrictModel):
     output: str
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     exclude: list[str] = []
-    model: ModelName | None = None  # None: the architecture recorded in the weights, else the default
+    model: ModelName | None = (
+        None  # None: the architecture recorded in the weights, else the default
+    )
     weights: str | None = None
     top_k: int = Field(5, ge=1, le=1000)
-    min_score: float | None = Field(None, ge=0, le=1)  # a top score under it: no label, low_confidence
+    min_score: float | None = Field(
+        None, ge=0, le=1
+    )  # a top score under it: no label, low_confidence
     batch_size: int = Field(32, ge=1)
     files_per_unit: int = Field(256, ge=1)
     image_column: str = "image"
     id_column: str | None = None
-    decode_cpus: float = Field(0.5, gt=0)  # per read+decode task; unlike actors.cpus, so Ray keeps the stages apart
-    decode_concurrency: int | None = Field(None, ge=1)  # max read+decode tasks at once (None: as CPUs allow)
-    max_object_bytes: int = Field(DEFAULT_MAX_OBJECT_BYTES, ge=1)  # per image file, tar member, Parquet cell
-    decode_memory_mb: int | None = Field(None, ge=1)  # per read+decode task (None: from the bounds above)
-    decode: Decode = "auto"  # gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs
+    decode_cpus: float = Field(
+        0.5, gt=0
+    )  # per read+decode task; unlike actors.cpus, so Ray keeps the stages apart
+    decode_concurrency: int | None = Field(
+        None, ge=1
+    )  # max read+decode tasks at once (None: as CPUs allow)
+    max_object_bytes: int = Field(
+        DEFAULT_MAX_OBJECT_BYTES, ge=1
+    )  # per image file, tar member, Parquet cell
+    decode_memory_mb: int | None = Field(
+        None, ge=1
+    )  # per read+decode task (None: from the bounds above)
+    decode: Decode = (
+        "auto"  # gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs
+    )
     preprocessing: ModelPreprocessing = PreprocessingConfig()  # unset fields: the model's
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
     overwrite: bool = False
     lease_ttl_s: float = Field(DEFAULT_TTL_S, ge=5)  # a killed run's lease is taken over after this
     progress_interval_s: float = Field(5, gt=0)
-    commit_concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1)  # parts written at once (S3 PUTs overlap)
+    commit_concurrency: int = Field(
+        DEFAULT_CONCURRENCY, ge=1
+    )  # parts written at once (S3 PUTs overlap)
     mlflow: LabelMlflowConfig = LabelMlflowConfig()
 
     def fingerprint(self) -> str:
@@ -120,9 +149,21 @@ class LabelConfig(StrictModel):
         record): a rerun must match it to resume. ``files_per_unit`` is not part of it:
         units are cut from the keys still to do, so it changes nothing committed. ``min_score``
         counts only when set, so outputs made before it existed keep their fingerprint."""
-        keys = ("input", "format", "exclude", "model", "top_k", "image_column", "id_column", "preprocessing",
-                "max_object_bytes")
-        content = {**self.model_dump(mode="json", include=set(keys)), "precision": self.actors.precision}
+        keys = (
+            "input",
+            "format",
+            "exclude",
+            "model",
+            "top_k",
+            "image_column",
+            "id_column",
+            "preprocessing",
+            "max_object_bytes",
+        )
+        content = {
+            **self.model_dump(mode="json", include=set(keys)),
+            "precision": self.actors.precision,
+        }
         if self.min_score is not None:
             content["min_score"] = self.min_score
         blob = json.dumps(content, sort_keys=True)
@@ -171,7 +212,9 @@ class StageTimes:
     def describe(self) -> str:
         """The figures as the progress line shows them ('' until a stage reported)."""
         figures = self.figures()
-        return "; ".join(shown.format(figures[key]) for key, shown in STAGE_FIGURES.items() if key in figures)
+        return "; ".join(
+            shown.format(figures[key]) for key, shown in STAGE_FIGURES.items() if key in figures
+        )
 
 
 PROGRESS_POINTS = 256  # throughput samples a manifest keeps: every other one is dropped when full
@@ -182,7 +225,9 @@ class Progress:
     Each line is also a ``[seconds, images done]`` sample (``samples``, for the report's
     throughput chart), thinned to at most :data:`PROGRESS_POINTS` however long the run."""
 
-    def __init__(self, total: int | None, interval_s: float, stages: StageTimes | None = None) -> None:
+    def __init__(
+        self, total: int | None, interval_s: float, stages: StageTimes | None = None
+    ) -> None:
         self.total, self.interval_s = total, interval_s
         self.stages = stages or StageTimes()
         self.done = 0
@@ -249,9 +294,12 @@ def schedulable_memory(memory: int, nodes: list[dict[str, Any]]) -> int:
     leave the tasks pending forever, and the worst case it stands for is rare."""
     largest = max((int(n["Resources"].get("memory", 0)) for n in nodes if n["Alive"]), default=0)
     if largest and memory > largest:
-        log.warning("read+decode tasks declare %d MiB, more than any node has: %d MiB declared instead "
-                    "(lower batch_size or max_object_bytes, or set decode_memory_mb)",
-                    memory >> 20, largest >> 20)
+        log.warning(
+            "read+decode tasks declare %d MiB, more than any node has: %d MiB declared instead "
+            "(lower batch_size or max_object_bytes, or set decode_memory_mb)",
+            memory >> 20,
+            largest >> 20,
+        )
         return largest
     return memory
 
@@ -279,9 +327,11 @@ def _check_previous(cfg: LabelConfig, previous: dict[str, Any] | None, sha256: s
         )
     if previous.get("weights_sha256", sha256) != sha256:
         raise OutputError(
-            f"{redact_uri(cfg.output)} was labeled with weights sha256 {previous['weights_sha256']}, "
-            f"but {redact_uri(cfg.weights or 'random weights')} now has sha256 {sha256}: the weights "
-            "changed behind the same name. Use another output, or --overwrite to relabel everything"
+            f"{redact_uri(cfg.output)} was labeled with weights "
+            f"sha256 {previous['weights_sha256']}, "
+            f"but {redact_uri(cfg.weights or 'random weights')} now has sha256 {sha256}: "
+            "the weights changed behind the same name. "
+            "Use another output, or --overwrite to relabel everything"
         )
 
 
@@ -316,8 +366,14 @@ def prepare(cfg: LabelConfig) -> Prepared:
         else:
             _check_previous(cfg, read_json(job_uri), weights["weights_sha256"])
         withdraw_manifest(cfg.output)
-        write_json(job_uri, {"fingerprint": cfg.fingerprint(), "weights_sha256": weights["weights_sha256"],
-                             "weights_version": weights["weights_version"]})
+        write_json(
+            job_uri,
+            {
+                "fingerprint": cfg.fingerprint(),
+                "weights_sha256": weights["weights_sha256"],
+                "weights_version": weights["weights_version"],
+            },
+        )
         columns = (cfg.image_column,) + ((cfg.id_column,) if cfg.id_column else ())
         planned = plan(files, cfg.output, cfg.format, cfg.files_per_unit, columns)
     except BaseException:
@@ -326,7 +382,9 @@ def prepare(cfg: LabelConfig) -> Prepared:
     return Prepared(planned, pinned, weights, lease, tracking_uri)
 
 
-def actor_pool_sizes(actors: ActorsConfig, gpus_per_actor: float, cluster_gpus: float) -> tuple[int, int]:
+def actor_pool_sizes(
+    actors: ActorsConfig, gpus_per_actor: float, cluster_gpus: float
+) -> tuple[int, int]:
     """(min_size, max_size) of the model actor pool; Ray Data starts ``min_size`` actors and
     adds the rest one at a time as the first ones fill up.
 
@@ -356,7 +414,9 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
     gpus = resolve_gpus(cfg.actors.gpus)
     decode = resolve_decode(cfg.decode, gpus > 0)  # both stages: crops or bytes travel between them
     pool = actor_pool_sizes(cfg.actors, gpus, ray.cluster_resources().get("GPU", 0))
-    print(f"[label] model actors: {pool[0]} at start, up to {pool[1]}, {gpus:g} GPU each", flush=True)
+    print(
+        f"[label] model actors: {pool[0]} at start, up to {pool[1]}, {gpus:g} GPU each", flush=True
+    )
     env = worker_env(cfg)
     runtime_env = {"env_vars": env} if env else None
     ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
@@ -393,9 +453,14 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "precision": cfg.actors.precision,
             "min_score": cfg.min_score,
             "output": redact_uri(cfg.output),
-            "calibration": calibration_crops(cfg.actors.calibration, cfg.actors.calibration_images,
-                                             preprocessing, cfg.preprocessing.max_pixels)
-            if cfg.actors.precision == "int8" else None,
+            "calibration": calibration_crops(
+                cfg.actors.calibration,
+                cfg.actors.calibration_images,
+                preprocessing,
+                cfg.preprocessing.max_pixels,
+            )
+            if cfg.actors.precision == "int8"
+            else None,
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
@@ -418,11 +483,18 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     planned, weights = prepared.plan, prepared.weights
     with prepared.lease as lease, _mlflow_run(cfg, prepared) as mlflow_run:
         if weights["random_weights"]:
-            print("[label] WARNING: no weights given: the model has RANDOM weights, labels are meaningless",
-                  flush=True)
-        print(f"[label] {planned.listed} inputs listed, {planned.committed_rows} keys already committed "
-              f"({planned.committed_parts} parts), {planned.removed_rows} no longer in the input; "
-              f"{len(planned.units)} units to do", flush=True)
+            print(
+                "[label] WARNING: no weights given: the model has RANDOM weights, "
+                "labels are meaningless",
+                flush=True,
+            )
+        print(
+            f"[label] {planned.listed} inputs listed, "
+            f"{planned.committed_rows} keys already committed "
+            f"({planned.committed_parts} parts), {planned.removed_rows} no longer in the input; "
+            f"{len(planned.units)} units to do",
+            flush=True,
+        )
         progress = Progress(planned.pending_rows, cfg.progress_interval_s)
         ray_started = time.time()
         with UnitCommitter(cfg.output, lease.check, cfg.commit_concurrency) as committer:
@@ -449,8 +521,11 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             "failed_by_reason": summary["failed_by_reason"],
             "skipped_already_done": planned.committed_rows - planned.removed_rows,
             "removed_from_input": planned.removed_rows,
-            "units": {"total": summary["parts"], "skipped": planned.committed_parts,
-                      "committed": committer.committed},
+            "units": {
+                "total": summary["parts"],
+                "skipped": planned.committed_parts,
+                "committed": committer.committed,
+            },
             "duplicates": summary["rows"] - summary["distinct_keys"],
             "low_confidence": summary["low_confidence"],
             "top_labels": summary["top_labels"],
@@ -473,7 +548,9 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     if mlflow_run:
         from skray import label_tracking
 
-        label_tracking.finish(mlflow_run["run_id"], manifest, report and join(cfg.output, REPORT_DIR))
+        label_tracking.finish(
+            mlflow_run["run_id"], manifest, report and join(cfg.output, REPORT_DIR)
+        )
     return manifest
 
 
@@ -490,8 +567,12 @@ def mlflow_params(cfg: LabelConfig, weights: dict[str, Any]) -> dict[str, Any]:
         "top_k": cfg.top_k,
         "min_score": cfg.min_score,
         "batch_size": cfg.batch_size,
-        "actors": {"min": cfg.actors.min, "max": cfg.actors.max, "gpus": cfg.actors.gpus,
-                   "batch_size": cfg.actors.batch_size},
+        "actors": {
+            "min": cfg.actors.min,
+            "max": cfg.actors.max,
+            "gpus": cfg.actors.gpus,
+            "batch_size": cfg.actors.batch_size,
+        },
         "precision": cfg.actors.precision,
         "decode": cfg.decode,
     }
@@ -506,13 +587,24 @@ def _mlflow_run(cfg: LabelConfig, prepared: Prepared) -> Iterator[dict[str, str]
         return
     from skray import label_tracking
 
-    run_id = label_tracking.start(cfg.mlflow.experiment, mlflow_params(cfg, prepared.weights), cfg.output,
-                                  cfg.input, prepared.pinned)
-    print(f"[label] MLflow run {run_id} in experiment {cfg.mlflow.experiment} "
-          f"at {redact_uri(prepared.tracking_uri)}", flush=True)
+    run_id = label_tracking.start(
+        cfg.mlflow.experiment,
+        mlflow_params(cfg, prepared.weights),
+        cfg.output,
+        cfg.input,
+        prepared.pinned,
+    )
+    print(
+        f"[label] MLflow run {run_id} in experiment {cfg.mlflow.experiment} "
+        f"at {redact_uri(prepared.tracking_uri)}",
+        flush=True,
+    )
     try:
-        yield {"run_id": run_id, "experiment": cfg.mlflow.experiment,
-               "tracking_uri": redact_uri(prepared.tracking_uri)}
+        yield {
+            "run_id": run_id,
+            "experiment": cfg.mlflow.experiment,
+            "tracking_uri": redact_uri(prepared.tracking_uri),
+        }
     except BaseException:
         label_tracking.fail(run_id)
         raise
@@ -523,8 +615,11 @@ def _write_report(output: str) -> str | None:
     try:
         page = write_report(output)
     except OSError as err:
-        log.warning("no report written (the labels are complete; run `skray report %s`): %s",
-                    redact_uri(output), err)
+        log.warning(
+            "no report written (the labels are complete; run `skray report %s`): %s",
+            redact_uri(output),
+            err,
+        )
         return None
     print(f"[label] report: {redact_uri(page)}", flush=True)
     return page
@@ -536,14 +631,24 @@ def format_summary(manifest: dict[str, Any]) -> str:
     lines = [
         f"inputs              {manifest['inputs']}",
         f"labeled             {manifest['labeled']}",
-        *([f"low confidence      {manifest['low_confidence']} (top score under "
-           f"{manifest['config'].get('min_score')}: no label)"] if manifest.get("low_confidence") else []),
+        *(
+            [
+                f"low confidence      {manifest['low_confidence']} (top score under "
+                f"{manifest['config'].get('min_score')}: no label)"
+            ]
+            if manifest.get("low_confidence")
+            else []
+        ),
         f"failed              {manifest['failed']}",
         *(f"  {reason:<18}{count}" for reason, count in manifest["failed_by_reason"].items()),
         f"skipped (done)      {manifest['skipped_already_done']}",
         f"duplicates          {manifest['duplicates']}",
         f"img/s (this run)    {timings['img_per_s']}",
-        *(f"  {shown.format(timings[key])}" for key, shown in STAGE_FIGURES.items() if key in timings),
+        *(
+            f"  {shown.format(timings[key])}"
+            for key, shown in STAGE_FIGURES.items()
+            if key in timings
+        ),
         f"wall time           {timings['total_s']} s",
         f"model               {manifest['model']}"
         + (" (RANDOM weights: labels are meaningless)" if manifest["random_weights"] else ""),
@@ -551,7 +656,10 @@ def format_summary(manifest: dict[str, Any]) -> str:
         *(f"  {count:>6}  {label}" for label, count in manifest["top_labels"]),
         f"Parquet             {manifest['output']}",
         f"report              {join(manifest['output'], REPORT_DIR)}/index.html",
-        *([f"MLflow run          {run['run_id']} (experiment {run['experiment']})"]
-          if (run := manifest.get("mlflow")) else []),
+        *(
+            [f"MLflow run          {run['run_id']} (experiment {run['experiment']})"]
+            if (run := manifest.get("mlflow"))
+            else []
+        ),
     ]
     return "\n".join(lines)

@@ -43,7 +43,9 @@ def _passthrough(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def decode_rows(
-    rows: list[dict[str, Any]], preprocessing: PreprocessingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+    rows: list[dict[str, Any]],
+    preprocessing: PreprocessingConfig,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, np.ndarray]:
     """The ``decode="cpu"`` batch: each image's eval crop (:func:`skray.crops.crop_rows`); a bad
     one keeps a blank crop and gets ``error``."""
@@ -77,8 +79,13 @@ def read_and_decode(
     a time, as they are read, so a task holds one batch of bytes, not a shard; the rows of a
     unit's last batch carry its row count."""
     start = time.perf_counter()  # decode_s: from resuming to the next yield, reading included
-    batches = table_batches(units, batch_size, image_column=image_column, id_column=id_column,
-                            max_object_bytes=max_object_bytes)
+    batches = table_batches(
+        units,
+        batch_size,
+        image_column=image_column,
+        id_column=id_column,
+        max_object_bytes=max_object_bytes,
+    )
     for rows in batches:
         out = decode_rows(rows, preprocessing, max_pixels) if decode == "cpu" else bytes_rows(rows)
         out["decode_s"] = np.full(len(rows), (time.perf_counter() - start) / len(rows))
@@ -111,14 +118,23 @@ class Predictor:
         output: str | None = None,  # the labeling output, as the live metrics' tag (skray.metrics)
     ) -> None:
         self.classifier = Classifier.for_worker(
-            model, pinned, threads=threads, compile=compile, preprocessing=preprocessing,
-            max_pixels=max_pixels, decode=decode, batch_size=batch_size,
-            precision=precision, calibration=calibration,
+            model,
+            pinned,
+            threads=threads,
+            compile=compile,
+            preprocessing=preprocessing,
+            max_pixels=max_pixels,
+            decode=decode,
+            batch_size=batch_size,
+            precision=precision,
+            calibration=calibration,
         )
         on_gpu = torch.cuda.is_available()
         self.top_k, self.min_score = top_k, min_score or 0.0
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="skray-prefetch")
-        self._stream = torch.cuda.Stream() if on_gpu else None  # GPU only: decode beside the forward
+        self._stream = (
+            torch.cuda.Stream() if on_gpu else None
+        )  # GPU only: decode beside the forward
         self._returned: float | None = None  # when the previous batch was handed back
         self.metrics = LabelMetrics(output)
 
@@ -128,21 +144,36 @@ class Predictor:
         errors = [e or None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if not e]
         if "data" in batch:
-            logits, decode_s, model_s = self._decode_and_forward([batch["data"][i] for i in ok], ok, errors)
+            logits, decode_s, model_s = self._decode_and_forward(
+                [batch["data"][i] for i in ok], ok, errors
+            )
         else:
-            logits, model_s = self._forward(torch.from_numpy(batch["image"][ok])) if ok else (None, 0.0)
+            logits, model_s = (
+                self._forward(torch.from_numpy(batch["image"][ok])) if ok else (None, 0.0)
+            )
             decode_s = 0.0
         results: list = [None] * n
         for i, prediction in zip(ok, self.classifier.rank(logits, self.top_k) if ok else []):
             results[i] = None if errors[i] else prediction  # errors[i]: the actor's decode failed
         wait_s = start - self._returned if self._returned is not None else 0.0
-        table = self._table(batch, results, errors, {
-            "decode_s": np.asarray(batch["decode_s"], dtype=np.float64) + decode_s / n,
-            "model_s": np.full(n, model_s / n),
-            "wait_s": np.full(n, wait_s / n),
-        })
-        self.metrics.batch(errors, {"decode": float(np.sum(batch["decode_s"])) + decode_s,
-                                    "model": model_s, "wait": wait_s})
+        table = self._table(
+            batch,
+            results,
+            errors,
+            {
+                "decode_s": np.asarray(batch["decode_s"], dtype=np.float64) + decode_s / n,
+                "model_s": np.full(n, model_s / n),
+                "wait_s": np.full(n, wait_s / n),
+            },
+        )
+        self.metrics.batch(
+            errors,
+            {
+                "decode": float(np.sum(batch["decode_s"])) + decode_s,
+                "model": model_s,
+                "wait": wait_s,
+            },
+        )
         self._returned = time.perf_counter()
         return table
 
@@ -150,7 +181,8 @@ class Predictor:
         self, blobs: list[bytes], rows: list[int], errors: list[str | None]
     ) -> tuple[torch.Tensor | None, float, float]:
         """Logits for ``blobs`` (rows ``rows`` of the batch), decoding chunk k+1 while chunk k runs;
-        decode errors are written into ``errors``. Returns the logits and the decode and model seconds."""
+        decode errors are written into ``errors``. Returns the logits and the decode and model
+        seconds."""
         if not blobs:
             return None, 0.0, 0.0
         step = self.classifier.batch_size or len(blobs)
@@ -177,7 +209,9 @@ class Predictor:
             torch.cuda.current_stream().synchronize()
         return logits, time.perf_counter() - start
 
-    def _decode(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[ImageDecodeError | None], float]:
+    def _decode(
+        self, blobs: list[bytes]
+    ) -> tuple[torch.Tensor, list[ImageDecodeError | None], float]:
         start = time.perf_counter()
         if self._stream is None:
             crops, errors = self.classifier.decode_batch(blobs)
@@ -188,8 +222,13 @@ class Predictor:
             crops.record_stream(torch.cuda.current_stream())
         return crops, errors, time.perf_counter() - start
 
-    def _table(self, batch: dict[str, np.ndarray], results: list, errors: list[str | None],
-               stages: dict[str, np.ndarray]) -> pa.Table:
+    def _table(
+        self,
+        batch: dict[str, np.ndarray],
+        results: list,
+        errors: list[str | None],
+        stages: dict[str, np.ndarray],
+    ) -> pa.Table:
         n = len(results)
         names = self.classifier.class_names
 

@@ -29,15 +29,18 @@ GALLERY_EXAMPLES = 6  # random and lowest-scoring thumbnails per gallery label
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:24px;border-bottom:1px solid #ddd}
-.sub{color:#666}.warn{background:#fde2e1;border:1px solid #c44e52;padding:8px 12px;border-radius:4px}
+.sub{color:#666}\
+.warn{background:#fde2e1;border:1px solid #c44e52;padding:8px 12px;border-radius:4px}
 table{border-collapse:collapse;margin:8px 0}
 td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}
 td.n{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;word-break:break-all}
-.cards{display:flex;gap:12px;margin:16px 0}.card{border:1px solid #ddd;border-radius:6px;padding:8px 16px}
+.cards{display:flex;gap:12px;margin:16px 0}\
+.card{border:1px solid #ddd;border-radius:6px;padding:8px 16px}
 .card b{display:block;font-size:24px}.card.bad b{color:#c44e52}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:24px;align-items:start}
 img.chart{max-width:100%}.row{display:flex;flex-wrap:wrap;gap:8px;margin:4px 0 12px}
-figure{margin:0;width:150px;font-size:11px}figure img,.missing{display:block;width:150px;height:112px;
+figure{margin:0;width:150px;font-size:11px}\
+figure img,.missing{display:block;width:150px;height:112px;
 object-fit:contain;background:#f4f4f4;border:1px solid #ccc;box-sizing:border-box}
 figcaption{word-break:break-all;color:#444}
 .missing{border:1px dashed #c44e52;color:#c44e52;overflow:hidden;padding:4px;font-size:10px;
@@ -69,7 +72,8 @@ def _figure(row: dict, thumbs: dict[str, bytes | str]) -> str:
         picture = f'<img src="{_data_uri(thumb, "image/jpeg")}" alt="{title}" title="{title}">'
     else:
         picture = (
-            f'<div class="missing" title="{title}">{html.escape(key)}<br><b>{html.escape(thumb)}</b></div>'
+            f'<div class="missing" title="{title}">'
+            f"{html.escape(key)}<br><b>{html.escape(thumb)}</b></div>"
         )
     return f"<figure>{picture}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
@@ -77,7 +81,8 @@ def _figure(row: dict, thumbs: dict[str, bytes | str]) -> str:
 def _header(manifest: dict | None, output: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        f"<h1>Labeling report</h1><div class=sub><code>{html.escape(redact_uri(output))}</code> · {now}</div>"
+        "<h1>Labeling report</h1>"
+        f"<div class=sub><code>{html.escape(redact_uri(output))}</code> · {now}</div>"
     ]
     if manifest is None:
         parts.append(
@@ -86,7 +91,9 @@ def _header(manifest: dict | None, output: str) -> str:
         )
         return "".join(parts)
     if manifest.get("random_weights"):
-        parts.append('<p class="warn">RANDOM weights: no weights were given, the labels are meaningless.</p>')
+        parts.append(
+            '<p class="warn">RANDOM weights: no weights were given, the labels are meaningless.</p>'
+        )
     model = [
         ("model", manifest.get("model")),
         ("weights", manifest.get("weights")),
@@ -104,12 +111,19 @@ def _counts(scan: Scan, manifest: dict | None) -> str:
     cards = [
         ("rows", scan.rows, ""),
         ("labeled", scan.labeled, ""),
-        ("low confidence" + (f" (score < {min_score:g})" if min_score is not None else ""), scan.low_confidence, ""),
+        (
+            "low confidence" + (f" (score < {min_score:g})" if min_score is not None else ""),
+            scan.low_confidence,
+            "",
+        ),
         ("failed", scan.failed, "bad" if scan.failed else ""),
     ]
     if "img_per_s" in timings:
         cards.append(("img/s", timings["img_per_s"], ""))
-    strip = "".join(f'<div class="card {cls}"><b>{value:,}</b>{html.escape(name)}</div>' for name, value, cls in cards)
+    strip = "".join(
+        f'<div class="card {cls}"><b>{value:,}</b>{html.escape(name)}</div>'
+        for name, value, cls in cards
+    )
     rows = [("parts", scan.parts)] + [
         (name.replace("_", " "), manifest[name])
         for name in ("skipped_already_done", "removed_from_input", "duplicates")
@@ -135,7 +149,10 @@ def _failures(scan: Scan) -> str:
             f"<code>{html.escape(key)}</code> — {html.escape(error)}"
             for key, error in scan.failure_examples[reason]
         )
-        rows.append(f'<tr><td>{html.escape(reason)}</td><td class="n">{count:,}</td><td>{examples}</td></tr>')
+        rows.append(
+            f'<tr><td>{html.escape(reason)}</td><td class="n">{count:,}</td>'
+            f"<td>{examples}</td></tr>"
+        )
     return (
         "<h2>Failures by reason</h2><table><tr><th>reason</th><th>rows</th><th>examples</th></tr>"
         + "".join(rows)
@@ -147,7 +164,9 @@ def _throughput(manifest: dict | None, charts: dict[str, bytes]) -> str:
     timings = (manifest or {}).get("timings")
     if not timings:
         return ""
-    figures = [(name.replace("_", " "), v) for name, v in timings.items() if not isinstance(v, list)]
+    figures = [
+        (name.replace("_", " "), v) for name, v in timings.items() if not isinstance(v, list)
+    ]
     return (
         f'<h2>Throughput</h2><div class="grid"><div>{_table(figures, ("", ""))}</div>'
         f"<div>{_chart(charts, 'throughput.png', 'throughput')}</div></div>"
@@ -182,7 +201,8 @@ def render(
     body = [
         _header(manifest, output),
         _counts(scan, manifest),
-        f'<div class="grid"><div><h2>Labels</h2>{_chart(charts, "labels.png", "label counts")}</div>'
+        '<div class="grid"><div><h2>Labels</h2>'
+        f"{_chart(charts, 'labels.png', 'label counts')}</div>"
         f"<div>{_failures(scan)}</div></div>",
         f"<h2>Scores</h2>{_chart(charts, 'scores.png', 'score histograms')}",
         _throughput(manifest, charts),
@@ -190,7 +210,8 @@ def render(
     if gallery_labels:
         body.append(_galleries(scan, gallery_labels, thumbs))
     return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>skray labeling report</title>"
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<title>skray labeling report</title>"
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
     )
 
@@ -204,7 +225,9 @@ def build_charts(scan: Scan, manifest: dict | None) -> dict[str, bytes]:
         per_label = [(label, scan.histogram(label)) for label, _ in top[:HISTOGRAM_LABELS]]
         if scan.low_confidence:
             per_label.append(("low confidence", scan.histogram(None)))
-        charts["scores.png"] = report_charts.score_histograms(scan.score_hist.sum(axis=0), per_label)
+        charts["scores.png"] = report_charts.score_histograms(
+            scan.score_hist.sum(axis=0), per_label
+        )
     progress = ((manifest or {}).get("timings") or {}).get("progress")
     if progress:
         charts["throughput.png"] = report_charts.throughput(progress)
@@ -233,5 +256,7 @@ def write_report(output: str, dest: str | None = None, seed: int = 0) -> str:
     for name, png in charts.items():
         write_bytes_atomic(join(dest, name), png)
     page = join(dest, "index.html")
-    write_bytes_atomic(page, render(output, manifest, scan, thumbs, charts, gallery_labels).encode())
+    write_bytes_atomic(
+        page, render(output, manifest, scan, thumbs, charts, gallery_labels).encode()
+    )
     return page

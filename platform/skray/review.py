@@ -48,12 +48,14 @@ def sample(output: str, n: int) -> pa.Table:
     if scan.lowest is None:
         return pa.table({"key": [], "label": [], "score": [], "topk_ids": [], "topk_scores": []})
     rows = scan.lowest
-    picked, rank = smallest_per_group(rows.column("_group").to_numpy(), rows.column("_order").to_numpy(), n)
+    picked, rank = smallest_per_group(
+        rows.column("_group").to_numpy(), rows.column("_order").to_numpy(), n
+    )
     rows = rows.take(picked).append_column("_round", pa.array(rank))
     rows = rows.append_column("_sure", rows.column("label").is_valid())
-    first = rows.sort_by([("_round", "ascending"), ("_sure", "ascending"), ("_order", "ascending")]).slice(
-        0, n
-    )
+    first = rows.sort_by(
+        [("_round", "ascending"), ("_sure", "ascending"), ("_order", "ascending")]
+    ).slice(0, n)
     return first.sort_by([("_sure", "ascending"), ("_order", "ascending")]).drop_columns(
         ["_group", "_order", "_round", "_sure"]
     )

@@ -33,7 +33,9 @@ FAILURE_EXAMPLES = 5  # example keys kept per failure reason
 BASE_COLUMNS = ("key", "label", "score", "error")
 
 
-def smallest_per_group(groups: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def smallest_per_group(
+    groups: np.ndarray, values: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the ``k`` smallest ``values`` within each group, and their rank there
     (0 = smallest), ordered by group then value; ties keep their order."""
     order = np.lexsort((values, groups))
@@ -88,7 +90,9 @@ class Scan:
 
     def top_labels(self, n: int) -> list[tuple[str, int]]:
         """(label, count), most frequent first, ties by label; abstentions left out."""
-        pairs = [(label, int(c)) for label, c in zip(self.labels, self.label_counts) if label is not None]
+        pairs = [
+            (label, int(c)) for label, c in zip(self.labels, self.label_counts) if label is not None
+        ]
         return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:n]
 
     def histogram(self, label: str | None) -> np.ndarray:
@@ -103,7 +107,9 @@ class Scan:
         return picked.sort_by("_order").to_pylist()
 
 
-def _read_ahead(paths: list[str], read: Callable[[str], pa.Table], window: int) -> Iterator[pa.Table]:
+def _read_ahead(
+    paths: list[str], read: Callable[[str], pa.Table], window: int
+) -> Iterator[pa.Table]:
     """``read(path)`` for each path in order, at most ``window`` in flight."""
     with concurrent.futures.ThreadPoolExecutor(window) as pool:
         pending: collections.deque = collections.deque()
@@ -130,7 +136,9 @@ class _Folder:
         encoded = pc.dictionary_encode(labels, null_encoding="encode")
         lookup = np.array([self._label_index(v) for v in encoded.dictionary.to_pylist()], np.int64)
         return (
-            lookup[encoded.indices.to_numpy(zero_copy_only=False)] if len(lookup) else np.zeros(0, np.int64)
+            lookup[encoded.indices.to_numpy(zero_copy_only=False)]
+            if len(lookup)
+            else np.zeros(0, np.int64)
         )
 
     def _label_index(self, label: str | None) -> int:
@@ -155,10 +163,12 @@ class _Folder:
         valid = ~np.isnan(scores)
         bins = np.clip((scores[valid] * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
         scan.score_hist = np.pad(scan.score_hist, ((0, n - len(scan.score_hist)), (0, 0)))
-        scan.score_hist += np.bincount(codes[valid] * SCORE_BINS + bins, minlength=n * SCORE_BINS).reshape(
-            n, SCORE_BINS
+        scan.score_hist += np.bincount(
+            codes[valid] * SCORE_BINS + bins, minlength=n * SCORE_BINS
+        ).reshape(n, SCORE_BINS)
+        rows = ok.select(["key", "label", "score", *self.keep]).append_column(
+            "_group", pa.array(codes)
         )
-        rows = ok.select(["key", "label", "score", *self.keep]).append_column("_group", pa.array(codes))
         self.random.add(rows.append_column("_order", pa.array(self.rng.random(len(codes)))))
         self.lowest.add(rows.append_column("_order", pa.array(np.where(valid, scores, np.inf))))
 
@@ -169,12 +179,18 @@ class _Folder:
         scan.failed += failed.num_rows
         reasons = pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement="")
         counts = pc.value_counts(reasons)
-        for reason, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+        for reason, count in zip(
+            counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+        ):
             scan.failures[reason] += count
             examples = scan.failure_examples.setdefault(reason, [])
             if len(examples) < FAILURE_EXAMPLES:
-                picked = failed.filter(pc.equal(reasons, reason)).slice(0, FAILURE_EXAMPLES - len(examples))
-                examples += zip(picked.column("key").to_pylist(), picked.column("error").to_pylist())
+                picked = failed.filter(pc.equal(reasons, reason)).slice(
+                    0, FAILURE_EXAMPLES - len(examples)
+                )
+                examples += zip(
+                    picked.column("key").to_pylist(), picked.column("error").to_pylist()
+                )
 
     def finish(self) -> Scan:
         self.scan.random, self.scan.lowest = self.random.rows, self.lowest.rows

@@ -20,7 +20,9 @@ from skray.classifier import Prediction
 
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 BATCH_SIZE_HEADER = "X-Skray-Batch-Size"  # how many images shared this one's forward pass
-SERVER_TIMING_HEADER = "Server-Timing"  # read, decode_wait, decode, queue, forward, total (ms), in the replica
+SERVER_TIMING_HEADER = (
+    "Server-Timing"  # read, decode_wait, decode, queue, forward, total (ms), in the replica
+)
 
 
 class ClassScore(BaseModel):
@@ -69,12 +71,16 @@ class ErrorResponse(BaseModel):
 class ApiError(Exception):
     """A request the service refuses; becomes ``{"error": {"code", "message"}}`` with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(code=code, message=message))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -91,7 +97,9 @@ ERRORS = {
     }.items()
 }
 
-TOP_K = Query(None, ge=1, description="how many classes to return, best first (default: the config's top_k)")
+TOP_K = Query(
+    None, ge=1, description="how many classes to return, best first (default: the config's top_k)"
+)
 
 api = FastAPI(
     title="skray classifier",
@@ -120,6 +128,8 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 
 def prediction_fields(p: Prediction) -> dict[str, Any]:
-    top = [ClassScore(label=label, label_id=i, score=score)
-           for i, score, label in zip(p.topk_ids, p.topk_scores, p.topk_labels)]
+    top = [
+        ClassScore(label=label, label_id=i, score=score)
+        for i, score, label in zip(p.topk_ids, p.topk_scores, p.topk_labels)
+    ]
     return {"label": p.label, "label_id": p.label_id, "score": p.score, "top_k": top}

@@ -37,7 +37,10 @@ LABEL_SCHEMA = pa.schema(
         ("weights_sha256", pa.string()),
         ("error", pa.string()),
         ("meta", pa.string()),
-        ("low_confidence", pa.bool_()),  # top score under min_score: label and label_id null; null on errors
+        (
+            "low_confidence",
+            pa.bool_(),
+        ),  # top score under min_score: label and label_id null; null on errors
     ]
 )
 
@@ -57,7 +60,9 @@ def part_paths(output: str) -> tuple[pafs.FileSystem, list[str]]:
         return fs, []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     names = (info.path for info in infos if info.type == pafs.FileType.File)
-    return fs, sorted(p for p in names if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet"))
+    return fs, sorted(
+        p for p in names if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet")
+    )
 
 
 def committed_units(output: str) -> set[str]:
@@ -67,7 +72,8 @@ def committed_units(output: str) -> set[str]:
 
 
 def write_part(output: str, unit_id: str, rows: pa.Table | list[dict[str, Any]]) -> None:
-    """Commit one unit's rows (the label schema's columns): readers see the whole part or nothing."""
+    """Commit one unit's rows (the label schema's columns): readers see the whole part or
+    nothing."""
     if isinstance(rows, pa.Table):
         table = rows.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
     else:
@@ -130,7 +136,9 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
         table = pa.table({c: pa.array([], pa.string()) for c in columns})
     errors = table.column("error")
     failed = table.filter(pc.is_valid(errors))
-    reasons = pc.value_counts(pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement=""))
+    reasons = pc.value_counts(
+        pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement="")
+    )
     predicted = table.filter(pc.is_null(errors)).column("label")
     labels = pc.value_counts(predicted.drop_null())
     return {

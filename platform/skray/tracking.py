@@ -175,26 +175,37 @@ def start_run(
     to it by id, which is what lets a resumed job continue the same run.
     """
     client = MlflowClient()
-    all_tags = redact_values({**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
-    run_id = client.create_run(experiment_id(experiment), run_name=run_name, tags=all_tags).info.run_id
+    all_tags = redact_values(
+        {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    )
+    run_id = client.create_run(
+        experiment_id(experiment), run_name=run_name, tags=all_tags
+    ).info.run_id
     flat = [Param(k, v) for k, v in flatten(params).items()]
     for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run_id, params=flat[start : start + 100])
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int, tracking_uri: str | None = None) -> None:
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int, tracking_uri: str | None = None
+) -> None:
     """Per-epoch metrics, from wherever the numbers are (a Ray Train worker, a Tune trial)."""
     now = int(time.time() * 1000)
     MlflowClient(tracking_uri).log_batch(
-        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+    )
 
 
 def metric_history(run_id: str, metric: str) -> list[float]:
     """A run's values of ``metric``, one per step in step order; a step logged again (a retried
     attempt resumed from a checkpoint) keeps its latest value."""
-    latest = {m.step: m.value for m in sorted(MlflowClient().get_metric_history(run_id, metric),
-                                              key=lambda m: (m.step, m.timestamp))}
+    latest = {
+        m.step: m.value
+        for m in sorted(
+            MlflowClient().get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp)
+        )
+    }
     return [latest[step] for step in sorted(latest)]
 
 
@@ -210,7 +221,8 @@ def child_runs(parent_run_id: str) -> dict[str, str]:
     """Trial name -> run id of the runs nested under ``parent_run_id``."""
     parent = MlflowClient().get_run(parent_run_id)
     runs = MlflowClient().search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
     return {r.data.tags.get(TRIAL_TAG, r.info.run_name): r.info.run_id for r in runs}
 
 
@@ -296,7 +308,9 @@ def _weights_path(repo: Any, uri: str) -> str:
     """The path of :data:`WEIGHTS_FILE` inside the MLflow model that ``repo`` reads."""
     with tempfile.TemporaryDirectory() as tmp:
         flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("pytorch", {})
-    paths = [f["path"] for f in flavor.get("extra_files", []) if Path(f["path"]).name == WEIGHTS_FILE]
+    paths = [
+        f["path"] for f in flavor.get("extra_files", []) if Path(f["path"]).name == WEIGHTS_FILE
+    ]
     if not paths:
         raise WeightsError(f"MLflow model {uri} holds no skray weights file ({WEIGHTS_FILE})")
     return paths[0]
@@ -345,23 +359,30 @@ def resolve_weights(uri: str) -> ResolvedModel:
     try:
         repo = get_artifact_repository(uri)
         path = _weights_path(repo, uri)
-        location = f"{repo.repo.artifact_uri.rstrip('/')}/{path}"  # the store behind models:/ and runs:/
+        location = (
+            f"{repo.repo.artifact_uri.rstrip('/')}/{path}"  # the store behind models:/ and runs:/
+        )
     except (MlflowException, OSError) as exc:
         raise _model_error(uri, exc) from exc
     version = getattr(repo, "model_version", None)  # None for runs:/ and models:/<model id>
     model_uri = uri if version is None else f"models:/{repo.model_name}/{version}"
     readable = urlsplit(location).scheme in ("", "file", "s3")
-    return ResolvedModel(location if readable else model_uri, model_uri, None if version is None else str(version))
+    return ResolvedModel(
+        location if readable else model_uri, model_uri, None if version is None else str(version)
+    )
 
 
 # ---- reading runs back (skray compare) -----------------------------------------------------------
+
 
 def run_params(run_id: str) -> dict[str, str]:
     """The parameters logged to a run (flattened keys, as :func:`flatten` wrote them)."""
     return MlflowClient().get_run(run_id).data.params
 
 
-def search_runs(experiment: str, parent_run_id: str | None = None, max_results: int = 5000) -> list[Any]:
+def search_runs(
+    experiment: str, parent_run_id: str | None = None, max_results: int = 5000
+) -> list[Any]:
     """MLflow ``Run`` objects: those nested under ``parent_run_id`` when given, else every run
     of the experiment named ``experiment``; a missing experiment is a ``ValueError``."""
     client = MlflowClient()
