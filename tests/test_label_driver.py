@@ -266,3 +266,12 @@ def test_format_summary_lists_failures_by_reason_labels_and_a_random_weights_war
         "Parquet             s3://b/labels",
         "report              s3://b/labels/_report/index.html",
     ]
+
+
+def test_live_metrics_take_a_run_whose_row_count_is_known_only_after_reading():
+    """Tar shards count their samples only when read: the driver's gauge waits, never fails."""
+    from skray.metrics import RunMetrics
+
+    live = RunMetrics("s3://b/labels", pending=None)
+    live.received(64)
+    assert live.pending is None

@@ -65,18 +65,19 @@ class LabelMetrics:
 class RunMetrics:
     """What the labeling driver exports: how many images this run is still waiting for."""
 
-    def __init__(self, output: str, pending: int) -> None:
-        self.pending = pending
+    def __init__(self, output: str, pending: int | None) -> None:
+        self.pending = pending  # None: not known before reading (tar shards); no gauge then
         self.remaining = Gauge(
             "skray_label_images_remaining",
             "images the labeling run is still waiting for from the model actors",
             tag_keys=("output",),
         ).set_default_tags({"output": output})
-        self.remaining.set(pending)
+        self.received(0)
 
     def received(self, done: int) -> None:
         """``done`` images of this run have reached the driver."""
-        self.remaining.set(max(self.pending - done, 0))
+        if self.pending is not None:
+            self.remaining.set(max(self.pending - done, 0))
 
 
 class ServeMetrics:
