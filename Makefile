@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check platform tests benchmarks pipelines
+	$(BIN)/ruff format --check platform tests benchmarks pipelines
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

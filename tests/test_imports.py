@@ -1,5 +1,5 @@
-"""The package's import structure: imports point down (no cycle), and the model core needs
-no Ray or MLflow."""
+"""The package's import structure: imports point down through the README's layers (no cycle),
+and the model core needs no Ray or MLflow."""
 
 from __future__ import annotations
 
@@ -79,6 +79,55 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_import_graph_of_the_package_has_no_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The README's layout, bottom up: a module imports only from its own layer or the ones before.
+LAYERS = (
+    ("model", "classes", "images", "crops", "device_decode"),
+    ("net", "storage", "config", "sources"),
+    ("weights", "tracking", "resolver"),
+    ("quantize", "classifier", "batching"),
+    (
+        "plan",
+        "lease",
+        "sinks",
+        "commit",
+        "predictor",
+        "metrics",
+        "label",
+        "label_tracking",
+        "scan",
+        "thumbnails",
+        "report_charts",
+        "report",
+        "review",
+    ),
+    ("datasets", "train", "evaluate", "sweep", "compare"),
+    ("serve_api", "serving", "serve_launch"),
+    ("embedded", "testing", "demo", "cli"),
+)
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    layer = {f"skray.{m}": i for i, names in enumerate(layers) for m in names}
+    return sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if layer[target] > layer[module]
+    )
+
+
+def test_every_module_has_a_layer_and_imports_only_from_its_own_or_lower_ones() -> None:
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if m.removeprefix("skray.") not in sum(LAYERS, ()))
+    assert not unplaced, f"modules in no layer (add them to LAYERS and the README): {unplaced}"
+    assert upward_imports(graph) == []
+
+
+def test_an_import_from_a_higher_layer_is_named() -> None:
+    graph = {"skray.model": {"skray.label"}, "skray.label": {"skray.model"}}
+    assert upward_imports(graph) == ["skray.model imports skray.label"]
 
 
 def test_the_cycle_finder_names_a_cycle() -> None:
