@@ -497,3 +497,29 @@ def test_skray_compare_mode_flag_overrides_the_sweeps_mode(
     )
     table = capsys.readouterr().out
     assert table.index("_trial_b_00001") < table.index("_trial_b_00000")
+
+
+def test_compare_shows_labeling_runs_by_model_and_weights_with_a_bar_per_run(
+    mlflow_store, tmp_path, monkeypatch, capsys
+):
+    from skray import tracking
+    from skray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for name, model, rate in (
+        ("label-a", "skresnext14_8x4d_half", 5.0),
+        ("label-b", "skresnext50_32x4d", 9.0),
+    ):
+        params = {"model": model, "weights_version": "3", "precision": "fp32"}
+        run = tracking.start_run("skray-label", name, params=params, tags={})
+        tracking.log_metrics(run, {"img_per_s": rate}, step=0)
+
+    rows, plots = compare(experiment="skray-label", metric="img_per_s", out_dir=str(tmp_path))
+    assert [r["run"] for r in rows] == ["label-b", "label-a"]
+    assert [p.name for p in plots] == ["runs.png"] and plots[0].stat().st_size > 0
+
+    assert main(["compare", "--experiment", "skray-label", "--metric", "img_per_s"]) == 0
+    header, _, first, second = capsys.readouterr().out.splitlines()[:4]
+    assert header.split()[:4] == ["run", "model", "weights_version", "precision"]
+    assert first.split()[:2] == ["label-b", "skresnext50_32x4d"] and "9.00" in first
+    assert second.split()[:2] == ["label-a", "skresnext14_8x4d_half"]

@@ -1,8 +1,10 @@
 """``skray compare``: runs side by side, sorted by a metric, with plots.
 
 Reads MLflow only, through :mod:`skray.tracking`: the runs of an experiment, or the trials
-nested under a sweep's parent run. The table is for the terminal; the PNGs (LR x weight decay
-coloured by the metric, learning curves of the best runs) are saved and logged to the parent.
+nested under a sweep's parent run. The table is for the terminal; the PNGs are saved and
+logged to the parent. Training runs and trials are shown by learning rate and weight decay
+(a scatter coloured by the metric, learning curves of the best runs); labeling runs
+(``skray-label``) by the model and weights that made the labels (a bar per run).
 
 "Best" follows the mode: a sweep's own ``mode`` (recorded on its parent run), else the
 one given, else ``min`` for metrics named like a loss or an error and ``max`` otherwise.
@@ -57,6 +59,7 @@ def collect(
                 "best": pick(curve) if curve else None,
                 "curve": curve,
                 "state": run.data.tags.get(tracking.STATE_TAG, run.info.status.lower()),
+                "params": run.data.params,
             }
         )
     sign = -1.0 if mode == "max" else 1.0
@@ -67,28 +70,75 @@ def _number(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
+def is_training(rows: list[dict[str, Any]]) -> bool:
+    """Training runs and trials have an optimizer; labeling runs do not."""
+    return any(r["lr"] is not None for r in rows)
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, int, Any]]:
+    """(header, width, cell) of the columns that describe these runs."""
+    if is_training(rows):
+        return [
+            ("lr", 9, lambda r: f"{r['lr']:.4g}" if r["lr"] is not None else "-"),
+            (
+                "weight_decay",
+                12,
+                lambda r: f"{r['weight_decay']:.3g}" if r["weight_decay"] is not None else "-",
+            ),
+            ("epochs", 6, lambda r: str(r["epochs"])),
+        ]
+    return [
+        (name, width, lambda r, name=name, width=width: _param(r, name)[:width])
+        for name, width in (("model", 22), ("weights_version", 15), ("precision", 9))
+    ]
+
+
+def _param(row: dict[str, Any], name: str) -> str:
+    """A param as the table shows it; MLflow keeps an unset (None) param as the text "None"."""
+    value = row["params"].get(name)
+    return "-" if value in (None, "", "None") else value
+
+
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
-    header = (
-        f"{'run':<34} {'lr':>9} {'weight_decay':>12} {'epochs':>6} {'best ' + metric:>14}  state"
-    )
+    columns = _columns(rows)
+    header = f"{'run':<34} " + " ".join(f"{h:>{w}}" for h, w, _ in columns)
+    header += f" {'best ' + metric:>14}  state"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lr = f"{r['lr']:.4g}" if r["lr"] is not None else "-"
-        wd = f"{r['weight_decay']:.3g}" if r["weight_decay"] is not None else "-"
         best = f"{r['best']:.2f}" if r["best"] is not None else "-"
-        lines.append(
-            f"{r['run'][:34]:<34} {lr:>9} {wd:>12} {r['epochs']:>6} {best:>14}  {r['state']}"
-        )
+        cells = " ".join(f"{cell(r):>{w}}" for _, w, cell in columns)
+        lines.append(f"{r['run'][:34]:<34} {cells} {best:>14}  {r['state']}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path, top: int = 5) -> list[Path]:
+    """Training: ``lr_wd.png`` and ``learning_curves.png``; labeling: ``runs.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    figures = (
+        {
+            "lr_wd.png": lr_wd(rows, metric),
+            "learning_curves.png": learning_curves(rows, metric, top),
+        }
+        if is_training(rows)
+        else {"runs.png": run_bars(rows, metric)}
+    )
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(out_dir / name, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+def lr_wd(rows: list[dict[str, Any]], metric: str):
+    """The figure: each run at its learning rate and weight decay, coloured by its best value."""
+    import matplotlib.pyplot as plt
+
     scored = [r for r in rows if r["best"] is not None and r["lr"] and r["weight_decay"]]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     points = ax.scatter(
@@ -99,23 +149,25 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path, top: int = 5) -
         s=60,
         edgecolors="k",
     )
+    if scored:  # a log axis needs a positive value to scale
+        ax.set(xscale="log", yscale="log")
     ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="learning rate",
-        ylabel="weight decay",
-        title=f"best {metric} by LR and weight decay",
+        xlabel="learning rate", ylabel="weight decay", title=f"best {metric} by LR and weight decay"
     )
     fig.colorbar(points, ax=ax, label=metric)
-    space = out_dir / "lr_wd.png"
-    fig.savefig(space, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
-    fig = learning_curves(rows, metric, top)
-    curves = out_dir / "learning_curves.png"
-    fig.savefig(curves, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return [space, curves]
+
+def run_bars(rows: list[dict[str, Any]], metric: str, top: int = 20):
+    """The figure: one bar per run (best first, at most ``top``), named by run and model."""
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["best"] is not None][:top]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(shown) + 1.2))
+    names = [f"{curve_label(r['run'])} ({r['params'].get('model', '-')})" for r in shown]
+    ax.barh(names[::-1], [r["best"] for r in shown][::-1], color="#4c72b0")
+    ax.set(xlabel=metric, title=f"{metric} by run" if shown else f"no run reported {metric}")
+    return fig
 
 
 def curve_label(run: str) -> str:
