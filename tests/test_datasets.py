@@ -111,9 +111,7 @@ def test_evaluation_reads_and_crops_a_unit_exactly_as_labeling_does(tmp_path):
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
 
     [evaluated] = read_labeled(units, data, 48, False, EVAL, {}, batch_size=8)
-    [labeled] = read_and_decode(
-        units, EVAL, EVAL.max_pixels, 8, "image", None, max_object_bytes=2**20
-    )
+    [labeled] = read_and_decode(units, EVAL, 8, "image", None, max_object_bytes=2**20)
 
     assert np.array_equal(evaluated["image"], labeled["image"])
     assert [label == BAD_LABEL for label in evaluated["label"]] == [

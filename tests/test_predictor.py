@@ -20,9 +20,7 @@ def test_read_and_decode_yields_crops_batch_by_batch_with_the_count_in_the_last(
     units = pa.Table.from_pylist([Unit("s", "webdataset", (shard,)).to_row()])
     preprocessing = PreprocessingConfig(image_size=32)
 
-    batches = list(
-        read_and_decode(units, preprocessing, 10**8, 2, "image", None, max_object_bytes=10**6)
-    )
+    batches = list(read_and_decode(units, preprocessing, 2, "image", None, max_object_bytes=10**6))
 
     assert [list(b["unit_rows"]) for b in batches] == [[-1, -1], [3]]
     assert batches[0]["image"].shape == (2, 3, 32, 32) and list(batches[1]["error"]) == [""]
@@ -37,7 +35,7 @@ def test_read_and_decode_keeps_a_read_error_and_types_a_decode_error_each_with_a
     units = pa.Table.from_pylist([Unit("u", "images", tuple(paths), 3, (10**6, 4, 10)).to_row()])
 
     [batch] = read_and_decode(
-        units, PreprocessingConfig(image_size=32), 10**8, 8, "image", None, max_object_bytes=10**5
+        units, PreprocessingConfig(image_size=32), 8, "image", None, max_object_bytes=10**5
     )
 
     assert [e.split(":")[0] for e in batch["error"]] == ["too_large", "not_an_image", ""]

@@ -87,14 +87,14 @@ def test_calibration_is_the_first_images_that_decode_in_sorted_order(tmp_path: P
     for i, (_, data) in enumerate(photos):
         (tmp_path / f"{i}.img").write_bytes(data)
     (tmp_path / "0b.img").write_bytes(b"not an image")  # sorts second: skipped
-    got = calibration_crops(str(tmp_path), 3, EVAL, max_pixels=1 << 26)
+    got = calibration_crops(str(tmp_path), 3, EVAL)
     assert torch.equal(got, crops(photos[:3]))
 
 
 def test_calibration_without_a_decodable_image_fails(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="no decodable image under"):
-        calibration_crops(str(tmp_path), 8, EVAL, max_pixels=1 << 26)
+        calibration_crops(str(tmp_path), 8, EVAL)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ from pydantic import AfterValidator, Field, ValidationInfo
 from skray.classes import default_class_names
 from skray.device_decode import DeviceDecoder
 from skray.images import (
-    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     PreprocessingConfig,
     decode_for_eval,
@@ -120,7 +119,6 @@ class Classifier:
         compile: bool = False,
         amp_dtype: torch.dtype | None = None,
         preprocessing: PreprocessingConfig = PreprocessingConfig(),
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
         precision: Precision = "fp32",
@@ -140,7 +138,6 @@ class Classifier:
         self.preprocessing = preprocessing = preprocessing.for_model(
             self.architecture
         )  # unset: the model's
-        self.max_pixels = max_pixels
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if (
             precision == "int8"
@@ -166,14 +163,12 @@ class Classifier:
             self.compiled = True
         self.decode_on = resolve_decode(decode, self.device.type == "cuda")
         self._decoder = (
-            DeviceDecoder(preprocessing, device=self.device, max_pixels=max_pixels)
-            if self.decode_on == "gpu"
-            else None
+            DeviceDecoder(preprocessing, device=self.device) if self.decode_on == "gpu" else None
         )
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
-        return decode_for_eval(data, self.preprocessing, max_pixels=self.max_pixels)
+        return decode_for_eval(data, self.preprocessing)
 
     def decode_batch(
         self, images: list[bytes]

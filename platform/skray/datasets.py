@@ -206,13 +206,14 @@ def read_labeled(
     """Ray Data UDF: units -> batches of {image: uint8 (N, 3, S, S), label: int64}, read and
     decoded like the labeling job's (:func:`skray.crops.crop_rows`), with a random training crop
     or ``eval_cfg``'s eval crop. A row that does not read or decode is labeled BAD_LABEL."""
-    max_pixels = eval_cfg.max_pixels
     if train:
         crop = functools.partial(
-            decode_for_train, augment=train_augment(image_size, **augment), max_pixels=max_pixels
+            decode_for_train,
+            augment=train_augment(image_size, **augment),
+            max_pixels=eval_cfg.max_pixels,
         )
     else:
-        crop = functools.partial(decode_for_eval, cfg=eval_cfg, max_pixels=max_pixels)
+        crop = functools.partial(decode_for_eval, cfg=eval_cfg)
     meta_columns = (data.label_column,) if data.format == "parquet" else ()
     for rows in table_batches(
         units, batch_size, image_column=data.image_column, meta_columns=meta_columns

@@ -28,7 +28,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from skray.images import (
-    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     PreprocessingConfig,
     decode_for_eval,
@@ -54,10 +53,9 @@ class DeviceDecoder:
         cfg: PreprocessingConfig = PreprocessingConfig(),
         *,
         device: str | torch.device = "cpu",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         cpu_threads: int = 2,
     ) -> None:
-        self.cfg, self.max_pixels = cfg, max_pixels
+        self.cfg = cfg
         self.device = torch.device(device)
         self.interpolation = InterpolationMode(cfg.interpolation)
         self._pool = ThreadPoolExecutor(cpu_threads, thread_name_prefix="skray-decode")
@@ -70,7 +68,9 @@ class DeviceDecoder:
         on_cpu: list[int] = []
         for i, data in enumerate(blobs):
             try:
-                img = open_image(data, max_pixels=self.max_pixels, resize_to=self.cfg.resize_size)
+                img = open_image(
+                    data, max_pixels=self.cfg.max_pixels, resize_to=self.cfg.resize_size
+                )
             except ImageDecodeError as err:
                 errors[i] = err
                 continue
@@ -96,7 +96,7 @@ class DeviceDecoder:
         return crops, errors
 
     def _cpu_crop(self, data: bytes) -> torch.Tensor:
-        return decode_for_eval(data, self.cfg, max_pixels=self.max_pixels)
+        return decode_for_eval(data, self.cfg)
 
     def _decode_on_device(
         self, blobs: list[bytes], indices: list[int]

@@ -361,21 +361,16 @@ def train_transform(
     return lambda image: normalize(crop(image), mean, std)
 
 
-def decode_for_eval(
-    data: bytes,
-    cfg: PreprocessingConfig = PreprocessingConfig(),
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
+def decode_for_eval(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> torch.Tensor:
     """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of :func:`preprocess`.
 
-    With ``cfg.jpeg_draft``, JPEGs are draft-decoded at no less than the resize
-    target, so the result is never upscaled afterwards. Raises :class:`ImageDecodeError` and nothing
-    else for bad input, whichever step fails.
+    Refuses images over ``cfg.max_pixels``. With ``cfg.jpeg_draft``, JPEGs are draft-decoded at
+    no less than the resize target, so the result is never upscaled afterwards. Raises
+    :class:`ImageDecodeError` and nothing else for bad input, whichever step fails.
     """
     size = cfg.resize_size
     draft = size if cfg.jpeg_draft else None
-    image = decode_image(data, max_pixels=max_pixels, draft_size=draft, resize_to=size)
+    image = decode_image(data, max_pixels=cfg.max_pixels, draft_size=draft, resize_to=size)
     with _typed_errors():
         return eval_crop(cfg)(image)
 
@@ -393,11 +388,6 @@ def decode_for_train(
         return augment(image)
 
 
-def preprocess(
-    data: bytes,
-    cfg: PreprocessingConfig = PreprocessingConfig(),
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
+def preprocess(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> torch.Tensor:
     """Encoded bytes -> model input (3, S, S) float32: decode, crop, normalise."""
-    return normalize(decode_for_eval(data, cfg, max_pixels=max_pixels), cfg.mean, cfg.std)
+    return normalize(decode_for_eval(data, cfg), cfg.mean, cfg.std)

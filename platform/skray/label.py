@@ -424,7 +424,6 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
         read_and_decode,
         fn_kwargs={
             "preprocessing": preprocessing,
-            "max_pixels": cfg.preprocessing.max_pixels,
             "batch_size": cfg.batch_size,
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
@@ -447,17 +446,13 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
             "preprocessing": preprocessing,
             "threads": cfg.actors.threads,
             "compile": cfg.actors.compile,
-            "max_pixels": cfg.preprocessing.max_pixels,
             "decode": decode,
             "batch_size": cfg.actors.batch_size or cfg.batch_size,
             "precision": cfg.actors.precision,
             "min_score": cfg.min_score,
             "output": redact_uri(cfg.output),
             "calibration": calibration_crops(
-                cfg.actors.calibration,
-                cfg.actors.calibration_images,
-                preprocessing,
-                cfg.preprocessing.max_pixels,
+                cfg.actors.calibration, cfg.actors.calibration_images, preprocessing
             )
             if cfg.actors.precision == "int8"
             else None,

@@ -26,7 +26,7 @@ import torch
 
 from skray.classifier import Classifier, Decode
 from skray.crops import crop_rows
-from skray.images import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessingConfig, decode_for_eval
+from skray.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.metrics import LabelMetrics
 from skray.quantize import Precision
 from skray.resolver import PinnedWeights
@@ -43,13 +43,11 @@ def _passthrough(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def decode_rows(
-    rows: list[dict[str, Any]],
-    preprocessing: PreprocessingConfig,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    rows: list[dict[str, Any]], preprocessing: PreprocessingConfig
 ) -> dict[str, np.ndarray]:
     """The ``decode="cpu"`` batch: each image's eval crop (:func:`skray.crops.crop_rows`); a bad
     one keeps a blank crop and gets ``error``."""
-    crop = functools.partial(decode_for_eval, cfg=preprocessing, max_pixels=max_pixels)
+    crop = functools.partial(decode_for_eval, cfg=preprocessing)
     crops, errors = crop_rows(rows, crop, preprocessing.image_size)
     out = _passthrough(rows)
     out["error"] = np.array(errors, dtype=object)
@@ -68,7 +66,6 @@ def bytes_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 def read_and_decode(
     units: pa.Table,
     preprocessing: PreprocessingConfig,
-    max_pixels: int,
     batch_size: int,
     image_column: str,
     id_column: str | None,
@@ -87,7 +84,7 @@ def read_and_decode(
         max_object_bytes=max_object_bytes,
     )
     for rows in batches:
-        out = decode_rows(rows, preprocessing, max_pixels) if decode == "cpu" else bytes_rows(rows)
+        out = decode_rows(rows, preprocessing) if decode == "cpu" else bytes_rows(rows)
         out["decode_s"] = np.full(len(rows), (time.perf_counter() - start) / len(rows))
         yield out
         start = time.perf_counter()
@@ -109,7 +106,6 @@ class Predictor:
         preprocessing: PreprocessingConfig,
         threads: int | None = None,
         compile: bool = False,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
         precision: Precision = "fp32",
@@ -123,7 +119,6 @@ class Predictor:
             threads=threads,
             compile=compile,
             preprocessing=preprocessing,
-            max_pixels=max_pixels,
             decode=decode,
             batch_size=batch_size,
             precision=precision,

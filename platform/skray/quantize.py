@@ -41,16 +41,14 @@ DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred
 DEFAULT_BATCH_SIZE = 32  # the int8 graph's batch shape when the caller names none
 
 
-def calibration_crops(
-    uri: str, count: int, preprocessing: PreprocessingConfig, max_pixels: int
-) -> torch.Tensor:
+def calibration_crops(uri: str, count: int, preprocessing: PreprocessingConfig) -> torch.Tensor:
     """The first ``count`` images under ``uri`` (a folder, prefix or glob, listed sorted, so
     every actor and replica calibrates on the same ones) that decode, as uint8 eval crops
     (N, 3, S, S). Files that are not images are skipped; none at all is an error."""
     crops = []
     for key in list_inputs(uri):
         try:
-            crops.append(decode_for_eval(read_bytes(key), preprocessing, max_pixels=max_pixels))
+            crops.append(decode_for_eval(read_bytes(key), preprocessing))
         except ImageDecodeError:
             continue
         if len(crops) == count:

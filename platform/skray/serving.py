@@ -165,9 +165,9 @@ class ClassifierDeployment:
         weights = (
             PinnedWeights.from_dict(pinned) if pinned else None
         )  # every replica: the same bytes
-        transform, max_pixels = cfg.preprocessing, cfg.preprocessing.max_pixels
+        transform = cfg.preprocessing
         calibration = (
-            calibration_crops(cfg.calibration, cfg.calibration_images, transform, max_pixels)
+            calibration_crops(cfg.calibration, cfg.calibration_images, transform)
             if cfg.precision == "int8"
             else None
         )
@@ -176,7 +176,6 @@ class ClassifierDeployment:
             weights,
             threads=cfg.threads,
             preprocessing=transform,
-            max_pixels=max_pixels,
             decode=cfg.decode,
             precision=cfg.precision,
             calibration=calibration,
