@@ -171,6 +171,7 @@ def _batch(rng: np.random.Generator, unit: int, start: int, last: bool) -> pa.Ta
         "weights_sha256": ["0" * 64] * n,
         "error": pa.nulls(n, pa.string()),
         "meta": pa.nulls(n, pa.string()),
+        "low_confidence": [False] * n,
     }
     table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in LABEL_SCHEMA})
     extra = {

@@ -114,7 +114,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="ERROR")
+    address = os.environ.get("RAY_ADDRESS")
+    # A local Ray gets room for the actor's CPUs plus a read+decode task beside it (on a
+    # 2-core machine the actor's 2 CPUs would otherwise leave the decode task none).
+    local_cpus = None if address else max(os.cpu_count() or 1, args.threads + 1)
+    ray.init(address=address, num_cpus=local_cpus, logging_level="ERROR")
     root = Path(tempfile.mkdtemp(prefix="skray-label-decode-"))
     data = str(root / "photos")
     write_photos(data, args.images)

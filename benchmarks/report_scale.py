@@ -60,8 +60,9 @@ def _part(rng: np.random.Generator, table: str) -> pa.Table:
         "weights_sha256": pa.array(["ab" * 32] * n),
         "error": errors,
         "meta": pa.array([None] * n, pa.string()),
+        "low_confidence": pa.compute.if_else(ok, False, pa.scalar(None, pa.bool_())),
     }
-    return pa.table(columns).cast(LABEL_SCHEMA)
+    return pa.table(columns).select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
 
 
 def write_output(root: str, rows: int) -> str:
