@@ -275,3 +275,16 @@ def test_live_metrics_take_a_run_whose_row_count_is_known_only_after_reading():
     live = RunMetrics("s3://b/labels", pending=None)
     live.received(64)
     assert live.pending is None
+
+
+def test_read_decode_tasks_declare_what_the_model_actors_leave_or_the_config_fails_naming_it():
+    from skray.config import ConfigError
+    from skray.label import decode_task_cpus
+
+    assert decode_task_cpus(0.5, actor_cpus=1, actors_at_start=1, cluster_cpus=4) == 0.5
+    # 2 cores, one actor of 1.5 CPUs: the task declares the 0.5 left, not the 1 asked
+    assert decode_task_cpus(1, actor_cpus=1.5, actors_at_start=1, cluster_cpus=2) == 0.5
+    with pytest.raises(
+        ConfigError, match=r"actors\.cpus 2 x 1 actor\(s\) at start take all 2 CPUs"
+    ):
+        decode_task_cpus(0.5, actor_cpus=2, actors_at_start=1, cluster_cpus=2)

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from skray.classifier import Decode, ModelName, ModelPreprocessing, resolve_decode
 from skray.commit import DEFAULT_CONCURRENCY, UnitCommitter
-from skray.config import StrictModel, dump_config, redact_values, resolve_gpus
+from skray.config import ConfigError, StrictModel, dump_config, redact_values, resolve_gpus
 from skray.images import PreprocessingConfig
 from skray.lease import DEFAULT_TTL_S, Lease
 from skray.model import DEFAULT_MODEL
@@ -404,6 +404,31 @@ def worker_env(cfg: LabelConfig) -> dict[str, str]:
     return cfg.s3.env()
 
 
+def decode_task_cpus(
+    decode_cpus: float, actor_cpus: float, actors_at_start: int, cluster_cpus: float
+) -> float:
+    """The CPUs each read+decode task declares: ``decode_cpus``, or what the model actors
+    leave when that is less. Ray Data would otherwise hold every task back, forever."""
+    room = cluster_cpus - actor_cpus * actors_at_start
+    if room <= 0:
+        raise ConfigError(
+            f"actors.cpus {actor_cpus:g} x {actors_at_start} actor(s) at start take all "
+            f"{cluster_cpus:g} CPUs of the cluster: no read+decode task could ever run. "
+            "Lower actors.cpus or actors.min, or add CPUs"
+        )
+    if room < decode_cpus:
+        log.warning(
+            "decode_cpus %g does not fit beside the model actors (%g of %g CPUs left): "
+            "each read+decode task declares %g",
+            decode_cpus,
+            room,
+            cluster_cpus,
+            room,
+        )
+        return room
+    return decode_cpus
+
+
 def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | None):
     import ray
     import ray.data
@@ -432,7 +457,9 @@ def build_dataset(cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | N
         },
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=cfg.decode_cpus,
+        num_cpus=decode_task_cpus(
+            cfg.decode_cpus, cfg.actors.cpus, pool[0], ray.cluster_resources().get("CPU", 0)
+        ),
         memory=schedulable_memory(decode_memory_bytes(cfg), ray.nodes()),
         concurrency=cfg.decode_concurrency,
         runtime_env=runtime_env,
