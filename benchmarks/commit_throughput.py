@@ -2,7 +2,7 @@
 
 Synthetic batches shaped like the Predictor's output (32 rows, 256-row units, four
 units interleaved, the stage-figure columns included) go through ``StageTimes`` and
-``UnitCommitter`` exactly as ``skray.label.run`` feeds them, until every part is
+``UnitCommitter`` exactly as ``skray.label.job.run`` feeds them, until every part is
 written. Two stores, through skray's own storage code:
 
 * local disk (a temporary folder, each part fsynced and renamed);
@@ -32,11 +32,11 @@ from multiprocessing.sharedctypes import Synchronized
 import numpy as np
 import pyarrow as pa
 
-from skray.commit import DEFAULT_CONCURRENCY, UnitCommitter
-from skray.embedded import EmbeddedS3
-from skray.label import StageTimes
-from skray.net import LOOPBACK
-from skray.sinks import LABEL_SCHEMA, committed_units
+from skray.dev.embedded import EmbeddedS3
+from skray.io.storage import LOOPBACK
+from skray.label.commit import DEFAULT_CONCURRENCY, UnitCommitter
+from skray.label.job import StageTimes
+from skray.label.sinks import LABEL_SCHEMA, committed_units
 
 BATCH_ROWS, UNIT_ROWS, INTERLEAVED = 32, 256, 4
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}

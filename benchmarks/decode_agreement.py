@@ -1,11 +1,11 @@
 """What JPEG draft decoding and the device decode path cost in agreement, and buy in speed.
 
-Three preprocessing paths over one real-photo corpus (:func:`skray.testing.photo_corpus`),
+Three preprocessing paths over one real-photo corpus (:func:`skray.dev.testing.photo_corpus`),
 measured side by side in one run:
 
 * ``full``: Pillow, full decode (timm's eval pipeline, ``jpeg_draft: false``), the reference;
 * ``draft``: Pillow with libjpeg's 1/2-1/8 draft downscaling (``jpeg_draft: true``);
-* ``device``: :class:`skray.device_decode.DeviceDecoder` (torchvision decode + torch resize;
+* ``device``: :class:`skray.core.device_decode.DeviceDecoder` (torchvision decode + torch resize;
   on this machine its CPU decoder, on a GPU nvJPEG).
 
 For each, against ``full``: crop pixel difference, top-1 agreement and logits delta under a
@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from skray.classifier import Classifier
-from skray.device_decode import DeviceDecoder
-from skray.images import PreprocessingConfig, decode_for_eval
-from skray.testing import photo_corpus
+from skray.core.device_decode import DeviceDecoder
+from skray.core.images import PreprocessingConfig, decode_for_eval
+from skray.dev.testing import photo_corpus
+from skray.inference.classifier import Classifier
 
 
 def decode_all(path: str, blobs: list[bytes]) -> tuple[torch.Tensor, float]:

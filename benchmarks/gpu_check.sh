@@ -8,7 +8,7 @@
 #
 # 1. sets up .venv if needed (make .venv/.installed) and starts a local Ray head (token
 #    auth on) with the machine's CPUs and one GPU;
-# 2. writes generated labeled data (skray.demo's labeled_image: 6 classes x 1000 train +
+# 2. writes generated labeled data (skray.dev.demo's labeled_image: 6 classes x 1000 train +
 #    100 val, 224 px PNGs);
 # 3. trains skresnext50_32x4d (the default, configs/train_baseline.yaml's recipe) for 2
 #    epochs on 1 GPU worker, batch 128, amp bf16, channels_last (when TrainConfig has the key);
@@ -58,7 +58,7 @@ else
 fi
 RESUME_EPOCHS=$((EPOCHS + 1))
 # channels_last is a training option only once TrainConfig has it; until then say so.
-if $PY -c "import sys; from skray.train import TrainConfig; sys.exit(0 if 'channels_last' in TrainConfig.model_fields else 1)"; then
+if $PY -c "import sys; from skray.train.driver import TrainConfig; sys.exit(0 if 'channels_last' in TrainConfig.model_fields else 1)"; then
     LAYOUT=(--set channels_last=true)
 else
     LAYOUT=()
@@ -74,8 +74,8 @@ step "writing $CLASSES classes x $PER_CLASS train + $VAL_PER_CLASS val images of
 $PY - "$WORK/data" "$CLASSES" "$PER_CLASS" "$VAL_PER_CLASS" "$SIZE" <<'EOF'
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from skray.demo import labeled_image
-from skray.storage import write_bytes_atomic
+from skray.dev.demo import labeled_image
+from skray.io.storage import write_bytes_atomic
 
 root, classes, per_class, val_per_class, size = sys.argv[1], *map(int, sys.argv[2:])
 

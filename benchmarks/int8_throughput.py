@@ -5,7 +5,7 @@ in, normalize, forward in fixed batches): fp32 fast path, fp32 fast path + ``tor
 and ``precision="int8"``. They are timed interleaved, round by round, in one process, so machine
 noise hits them alike; warm-up and compilation run before the first timed round.
 
-Agreement is top-1 of int8 against fp32 on real photos (``skray.testing.photo_corpus``;
+Agreement is top-1 of int8 against fp32 on real photos (``skray.dev.testing.photo_corpus``;
 calibrated on other crops of them). Random weights have tiny top-1 margins, so ``--digits``
 also trains the small variant briefly on scikit-learn's real handwritten digits and reports
 agreement on the held-out digits (calibrated on training digits).
@@ -23,11 +23,11 @@ import time
 import torch
 from torch import nn
 
-from skray.classifier import Classifier
-from skray.images import PreprocessingConfig, decode_for_eval, normalize
-from skray.model import DEFAULT_MODEL, create_model, prepare_for_inference
-from skray.quantize import quantize_int8
-from skray.testing import DIGIT_CLASSES, digit_png, photo_corpus
+from skray.core.images import PreprocessingConfig, decode_for_eval, normalize
+from skray.core.model import DEFAULT_MODEL, create_model, prepare_for_inference
+from skray.dev.testing import DIGIT_CLASSES, digit_png, photo_corpus
+from skray.inference.classifier import Classifier
+from skray.inference.quantize import quantize_int8
 
 SMALL = "skresnext14_8x4d_half"
 

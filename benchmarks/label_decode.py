@@ -1,6 +1,6 @@
 r"""The labeling job with ``decode: cpu`` vs ``decode: gpu``, as a fraction of the model alone.
 
-One run, the same real photos (skray.testing.photo_corpus: JPEGs up to 1600 px, every
+One run, the same real photos (skray.dev.testing.photo_corpus: JPEGs up to 1600 px, every
 8th a PNG, written to local disk), the same model, batch shape and settings as the
 job's actors (bf16 autocast and channels_last on a GPU, ``--compile``):
 
@@ -31,10 +31,10 @@ import ray
 import torch
 from label_throughput import first_model_actor_ready
 
-from skray.classifier import Classifier
-from skray.label import ActorsConfig, LabelConfig, run
-from skray.model import DEFAULT_MODEL
-from skray.testing import photo_corpus
+from skray.core.model import DEFAULT_MODEL
+from skray.dev.testing import photo_corpus
+from skray.inference.classifier import Classifier
+from skray.label.job import ActorsConfig, LabelConfig, run
 
 CHUNK = 500  # photos per writer process call
 

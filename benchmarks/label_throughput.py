@@ -30,11 +30,11 @@ from pathlib import Path
 import ray
 import torch
 
-from skray.classifier import Classifier
-from skray.label import ActorsConfig, LabelConfig, run
-from skray.model import DEFAULT_MODEL
-from skray.storage import read_bytes
-from skray.testing import write_sample_dataset
+from skray.core.model import DEFAULT_MODEL
+from skray.dev.testing import write_sample_dataset
+from skray.inference.classifier import Classifier
+from skray.io.storage import read_bytes
+from skray.label.job import ActorsConfig, LabelConfig, run
 
 MIB = 1 << 20
 

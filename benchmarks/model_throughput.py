@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from skray.model import DEFAULT_MODEL, create_model, prepare_for_inference
+from skray.core.model import DEFAULT_MODEL, create_model, prepare_for_inference
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 TIMM_EAGER, TIMM_EAGER_CL = "timm eager (NCHW, as created)", "timm eager channels_last"

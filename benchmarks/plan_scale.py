@@ -3,7 +3,7 @@
 For each size, the committed 90% are written as real output parts (the label schema,
 ``files_per_unit`` keys each) into a temporary folder; then a fresh process builds
 the listing (an Arrow array, as a streamed listing would be held) and runs
-``skray.plan.plan`` against that output. Printed per size: parts, seconds to plan,
+``skray.label.plan.plan`` against that output. Printed per size: parts, seconds to plan,
 the process's peak RSS, what the listing alone takes, and the peak over the listing.
 Target (issue 10): 10M keys under 2 GiB.
 
@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skray.sinks import LABEL_SCHEMA, part_name
-from skray.storage import join
+from skray.io.storage import join
+from skray.label.sinks import LABEL_SCHEMA, part_name
 
 PREFIX = "s3://bucket/images/"
 
@@ -72,7 +72,7 @@ def rss_mib() -> float:
 
 def measure(n: int, output: str, files_per_unit: int) -> dict:
     """Run in a fresh process: build the listing, plan, report."""
-    from skray.plan import plan
+    from skray.label.plan import plan
 
     before = rss_mib()
     keys = listing(n)

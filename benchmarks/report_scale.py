@@ -32,7 +32,7 @@ PHOTOS = 8
 
 
 def _part(rng: np.random.Generator, table: str) -> pa.Table:
-    from skray.sinks import LABEL_SCHEMA
+    from skray.label.sinks import LABEL_SCHEMA
 
     n = PART_ROWS
     failed = rng.random(n) < 0.01
@@ -69,9 +69,9 @@ def write_output(root: str, rows: int) -> str:
     """The synthetic output for ``rows`` rows under ``root`` (sources under ``root/src``)."""
     import io
 
-    from skray.sinks import MANIFEST, part_name
-    from skray.storage import write_json
-    from skray.testing import photo_corpus
+    from skray.dev.testing import photo_corpus
+    from skray.io.storage import write_json
+    from skray.label.sinks import MANIFEST, part_name
 
     output = os.path.join(root, f"labels-{rows}")
     if os.path.exists(os.path.join(output, MANIFEST)):
@@ -112,7 +112,7 @@ def _peak_mib() -> float:
 
 def measure(kind: str, output: str) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
-    from skray import report  # its imports (torch, matplotlib) are the baseline
+    from skray.report import page as report  # its imports (torch, matplotlib) are the baseline
 
     imported = _peak_mib()
     start = time.perf_counter()
@@ -121,7 +121,7 @@ def measure(kind: str, output: str) -> None:
     else:
         import pyarrow.dataset as pads
 
-        from skray.sinks import part_paths
+        from skray.label.sinks import part_paths
 
         fs, paths = part_paths(output)
         pads.dataset(paths, filesystem=fs, format="parquet").to_table(

@@ -31,13 +31,13 @@ import ray
 import torch
 from ray import serve
 
-from skray.classifier import Classifier
-from skray.embedded import free_port
-from skray.model import DEFAULT_MODEL
-from skray.net import LOOPBACK
-from skray.serve_api import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER
-from skray.serving import ServeConfig, application
-from skray.testing import synthetic_image
+from skray.core.model import DEFAULT_MODEL
+from skray.dev.embedded import free_port
+from skray.dev.testing import synthetic_image
+from skray.inference.classifier import Classifier
+from skray.io.storage import LOOPBACK
+from skray.serve.api import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER
+from skray.serve.app import ServeConfig, application
 
 STAGES = ("read", "decode_wait", "decode", "queue", "forward")
 

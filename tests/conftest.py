@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from skray.embedded import EmbeddedS3, LocalRayHead
+from skray.dev.embedded import EmbeddedS3, LocalRayHead
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
 os.environ["RAY_AUTH_MODE"] = "token"

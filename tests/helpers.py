@@ -18,7 +18,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from skray.storage import join, write_bytes_atomic
+from skray.io.storage import join, write_bytes_atomic
 
 PROJECT = Path(__file__).resolve().parents[1]
 SMALL = "skresnext14_8x4d_half"  # the small model variant every test uses
@@ -58,8 +58,8 @@ def write_weights(path: Path, seed: int, classes: list[str] = CLASSES) -> str:
     """Random small-model weights for ``classes`` saved as skray saves them; returns the path."""
     import torch
 
-    from skray.model import create_model
-    from skray.weights import save_weights
+    from skray.core.model import create_model
+    from skray.weights.files import save_weights
 
     torch.manual_seed(seed)
     model = create_model(SMALL, num_classes=len(classes))
@@ -69,7 +69,7 @@ def write_weights(path: Path, seed: int, classes: list[str] = CLASSES) -> str:
 
 def labeled_dataset(root: Path, per_class: int) -> dict[str, str]:
     """A 4-class folder dataset with a learnable signal: train/ and a 12-per-class val/."""
-    from skray.testing import write_labeled_folder
+    from skray.dev.testing import write_labeled_folder
 
     write_labeled_folder(str(root / "train"), classes=4, per_class=per_class, seed=0)
     write_labeled_folder(str(root / "val"), classes=4, per_class=12, seed=1)

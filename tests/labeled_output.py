@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from helpers import SMALL, label_row, parquet_bytes, tar_bytes
-from skray.sinks import MANIFEST, write_part
-from skray.storage import filesystem_for, join, write_bytes_atomic, write_json
-from skray.testing import photo_corpus
+from skray.dev.testing import photo_corpus
+from skray.io.storage import filesystem_for, join, write_bytes_atomic, write_json
+from skray.label.sinks import MANIFEST, write_part
 
 MAX_PIXELS = 2_600_000  # the manifest's preprocessing.max_pixels
 LABELS = {"tabby": 14, "rocket": 9, "coffee mug": 6, "daisy": 3}  # rows per label (image files)

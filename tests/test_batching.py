@@ -1,4 +1,4 @@
-"""skray.batching.Batcher: the next batch is taken when the model is free, so it holds
+"""skray.inference.batching.Batcher: the next batch is taken when the model is free, so it holds
 everything that queued while the previous one ran."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from skray.batching import Batcher
+from skray.inference.batching import Batcher
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from skray.cli import main
-from skray.model import create_model
-from skray.weights import save_weights
+from skray.core.model import create_model
+from skray.weights.files import save_weights
 
 SMALL = "skresnext14_8x4d_half"
 

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import SMALL, label_row, wait_for
-from skray import commit
-from skray.commit import UnitCommitter
-from skray.label import ActorsConfig, Progress, StageTimes, actor_pool_sizes, format_summary
-from skray.lease import LEASE_FILE, Lease, LeaseLost
-from skray.sinks import LABEL_SCHEMA, committed_units, part_name
-from skray.storage import filesystem_for, join, write_bytes_atomic
+from skray.io.storage import filesystem_for, join, write_bytes_atomic
+from skray.label import commit
+from skray.label.commit import UnitCommitter
+from skray.label.job import ActorsConfig, Progress, StageTimes, actor_pool_sizes, format_summary
+from skray.label.lease import LEASE_FILE, Lease, LeaseLost
+from skray.label.sinks import LABEL_SCHEMA, committed_units, part_name
 
 pytestmark = pytest.mark.timeout(60)
 

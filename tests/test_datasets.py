@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from skray.datasets import BAD_LABEL, DatasetError, discover, read_labeled
-from skray.images import PreprocessingConfig
-from skray.predictor import read_and_decode
-from skray.storage import write_bytes_atomic
-from skray.testing import labeled_image, synthetic_image, write_labeled_folder
+from skray.core.images import PreprocessingConfig
+from skray.dev.testing import labeled_image, synthetic_image, write_labeled_folder
+from skray.io.storage import write_bytes_atomic
+from skray.label.predictor import read_and_decode
+from skray.train.datasets import BAD_LABEL, DatasetError, discover, read_labeled
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,11 +19,11 @@ import torch._dynamo
 from PIL import Image
 
 from helpers import SMALL
-from skray.classifier import Classifier
-from skray.device_decode import DeviceDecoder
-from skray.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
-from skray.predictor import Predictor
-from skray.testing import photo_corpus
+from skray.core.device_decode import DeviceDecoder
+from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
+from skray.dev.testing import photo_corpus
+from skray.inference.classifier import Classifier
+from skray.label.predictor import Predictor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,7 +186,7 @@ def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillo
 def test_a_labeling_job_decoding_in_the_actors_gives_the_labels_of_the_cpu_decode(
     ray_cluster, tmp_path
 ):
-    from skray.label import LabelConfig, run
+    from skray.label.job import LabelConfig, run
 
     data = tmp_path / "data"
     data.mkdir()

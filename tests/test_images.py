@@ -1,4 +1,4 @@
-"""Behaviour of skray.images, the one preprocessing path for eval, labeling and serving.
+"""Behaviour of skray.core.images, the one preprocessing path for eval, labeling and serving.
 
 Every image is generated in memory with Pillow.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skray.images import (
+from skray.core.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     REASONS,
@@ -307,7 +307,7 @@ def wide_eval_model(monkeypatch) -> str:
     field."""
     import dataclasses
 
-    from skray import model
+    from skray.core import model
 
     spec = dataclasses.replace(
         model.model_spec("skresnext14_8x4d_half"),
@@ -475,7 +475,7 @@ def test_resize_target_limit_is_exact_and_the_image_itself_still_decodes():
 # turns an unbounded allocation into a quick failure instead of a swapping machine.
 PEAK_MEMORY_PROBE = """
 import json, resource, sys
-from skray.images import ImageDecodeError, decode_for_eval
+from skray.core.images import ImageDecodeError, decode_for_eval
 
 def vm_size():
     with open("/proc/self/status") as f:
@@ -548,7 +548,7 @@ def test_train_transform_crops_before_resizing_so_slivers_cost_nothing(size):
 
 
 def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(slivers):
-    from skray.predictor import decode_rows
+    from skray.label.predictor import decode_rows
 
     good = encode(smooth((300, 200)), "PNG")
     rows = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import PROJECT
-from skray.config import ConfigError, load_config, parse_overrides
-from skray.label import LabelConfig
+from skray.io.config import ConfigError, load_config, parse_overrides
+from skray.label.job import LabelConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""The labeling driver's parts without a Ray cluster (skray.label): the decode stage's memory,
+"""The labeling driver's parts without a Ray cluster (skray.label.job): the decode stage's memory,
 ``prepare``'s checks on the output and the weights, the progress line and the summary."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import SMALL, label_row, write_files
-from skray import label
-from skray.label import ActorsConfig, LabelConfig, Progress, format_summary, prepare
-from skray.lease import LEASE_FILE, LeaseHeld
-from skray.model import create_model
-from skray.sinks import JOB_FILE, MANIFEST, OutputError, committed_units, write_part
-from skray.sources import InputError
-from skray.storage import exists, join, read_json, write_json
-from skray.testing import synthetic_image
-from skray.weights import WeightsError, save_weights
+from skray.core.model import create_model
+from skray.dev.testing import synthetic_image
+from skray.io.sources import InputError
+from skray.io.storage import exists, join, read_json, write_json
+from skray.label import job as label
+from skray.label.job import ActorsConfig, LabelConfig, Progress, format_summary, prepare
+from skray.label.lease import LEASE_FILE, LeaseHeld
+from skray.label.sinks import JOB_FILE, MANIFEST, OutputError, committed_units, write_part
+from skray.weights.files import WeightsError, save_weights
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -270,7 +270,7 @@ def test_format_summary_lists_failures_by_reason_labels_and_a_random_weights_war
 
 def test_live_metrics_take_a_run_whose_row_count_is_known_only_after_reading():
     """Tar shards count their samples only when read: the driver's gauge waits, never fails."""
-    from skray.metrics import RunMetrics
+    from skray.label.metrics import RunMetrics
 
     live = RunMetrics("s3://b/labels", pending=None)
     live.received(64)
@@ -278,8 +278,8 @@ def test_live_metrics_take_a_run_whose_row_count_is_known_only_after_reading():
 
 
 def test_read_decode_tasks_declare_what_the_model_actors_leave_or_the_config_fails_naming_it():
-    from skray.config import ConfigError
-    from skray.label import decode_task_cpus
+    from skray.io.config import ConfigError
+    from skray.label.job import decode_task_cpus
 
     assert decode_task_cpus(0.5, actor_cpus=1, actors_at_start=1, cluster_cpus=4) == 0.5
     # 2 cores, one actor of 1.5 CPUs: the task declares the 0.5 left, not the 1 asked

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import PROJECT, SMALL, wait_for
-from skray.embedded import LocalRayHead, ray_cli
-from skray.label import LabelConfig, run
-from skray.plan import plan
-from skray.sinks import MANIFEST, PART_PREFIX, committed_units, part_name
-from skray.sources import list_inputs
-from skray.storage import exists, filesystem_for, join, read_json, write_bytes_atomic
-from skray.testing import synthetic_image, write_sample_dataset
+from skray.dev.embedded import LocalRayHead, ray_cli
+from skray.dev.testing import synthetic_image, write_sample_dataset
+from skray.io.sources import list_inputs
+from skray.io.storage import exists, filesystem_for, join, read_json, write_bytes_atomic
+from skray.label.job import LabelConfig, run
+from skray.label.plan import plan
+from skray.label.sinks import MANIFEST, PART_PREFIX, committed_units, part_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -400,8 +400,8 @@ def test_hostile_files_become_error_rows_and_a_weights_url_secret_is_not_printed
 
     from PIL import Image
 
-    from skray.model import create_model
-    from skray.weights import save_weights
+    from skray.core.model import create_model
+    from skray.weights.files import save_weights
 
     secret = "s3cretpassw0rd"
     served = tmp_path / "served"

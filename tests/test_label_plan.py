@@ -13,11 +13,11 @@ import time
 import pytest
 
 from helpers import label_row, parquet_bytes, tar_bytes, wait_for
-from skray import plan as plan_module
-from skray.lease import LEASE_FILE, Lease, LeaseHeld
-from skray.plan import plan
-from skray.sinks import write_part
-from skray.storage import join, read_json, write_bytes_atomic
+from skray.io.storage import join, read_json, write_bytes_atomic
+from skray.label import plan as plan_module
+from skray.label.lease import LEASE_FILE, Lease, LeaseHeld
+from skray.label.plan import plan
+from skray.label.sinks import write_part
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,18 +16,18 @@ from mlflow import MlflowClient
 
 from helpers import SMALL
 from labeled_output import write_labeled_output
-from skray import tracking
-from skray.classifier import Classifier
-from skray.compare import collect
-from skray.config import ConfigError
-from skray.embedded import free_port
-from skray.label import PROGRESS_POINTS, LabelConfig, Progress, format_summary, run
-from skray.model import create_model
-from skray.report import write_report
-from skray.review import write_review
-from skray.sinks import JOB_FILE, MANIFEST, OutputError, clear_output
-from skray.storage import exists, filesystem_for, join, read_bytes, read_json, redact_uri
-from skray.testing import write_sample_dataset
+from skray.core.model import create_model
+from skray.dev.embedded import free_port
+from skray.dev.testing import write_sample_dataset
+from skray.inference.classifier import Classifier
+from skray.io.config import ConfigError
+from skray.io.storage import exists, filesystem_for, join, read_bytes, read_json, redact_uri
+from skray.label.job import PROGRESS_POINTS, LabelConfig, Progress, format_summary, run
+from skray.label.sinks import JOB_FILE, MANIFEST, OutputError, clear_output
+from skray.report.page import write_report
+from skray.report.review import write_review
+from skray.train.compare import collect
+from skray.weights import store
 
 CLASSES = ["cat", "dog", "fox"]
 MODEL = "skray-label-test"
@@ -43,11 +43,11 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("SKRAY_HOME", str(directory))
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        tracking.configure(uri)
+        store.configure(uri)
         torch.manual_seed(0)
         model = create_model(SMALL, num_classes=len(CLASSES))
-        with mlflow.start_run(experiment_id=tracking.experiment_id("skray-label-tests-models")):
-            tracking.log_model(
+        with mlflow.start_run(experiment_id=store.experiment_id("skray-label-tests-models")):
+            store.log_model(
                 model,
                 architecture=SMALL,
                 class_names=CLASSES,
@@ -68,7 +68,7 @@ def median_score(data: str, keys: list[str], weights: str) -> float:
 
 
 def label_runs(experiment: str = "skray-label") -> list:
-    return tracking.search_runs(experiment)
+    return store.search_runs(experiment)
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_labeling_flags_low_confidence_writes_its_report_and_is_an_mlflow_run_of
     assert {"_manifest.json", "report"} <= artifacts
     assert "report/index.html" in {a.path for a in MlflowClient().list_artifacts(run_id, "report")}
     assert tags["skray.model_name"] == MODEL and tags["skray.model_version"] == "1"
-    version_tags = tracking.model_version_tags(MODEL, "1")
+    version_tags = store.model_version_tags(MODEL, "1")
     assert version_tags[f"skray.labeling_run.{run_id}"] == redact_uri(labels)
 
     # skray compare reads labeling runs

@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from helpers import SMALL, wait_for, wait_ready, write_weights
-from skray.embedded import LocalRayHead, free_port
-from skray.label import LabelConfig, run
-from skray.net import LOOPBACK
-from skray.serving import ServeConfig, application
-from skray.testing import synthetic_image, write_sample_dataset
+from skray.dev.embedded import LocalRayHead, free_port
+from skray.dev.testing import synthetic_image, write_sample_dataset
+from skray.io.storage import LOOPBACK
+from skray.label.job import LabelConfig, run
+from skray.serve.app import ServeConfig, application
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -27,7 +27,7 @@ APP = "skray-metrics"
 JPEG = {"content-type": "image/jpeg"}
 # write_sample_dataset's broken files, one per reason
 REASONS = ["empty", "not_an_image", "too_many_pixels", "truncated"]
-# as scraped: Ray's ray_ prefix, _total on counters (skray.metrics defines them)
+# as scraped: Ray's ray_ prefix, _total on counters (skray.label.metrics defines them)
 IMAGES, FAILED = "ray_skray_label_images_total", "ray_skray_label_failed_total"
 STAGE_SECONDS, REMAINING = "ray_skray_label_stage_seconds_total", "ray_skray_label_images_remaining"
 REQUESTS, LATENCY = "ray_skray_serve_requests_total", "ray_skray_serve_request_latency_s"

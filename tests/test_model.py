@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from skray.model import DEFAULT_MODEL, create_model, list_models, prepare_for_inference
+from skray.core.model import DEFAULT_MODEL, create_model, list_models, prepare_for_inference
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SMALL = "skresnext14_8x4d_half"
@@ -136,7 +136,7 @@ def test_unknown_model_name_lists_the_registered_ones():
 
 
 def test_classifiers_without_weights_hold_one_and_the_same_model_in_every_process():
-    from skray.classifier import Classifier
+    from skray.inference.classifier import Classifier
 
     crops = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     torch.manual_seed(1)

@@ -1,15 +1,15 @@
-"""skray.predictor's read stage without a Ray cluster: units read and decoded into crops."""
+"""skray.label.predictor's read stage without a Ray cluster: units read and decoded into crops."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from skray.classifier import PreprocessingConfig
-from skray.predictor import read_and_decode
-from skray.sources import Unit
-from skray.storage import write_bytes_atomic
-from skray.testing import synthetic_image, webdataset_shard
+from skray.dev.testing import synthetic_image, webdataset_shard
+from skray.inference.classifier import PreprocessingConfig
+from skray.io.sources import Unit
+from skray.io.storage import write_bytes_atomic
+from skray.label.predictor import read_and_decode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,12 +9,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import SMALL
-from skray.classifier import Classifier
-from skray.config import ConfigError, validate
-from skray.images import PreprocessingConfig, decode_for_eval
-from skray.label import LabelConfig
-from skray.quantize import calibration_crops
-from skray.testing import photo_corpus
+from skray.core.images import PreprocessingConfig, decode_for_eval
+from skray.dev.testing import photo_corpus
+from skray.inference.classifier import Classifier
+from skray.inference.quantize import calibration_crops
+from skray.io.config import ConfigError, validate
+from skray.label.job import LabelConfig
 
 SIZE = 64  # small crops keep the compile and the forward short
 EVAL = PreprocessingConfig(image_size=SIZE)

@@ -2,7 +2,7 @@
 
 scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes, shipped inside the
 scikit-learn package) become a stratified 80/20 folder dataset of 32 px RGB PNGs, and the
-small variant trains on them through ``skray.train.run``: the same Ray Train loop, Ray Data
+small variant trains on them through ``skray.train.driver.run``: the same Ray Train loop, Ray Data
 ingest, checkpoints and MLflow run as ``skray train --config configs/train_cpu_small.yaml``.
 """
 
@@ -13,10 +13,10 @@ import time
 import pytest
 
 from helpers import PROJECT, SMALL
-from skray.config import load_config
-from skray.embedded import LocalRayHead
-from skray.testing import DIGIT_CLASSES, write_digits_folder
-from skray.train import TrainConfig, run
+from skray.dev.embedded import LocalRayHead
+from skray.dev.testing import DIGIT_CLASSES, write_digits_folder
+from skray.io.config import load_config
+from skray.train.driver import TrainConfig, run
 
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.timeout(600)

@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from labeled_output import FAILURES, LABELS, write_labeled_output
-from skray import scan as scan_module
-from skray.report import write_report
-from skray.scan import SCORE_BINS, scan_output
-from skray.sinks import OutputError
-from skray.storage import filesystem_for, join, read_bytes
-from skray.thumbnails import Reading, Source, locate, thumbnails
+from skray.io.storage import filesystem_for, join, read_bytes
+from skray.label.sinks import OutputError
+from skray.report import scan as scan_module
+from skray.report.page import write_report
+from skray.report.scan import SCORE_BINS, scan_output
+from skray.report.thumbnails import Reading, Source, locate, thumbnails
 
 
 class Page(HTMLParser):

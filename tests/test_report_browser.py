@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from labeled_output import write_labeled_output
-from skray.report import write_report
+from skray.report.page import write_report
 
 BROWSER = next(
     (

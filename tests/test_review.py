@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from labeled_output import LABELS, write_labeled_output
-from skray.review import REVIEW_SCHEMA, write_review
-from skray.storage import join, read_bytes
+from skray.io.storage import join, read_bytes
+from skray.report.review import REVIEW_SCHEMA, write_review
 
 
 def read_review(uri: str) -> list[dict]:

@@ -24,12 +24,12 @@ from PIL import Image
 
 from helpers import CLASSES, PROJECT, SMALL, wait_for, wait_ready, write_weights
 from skray.cli import main
-from skray.config import ConfigError
-from skray.embedded import LocalRayHead, free_port
-from skray.net import LOOPBACK
-from skray.serve_launch import resolve_launch
-from skray.serving import ServeConfig, application
-from skray.testing import synthetic_image
+from skray.dev.embedded import LocalRayHead, free_port
+from skray.dev.testing import synthetic_image
+from skray.io.config import ConfigError
+from skray.io.storage import LOOPBACK
+from skray.serve.app import ServeConfig, application
+from skray.serve.launch import resolve_launch
 
 BODY_LIMIT = 256 * 1024
 BODY_TIMEOUT_S = 2.0
@@ -120,7 +120,7 @@ def expected(weights: str, images: list[Path]) -> dict[str, list[tuple[int, floa
 def test_raw_bodies_and_multipart_files_get_the_answers_skray_predict_gives(
     url, images, expected, weights
 ):
-    from skray.weights import file_sha256
+    from skray.weights.files import file_sha256
 
     for path in images[:3]:  # one of each format
         reply = httpx.post(
@@ -434,7 +434,7 @@ def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
 
 @pytest.mark.slow
 def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weights):
-    from skray.weights import file_sha256
+    from skray.weights.files import file_sha256
 
     info = httpx.get(f"{url}/v1/model", timeout=10).json()
     assert info["model"] == SMALL and info["classes"] == CLASSES and info["num_classes"] == 10
@@ -618,7 +618,7 @@ def test_a_bad_serve_config_fails_before_anything_starts_naming_the_key(args, na
 
 
 def test_a_configured_auth_variable_that_is_unset_is_an_error_not_an_open_door(monkeypatch):
-    from skray.serving import bearer_token
+    from skray.serve.app import bearer_token
 
     monkeypatch.delenv("SKRAY_NOPE", raising=False)
     with pytest.raises(ValueError, match="SKRAY_NOPE"):

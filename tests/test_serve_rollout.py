@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from helpers import PROJECT, SMALL, wait_for, wait_ready, write_weights
-from skray.embedded import LocalRayHead, free_port, ray_cli
-from skray.net import LOOPBACK
-from skray.testing import synthetic_image
-from skray.weights import file_sha256
+from skray.dev.embedded import LocalRayHead, free_port, ray_cli
+from skray.dev.testing import synthetic_image
+from skray.io.storage import LOOPBACK
+from skray.weights.files import file_sha256
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""skray.sinks: committed units, clearing and checking an output, summarizing it."""
+"""skray.label.sinks: committed units, clearing and checking an output, summarizing it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import label_row
-from skray.sinks import (
+from skray.io.storage import filesystem_for, join, write_json
+from skray.label.sinks import (
     JOB_FILE,
     MANIFEST,
     OutputError,
@@ -19,7 +20,6 @@ from skray.sinks import (
     summarize_output,
     write_part,
 )
-from skray.storage import filesystem_for, join, write_json
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""skray.sources: listing inputs, cutting them into units and reading a unit's rows, bounded
+"""skray.io.sources: listing inputs, cutting them into units and reading a unit's rows, bounded
 and streamed, without a Ray cluster."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import parquet_bytes, tar_bytes, write_files
-from skray import sources
-from skray.sources import InputError, Unit, list_inputs, plan_units, read_unit, unit_batches
-from skray.storage import filesystem_for, join, write_bytes_atomic
-from skray.testing import synthetic_image, webdataset_shard
+from skray.dev.testing import synthetic_image, webdataset_shard
+from skray.io import sources
+from skray.io.sources import InputError, Unit, list_inputs, plan_units, read_unit, unit_batches
+from skray.io.storage import filesystem_for, join, write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(60)
 

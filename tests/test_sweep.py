@@ -7,10 +7,10 @@ import pytest
 from mlflow import MlflowClient
 
 from helpers import PROJECT, labeled_dataset, wait_for
-from skray.compare import compare, learning_curves
-from skray.config import ConfigError, load_config, validate
-from skray.embedded import LocalRayHead
-from skray.sweep import SweepConfig, resolve, run
+from skray.dev.embedded import LocalRayHead
+from skray.io.config import ConfigError, load_config, validate
+from skray.train.compare import compare, learning_curves
+from skray.train.sweep import SweepConfig, resolve, run
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -264,7 +264,7 @@ def test_an_optuna_tpe_sweep_samples_inside_the_space(
 def logged_sweep(metric: str, curves: dict[str, list[float]], mode: str = "max", **sweep) -> str:
     """A sweep's parent run (its config recorded as ``run`` records it) and one child run per
     trial, named as Tune names them, with ``metric`` logged per epoch; returns the parent id."""
-    from skray import tracking
+    from skray.weights import store
 
     cfg = validate(
         SweepConfig,
@@ -277,19 +277,19 @@ def logged_sweep(metric: str, curves: dict[str, list[float]], mode: str = "max",
         },
         source="sweep config",
     )
-    parent = tracking.start_run(
+    parent = store.start_run(
         "skray-sweeps", "sweep", params={"sweep": cfg.model_dump(mode="json")}, tags={}
     )
     for name, curve in curves.items():
-        child = tracking.start_run(
+        child = store.start_run(
             "skray-sweeps",
             name,
             params={"optim": {"lr": 0.1, "weight_decay": 1e-4}},
-            tags={tracking.TRIAL_TAG: name},
+            tags={store.TRIAL_TAG: name},
             parent_run_id=parent,
         )
         for epoch, value in enumerate(curve):
-            tracking.log_metrics(child, {metric: value}, step=epoch)
+            store.log_metrics(child, {metric: value}, step=epoch)
     return parent
 
 
@@ -315,7 +315,7 @@ def test_compare_ranks_a_min_mode_sweep_lowest_first(mlflow_store, tmp_path, mon
 
 
 def test_compare_takes_the_mode_from_the_sweep_then_the_flag_then_the_metric_name(mlflow_store):
-    from skray.compare import resolve_mode
+    from skray.train.compare import resolve_mode
 
     min_sweep = logged_sweep("val_top1", {}, mode="min")  # a sweep may rank any metric either way
     assert resolve_mode(min_sweep, "val_top1") == "min"
@@ -331,7 +331,7 @@ def test_compare_takes_the_mode_from_the_sweep_then_the_flag_then_the_metric_nam
 def test_the_learning_curves_plot_has_a_labeled_line_per_run_best_first(
     mlflow_store, tmp_path, monkeypatch, recwarn
 ):
-    from skray.compare import collect, learning_curves
+    from skray.train.compare import collect, learning_curves
 
     monkeypatch.chdir(tmp_path)
     curves = {f"_trial_b_{i:05d}": [10.0 * i, 10.0 * i + 5] for i in range(7)}
@@ -356,7 +356,7 @@ def test_the_learning_curves_plot_has_a_labeled_line_per_run_best_first(
 def test_optuna_search_is_tpe_its_suggestions_after_the_random_start_close_in_on_the_best_region():
     import math
 
-    from skray.sweep import search_algorithm
+    from skray.train.sweep import search_algorithm
 
     pytest.importorskip("optuna")
     cfg = validate(
@@ -404,9 +404,9 @@ def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_re
     import pandas as pd
     from ray.tune import Result
 
-    from skray import tracking
-    from skray.sweep import finish
-    from skray.train import TrainConfig
+    from skray.train.driver import TrainConfig
+    from skray.train.sweep import finish
+    from skray.weights import store
 
     names = ["_trial_c_00000", "_trial_c_00001", "_trial_c_00002", "_trial_c_00003"]
     curves = {
@@ -446,8 +446,8 @@ def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_re
     summary = finish(cfg, grid, parent, TrainConfig(data={"train": "x", "val": "y"}, epochs=4))
 
     client = MlflowClient()
-    runs = {name: client.get_run(tracking.child_runs(parent)[name]) for name in names}
-    assert {n: (r.info.status, r.data.tags[tracking.STATE_TAG]) for n, r in runs.items()} == {
+    runs = {name: client.get_run(store.child_runs(parent)[name]) for name in names}
+    assert {n: (r.info.status, r.data.tags[store.STATE_TAG]) for n, r in runs.items()} == {
         names[0]: ("FINISHED", "completed"),
         names[1]: ("FINISHED", "completed"),
         names[2]: ("KILLED", "stopped_early"),
@@ -502,8 +502,8 @@ def test_skray_compare_mode_flag_overrides_the_sweeps_mode(
 def test_compare_shows_labeling_runs_by_model_and_weights_with_a_bar_per_run(
     mlflow_store, tmp_path, monkeypatch, capsys
 ):
-    from skray import tracking
     from skray.cli import main
+    from skray.weights import store
 
     monkeypatch.chdir(tmp_path)
     for name, model, rate in (
@@ -511,8 +511,8 @@ def test_compare_shows_labeling_runs_by_model_and_weights_with_a_bar_per_run(
         ("label-b", "skresnext50_32x4d", 9.0),
     ):
         params = {"model": model, "weights_version": "3", "precision": "fp32"}
-        run = tracking.start_run("skray-label", name, params=params, tags={})
-        tracking.log_metrics(run, {"img_per_s": rate}, step=0)
+        run = store.start_run("skray-label", name, params=params, tags={})
+        store.log_metrics(run, {"img_per_s": rate}, step=0)
 
     rows, plots = compare(experiment="skray-label", metric="img_per_s", out_dir=str(tmp_path))
     assert [r["run"] for r in rows] == ["label-b", "label-a"]

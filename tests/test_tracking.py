@@ -22,9 +22,10 @@ from mlflow import MlflowClient
 
 import skray
 from helpers import PROJECT, SMALL
-from skray.model import create_model
-from skray.resolver import PinnedWeights, load_model, pin_weights
-from skray.tracking import (
+from skray.core.model import create_model
+from skray.weights.files import WeightsError, file_sha256
+from skray.weights.resolver import PinnedWeights, load_model, pin_weights
+from skray.weights.store import (
     WEIGHTS_FILE,
     configure,
     default_artifact_root,
@@ -37,7 +38,6 @@ from skray.tracking import (
     run_tags,
     start_run,
 )
-from skray.weights import WeightsError, file_sha256
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -170,7 +170,7 @@ def test_embedded_store_keeps_artifacts_beside_its_database(
 def test_configure_never_logs_credentials(
     clean_mlflow: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="skray.tracking")
+    caplog.set_level("INFO", logger="skray.weights.store")
     uri = "postgresql://mlflow:s3cret@db.internal:5432/mlflow"
     assert configure(uri) == uri
     assert "s3cret" not in caplog.text
@@ -317,21 +317,21 @@ def test_mlflow_model_without_skray_weights_is_a_weights_error(store: Logged) ->
 
 
 def test_the_resolver_imports_mlflow_only_for_mlflow_uris() -> None:
-    code = "import sys, skray.resolver; print('mlflow' in sys.modules)"
+    code = "import sys, skray.weights.resolver; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_metric_history_is_one_value_per_step_and_a_relogged_step_keeps_its_latest(mlflow_store):
-    from skray import tracking
+    from skray.weights import store
 
-    run_id = tracking.start_run("skray-tests", "relogged", params={}, tags={})
+    run_id = store.start_run("skray-tests", "relogged", params={}, tags={})
     for step, value in [(0, 10.0), (1, 20.0), (2, 30.0)]:
-        tracking.log_metrics(run_id, {"val_top1": value}, step=step)
+        store.log_metrics(run_id, {"val_top1": value}, step=step)
     time.sleep(0.01)  # a retried attempt resumes from epoch 1's checkpoint and logs epoch 2 again
-    tracking.log_metrics(run_id, {"val_top1": 35.0}, step=2)
+    store.log_metrics(run_id, {"val_top1": 35.0}, step=2)
 
-    assert tracking.metric_history(run_id, "val_top1") == [10.0, 20.0, 35.0]
+    assert store.metric_history(run_id, "val_top1") == [10.0, 20.0, 35.0]
 
 
 # --- pinned registry weights ---------------------------------------------------
@@ -364,8 +364,8 @@ def test_pinning_an_alias_records_the_version_and_a_later_alias_move_changes_not
 
 
 def test_workers_get_the_weights_artifact_not_the_tracking_uri(store: Logged) -> None:
-    from skray.label import LabelConfig, worker_env
-    from skray.serving import ServeConfig, application
+    from skray.label.job import LabelConfig, worker_env
+    from skray.serve.app import ServeConfig, application
 
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     app = application(
@@ -387,8 +387,8 @@ def test_workers_get_the_weights_artifact_not_the_tracking_uri(store: Logged) ->
 def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
     mlflow_store: str, capsys: pytest.CaptureFixture
 ) -> None:
-    from skray.config import dump_config
-    from skray.train import TrainConfig
+    from skray.io.config import dump_config
+    from skray.train.driver import TrainConfig
 
     secret = "s3cretpassw0rd"
     cfg = TrainConfig(
@@ -420,16 +420,16 @@ def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
 def test_registering_the_model_of_a_trial_asha_stopped_leaves_its_run_killed(
     mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from skray import tracking
+    from skray.weights import store
 
     monkeypatch.chdir(tmp_path)  # the store's artifacts land here
     run_id = start_run("skray-tests", "_trial_d_00000", params={}, tags={})
-    tracking.set_state(
+    store.set_state(
         run_id, "stopped_early"
     )  # what a sweep's finish does before registering the best
     ended = MlflowClient().get_run(run_id).info
 
-    tracking.log_model_to_run(
+    store.log_model_to_run(
         run_id,
         create_model(SMALL, num_classes=2),
         architecture=SMALL,
@@ -440,5 +440,5 @@ def test_registering_the_model_of_a_trial_asha_stopped_leaves_its_run_killed(
 
     run = MlflowClient().get_run(run_id)
     assert (run.info.status, run.info.end_time) == ("KILLED", ended.end_time)
-    assert run.data.tags[tracking.STATE_TAG] == "stopped_early"
+    assert run.data.tags[store.STATE_TAG] == "stopped_early"
     assert MlflowClient().get_model_version("skray-stopped", "1").run_id == run_id

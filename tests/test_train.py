@@ -16,12 +16,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import PROJECT, SMALL, labeled_dataset, wait_for
-from skray.config import ConfigError, load_config
-from skray.datasets import BAD_LABEL, DatasetError
-from skray.embedded import LocalRayHead
-from skray.storage import join, read_json, write_bytes_atomic
-from skray.testing import labeled_image, write_labeled_folder
-from skray.train import (
+from skray.dev.embedded import LocalRayHead
+from skray.dev.testing import labeled_image, write_labeled_folder
+from skray.io.config import ConfigError, load_config
+from skray.io.storage import join, read_json, write_bytes_atomic
+from skray.train.datasets import BAD_LABEL, DatasetError
+from skray.train.driver import (
     CONFIG_FILE,
     RUN_FILE,
     IngestStalledError,
@@ -123,8 +123,8 @@ def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
     learned_store, dataset, tmp_path, capsys
 ):
     from skray.cli import main
-    from skray.label import LabelConfig
-    from skray.label import run as label
+    from skray.label.job import LabelConfig
+    from skray.label.job import run as label
 
     summary = learned_store
     uri = f"models:/skray-test/{summary['model']['registered_version']}"
@@ -182,8 +182,8 @@ def test_fine_tuning_starts_from_weights_with_a_new_head_and_can_freeze_the_back
 ):
     import torch
 
-    from skray.model import create_model
-    from skray.weights import save_weights
+    from skray.core.model import create_model
+    from skray.weights.files import save_weights
 
     pretrained = create_model("skresnext14_8x4d_half", num_classes=1000)
     save_weights(pretrained, tmp_path / "pre.safetensors", architecture="skresnext14_8x4d_half")
@@ -386,9 +386,9 @@ def test_the_old_flat_preprocessing_keys_fail_naming_their_new_place(old, new):
 def test_every_jobs_preprocessing_defaults_to_its_models(monkeypatch):
     import dataclasses
 
-    from skray import model
-    from skray.evaluate import EvaluateConfig
-    from skray.label import LabelConfig
+    from skray.core import model
+    from skray.label.job import LabelConfig
+    from skray.train.evaluate import EvaluateConfig
 
     spec = dataclasses.replace(
         model.model_spec(SMALL), image_size=256, crop_pct=0.95, interpolation="bilinear"
@@ -666,7 +666,7 @@ class SyncCounter:
 def epoch_fixture(steps: int):
     import torch
 
-    from skray.model import create_model
+    from skray.core.model import create_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(
@@ -773,7 +773,7 @@ def test_validation_counts_top1_and_top5_over_the_decodable_images_and_skips_the
 def test_a_checkpoint_holds_the_state_to_resume_and_the_model_to_use(tmp_path):
     import torch
 
-    from skray.resolver import load_model
+    from skray.weights.resolver import load_model
 
     cfg, model, optimizer, scaler, _ = epoch_fixture(steps=1)
     names = ["a", "b", "c", "d"]

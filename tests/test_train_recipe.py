@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-import skray.train as train_module
+import skray.train.driver as train_module
 from helpers import SMALL
-from skray.config import ConfigError, dump_config
-from skray.datasets import BAD_LABEL, LabeledData, discover, read_labeled
-from skray.images import PreprocessingConfig
-from skray.model import create_model
-from skray.storage import join, write_bytes_atomic, write_json
-from skray.testing import write_labeled_folder
-from skray.train import (
+from skray.core.images import PreprocessingConfig
+from skray.core.model import create_model
+from skray.dev.testing import write_labeled_folder
+from skray.io.config import ConfigError, dump_config
+from skray.io.storage import join, write_bytes_atomic, write_json
+from skray.train.datasets import BAD_LABEL, LabeledData, discover, read_labeled
+from skray.train.driver import (
     CONFIG_FILE,
     METRICS,
     RUN_FILE,
@@ -37,7 +37,7 @@ from skray.train import (
     param_groups,
     run,
 )
-from skray.weights import save_weights
+from skray.weights.files import save_weights
 
 pytestmark = pytest.mark.timeout(300)
 CPU = torch.device("cpu")
@@ -418,7 +418,7 @@ def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_w
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skray.train import share_buffers, train_epoch
+    from skray.train.driver import share_buffers, train_epoch
 
     batch = 8
     cfg = config(

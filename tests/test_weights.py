@@ -18,12 +18,12 @@ import pytest
 import safetensors
 import torch
 
-from skray import storage
-from skray.classes import default_class_names
-from skray.model import create_model
-from skray.resolver import PinnedWeights, fetch, load_model, load_weights, pin_weights
-from skray.storage import redact_uri
-from skray.weights import WeightsError, file_sha256, read_state_dict, save_weights
+from skray.core.classes import default_class_names
+from skray.core.model import create_model
+from skray.io import storage
+from skray.io.storage import redact_uri
+from skray.weights.files import WeightsError, file_sha256, read_state_dict, save_weights
+from skray.weights.resolver import PinnedWeights, fetch, load_model, load_weights, pin_weights
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -253,7 +253,7 @@ def test_other_head_size_loads_the_backbone_and_keeps_a_fresh_head(saved, caplog
     model = create_model(ARCH, num_classes=5)
     fresh_head = params(model.fc)
 
-    with caplog.at_level(logging.WARNING, logger="skray.weights"):
+    with caplog.at_level(logging.WARNING, logger="skray.weights.files"):
         loaded = load_weights(model, str(path))
 
     assert loaded.head_reset

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from skray.model import DEFAULT_MODEL, list_models
+from skray.core.model import DEFAULT_MODEL, list_models
 
 RANDOM_WEIGHTS_WARNING = (
     "warning: no --weights given: the model has RANDOM weights, so the labels are meaningless"
@@ -23,10 +23,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from skray.classifier import Classifier
-    from skray.images import ImageDecodeError
-    from skray.storage import read_bytes
-    from skray.weights import WeightsError
+    from skray.core.images import ImageDecodeError
+    from skray.inference.classifier import Classifier
+    from skray.io.storage import read_bytes
+    from skray.weights.files import WeightsError
 
     try:
         classifier = Classifier(args.model, args.weights)
@@ -61,11 +61,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from skray.config import ConfigError, load_config
-    from skray.label import LabelConfig, format_summary, run
-    from skray.sinks import OutputError
-    from skray.sources import InputError
-    from skray.weights import WeightsError
+    from skray.io.config import ConfigError, load_config
+    from skray.io.sources import InputError
+    from skray.label.job import LabelConfig, format_summary, run
+    from skray.label.sinks import OutputError
+    from skray.weights.files import WeightsError
 
     flags = {
         "input": args.input,
@@ -90,10 +90,10 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from skray.config import ConfigError, load_config
-    from skray.datasets import DatasetError
-    from skray.train import TrainConfig, run
-    from skray.weights import WeightsError
+    from skray.io.config import ConfigError, load_config
+    from skray.train.datasets import DatasetError
+    from skray.train.driver import TrainConfig, run
+    from skray.weights.files import WeightsError
 
     try:
         cfg = None if args.resume else load_config(TrainConfig, args.config, args.set)
@@ -112,10 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from skray.config import validate
-    from skray.datasets import DatasetError
-    from skray.evaluate import EvaluateConfig, evaluate
-    from skray.weights import WeightsError
+    from skray.io.config import validate
+    from skray.train.datasets import DatasetError
+    from skray.train.evaluate import EvaluateConfig, evaluate
+    from skray.weights.files import WeightsError
 
     if not args.weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
@@ -144,22 +144,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"({result['images']} images, {result['skipped']} undecodable)"
     )
     if args.mlflow_experiment:
-        from skray import tracking
+        from skray.weights import store
 
-        tracking.configure()
-        run_id = tracking.start_run(
-            args.mlflow_experiment, "evaluate", params=result, tags=tracking.run_tags(args.data)
+        store.configure()
+        run_id = store.start_run(
+            args.mlflow_experiment, "evaluate", params=result, tags=store.run_tags(args.data)
         )
-        tracking.log_metrics(run_id, {"top1": result["top1"], "top5": result["top5"]}, step=0)
-        tracking.end_run(run_id)
+        store.log_metrics(run_id, {"top1": result["top1"], "top5": result["top5"]}, step=0)
+        store.end_run(run_id)
         print(f"logged to MLflow run {run_id} in experiment {args.mlflow_experiment}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from skray.config import ConfigError, load_config
-    from skray.datasets import DatasetError
-    from skray.sweep import SweepConfig, run
+    from skray.io.config import ConfigError, load_config
+    from skray.train.datasets import DatasetError
+    from skray.train.sweep import SweepConfig, run
 
     try:
         cfg = load_config(SweepConfig, args.config, args.set)
@@ -181,7 +181,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from skray.compare import compare, format_table
+    from skray.train.compare import compare, format_table
 
     try:
         rows, paths = compare(args.experiment, args.parent, args.metric, args.out, args.mode)
@@ -195,8 +195,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from skray.config import ConfigError
-    from skray.serve_launch import resolve_launch, serve_forever
+    from skray.io.config import ConfigError
+    from skray.serve.launch import resolve_launch, serve_forever
 
     flags = {"weights": args.weights, "model": args.model}
     http = {"host": args.host, "port": args.port}
@@ -218,8 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from skray.report import write_report
-    from skray.sinks import OutputError
+    from skray.label.sinks import OutputError
+    from skray.report.page import write_report
 
     try:
         print(f"report: {write_report(args.output, args.dest)}")
@@ -230,8 +230,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from skray.review import write_review
-    from skray.sinks import OutputError
+    from skray.label.sinks import OutputError
+    from skray.report.review import write_review
 
     try:
         print(f"review sample: {write_review(args.output, args.n, args.dest, args.format)}")
@@ -242,7 +242,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from skray.demo import run_demo
+    from skray.dev.demo import run_demo
 
     return run_demo(model=args.model)
 

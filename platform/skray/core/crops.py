@@ -1,0 +1,35 @@
+"""Rows read from units -> uint8 crops: the decode step that the labeling job's read tasks
+(:mod:`skray.label.predictor`) and the training and evaluation datasets
+(:mod:`skray.train.datasets`) share, so a bad image fails the same way, with the same typed
+error, in every job.
+
+``crop`` is :func:`skray.core.images.decode_for_eval` (the eval crop) or
+:func:`skray.core.images.decode_for_train` (a random training crop) with their settings bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from skray.core.images import ImageDecodeError
+
+Crop = Callable[[bytes], torch.Tensor]  # encoded bytes -> uint8 (3, S, S); raises ImageDecodeError
+
+
+def crop_rows(rows: list[dict[str, Any]], crop: Crop, size: int) -> tuple[np.ndarray, list[Any]]:
+    """Crops ``(N, 3, size, size)`` uint8 and an error per row: a row read with an error keeps
+    it, one whose image does not decode gets the :class:`ImageDecodeError` text; both keep a
+    blank crop. Each image is decoded once."""
+    crops = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
+    errors = [row["error"] for row in rows]
+    for i, row in enumerate(rows):
+        if errors[i]:
+            continue
+        try:
+            crops[i] = crop(row["data"]).numpy()
+        except ImageDecodeError as err:
+            errors[i] = str(err)
+    return crops, errors

@@ -1,0 +1,393 @@
+"""The single image preprocessing path: bytes -> RGB PIL image -> normalised tensor.
+
+Training evaluation, bulk labeling and serving all call into this module, so a
+given image yields the same tensor everywhere; a second, slightly different copy
+of this logic would make offline accuracy and served predictions drift apart.
+
+Decoding is defensive because serving decodes untrusted uploads: only a fixed set
+of formats is opened, the pixel counts of the image and of its eval resize are
+checked from the header before any pixel is decoded, so memory is bounded by
+``max_pixels`` whatever the aspect ratio, and every failure surfaces as one typed
+:class:`ImageDecodeError` with a stable ``reason`` code that callers can count and
+report.
+
+This module imports PIL, torch, torchvision, pydantic and :mod:`skray.core.model` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+from torchvision.transforms import InterpolationMode, v2
+
+from skray.core.model import DEFAULT_MODEL, IMAGENET_MEAN, IMAGENET_STD, model_spec
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "FORMATS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "REASONS",
+    "ImageDecodeError",
+    "PreprocessingConfig",
+    "decode_for_eval",
+    "decode_for_train",
+    "decode_image",
+    "eval_crop",
+    "open_image",
+    "resized_size",
+    "eval_transform",
+    "normalize",
+    "preprocess",
+    "train_augment",
+    "train_transform",
+]
+
+# Pillow's own default bomb limit, fixed here so that nobody changing the global
+# ``Image.MAX_IMAGE_PIXELS`` silently changes what skray accepts.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Formats we open; anything else (EPS, which shells out to Ghostscript, PSD, ...)
+# is "not_an_image". Pillow opens multi-picture JPEGs (MPO) through the JPEG entry.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+REASONS = ("empty", "not_an_image", "truncated", "too_many_pixels", "undecodable")
+
+# Transparent pixels are composited over white: photos with cut-out backgrounds
+# (product shots, logos) are conventionally shown on white, and the colour stored
+# under alpha=0 is arbitrary garbage that must not reach the model.
+BACKGROUND = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image; ``reason`` is one of :data:`REASONS`.
+
+    Callers branch and count on the stable code, humans read ``str(e)``, e.g.
+    ``"truncated: image file is truncated (12 bytes not processed)"``.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown decode-error reason {reason!r}; expected one of {REASONS}")
+        # Both go to ``args`` so the error pickles intact across Ray workers.
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+_DEFAULT_SPEC = model_spec(DEFAULT_MODEL)
+_FROM_MODEL = ("image_size", "crop_pct", "interpolation", "mean", "std")
+
+
+class PreprocessingConfig(BaseModel):
+    """The eval preprocessing of every job (label, train, evaluate, serve), as a config section.
+
+    A field left unset is the model's: :meth:`for_model` fills it from the variant's
+    :class:`~skray.core.model.ModelSpec`; until then it holds the default model's value. Frozen, so
+    it can key a cache.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(_DEFAULT_SPEC.image_size, ge=32)
+    crop_pct: float = Field(_DEFAULT_SPEC.crop_pct, gt=0, le=1)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = _DEFAULT_SPEC.interpolation  # type: ignore[assignment]
+    mean: tuple[float, float, float] = _DEFAULT_SPEC.mean
+    std: tuple[float, float, float] = _DEFAULT_SPEC.std
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    # Let libjpeg downscale by 1/2, 1/4 or 1/8 while decoding large JPEGs (never below the
+    # resize target). Faster, but not timm's eval pipeline: see the README's decode section.
+    jpeg_draft: bool = False
+
+    def for_model(self, name: str | None) -> PreprocessingConfig:
+        """This config with every field not set explicitly taken from model ``name``'s spec."""
+        spec = model_spec(name or DEFAULT_MODEL)
+        unset = {key: getattr(spec, key) for key in _FROM_MODEL if key not in self.model_fields_set}
+        return self.model_copy(update=unset)
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop; half-up rounding so 224/0.875 is 256."""
+        return math.floor(self.image_size / self.crop_pct + 0.5)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    resize_to: int | None = None,
+) -> Image.Image:
+    """Decode encoded bytes to an upright RGB image (first frame/page only).
+
+    ``draft_size`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while
+    decoding, keeping both sides >= ``draft_size``: a 12-megapixel photo that is
+    about to be resized to 256 px then costs a fraction of the time and memory.
+    Non-JPEG formats ignore it. Per-mode colour rules are in :func:`_to_rgb`.
+
+    ``max_pixels`` is enforced here, from the header. Pillow's global limit
+    (2 x ``Image.MAX_IMAGE_PIXELS``) still applies on top of it; this module
+    never changes that global. ``resize_to`` is the shorter side the caller
+    will scale to: that resize must fit ``max_pixels`` too, which refuses
+    extreme aspect ratios (a 6 KB 1x65000 JPEG would become 256 x 16.6M).
+
+    Raises :class:`ImageDecodeError` and nothing else for bad input.
+    """
+    with _typed_errors():
+        img = open_image(data, max_pixels=max_pixels, resize_to=resize_to)
+        if draft_size is not None:
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def open_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, resize_to: int | None = None
+) -> Image.Image:
+    """Parse the header only (no pixel decoded) and apply :func:`decode_image`'s checks:
+    a known format, at most ``max_pixels``, and a resize to ``resize_to`` within it too.
+
+    Every decoder (Pillow here, nvJPEG in :mod:`skray.core.device_decode`) starts from this, so
+    they refuse the same inputs for the same reasons. Raises :class:`ImageDecodeError`.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "no bytes to decode")
+    with _typed_errors():
+        img = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: parses the header only
+        _check_pixel_count(img, max_pixels)
+        if resize_to is not None:
+            _check_resize_target(img.size, resize_to, max_pixels)
+        return img
+
+
+@contextlib.contextmanager
+def _typed_errors() -> Iterator[None]:
+    """Whatever preparing an image raises leaves as :class:`ImageDecodeError`, so callers
+    that count bad rows or answer 4xx never see a stray exception kill a worker."""
+    try:
+        yield
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # Pillow plugins also raise SyntaxError, ValueError, struct.error, ...
+        raise _as_decode_error(e) from e
+
+
+def _as_decode_error(e: Exception) -> ImageDecodeError:
+    """The typed error for an exception raised while decoding, converting or cropping."""
+    if isinstance(e, Image.UnidentifiedImageError):
+        return ImageDecodeError("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF")
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # Pillow's own global limit fired first (its warning only raises under
+        # warnings-as-errors); same meaning as ours.
+        return ImageDecodeError("too_many_pixels", str(e))
+    if isinstance(e, MemoryError):
+        return ImageDecodeError("too_many_pixels", "out of memory while preparing the image")
+    if isinstance(e, EOFError):
+        return ImageDecodeError("truncated", f"unexpected end of data ({e})")
+    if isinstance(e, OSError):
+        # Pillow says "truncated" for data that ends early; corrupt data reads
+        # "broken data stream" or "decoder error", which no retry can fix.
+        reason = "truncated" if "truncated" in str(e).lower() else "undecodable"
+        return ImageDecodeError(reason, str(e))
+    return ImageDecodeError("undecodable", f"{type(e).__name__}: {e}")
+
+
+def _check_pixel_count(img: Image.Image, max_pixels: int) -> None:
+    """Refuse decompression bombs from the header's size, before decoding a pixel."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds {max_pixels}"
+        )
+
+
+def _check_resize_target(size: tuple[int, int], shorter: int, max_pixels: int) -> None:
+    """Refuse an image whose resize (shorter side -> ``shorter``) would exceed ``max_pixels``."""
+    width, height = resized_size(size, shorter)
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels",
+            f"{size[0]}x{size[1]} resizes to {width}x{height} = {width * height} pixels "
+            f"(shorter side {shorter}), which exceeds {max_pixels}",
+        )
+
+
+def resized_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side scaled to ``shorter``, as torchvision rounds it."""
+    width, height = size
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    * 1, L, P, CMYK, YCbCr, RGB, ...: Pillow's own conversion (CMYK 0,0,0,0 is white).
+    * Anything with alpha or a transparency key (LA, RGBA, PA, P/L/RGB with
+      ``transparency``): composited over white, see :data:`BACKGROUND`.
+    * I;16, I;16B, I;16L (16-bit): ``value >> 8``, so 65535 -> 255; opaque.
+    * I (32-bit int): negatives clip to 0, then the image is taken to span the
+      smallest of 8, 16 or 32 bits that holds its maximum and is shifted down to
+      8 bits; Pillow does not record the source bit depth, and 16-bit sources
+      are the common case.
+    * F (float): read as 0..1 when its maximum is <= 1, else as 0..255; scaled
+      to 0..255, rounded, clipped.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _high_depth_to_l(img)
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit and float greyscale down to 8-bit L (rules in :func:`_to_rgb`).
+
+    Pillow's own conversion to L clips instead of scaling, which turns 16-bit
+    images almost entirely white. A 16-bit transparency key is dropped: after
+    scaling it would match the wrong pixels.
+    """
+    if img.mode == "F":
+        scale = 255.0 if img.getextrema()[1] <= 1.0 else 1.0
+        scaled = img.point(lambda v: v * scale + 0.5)  # + 0.5: F -> L truncates
+    else:
+        bits = next(b for b in (8, 16, 32) if img.getextrema()[1] < 2**b) if img.mode == "I" else 16
+        # Pillow's integer point transform truncates, so dividing by 2**k is ``>> k``.
+        scaled = img.convert("I").point(lambda v: v / 2 ** (bits - 8))
+    grey = scaled.convert("L")  # clips to 0..255
+    grey.info.pop("transparency", None)
+    return grey
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+@functools.lru_cache(maxsize=16)
+def eval_crop(
+    cfg: PreprocessingConfig = PreprocessingConfig(),
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side, centre-crop: RGB PIL -> (3, S, S) uint8.
+
+    The geometric half of the eval transform. Batch pipelines ship these uint8
+    crops (a quarter of the bytes of float32) and :func:`normalize` them next to
+    the model. Resizing happens on the PIL image, as in timm's eval pipeline the
+    published accuracy was measured with. Cached per config; stateless, so safe to share.
+    """
+    mode = InterpolationMode(cfg.interpolation)
+    return v2.Compose(
+        [
+            v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
+            v2.CenterCrop(cfg.image_size),
+            v2.PILToTensor(),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def normalize(
+    crops: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 crops (..., 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device.
+
+    Eval and training crops both end here, next to the model.
+    """
+    mean_t = torch.tensor(mean, device=crops.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=crops.device).view(3, 1, 1)
+    return (crops.float() / 255.0 - mean_t) / std_t
+
+
+def eval_transform(
+    cfg: PreprocessingConfig = PreprocessingConfig(),
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` +
+    :func:`normalize`)."""
+    crop = eval_crop(cfg)
+    return lambda image: normalize(crop(image), cfg.mean, cfg.std)
+
+
+def train_augment(
+    image_size: int = 224,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: str = "bicubic",
+    hflip: float = 0.5,
+    randaugment: bool = False,
+    randaugment_magnitude: int = 9,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Random-resized-crop (+ flip, + RandAugment): RGB PIL -> (3, S, S) uint8.
+
+    The training counterpart of :func:`eval_crop`; :func:`normalize` finishes both.
+    """
+    mode = InterpolationMode(interpolation)
+    steps: list[Callable] = [
+        v2.RandomResizedCrop(
+            image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True
+        )
+    ]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if randaugment:
+        steps.append(v2.RandAugment(magnitude=randaugment_magnitude, interpolation=mode))
+    return v2.Compose([*steps, v2.PILToTensor(), v2.ToPureTensor()])
+
+
+def train_transform(
+    image_size: int = 224,
+    *,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    **augment: Any,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """:func:`train_augment` + :func:`normalize`: RGB PIL -> (3, S, S) float32."""
+    crop = train_augment(image_size, **augment)
+    return lambda image: normalize(crop(image), mean, std)
+
+
+def decode_for_eval(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> torch.Tensor:
+    """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of :func:`preprocess`.
+
+    Refuses images over ``cfg.max_pixels``. With ``cfg.jpeg_draft``, JPEGs are draft-decoded at
+    no less than the resize target, so the result is never upscaled afterwards. Raises
+    :class:`ImageDecodeError` and nothing else for bad input, whichever step fails.
+    """
+    size = cfg.resize_size
+    draft = size if cfg.jpeg_draft else None
+    image = decode_image(data, max_pixels=cfg.max_pixels, draft_size=draft, resize_to=size)
+    with _typed_errors():
+        return eval_crop(cfg)(image)
+
+
+def decode_for_train(
+    data: bytes,
+    augment: Callable[[Image.Image], torch.Tensor],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Encoded bytes -> uint8 training crop through ``augment`` (:func:`train_augment`); raises
+    :class:`ImageDecodeError` and nothing else for bad input, like :func:`decode_for_eval`."""
+    image = decode_image(data, max_pixels=max_pixels)
+    with _typed_errors():
+        return augment(image)
+
+
+def preprocess(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> torch.Tensor:
+    """Encoded bytes -> model input (3, S, S) float32: decode, crop, normalise."""
+    return normalize(decode_for_eval(data, cfg), cfg.mean, cfg.std)

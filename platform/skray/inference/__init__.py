@@ -1,0 +1,1 @@
+"""A loaded model answering batches: the classifier, int8 quantization, dynamic batching."""

@@ -1,0 +1,208 @@
+"""One way to read and write bytes at a local path or an ``s3://`` URI.
+
+Every component that touches weights, datasets or results goes through here, so
+S3 credentials come from one place (the standard AWS environment) and local
+writes are atomic everywhere. Imports pyarrow only: pyarrow's S3 client is
+already a dependency of Ray Data, so no second S3 stack is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+# Every server skray starts (Serve, the embedded S3 server, a Ray head) binds here unless told
+# otherwise: nothing is reachable from other machines by default.
+LOOPBACK = "127.0.0.1"
+
+__all__ = [
+    "LOOPBACK",
+    "s3_options_from_env",
+    "filesystem_for",
+    "is_remote",
+    "read_bytes",
+    "write_bytes_atomic",
+    "exists",
+    "join",
+    "read_json",
+    "write_json",
+    "redact_uri",
+]
+
+# ``user:password@`` (or a bare token ``user@``) after ``scheme://`` or at the start (scp style),
+# up to the last ``@`` before the path: a password may hold an unescaped ``@``.
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)?[^/?#\s]+@")
+_QUERY = re.compile(r"\?[^#]+")
+
+# One shared instance: the retry strategy hashes by identity, and the filesystem
+# cache is keyed on the option values.
+_RETRY_STRATEGY = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+
+_ENV_OPTIONS = {
+    "access_key": ("AWS_ACCESS_KEY_ID",),
+    "secret_key": ("AWS_SECRET_ACCESS_KEY",),
+    "session_token": ("AWS_SESSION_TOKEN",),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+}
+
+
+def _first_env(*names: str) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def s3_options_from_env(overrides: dict | None = None) -> dict:
+    """Keyword arguments for ``pyarrow.fs.S3FileSystem`` from the standard AWS variables.
+
+    ``AWS_ENDPOINT_URL_S3`` (else ``AWS_ENDPOINT_URL``) points at MinIO, moto or
+    another S3-compatible store; transient errors are retried up to 5 times.
+    The result holds secrets: never log it.
+    """
+    options: dict = {"retry_strategy": _RETRY_STRATEGY}
+    for option, names in _ENV_OPTIONS.items():
+        value = _first_env(*names)
+        if value:
+            options[option] = value
+    endpoint = _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme:
+            options["scheme"] = parsed.scheme
+            options["endpoint_override"] = parsed.netloc
+        else:
+            options["endpoint_override"] = endpoint
+    options.update(overrides or {})
+    return options
+
+
+@functools.cache
+def _s3_filesystem(options: tuple[tuple[str, object], ...]) -> pafs.S3FileSystem:
+    # Creating an S3FileSystem resolves credentials and opens a client: do it once per option set.
+    return pafs.S3FileSystem(**dict(options))
+
+
+def _local_path(uri: str) -> str:
+    path = urlparse(uri).path if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def filesystem_for(uri: str, s3_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``uri`` and the path to pass to it.
+
+    ``s3://bucket/key`` -> (S3FileSystem, ``bucket/key``); a local path or
+    ``file://`` URI -> (LocalFileSystem, absolute path). ``s3_options`` values
+    must be hashable; the default comes from :func:`s3_options_from_env`.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        options = s3_options_from_env() if s3_options is None else s3_options
+        return _s3_filesystem(tuple(sorted(options.items()))), uri[len("s3://") :]
+    if scheme in ("", "file"):
+        return pafs.LocalFileSystem(), _local_path(uri)
+    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path or s3://")
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for URIs with a network scheme (``s3://``, ``https://``...), False for local files."""
+    return urlparse(os.fspath(uri)).scheme not in ("", "file")
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole object as one snapshot.
+
+    On S3 this is a single GET: pyarrow's reader takes the size from a HEAD and then
+    reads ranges, so an object rewritten in between (a lease heartbeat, a manifest)
+    comes back cut at the old length. Raises ``FileNotFoundError`` when absent.
+    """
+    uri = os.fspath(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        client = s3_client()
+        try:
+            return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))[
+                "Body"
+            ].read()
+        except client.exceptions.NoSuchKey:
+            raise FileNotFoundError(uri) from None
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that readers see the old content or the new, never a partial file.
+
+    Locally: a temporary file in the same directory, fsynced, then ``os.replace``.
+    On S3 an object only appears once its upload completes, so a plain write is atomic;
+    a delayed open makes a small object one PUT, not three requests of a multipart upload.
+    """
+    uri = os.fspath(uri)
+    if is_remote(uri):
+        fs, path = filesystem_for(uri, s3_options_from_env({"allow_delayed_open": True}))
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    target = Path(_local_path(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = filesystem_for(os.fspath(uri))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def join(uri: str, name: str) -> str:
+    """``name`` under ``uri``, a local path or an ``s3://`` prefix alike (always ``/``)."""
+    return uri.rstrip("/") + "/" + name
+
+
+def read_json(uri: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object at ``uri``, or ``None`` when there is none."""
+    try:
+        return json.loads(read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def write_json(uri: str | os.PathLike, value: dict[str, Any]) -> None:
+    """Write ``value`` atomically (see :func:`write_bytes_atomic`); non-JSON values as ``str``."""
+    write_bytes_atomic(uri, json.dumps(value, indent=2, sort_keys=False, default=str).encode())
+
+
+def redact_uri(uri: str | os.PathLike) -> str:
+    """``uri`` fit for logs, printed configs and MLflow: user info and the query string masked.
+
+    ``scheme://user:password@host`` and ``user@host`` keep only the host; the whole
+    query becomes ``***``, since presigned URLs and database URIs carry secrets there
+    under names no list can foresee (``X-Amz-Signature``, ``sig``, ``token``, ``password``).
+    """
+    text = _USERINFO.sub(lambda m: f"{m['scheme'] or ''}***@", os.fspath(uri), count=1)
+    return _QUERY.sub("?***", text, count=1)
+
+
+def s3_client():
+    """A boto3 S3 client from the same environment as :func:`s3_options_from_env`, for what
+    pyarrow cannot do: conditional writes (``If-None-Match`` / ``If-Match``)."""
+    import boto3
+
+    endpoint = _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name=_first_env("AWS_REGION", "AWS_DEFAULT_REGION")
+    )

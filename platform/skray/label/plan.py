@@ -1,0 +1,156 @@
+"""What a labeling run still has to do: the current listing merged with what the output holds.
+
+Image files are planned by *key*, not by position: the keys already in committed
+parts are left out, and only the rest are cut into units whose ids hash their
+keys. So files added anywhere in the key order, or removed, change nothing that
+was committed, and a rerun labels exactly the keys not yet in the output. Tar
+shards and Parquet files are units of their own, done when their part exists.
+
+The listing stays one Arrow array and the committed keys stream past it a batch at
+a time, each batch hashed and probed against the whole listing: the planner holds
+the listing, one flag per listed key and one batch — never a set of every key
+(Ray Data's own checkpointing keeps every processed id as a Python object,
+about 9 GB for 115M ids: ray#60200). Rows whose key is no longer listed are
+counted, not kept; a key is assumed to be in at most one part.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from skray.io.sources import Format, Unit, shard_unit, unit_id
+from skray.label.sinks import part_name, part_paths
+
+BATCH_KEYS = 1 << 21  # committed keys hashed at once: bounds the hash table
+PARTS_IN_FLIGHT = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The units still to label, and how the listing relates to the output."""
+
+    units: list[Unit]  # still to do
+    listed: int  # input files listed (images, shards and Parquet files)
+    committed_parts: int  # parts already in the output
+    committed_rows: int  # rows already in the output
+    removed_rows: int  # rows of the output whose key is no longer in the input
+
+    @property
+    def pending_rows(self) -> int | None:
+        known = [u.rows for u in self.units]
+        return None if None in known else sum(known)
+
+
+def committed_batches(fs: pafs.FileSystem, paths: list[str]) -> Iterator[pa.Array]:
+    """The keys of the output's parts, about ``BATCH_KEYS`` at a time (the key column only).
+
+    Parts are read one by one (a few in flight, for S3's latency): a dataset scan over
+    thousands of small files holds far more memory than the keys themselves."""
+
+    def read(path: str) -> pa.ChunkedArray:
+        return pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)
+
+    pending: list[pa.Array] = []
+    size = 0
+    with ThreadPoolExecutor(PARTS_IN_FLIGHT) as pool:
+        for keys in pool.map(read, paths):
+            pending += keys.chunks
+            size += len(keys)
+            if size >= BATCH_KEYS:
+                yield pa.concat_arrays(pending).cast(pa.string())
+                pending, size = [], 0
+    if pending:
+        yield pa.concat_arrays(pending).cast(pa.string())
+
+
+@dataclass
+class _Merge:
+    """Committed keys streamed against the listing: what is done, and what is no longer listed."""
+
+    done: pa.Array  # one flag per listed image key
+    rows: int = 0
+    listed_rows: int = 0  # committed rows whose key, or shard, is still in the input
+
+
+def _merge(
+    parts: tuple[pafs.FileSystem, list[str]], images: pa.ChunkedArray, shards: pa.Array
+) -> _Merge:
+    merged = _Merge(pa.array(np.zeros(len(images), dtype=bool)))
+    for keys in committed_batches(*parts):
+        hit = pc.is_in(images, value_set=keys)
+        merged.done = pc.or_(merged.done, hit)
+        merged.rows += len(keys)
+        merged.listed_rows += pc.sum(pc.is_in(_shard_source(keys), value_set=shards)).as_py() or 0
+    merged.listed_rows += pc.sum(merged.done).as_py() or 0
+    return merged
+
+
+def _shard_source(keys: pa.Array) -> pa.Array:
+    """The file a shard row came from: its key up to the first ``#`` (``shard.tar#sample``)."""
+    return pc.replace_substring_regex(keys, pattern="#.*$", replacement="")
+
+
+def _formats(listed: pa.Array, fmt: Format | Literal["auto"]) -> dict[str, pa.Array]:
+    if fmt != "auto":
+        return {fmt: listed}
+    tar, parquet = pc.ends_with(listed, ".tar"), pc.ends_with(listed, ".parquet")
+    return {
+        "webdataset": listed.filter(tar),
+        "parquet": listed.filter(parquet),
+        "images": listed.filter(pc.invert(pc.or_(tar, parquet))),
+    }
+
+
+def image_units(keys: pa.Array, files_per_unit: int) -> list[Unit]:
+    """Pending image keys, in order, cut into units named after their keys."""
+    units = []
+    for start in range(0, len(keys), files_per_unit):
+        chunk = keys[start : start + files_per_unit].to_pylist()
+        units.append(Unit(unit_id("images", chunk), "images", tuple(chunk), len(chunk)))
+    return units
+
+
+def plan(
+    files: Sequence[str] | pa.Array | pa.ChunkedArray,
+    output: str,
+    fmt: Format | Literal["auto"] = "auto",
+    files_per_unit: int = 256,
+    parquet_columns: tuple[str, ...] = ("image",),
+) -> Plan:
+    """Merge the sorted listing ``files`` with the keys committed under ``output``."""
+    listed = (
+        files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
+    )
+    by_format = _formats(listed, fmt)
+    none = pa.array([], pa.string())
+    images = by_format.get("images", none)
+    shards = {kind: by_format.get(kind, none).to_pylist() for kind in ("webdataset", "parquet")}
+    fs, paths = part_paths(output)  # listed once: on S3 a listing of every part
+    merged = _merge(
+        (fs, paths), images, pa.array(shards["webdataset"] + shards["parquet"], pa.string())
+    )
+    units = image_units(images.filter(pc.invert(merged.done)), files_per_unit)
+    done_parts = {posixpath.basename(p) for p in paths}
+    for kind, uris in shards.items():
+        units += [
+            shard_unit(kind, uri, parquet_columns)
+            for uri in uris
+            if part_name(unit_id(kind, [uri])) not in done_parts
+        ]
+    return Plan(
+        units=units,
+        listed=len(listed),
+        committed_parts=len(paths),
+        committed_rows=merged.rows,
+        removed_rows=merged.rows - merged.listed_rows,
+    )

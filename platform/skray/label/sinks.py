@@ -1,0 +1,153 @@
+"""Labeling output: one Parquet part per input unit, committed atomically, plus a manifest.
+
+A part's name is its unit's id, so a rerun finds exactly which units are done by
+listing the output; since each key belongs to one unit and each unit to one
+part, every key appears once however often the job is killed and rerun.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from skray.io.storage import filesystem_for, join, write_bytes_atomic
+
+PART_PREFIX = "part-"
+MANIFEST = "_manifest.json"
+JOB_FILE = "_job.json"
+REPORT_DIR = "_report"  # skray.report.page's page and charts
+REVIEW_PREFIX = "_review."  # skray.report.review's sample
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label_id", pa.int32()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("topk_ids", pa.list_(pa.int32())),
+        ("topk_scores", pa.list_(pa.float32())),
+        ("model", pa.string()),
+        ("weights_sha256", pa.string()),
+        ("error", pa.string()),
+        ("meta", pa.string()),
+        (
+            "low_confidence",
+            pa.bool_(),
+        ),  # top score under min_score: label and label_id null; null on errors
+    ]
+)
+
+
+class OutputError(ValueError):
+    """The output location cannot be used (unwritable, or holds another job's results)."""
+
+
+def part_name(unit_id: str) -> str:
+    return f"{PART_PREFIX}{unit_id}.parquet"
+
+
+def part_paths(output: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The committed parts of ``output`` (temporary files are hidden, so never counted)."""
+    fs, path = filesystem_for(output)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return fs, []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = (info.path for info in infos if info.type == pafs.FileType.File)
+    return fs, sorted(
+        p for p in names if posixpath.basename(p).startswith(PART_PREFIX) and p.endswith(".parquet")
+    )
+
+
+def committed_units(output: str) -> set[str]:
+    """Ids of the units whose part is in ``output``."""
+    _, paths = part_paths(output)
+    return {posixpath.basename(p)[len(PART_PREFIX) : -len(".parquet")] for p in paths}
+
+
+def write_part(output: str, unit_id: str, rows: pa.Table | list[dict[str, Any]]) -> None:
+    """Commit one unit's rows (the label schema's columns): readers see the whole part or
+    nothing."""
+    if isinstance(rows, pa.Table):
+        table = rows.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
+    else:
+        table = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes_atomic(join(output, part_name(unit_id)), buffer.getvalue())
+
+
+def clear_output(output: str) -> None:
+    """``--overwrite``: remove parts, the manifest, the job record, the report and review
+    samples (what describes the old parts; nothing else)."""
+    fs, path = filesystem_for(output)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        name = posixpath.basename(info.path)
+        if name == REPORT_DIR and info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif name.startswith((PART_PREFIX, REVIEW_PREFIX)) or name in (MANIFEST, JOB_FILE):
+            fs.delete_file(info.path)
+
+
+def check_writable(output: str) -> None:
+    """Fail before any work when the output cannot be written."""
+    probe = join(output, "_write_probe")
+    try:
+        write_bytes_atomic(probe, b"")
+        fs, path = filesystem_for(probe)
+        fs.delete_file(path)
+    except (OSError, ValueError) as err:
+        raise OutputError(f"output is not writable: {output}: {err}") from None
+
+
+def withdraw_manifest(output: str) -> None:
+    """Remove the manifest of an earlier run as this one starts: until the new one is written
+    last, no reader can mistake a partial output for a complete one."""
+    fs, path = filesystem_for(join(output, MANIFEST))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def _ranked(counts: pa.StructArray) -> list[tuple[str, int]]:
+    """``value_counts`` output as (value, count), most frequent first, ties by value."""
+    pairs = zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+    return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
+
+
+def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
+    """Counts over every committed part: rows, distinct keys, failures by reason, low-confidence
+    rows (no error, no label: under ``min_score``), top labels.
+
+    Reads three columns through Arrow and counts there, so a 10M-row output stays a few
+    hundred MB, never a Python object per row."""
+    fs, paths = part_paths(output)
+    columns = ["key", "label", "error"]
+    if paths:
+        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    else:
+        table = pa.table({c: pa.array([], pa.string()) for c in columns})
+    errors = table.column("error")
+    failed = table.filter(pc.is_valid(errors))
+    reasons = pc.value_counts(
+        pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement="")
+    )
+    predicted = table.filter(pc.is_null(errors)).column("label")
+    labels = pc.value_counts(predicted.drop_null())
+    return {
+        "parts": len(paths),
+        "rows": table.num_rows,
+        "distinct_keys": pc.count_distinct(table.column("key")).as_py(),
+        "labeled": len(predicted) - predicted.null_count,
+        "low_confidence": predicted.null_count,
+        "failed": failed.num_rows,
+        "failed_by_reason": dict(_ranked(reasons)),
+        "top_labels": _ranked(labels)[:top],
+    }

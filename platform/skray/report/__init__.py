@@ -1,0 +1,1 @@
+"""What a labeling output holds, for people: the scan, charts, the HTML page and review files."""

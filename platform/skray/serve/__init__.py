@@ -1,0 +1,1 @@
+"""The model behind a Ray Serve HTTP endpoint: the contract, the app and ``skray serve``."""

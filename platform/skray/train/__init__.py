@@ -1,0 +1,1 @@
+"""Training on Ray Train, sweeps on Ray Tune, evaluation and run comparison."""
