@@ -1,9 +1,12 @@
-"""``skray predict``: top-k per image, errors in place, honest about random weights."""
+"""The ``skray`` command: predict (top-k per image, errors in place, honest about random
+weights), the config key listing, and one way to report a user error."""
 
 from __future__ import annotations
 
 import io
+import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -88,3 +91,22 @@ def test_label_with_an_unknown_config_key_names_it(tmp_path, capsys):
 
     assert main(["label", "--config", str(config)]) == 2
     assert "batchsize: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job", ["label", "train", "sweep", "serve"])
+def test_config_lists_every_key_with_its_type_default_and_description(job, capsys):
+    assert main(["config", job, "--schema"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "type", "default", "description"]
+    keys = {line.split()[0] for line in lines[1:]}
+    if job == "label":
+        assert {"input", "actors.batch_size", "preprocessing.crop_pct", "mlflow.enabled"} <= keys
+        row = next(line for line in lines if line.startswith("actors.precision "))
+        assert "'fp32' | 'int8'" in row and "calibration" in row  # type, default, description
+
+
+def test_config_json_is_the_schema_with_the_descriptions(capsys):
+    assert main(["config", "serve", "--json"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "max_body_bytes" in schema["properties"]
+    assert "408" in schema["properties"]["body_timeout_s"]["description"]

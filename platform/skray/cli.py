@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from skray.core.errors import SkrayError
 from skray.core.model import DEFAULT_MODEL, list_models
 
 RANDOM_WEIGHTS_WARNING = (
@@ -26,13 +27,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from skray.core.images import ImageDecodeError
     from skray.inference.classifier import Classifier
     from skray.io.storage import read_bytes
-    from skray.weights.files import WeightsError
 
-    try:
-        classifier = Classifier(args.model, args.weights)
-    except WeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    classifier = Classifier(args.model, args.weights)
     if classifier.random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     failures = 0
@@ -61,11 +57,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from skray.io.config import ConfigError, load_config
-    from skray.io.sources import InputError
+    from skray.io.config import load_config
     from skray.label.job import LabelConfig, format_summary, run
-    from skray.label.sinks import OutputError
-    from skray.weights.files import WeightsError
 
     flags = {
         "input": args.input,
@@ -77,30 +70,20 @@ def cmd_label(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "overwrite": args.overwrite or None,
     }
-    try:
-        cfg = load_config(
-            LabelConfig, args.config, args.set, {k: v for k, v in flags.items() if v is not None}
-        )
-        manifest = run(cfg)
-    except (ConfigError, InputError, OutputError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(
+        LabelConfig, args.config, args.set, {k: v for k, v in flags.items() if v is not None}
+    )
+    manifest = run(cfg)
     print(format_summary(manifest))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from skray.io.config import ConfigError, load_config
-    from skray.train.datasets import DatasetError
+    from skray.io.config import load_config
     from skray.train.driver import TrainConfig, run
-    from skray.weights.files import WeightsError
 
-    try:
-        cfg = None if args.resume else load_config(TrainConfig, args.config, args.set)
-        summary = run(cfg, resume=args.resume)
-    except (ConfigError, DatasetError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = None if args.resume else load_config(TrainConfig, args.config, args.set)
+    summary = run(cfg, resume=args.resume)
     best = summary["best"]
     print(
         f"[train] done: best val_top1 {best['val_top1']:.2f} / top5 {best['val_top5']:.2f} "
@@ -113,31 +96,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from skray.io.config import validate
-    from skray.train.datasets import DatasetError
     from skray.train.evaluate import EvaluateConfig, evaluate
-    from skray.weights.files import WeightsError
 
     if not args.weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    try:
-        given = {"image_size": args.image_size, "crop_pct": args.crop_pct}  # unset: the model's
-        result = evaluate(
-            validate(
-                EvaluateConfig,
-                {
-                    "data": args.data,
-                    "weights": args.weights,
-                    "model": args.model,
-                    "format": args.format,
-                    "batch_size": args.batch_size,
-                    "preprocessing": {k: v for k, v in given.items() if v is not None},
-                },
-                source="arguments",
-            )
+    given = {"image_size": args.image_size, "crop_pct": args.crop_pct}  # unset: the model's
+    result = evaluate(
+        validate(
+            EvaluateConfig,
+            {
+                "data": args.data,
+                "weights": args.weights,
+                "model": args.model,
+                "format": args.format,
+                "batch_size": args.batch_size,
+                "preprocessing": {k: v for k, v in given.items() if v is not None},
+            },
+            source="arguments",
         )
-    except (DatasetError, WeightsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    )
     print(
         f"{result['model']} on {result['data']}: "
         f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
@@ -157,16 +134,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from skray.io.config import ConfigError, load_config
-    from skray.train.datasets import DatasetError
+    from skray.io.config import load_config
     from skray.train.sweep import SweepConfig, run
 
-    try:
-        cfg = load_config(SweepConfig, args.config, args.set)
-        summary = run(cfg, resume=args.resume)
-    except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(SweepConfig, args.config, args.set)
+    summary = run(cfg, resume=args.resume)
     for trial in summary["trials"]:
         print(
             f"[sweep] {trial['trial']}: {trial['state']}, {trial['epochs']} epochs, "
@@ -183,11 +155,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from skray.train.compare import compare, format_table
 
-    try:
-        rows, paths = compare(args.experiment, args.parent, args.metric, args.out, args.mode)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rows, paths = compare(args.experiment, args.parent, args.metric, args.out, args.mode)
     print(format_table(rows, args.metric))
     for path in paths:
         print(f"plot: {path}")
@@ -195,22 +163,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from skray.io.config import ConfigError
     from skray.serve.launch import resolve_launch, serve_forever
 
     flags = {"weights": args.weights, "model": args.model}
     http = {"host": args.host, "port": args.port}
-    try:
-        launch = resolve_launch(
-            args.config,
-            args.app,
-            args.set,
-            args={k: v for k, v in flags.items() if v is not None},
-            http={k: v for k, v in http.items() if v is not None},
-        )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    launch = resolve_launch(
+        args.config,
+        args.app,
+        args.set,
+        args={k: v for k, v in flags.items() if v is not None},
+        http={k: v for k, v in http.items() if v is not None},
+    )
     if launch.config.weights is None:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     serve_forever(launch, address=args.address)
@@ -218,26 +181,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from skray.label.sinks import OutputError
     from skray.report.page import write_report
 
-    try:
-        print(f"report: {write_report(args.output, args.dest)}")
-    except OutputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(f"report: {write_report(args.output, args.dest)}")
     return 0
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from skray.label.sinks import OutputError
     from skray.report.review import write_review
 
-    try:
-        print(f"review sample: {write_review(args.output, args.n, args.dest, args.format)}")
-    except OutputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(f"review sample: {write_review(args.output, args.n, args.dest, args.format)}")
+    return 0
+
+
+CONFIG_SCHEMAS = {
+    "label": ("skray.label.job", "LabelConfig"),
+    "train": ("skray.train.driver", "TrainConfig"),
+    "sweep": ("skray.train.sweep", "SweepConfig"),
+    "serve": ("skray.serve.app", "ServeConfig"),
+}
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    from skray.io.config import describe_keys
+
+    module, name = CONFIG_SCHEMAS[args.job]
+    schema = getattr(importlib.import_module(module), name)
+    if args.json:
+        print(json.dumps(schema.model_json_schema(), indent=2))
+        return 0
+    rows = [("key", "type", "default", "description"), *describe_keys(schema)]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
     return 0
 
 
@@ -378,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--dest", help="file to write (default OUTPUT/_review.csv or .parquet)")
     review.set_defaults(func=cmd_review)
 
+    config = sub.add_parser(
+        "config", help="every key of a job's config: type, default and what it does"
+    )
+    config.add_argument("job", choices=sorted(CONFIG_SCHEMAS))
+    config.add_argument("--schema", action="store_true", help="the key table (the default)")
+    config.add_argument("--json", action="store_true", help="the JSON schema instead")
+    config.set_defaults(func=cmd_config)
+
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     demo.add_argument("--model", default=DEFAULT_MODEL, choices=list_models())
     demo.set_defaults(func=cmd_demo)
@@ -386,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SkrayError as err:  # what the user gave cannot be used: the message says why
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

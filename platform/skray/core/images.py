@@ -99,15 +99,28 @@ class PreprocessingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: int = Field(_DEFAULT_SPEC.image_size, ge=32)
-    crop_pct: float = Field(_DEFAULT_SPEC.crop_pct, gt=0, le=1)
-    interpolation: Literal["bicubic", "bilinear", "nearest"] = _DEFAULT_SPEC.interpolation  # type: ignore[assignment]
-    mean: tuple[float, float, float] = _DEFAULT_SPEC.mean
-    std: tuple[float, float, float] = _DEFAULT_SPEC.std
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    # Let libjpeg downscale by 1/2, 1/4 or 1/8 while decoding large JPEGs (never below the
-    # resize target). Faster, but not timm's eval pipeline: see the README's decode section.
-    jpeg_draft: bool = False
+    image_size: int = Field(
+        _DEFAULT_SPEC.image_size, ge=32, description="side of the square crop the model sees"
+    )
+    crop_pct: float = Field(
+        _DEFAULT_SPEC.crop_pct, gt=0, le=1, description="crop side / resized short side"
+    )
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = Field(
+        _DEFAULT_SPEC.interpolation,  # type: ignore[assignment]
+        description="the resize filter",
+    )
+    mean: tuple[float, float, float] = Field(_DEFAULT_SPEC.mean, description="RGB, 0..1")
+    std: tuple[float, float, float] = Field(_DEFAULT_SPEC.std, description="RGB, 0..1")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="larger images are refused before decoding"
+    )
+    jpeg_draft: bool = Field(
+        False,
+        description=(
+            "let libjpeg downscale large JPEGs by 1/2, 1/4 or 1/8 while decoding (never below "
+            "the resize target); faster, but not timm's eval pipeline"
+        ),
+    )
 
     def for_model(self, name: str | None) -> PreprocessingConfig:
         """This config with every field not set explicitly taken from model ``name``'s spec."""

@@ -7,10 +7,9 @@ these, so they load weights, preprocess and rank the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import AfterValidator, Field, ValidationInfo
 
 from skray.core.classes import default_class_names
 from skray.core.device_decode import DeviceDecoder
@@ -20,41 +19,14 @@ from skray.core.images import (
     decode_for_eval,
     normalize,
 )
-from skray.core.model import DEFAULT_MODEL, list_models, prepare_for_inference
-from skray.inference.quantize import DEFAULT_BATCH_SIZE, Precision, check_int8, quantize_int8
+from skray.core.model import DEFAULT_MODEL, prepare_for_inference
+from skray.inference.quantize import DEFAULT_BATCH_SIZE, check_int8, quantize_int8
+from skray.io.config import Decode, Precision
 from skray.weights.resolver import PinnedWeights, load_model
 
 RANDOM_WEIGHTS_SEED = (
     0  # without weights, every actor and replica still holds one and the same model
 )
-
-
-def registered_model(name: str) -> str:
-    if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
-    return name
-
-
-ModelName = Annotated[str, AfterValidator(registered_model)]
-"""A config field holding an architecture name: unknown names fail validation, listing the known
-ones."""
-
-
-def _for_chosen_model(value: PreprocessingConfig, info: ValidationInfo) -> PreprocessingConfig:
-    model = info.data.get("model")  # a name, None (the default), or a section holding ``name``
-    return value.for_model(getattr(model, "name", model))
-
-
-ModelPreprocessing = Annotated[
-    PreprocessingConfig, AfterValidator(_for_chosen_model), Field(validate_default=True)
-]
-"""A job config's ``preprocessing`` section: what it leaves unset is the config's ``model``'s
-(declared before it), so label, train, evaluate and serve resolve it alike."""
-
-
-Decode = Literal["cpu", "gpu", "auto"]
-"""Where images are decoded: Pillow on the CPU, or batched next to the model (nvJPEG on a GPU,
-see :mod:`skray.core.device_decode`); ``auto`` is ``gpu`` when the model runs on a GPU."""
 
 
 def resolve_decode(decode: Decode, on_gpu: bool) -> Literal["cpu", "gpu"]:

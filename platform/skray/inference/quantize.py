@@ -16,7 +16,7 @@ middle of serving; one static shape is compiled once, at load.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,17 +27,12 @@ from skray.io.sources import list_inputs
 from skray.io.storage import read_bytes
 
 __all__ = [
-    "Precision",
     "DEFAULT_BATCH_SIZE",
-    "DEFAULT_CALIBRATION_IMAGES",
     "calibration_crops",
     "check_int8",
-    "check_int8_config",
     "quantize_int8",
 ]
 
-Precision = Literal["fp32", "int8"]
-DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred images
 DEFAULT_BATCH_SIZE = 32  # the int8 graph's batch shape when the caller names none
 
 
@@ -56,17 +51,6 @@ def calibration_crops(uri: str, count: int, preprocessing: PreprocessingConfig) 
     if not crops:
         raise ValueError(f"calibration: no decodable image under {uri}")
     return torch.stack(crops)
-
-
-def check_int8_config(
-    precision: Precision, gpus: object, calibration: str | None, gpus_key: str
-) -> None:
-    """The config-time form of :func:`check_int8` (labeling actors, Serve replicas): int8 asks
-    for CPU workers (``gpus_key: 0``) and a ``calibration`` source."""
-    if precision == "int8" and gpus != 0:
-        raise ValueError(f"precision: int8 runs on CPU only: set {gpus_key}: 0 (got {gpus!r})")
-    if precision == "int8" and not calibration:
-        raise ValueError("precision: int8 needs calibration: a folder, prefix or glob of images")
 
 
 def check_int8(device: torch.device, calibration: torch.Tensor | None) -> None:

@@ -7,17 +7,39 @@ starts, with the dotted key named in the message.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from types import UnionType
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Sequence,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
+from skray.core.errors import SkrayError
+from skray.core.images import PreprocessingConfig
+from skray.core.model import list_models
 from skray.io.storage import redact_uri
 
 T = TypeVar("T", bound="StrictModel")
 
 
-class ConfigError(ValueError):
+class ConfigError(SkrayError):
     """A bad config; the message names every offending key."""
 
 
@@ -25,6 +47,86 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on set."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def known_model(name: str) -> str:
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(known_model)]
+"""A config field holding an architecture name: unknown names fail validation, listing the known
+ones."""
+
+
+def _for_chosen_model(value: PreprocessingConfig, info: ValidationInfo) -> PreprocessingConfig:
+    model = info.data.get("model")  # a name, None (the default), or a section holding ``name``
+    return value.for_model(getattr(model, "name", model))
+
+
+ModelPreprocessing = Annotated[
+    PreprocessingConfig, AfterValidator(_for_chosen_model), Field(validate_default=True)
+]
+"""A job config's ``preprocessing`` section: what it leaves unset is the config's ``model``'s
+(declared before it), so label, train, evaluate and serve resolve it alike."""
+
+
+Decode = Literal["cpu", "gpu", "auto"]
+"""Where images are decoded: Pillow on the CPU, or batched next to the model (nvJPEG on a GPU,
+see :mod:`skray.core.device_decode`); ``auto`` is ``gpu`` when the model runs on a GPU."""
+
+Precision = Literal["fp32", "int8"]
+DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred images
+
+
+class PrecisionOptions(StrictModel):
+    """The numeric precision of a model worker (labeling actor, Serve replica) and what int8
+    needs; ``gpus_key`` names the section's GPU setting, which int8 asks to be 0."""
+
+    gpus_key: ClassVar[str]
+
+    precision: Precision = Field(
+        "fp32",
+        description="int8: a quantized model on CPU workers (always compiled), from `calibration`",
+    )
+    calibration: str | None = Field(
+        None, description="int8: images (folder, prefix, glob) to calibrate on; read once"
+    )
+    calibration_images: int = Field(
+        DEFAULT_CALIBRATION_IMAGES, ge=1, description="int8: the first N that decode, sorted"
+    )
+
+    @model_validator(mode="after")
+    def _int8_needs_cpu_and_calibration(self) -> "PrecisionOptions":
+        gpus = getattr(self, self.gpus_key)
+        if self.precision == "int8" and gpus != 0:
+            raise ValueError(
+                f"precision: int8 runs on CPU only: set {self.gpus_key}: 0 (got {gpus!r})"
+            )
+        if self.precision == "int8" and not self.calibration:
+            raise ValueError(
+                "precision: int8 needs calibration: a folder, prefix or glob of images"
+            )
+        return self
+
+
+class MlflowConfig(StrictModel):
+    """Where a job's runs are recorded in MLflow."""
+
+    experiment: str
+    tracking_uri: str | None = Field(
+        None, description="else $MLFLOW_TRACKING_URI, else the local store in .skray/"
+    )
+
+
+class RegistryMlflowConfig(MlflowConfig):
+    """An MLflow section for a job that registers the model it made."""
+
+    registered_model: str | None = Field(
+        "skresnext50_32x4d", description="the registry name the final weights are registered under"
+    )
+    alias: str | None = Field(None, description="set on the registered version, e.g. candidate")
 
 
 def resolve_gpus(setting: Literal["auto"] | float) -> float:
@@ -130,3 +232,34 @@ def dump_config(config: BaseModel, *, redact: bool = True) -> str:
     """
     data = config.model_dump(mode="json")
     return yaml.safe_dump(redact_values(data) if redact else data, sort_keys=False)
+
+
+def describe_keys(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key of ``schema``, nested sections dotted: (key, type, default, description)."""
+    rows = []
+    for name, field in schema.model_fields.items():
+        key = f"{prefix}{name}"
+        section = field.annotation if isinstance(field.annotation, type) else None
+        if section is not None and issubclass(section, BaseModel):
+            rows += describe_keys(section, f"{key}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "required" if field.is_required() else repr(default)
+        rows.append((key, type_name(field.annotation), shown, field.description or ""))
+    return rows
+
+
+def type_name(annotation: Any) -> str:
+    """``Literal["a", "b"] | None`` -> ``'a' | 'b' | None``: a config type as a user writes it."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin is Literal:
+        return " | ".join(repr(arg) for arg in args)
+    if origin in (Union, UnionType):
+        return " | ".join(type_name(arg) for arg in args)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(arg) for arg in args)}]"
+    return getattr(annotation, "__name__", str(annotation))

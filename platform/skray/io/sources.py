@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from skray.core.errors import SkrayError
 from skray.io.storage import filesystem_for
 
 Format = Literal["images", "webdataset", "parquet"]
@@ -55,7 +56,7 @@ PARQUET_BATCH_ROWS = 16  # rows decoded from Parquet at a time: at most this man
 PARQUET_BUFFER_BYTES = 2**20  # column chunks are read in pieces this large, not whole
 
 
-class InputError(ValueError):
+class InputError(SkrayError):
     """The input cannot be labeled at all (missing, empty, unreadable): fails the job early."""
 
 

@@ -23,18 +23,24 @@ from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from skray.core.images import PreprocessingConfig
 from skray.core.model import DEFAULT_MODEL
-from skray.inference.classifier import Decode, ModelName, ModelPreprocessing, resolve_decode
-from skray.inference.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    Precision,
-    calibration_crops,
-    check_int8_config,
+from skray.inference.classifier import resolve_decode
+from skray.inference.quantize import calibration_crops
+from skray.io.config import (
+    ConfigError,
+    Decode,
+    MlflowConfig,
+    ModelName,
+    ModelPreprocessing,
+    PrecisionOptions,
+    StrictModel,
+    dump_config,
+    redact_values,
+    resolve_gpus,
 )
-from skray.io.config import ConfigError, StrictModel, dump_config, redact_values, resolve_gpus
 from skray.io.sources import DEFAULT_MAX_OBJECT_BYTES, PARQUET_BATCH_ROWS, Unit, list_inputs
 from skray.io.storage import join, read_json, redact_uri, write_json
 from skray.label.commit import DEFAULT_CONCURRENCY, UnitCommitter
@@ -56,49 +62,40 @@ from skray.weights.resolver import PinnedWeights, load_model, pin_weights
 log = logging.getLogger(__name__)
 
 
-class ActorsConfig(StrictModel):
+class ActorsConfig(PrecisionOptions):
+    gpus_key = "gpus"
+
     min: int = Field(1, ge=1)
     max: int = Field(1, ge=1)
-    gpus: Literal["auto"] | float = "auto"  # per actor; auto = 1 when the cluster has GPUs
+    gpus: Literal["auto"] | float = Field(
+        "auto", description="per actor; auto = 1 when the cluster has GPUs"
+    )
     cpus: float = Field(1, gt=0)
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU actor
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per CPU actor")
     compile: bool = False
-    batch_size: int | Literal["auto"] | None = (
-        None  # the model's batch shape (None: batch_size); auto: probed per GPU
+    batch_size: int | Literal["auto"] | None = Field(
+        None, description="the model's batch shape (None: batch_size); auto: probed per GPU"
     )
-    precision: Precision = (
-        "fp32"  # int8: quantized on CPU actors (always compiled), from `calibration`
-    )
-    calibration: str | None = (
-        None  # int8: images (folder, prefix, glob) like the input; read on the driver
-    )
-    calibration_images: int = Field(
-        DEFAULT_CALIBRATION_IMAGES, ge=1
-    )  # the first N that decode, sorted
-
-    @model_validator(mode="after")
-    def _int8_needs_cpu_and_calibration(self) -> "ActorsConfig":
-        check_int8_config(self.precision, self.gpus, self.calibration, "gpus")
-        return self
 
 
 class S3Config(StrictModel):
     """Where S3 is, when not in the environment; credentials only ever come from the environment."""
 
-    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL; e.g. http://127.0.0.1:9000 for MinIO
-    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
+    endpoint_url: str | None = Field(
+        None, description="else AWS_ENDPOINT_URL; e.g. http://127.0.0.1:9000 for MinIO"
+    )
+    region: str | None = Field(None, description="else AWS_REGION / AWS_DEFAULT_REGION")
 
     def env(self) -> dict[str, str]:
         values = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
         return {name: value for name, value in values.items() if value}
 
 
-class LabelMlflowConfig(StrictModel):
+class LabelMlflowConfig(MlflowConfig):
     """Each labeling run as an MLflow run; the store is reached before any work."""
 
     enabled: bool = True
     experiment: str = "skray-label"
-    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local store in .skray/
 
 
 class LabelConfig(StrictModel):
@@ -106,42 +103,51 @@ class LabelConfig(StrictModel):
     output: str
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     exclude: list[str] = []
-    model: ModelName | None = (
-        None  # None: the architecture recorded in the weights, else the default
+    model: ModelName | None = Field(
+        None, description="None: the architecture recorded in the weights, else the default"
     )
     weights: str | None = None
     top_k: int = Field(5, ge=1, le=1000)
     min_score: float | None = Field(
-        None, ge=0, le=1
-    )  # a top score under it: no label, low_confidence
+        None, ge=0, le=1, description="a top score under it: no label, low_confidence"
+    )
     batch_size: int = Field(32, ge=1)
     files_per_unit: int = Field(256, ge=1)
     image_column: str = "image"
     id_column: str | None = None
     decode_cpus: float = Field(
-        0.5, gt=0
-    )  # per read+decode task; unlike actors.cpus, so Ray keeps the stages apart
-    decode_concurrency: int | None = Field(
-        None, ge=1
-    )  # max read+decode tasks at once (None: as CPUs allow)
-    max_object_bytes: int = Field(
-        DEFAULT_MAX_OBJECT_BYTES, ge=1
-    )  # per image file, tar member, Parquet cell
-    decode_memory_mb: int | None = Field(
-        None, ge=1
-    )  # per read+decode task (None: from the bounds above)
-    decode: Decode = (
-        "auto"  # gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs
+        0.5,
+        gt=0,
+        description="per read+decode task; unlike actors.cpus, so Ray keeps the stages apart",
     )
-    preprocessing: ModelPreprocessing = PreprocessingConfig()  # unset fields: the model's
+    decode_concurrency: int | None = Field(
+        None, ge=1, description="max read+decode tasks at once (None: as CPUs allow)"
+    )
+    max_object_bytes: int = Field(
+        DEFAULT_MAX_OBJECT_BYTES, ge=1, description="per image file, tar member, Parquet cell"
+    )
+    decode_memory_mb: int | None = Field(
+        None, ge=1, description="per read+decode task (None: from the bounds above)"
+    )
+    decode: Decode = Field(
+        "auto",
+        description=(
+            "gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs"
+        ),
+    )
+    preprocessing: ModelPreprocessing = Field(
+        PreprocessingConfig(), description="unset fields: the model's"
+    )
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
     overwrite: bool = False
-    lease_ttl_s: float = Field(DEFAULT_TTL_S, ge=5)  # a killed run's lease is taken over after this
+    lease_ttl_s: float = Field(
+        DEFAULT_TTL_S, ge=5, description="a killed run's lease is taken over after this"
+    )
     progress_interval_s: float = Field(5, gt=0)
     commit_concurrency: int = Field(
-        DEFAULT_CONCURRENCY, ge=1
-    )  # parts written at once (S3 PUTs overlap)
+        DEFAULT_CONCURRENCY, ge=1, description="parts written at once (S3 PUTs overlap)"
+    )
     mlflow: LabelMlflowConfig = LabelMlflowConfig()
 
     def fingerprint(self) -> str:

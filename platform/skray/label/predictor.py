@@ -26,8 +26,8 @@ import torch
 
 from skray.core.crops import crop_rows
 from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
-from skray.inference.classifier import Classifier, Decode
-from skray.inference.quantize import Precision
+from skray.inference.classifier import Classifier
+from skray.io.config import Decode, Precision
 from skray.io.sources import table_batches
 from skray.label.metrics import LabelMetrics
 from skray.label.sinks import LABEL_SCHEMA

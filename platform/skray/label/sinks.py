@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from skray.core.errors import SkrayError
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
 
 PART_PREFIX = "part-"
@@ -45,7 +46,7 @@ LABEL_SCHEMA = pa.schema(
 )
 
 
-class OutputError(ValueError):
+class OutputError(SkrayError):
     """The output location cannot be used (unwritable, or holds another job's results)."""
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from ray import serve
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
@@ -41,14 +41,17 @@ from starlette.formparsers import MultiPartException
 
 from skray.core.images import ImageDecodeError, PreprocessingConfig
 from skray.inference.batching import Batcher, BatchTiming
-from skray.inference.classifier import Classifier, Decode, ModelName, ModelPreprocessing, Prediction
-from skray.inference.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    Precision,
-    calibration_crops,
-    check_int8_config,
+from skray.inference.classifier import Classifier, Prediction
+from skray.inference.quantize import calibration_crops
+from skray.io.config import (
+    Decode,
+    ModelName,
+    ModelPreprocessing,
+    PrecisionOptions,
+    deep_merge,
+    resolve_gpus,
+    validate,
 )
-from skray.io.config import StrictModel, deep_merge, resolve_gpus, validate
 from skray.serve.api import (
     BATCH_SIZE_HEADER,
     ERRORS,
@@ -76,44 +79,44 @@ IMPORT_PATH = "skray.serve.app:build_app"
 SERVE_MAX_PIXELS = 40_000_000
 
 
-class ServeConfig(StrictModel):
+class ServeConfig(PrecisionOptions):
     """The application's ``args`` in a Serve config file (``configs/serve.yaml``)."""
 
-    model: ModelName | None = (
-        None  # None: the architecture recorded in the weights, else the default
+    gpus_key = "gpus_per_replica"
+
+    model: ModelName | None = Field(
+        None, description="None: the architecture recorded in the weights, else the default"
     )
     weights: str | None = None
-    top_k: int = Field(5, ge=1)  # when the request does not say
+    top_k: int = Field(5, ge=1, description="when the request does not say")
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
-    max_body_bytes: int = Field(16 << 20, ge=1024)  # per request, multipart included
-    max_images_per_request: int = Field(64, ge=1)  # /v1/classify/batch
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="per request, multipart included")
+    max_images_per_request: int = Field(64, ge=1, description="/v1/classify/batch")
     preprocessing: ModelPreprocessing = PreprocessingConfig(max_pixels=SERVE_MAX_PIXELS)
     body_timeout_s: float = Field(
-        10, gt=0, le=3600
-    )  # the whole body must arrive within it, else 408
+        10, gt=0, le=3600, description="the whole body must arrive within it, else 408"
+    )
     decode_concurrency: int = Field(
-        2, ge=1, le=64
-    )  # uploads decoded at once per replica: bounds memory
+        2, ge=1, le=64, description="uploads decoded at once per replica: bounds memory"
+    )
     warmup_batches: int = Field(
-        2, ge=0
-    )  # full batches through the model before /healthz says ready
-    auth_token_env: str | None = None  # if set: the environment variable holding the bearer token
+        2, ge=0, description="full batches through the model before /healthz says ready"
+    )
+    auth_token_env: str | None = Field(
+        None, description="if set: the environment variable holding the bearer token"
+    )
     cpus_per_replica: float = Field(1, gt=0)
-    gpus_per_replica: Literal["auto"] | float = "auto"  # auto: 1 when the cluster has GPUs
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads per CPU replica
-    decode: Decode = (
-        "auto"  # gpu: each batch's bytes are decoded next to the model; auto: gpu on a GPU replica
+    gpus_per_replica: Literal["auto"] | float = Field(
+        "auto", description="auto: 1 when the cluster has GPUs"
     )
-    precision: Precision = (
-        "fp32"  # int8: a quantized model on CPU replicas (always compiled), from `calibration`
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per CPU replica")
+    decode: Decode = Field(
+        "auto",
+        description=(
+            "gpu: each batch's bytes are decoded next to the model; auto: gpu on a GPU replica"
+        ),
     )
-    calibration: str | None = (
-        None  # int8: images (folder, prefix, glob); every replica reads the same ones
-    )
-    calibration_images: int = Field(
-        DEFAULT_CALIBRATION_IMAGES, ge=1
-    )  # the first N that decode, sorted
 
     @field_validator("preprocessing", mode="before")
     @classmethod
@@ -123,13 +126,6 @@ class ServeConfig(StrictModel):
         if isinstance(value, dict) and "max_pixels" not in value:
             return {**value, "max_pixels": SERVE_MAX_PIXELS}
         return value
-
-    @model_validator(mode="after")
-    def _int8_needs_cpu_and_calibration(self) -> "ServeConfig":
-        check_int8_config(
-            self.precision, self.gpus_per_replica, self.calibration, "gpus_per_replica"
-        )
-        return self
 
 
 def bearer_token(variable: str | None) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from skray.io.config import ConfigError
 from skray.weights import store
 
 Mode = Literal["max", "min"]
@@ -30,7 +31,7 @@ def resolve_mode(parent: str | None, metric: str, mode: str | None = None) -> Mo
     metric), else :func:`infer_mode`."""
     if mode is not None:
         if mode not in ("max", "min"):
-            raise ValueError(f"mode must be max or min, not {mode!r}")
+            raise ConfigError(f"mode must be max or min, not {mode!r}")
         return mode  # type: ignore[return-value]
     if parent:
         params = store.run_params(parent)

@@ -30,8 +30,14 @@ from torch import nn
 
 from skray.core.images import PreprocessingConfig, normalize
 from skray.core.model import DEFAULT_MODEL, SKResNeXt, create_model
-from skray.inference.classifier import ModelName, ModelPreprocessing
-from skray.io.config import ConfigError, StrictModel, dump_config
+from skray.io.config import (
+    ConfigError,
+    ModelName,
+    ModelPreprocessing,
+    RegistryMlflowConfig,
+    StrictModel,
+    dump_config,
+)
 from skray.io.config import validate as validate_config
 from skray.io.storage import (
     exists,
@@ -77,22 +83,24 @@ class DataConfig(StrictModel):
     label_column: str = "label"
     files_per_unit: int = Field(64, ge=1)
     max_bad_fraction: float = Field(
-        0.01, ge=0, le=1
-    )  # undecodable images are skipped; above this the run fails
+        0.01, ge=0, le=1, description="undecodable images are skipped; above this the run fails"
+    )
     decode_cpus: float = Field(
-        0.5, gt=0
-    )  # per read+decode task; lowered when the workers leave no room
+        0.5, gt=0, description="per read+decode task; lowered when the workers leave no room"
+    )
     stall_timeout_s: float = Field(
-        600, gt=0
-    )  # no batch for this long: the run fails saying the input stalled
+        600, gt=0, description="no batch for this long: the run fails saying the input stalled"
+    )
     shuffle_buffer: int = Field(
-        0, ge=0
-    )  # rows shuffled on each worker; folder units are already class-mixed
+        0, ge=0, description="rows shuffled on each worker; folder units are already class-mixed"
+    )
 
 
 class ModelConfig(StrictModel):
     name: ModelName = DEFAULT_MODEL
-    weights: str | None = None  # fine-tuning: start from these weights, head sized by the dataset
+    weights: str | None = Field(
+        None, description="fine-tuning: start from these weights, head sized by the dataset"
+    )
     freeze_backbone_epochs: int = Field(0, ge=0)
 
     @model_validator(mode="before")
@@ -107,7 +115,9 @@ class ModelConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    lr: float = Field(0.1, gt=0)  # at base_batch_size; the rule: lr * batch_size / base_batch_size
+    lr: float = Field(
+        0.1, gt=0, description="at base_batch_size; the rule: lr * batch_size / base_batch_size"
+    )
     base_batch_size: int = Field(256, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -123,11 +133,8 @@ class ScalingConfig(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
 
 
-class MlflowConfig(StrictModel):
+class TrainMlflowConfig(RegistryMlflowConfig):
     experiment: str = "skray-train"
-    registered_model: str | None = "skresnext50_32x4d"
-    alias: str | None = None  # set on the registered version, e.g. "candidate"
-    tracking_uri: str | None = None  # else $MLFLOW_TRACKING_URI, else the local store in .skray/
 
 
 _MOVED_KEYS = {
@@ -138,8 +145,10 @@ _MOVED_KEYS = {
 
 
 class TrainConfig(StrictModel):
-    name: str | None = None  # run name; default train-<UTC timestamp>
-    storage_path: str = ".skray/train"  # local or s3://; the run lives in storage_path/name
+    name: str | None = Field(None, description="run name; default train-<UTC timestamp>")
+    storage_path: str = Field(
+        ".skray/train", description="local or s3://; the run lives in storage_path/name"
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     # Eval crops for validation; training crops are random-resized to the same image_size, with
@@ -147,15 +156,19 @@ class TrainConfig(StrictModel):
     preprocessing: ModelPreprocessing = PreprocessingConfig()
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
-    mlflow: MlflowConfig = MlflowConfig()
+    mlflow: TrainMlflowConfig = TrainMlflowConfig()
     epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=1)  # global, across workers
+    batch_size: int = Field(256, ge=1, description="global, across workers")
     randaugment: bool = False
     randaugment_magnitude: int = Field(9, ge=0, le=30)
-    amp: Literal["off", "bf16", "fp16"] = "bf16"  # on GPU only
-    channels_last: bool = True  # on GPU only: NHWC model and inputs, what tensor cores want
-    keep_checkpoints: int = Field(2, ge=1)  # best k by val_top1
-    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the latest checkpoint
+    amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="on GPU only")
+    channels_last: bool = Field(
+        True, description="on GPU only: NHWC model and inputs, what tensor cores want"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="best k by val_top1")
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group restarts from the latest checkpoint"
+    )
 
     @model_validator(mode="before")
     @classmethod

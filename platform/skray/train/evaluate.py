@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 
 from skray.core.images import PreprocessingConfig
-from skray.inference.classifier import Classifier, ModelName, ModelPreprocessing
-from skray.io.config import StrictModel, resolve_gpus
-from skray.train.datasets import BAD_LABEL, LabeledData, discover, ray_dataset
+from skray.inference.classifier import Classifier
+from skray.io.config import ModelName, ModelPreprocessing, StrictModel, resolve_gpus
+from skray.train.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset
 from skray.train.driver import count_hits
 from skray.weights.resolver import PinnedWeights, pin_weights
 
@@ -26,14 +26,16 @@ from skray.weights.resolver import PinnedWeights, pin_weights
 class EvaluateConfig(StrictModel):
     data: str  # ROOT/<synset>/<image> (folder), WebDataset shards or Parquet; local or s3://
     format: Literal["folder", "webdataset", "parquet"] = "folder"
-    model: ModelName | None = (
-        None  # None: the architecture recorded in the weights, else the default
+    model: ModelName | None = Field(
+        None, description="None: the architecture recorded in the weights, else the default"
     )
     weights: str | None = None
-    preprocessing: ModelPreprocessing = PreprocessingConfig()  # unset fields: the model's
+    preprocessing: ModelPreprocessing = Field(
+        PreprocessingConfig(), description="unset fields: the model's"
+    )
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor")
 
 
 class Scorer:
@@ -75,7 +77,7 @@ def label_map(data: LabeledData, model_classes: list[str]) -> list[int] | None:
         index = {name: i for i, name in enumerate(model_classes)}
         return [index[name] for name in data.class_names]
     if len(data.class_names) > len(model_classes):
-        raise ValueError(
+        raise DatasetError(
             f"the dataset has {len(data.class_names)} classes, the model only {len(model_classes)}"
         )
     return None

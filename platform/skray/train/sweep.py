@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from skray.io.config import (
     ConfigError,
+    RegistryMlflowConfig,
     StrictModel,
     deep_merge,
     dump_config,
@@ -68,27 +69,31 @@ class Dimension(StrictModel):
 
 class AshaConfig(StrictModel):
     enabled: bool = True
-    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    grace_period: int = Field(
+        1, ge=1, description="epochs every trial runs before it can be stopped"
+    )
     reduction_factor: float = Field(2, gt=1)
 
 
-class SweepMlflowConfig(StrictModel):
+class SweepMlflowConfig(RegistryMlflowConfig):
     experiment: str = "skray-sweeps"
-    registered_model: str | None = "skresnext50_32x4d"
-    alias: str = "sweep-best"
-    tracking_uri: str | None = None
+    alias: str | None = "sweep-best"
 
 
 class SweepConfig(StrictModel):
-    name: str | None = None  # default sweep-<UTC timestamp>; the sweep lives in storage_path/name
+    name: str | None = Field(
+        None, description="default sweep-<UTC timestamp>; the sweep lives in storage_path/name"
+    )
     base: str  # the training config the trials start from
-    set: list[str] = []  # overrides applied to the base config, as with --set
+    set: list[str] = Field([], description="overrides applied to the base config, as with --set")
     space: dict[str, Dimension]  # dotted training keys -> how to search them
     search: Literal["random", "grid", "optuna"] = "random"
     optuna_startup_trials: int = Field(
-        10, ge=1
-    )  # optuna: random trials before TPE models the results
-    seed: int | None = None  # optuna: the sampler's seed, for a sweep that suggests the same again
+        10, ge=1, description="optuna: random trials before TPE models the results"
+    )
+    seed: int | None = Field(
+        None, description="optuna: the sampler's seed, for a sweep that suggests the same again"
+    )
     metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
     asha: AshaConfig = AshaConfig()

@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from skray.core.classes import default_class_names
+from skray.core.errors import SkrayError
 from skray.core.model import SKResNeXt, model_spec
 from skray.io import storage
 
@@ -50,7 +51,7 @@ _CHUNK = 1 << 20
 _LISTED = 10
 
 
-class WeightsError(ValueError):
+class WeightsError(SkrayError):
     """Weights that cannot be fetched, read, or loaded into the model."""
 
 

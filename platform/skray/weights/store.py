@@ -35,6 +35,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import skray
+from skray.core.errors import SkrayError
 from skray.core.model import SKResNeXt
 from skray.io.config import redact_values
 from skray.io.storage import redact_uri
@@ -392,7 +393,7 @@ def search_runs(
     else:
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            raise ValueError(f"no MLflow experiment named {experiment!r}")
+            raise SkrayError(f"no MLflow experiment named {experiment!r}")
         ids, query = [found.experiment_id], ""
     return client.search_runs(ids, filter_string=query, max_results=max_results)
 
