@@ -19,7 +19,7 @@
 #    timm's eager and compiled model beside them (benchmarks/model_throughput.py);
 # 7. the GPU-only code paths: nvJPEG batch decode on the device against the Pillow path
 #    (crop difference, top-1 agreement), the per-GPU batch-size probe, and the prefetching
-#    Predictor on a CUDA stream (tests/test_device_decode.py with SKRAY_TEST_DEVICE=cuda);
+#    Predictor on a CUDA stream (tests/core/test_device_decode.py with SKRAY_TEST_DEVICE=cuda);
 # 8. labeling ~20k real photos from local disk with decode: gpu vs decode: cpu, as a
 #    fraction of model-only, with the cost of 1M images at $SKRAY_USD_PER_GPU_HOUR
 #    (benchmarks/label_decode.py);
@@ -160,7 +160,7 @@ $PY benchmarks/model_throughput.py --model $MODEL --batch $LABEL_BATCH --size $S
 t3=$(date +%s)
 
 step "device decode on $DEVICE against the Pillow path; batch-size probe; prefetching Predictor"
-SKRAY_TEST_DEVICE=$DEVICE $PY -m pytest -q -p no:cacheprovider tests/test_device_decode.py -k "not labeling_job" \
+SKRAY_TEST_DEVICE=$DEVICE $PY -m pytest -q -p no:cacheprovider tests/core/test_device_decode.py -k "not labeling_job" \
     2>&1 | tee "$WORK/device_decode.log" || fail "device decode tests (log: $WORK/device_decode.log)"
 
 step "labeling $LABEL_IMAGES photos: decode gpu vs cpu, as a fraction of model-only"

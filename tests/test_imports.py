@@ -196,3 +196,12 @@ def test_blocking_works_on_a_module_that_needs_mlflow() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
     )
     assert "mlflow is blocked" in result.stderr
+
+
+def test_the_tests_mirror_the_package() -> None:
+    """A test folder per subpackage, named as it is; cross-cutting tests (cli, imports) at top."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders <= set(FOLDERS), f"test folders with no subpackage: {folders - set(FOLDERS)}"
+    top = {p.stem.removeprefix("test_") for p in tests.glob("test_*.py")}
+    assert top <= {"cli", "imports"}, f"tests to move into their subpackage's folder: {top}"

@@ -11,7 +11,7 @@ import torch
 
 from skray.core.model import DEFAULT_MODEL, create_model, list_models, prepare_for_inference
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 SMALL = "skresnext14_8x4d_half"
 
 
