@@ -19,123 +19,20 @@ once with ``--concurrency`` parts at once. Target (issue 12): >= 50k rows/s on S
 from __future__ import annotations
 
 import argparse
-import http.client
-import multiprocessing
 import os
-import socket
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from multiprocessing.sharedctypes import Synchronized
 
 import numpy as np
 import pyarrow as pa
 
 from skray.dev.embedded import EmbeddedS3
-from skray.io.storage import LOOPBACK
+from skray.dev.s3proxy import FaultyS3Proxy
 from skray.label.commit import DEFAULT_CONCURRENCY, UnitCommitter
 from skray.label.job import StageTimes
 from skray.label.sinks import LABEL_SCHEMA, committed_units
 
 BATCH_ROWS, UNIT_ROWS, INTERLEAVED = 32, 256, 4
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
-
-
-def _serve_slow_proxy(
-    port: Synchronized, upstream: str, put_s: float, writes: Synchronized
-) -> None:
-    host, upstream_port = upstream.removeprefix("http://").split(":")
-    local = threading.local()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the S3 clients expect
-        disable_nagle_algorithm = True  # no delayed-ACK stalls the real S3 does not have
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return b"".join(chunks)
-            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-        def _forward(self) -> None:
-            body = self._body()
-            if self.command in ("PUT", "POST"):  # every write request (a multipart upload's too)
-                with writes.get_lock():
-                    writes.value += 1
-                time.sleep(put_s)
-            if not hasattr(local, "upstream"):
-                local.upstream = http.client.HTTPConnection(host, int(upstream_port), timeout=60)
-                local.upstream.connect()
-                local.upstream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
-            headers["Content-Length"] = str(len(body))
-            local.upstream.request(self.command, self.path, body=body, headers=headers)
-            response = local.upstream.getresponse()
-            data = response.read()
-            self.send_response(response.status, response.reason)
-            for name, value in response.getheaders():
-                if name.lower() not in HOP_HEADERS:
-                    self.send_header(name, value)
-            length = (
-                response.getheader("Content-Length", "0")
-                if self.command == "HEAD"
-                else str(len(data))
-            )
-            self.send_header("Content-Length", length)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-    server = ThreadingHTTPServer(
-        (LOOPBACK, 0), Handler
-    )  # the system picks the port; the parent reads it
-    server.daemon_threads = True
-    port.value = server.server_address[1]
-    server.serve_forever()
-
-
-class SlowPutProxy:
-    """An HTTP proxy to ``upstream`` that holds each PUT (and POST) ``put_s`` seconds: S3's
-    latency on loopback. A process of its own, so it never competes for the driver's GIL."""
-
-    def __init__(self, upstream: str, put_s: float) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.writes = context.Value("l", 0)  # write requests seen
-        self._port = context.Value("l", 0)  # set by the proxy once it listens
-        self._process = context.Process(
-            target=_serve_slow_proxy, args=(self._port, upstream, put_s, self.writes), daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self._port.value}"
-
-    def _accepts(self) -> bool:
-        return self._port.value != 0
-
-    def __enter__(self) -> SlowPutProxy:
-        self._process.start()
-        deadline = time.monotonic() + 30
-        while not self._accepts():
-            if time.monotonic() > deadline or not self._process.is_alive():
-                raise RuntimeError(f"the proxy on {self.url} did not come up")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._process.terminate()
-        self._process.join(10)
 
 
 def predictor_batches(rows: int, seed: int = 0) -> list[pa.Table]:
@@ -231,12 +128,12 @@ def main() -> None:
         results["S3, no added latency (the server's own ceiling)"] = [
             commit_rate(f"s3://bench/direct{c}", batches, c) for _, c in settings
         ]
-        with SlowPutProxy(s3.endpoint_url, args.put_ms / 1000) as proxy:
+        with FaultyS3Proxy(s3.endpoint_url, args.put_ms / 1000, ("PUT", "POST")) as proxy:
             os.environ["AWS_ENDPOINT_URL"] = proxy.url
             results[f"S3 (+{args.put_ms:g} ms per PUT)"] = [
                 commit_rate(f"s3://bench/{c}", batches, c) for _, c in settings
             ]
-            puts = proxy.writes.value
+            puts = proxy.counts()["PUT"] + proxy.counts()["POST"]
 
     print(
         f"\n{rows} rows per run, {rows // UNIT_ROWS} units of {UNIT_ROWS} rows, "

@@ -23,6 +23,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from skray.core.images import ImageDecodeError
     from skray.inference.classifier import Classifier
@@ -241,13 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="label images in bulk on Ray Data, exactly once")
     label.add_argument("--config", help="YAML config (configs/label.yaml)")
-    label.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set actors.max=4 (repeatable)",
-    )
+    _add_overrides(label, "actors.max=4")
     label.add_argument("--input", help="local path or s3://bucket/prefix (globs allowed)")
     label.add_argument("--output", help="local path or s3://bucket/prefix for the Parquet parts")
     _add_model_args(label)
@@ -261,13 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train on Ray Train (the published recipe by default)")
     train.add_argument("--config", help="YAML config (configs/train_baseline.yaml)")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)",
-    )
+    _add_overrides(train, "optim.lr=0.05")
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -293,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--config", required=True, help="YAML sweep config (configs/sweep_lr_wd.yaml)"
     )
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(sweep, "search=grid")
     sweep.add_argument(
         "--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep (storage_path/name)"
     )
@@ -321,13 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--app", help="which application of the config file (when it has several)")
     _add_model_args(serve)
-    serve.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an application arg, e.g. --set max_batch_size=32 (repeatable)",
-    )
+    _add_overrides(serve, "max_batch_size=32")
     serve.add_argument(
         "--host", help="bind address (default 127.0.0.1, or the config's http_options)"
     )
