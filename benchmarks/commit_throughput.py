@@ -29,7 +29,7 @@ import pyarrow as pa
 from skray.dev.embedded import EmbeddedS3
 from skray.dev.s3proxy import FaultyS3Proxy
 from skray.label.commit import DEFAULT_CONCURRENCY, UnitCommitter
-from skray.label.job import StageTimes
+from skray.label.progress import StageTimes
 from skray.label.sinks import LABEL_SCHEMA, committed_units
 
 BATCH_ROWS, UNIT_ROWS, INTERLEAVED = 32, 256, 4

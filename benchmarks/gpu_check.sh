@@ -58,7 +58,7 @@ else
 fi
 RESUME_EPOCHS=$((EPOCHS + 1))
 # channels_last is a training option only once TrainConfig has it; until then say so.
-if $PY -c "import sys; from skray.train.driver import TrainConfig; sys.exit(0 if 'channels_last' in TrainConfig.model_fields else 1)"; then
+if $PY -c "import sys; from skray.train.config import TrainConfig; sys.exit(0 if 'channels_last' in TrainConfig.model_fields else 1)"; then
     LAYOUT=(--set channels_last=true)
 else
     LAYOUT=()

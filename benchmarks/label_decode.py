@@ -34,7 +34,8 @@ from label_throughput import first_model_actor_ready
 from skray.core.model import DEFAULT_MODEL
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
-from skray.label.job import ActorsConfig, LabelConfig, run
+from skray.label.config import ActorsConfig, LabelConfig
+from skray.label.job import run
 
 CHUNK = 500  # photos per writer process call
 

@@ -34,7 +34,8 @@ from skray.core.model import DEFAULT_MODEL
 from skray.dev.testing import write_sample_dataset
 from skray.inference.classifier import Classifier
 from skray.io.storage import read_bytes
-from skray.label.job import ActorsConfig, LabelConfig, run
+from skray.label.config import ActorsConfig, LabelConfig
+from skray.label.job import run
 
 MIB = 1 << 20
 

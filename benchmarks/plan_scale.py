@@ -3,7 +3,7 @@
 For each size, the committed 90% are written as real output parts (the label schema,
 ``files_per_unit`` keys each) into a temporary folder; then a fresh process builds
 the listing (an Arrow array, as a streamed listing would be held) and runs
-``skray.label.plan.plan`` against that output. Printed per size: parts, seconds to plan,
+``skray.label.plan.make_plan`` against that output. Printed per size: parts, seconds to plan,
 the process's peak RSS, what the listing alone takes, and the peak over the listing.
 Target (issue 10): 10M keys under 2 GiB.
 
@@ -72,13 +72,13 @@ def rss_mib() -> float:
 
 def measure(n: int, output: str, files_per_unit: int) -> dict:
     """Run in a fresh process: build the listing, plan, report."""
-    from skray.label.plan import plan
+    from skray.label.plan import make_plan
 
     before = rss_mib()
     keys = listing(n)
     with_listing = rss_mib()
     started = time.perf_counter()
-    result = plan(keys, output, "images", files_per_unit)
+    result = make_plan(keys, output, "images", files_per_unit)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {

@@ -37,7 +37,8 @@ from skray.dev.testing import synthetic_image
 from skray.inference.classifier import Classifier
 from skray.io.storage import LOOPBACK
 from skray.serve.api import BATCH_SIZE_HEADER, SERVER_TIMING_HEADER
-from skray.serve.app import ServeConfig, application
+from skray.serve.app import application
+from skray.serve.config import ServeConfig
 
 STAGES = ("read", "decode_wait", "decode", "queue", "forward")
 

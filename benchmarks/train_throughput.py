@@ -2,7 +2,7 @@
 
 One worker, the same model, batch, optimizer and uint8 crops (already decoded, held
 in memory: this measures the loop, not decoding). The Ray Train side is the real
-``skray.train.driver.train_loop`` (DDP wrapper, Ray Data shard iteration, per-epoch
+``skray.train.loop.train_loop`` (DDP wrapper, Ray Data shard iteration, per-epoch
 validation, checkpoint, report); its img/s covers the training steps of an epoch,
 like the plain loop's. Median over epochs after the first.
 
@@ -29,14 +29,16 @@ import torch
 
 from skray.core.model import create_model
 from skray.io.config import validate
+from skray.train.config import TrainConfig
 from skray.train.datasets import LabeledData
-from skray.train.driver import TrainConfig, build_optimizer, train_epoch, train_loop
+from skray.train.loop import train_epoch, train_loop
+from skray.train.recipe import build_optimizer
 
 
 def plain_loop(
     cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, classes: int
 ) -> list[float]:
-    """The same step as train_loop (:func:`skray.train.driver.train_epoch`), without Ray: img/s per
+    """The same step as train_loop (:func:`skray.train.loop.train_epoch`), without Ray: img/s per
     epoch."""
     model = create_model(cfg.model.name, num_classes=classes).train()
     optimizer = build_optimizer(model, cfg)

@@ -54,9 +54,9 @@ def skray_imports(path: Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Every module's skray imports, packages' ``__init__`` left out (they import nothing)."""
-    modules = {name: p for name, p in MODULES.items() if p.stem != "__init__"}
-    return {name: skray_imports(path) & modules.keys() - {name} for name, path in modules.items()}
+    """Every module's skray imports; a package is its ``__init__`` (``skray.io.sources``
+    re-exports its formats' names, so importing it imports them)."""
+    return {name: skray_imports(path) & MODULES.keys() - {name} for name, path in MODULES.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -101,7 +101,7 @@ CROSS_LINKS = {
 
 def folder_rank(module: str, folders=FOLDERS) -> int:
     parts = module.split(".")
-    return folders.index(parts[1]) if len(parts) > 2 else len(folders)
+    return folders.index(parts[1]) if len(parts) > 1 and parts[1] in folders else len(folders)
 
 
 def upward_imports(graph: dict[str, set[str]], folders=FOLDERS, allowed=frozenset()) -> list[str]:

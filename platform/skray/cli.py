@@ -68,7 +68,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from skray.io.config import load_config
-    from skray.label.job import LabelConfig, format_summary, run
+    from skray.label.config import LabelConfig
+    from skray.label.job import run
+    from skray.label.manifest import format_summary
 
     flags = {
         "input": args.input,
@@ -90,7 +92,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from skray.io.config import load_config
-    from skray.train.driver import TrainConfig, run
+    from skray.train.config import TrainConfig
+    from skray.train.driver import run
 
     cfg = None if args.resume else load_config(TrainConfig, args.config, args.set)
     summary = run(cfg, resume=args.resume)
@@ -205,10 +208,10 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 CONFIG_SCHEMAS = {
-    "label": ("skray.label.job", "LabelConfig"),
-    "train": ("skray.train.driver", "TrainConfig"),
+    "label": ("skray.label.config", "LabelConfig"),
+    "train": ("skray.train.config", "TrainConfig"),
     "sweep": ("skray.train.sweep", "SweepConfig"),
-    "serve": ("skray.serve.app", "ServeConfig"),
+    "serve": ("skray.serve.config", "ServeConfig"),
 }
 
 

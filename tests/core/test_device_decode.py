@@ -186,7 +186,8 @@ def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillo
 def test_a_labeling_job_decoding_in_the_actors_gives_the_labels_of_the_cpu_decode(
     ray_cluster, tmp_path
 ):
-    from skray.label.job import LabelConfig, run
+    from skray.label.config import LabelConfig
+    from skray.label.job import run
 
     data = tmp_path / "data"
     data.mkdir()

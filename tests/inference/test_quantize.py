@@ -14,7 +14,7 @@ from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
 from skray.inference.quantize import calibration_crops
 from skray.io.config import ConfigError, validate
-from skray.label.job import LabelConfig
+from skray.label.config import LabelConfig
 
 SIZE = 64  # small crops keep the compile and the forward short
 EVAL = PreprocessingConfig(image_size=SIZE)

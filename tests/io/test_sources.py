@@ -13,8 +13,17 @@ import pytest
 
 from helpers import parquet_bytes, tar_bytes, write_files
 from skray.dev.testing import synthetic_image, webdataset_shard
-from skray.io import sources
-from skray.io.sources import InputError, Unit, list_inputs, plan_units, read_unit, unit_batches
+from skray.io.sources import (
+    InputError,
+    Unit,
+    list_inputs,
+    plan_units,
+    table_batches,
+    unit_batches,
+)
+from skray.io.sources import files as image_files
+from skray.io.sources.parquet import PARQUET_BATCH_ROWS
+from skray.io.sources.webdataset import TAR_HEADER_MAX_BYTES
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(60)
@@ -163,16 +172,24 @@ def test_plan_units_with_format_images_treats_a_tar_as_an_image_file():
     assert [(u.format, u.uris) for u in units] == [("images", ("/d/a.jpg", "/d/s.tar"))]
 
 
-# --- sources.read_unit -----------------------------------------------------
+# --- sources.table_batches: a unit's rows -----------------------------------
 
 
-def test_read_unit_of_image_files_yields_one_row_per_file_with_its_bytes(tmp_path):
+def all_rows(unit: Unit, **reading) -> list[dict]:
+    """All rows of ``unit`` as the labeling job's read task gets them (one block of
+    :meth:`Unit.to_row` rows through :func:`table_batches`), in one batch so each row
+    carries the unit's row count."""
+    [rows] = table_batches(pa.Table.from_pylist([unit.to_row()]), 10**9, **reading)
+    return rows
+
+
+def test_table_batches_of_image_files_yields_one_row_per_file_with_its_bytes(tmp_path):
     images = {str(tmp_path / f"img{i}.jpg"): synthetic_image(i) for i in range(3)}
     for uri, data in images.items():
         write_bytes_atomic(uri, data)
     [unit] = plan_units(sorted(images), "auto", 10)
 
-    rows = read_unit(unit)
+    rows = all_rows(unit)
 
     assert [r["key"] for r in rows] == sorted(images)
     assert all(r["data"] == images[r["key"]] for r in rows)
@@ -181,11 +198,11 @@ def test_read_unit_of_image_files_yields_one_row_per_file_with_its_bytes(tmp_pat
     }
 
 
-def test_read_unit_turns_an_unreadable_image_file_into_an_error_row(tmp_path):
+def test_table_batches_turns_an_unreadable_image_file_into_an_error_row(tmp_path):
     good, gone = str(tmp_path / "good.jpg"), str(tmp_path / "gone.jpg")
     write_bytes_atomic(good, b"bytes")
 
-    rows = read_unit(Unit("u1", "images", (gone, good), 2))
+    rows = all_rows(Unit("u1", "images", (gone, good), 2))
 
     assert [r["key"] for r in rows] == [gone, good]
     assert rows[0]["error"].startswith("unreadable") and rows[0]["data"] == b""
@@ -193,11 +210,11 @@ def test_read_unit_turns_an_unreadable_image_file_into_an_error_row(tmp_path):
     assert {r["unit_rows"] for r in rows} == {2}
 
 
-def test_read_unit_of_a_webdataset_shard_yields_one_row_per_sample_with_metadata(tmp_path):
+def test_table_batches_of_a_webdataset_shard_yields_one_row_per_sample_with_metadata(tmp_path):
     shard = str(tmp_path / "shard.tar")
     write_bytes_atomic(shard, webdataset_shard(7, 3))
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)))
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
 
     assert [r["key"] for r in rows] == [f"{shard}#sample{i:06d}" for i in (7, 8, 9)]
     assert rows[0]["data"] == synthetic_image(7) and rows[0]["error"] == ""
@@ -205,12 +222,12 @@ def test_read_unit_of_a_webdataset_shard_yields_one_row_per_sample_with_metadata
     assert {r["unit_rows"] for r in rows} == {3}
 
 
-def test_read_unit_reports_a_sample_without_an_image_member_as_no_image_member(tmp_path):
+def test_table_batches_reports_a_sample_without_an_image_member_as_no_image_member(tmp_path):
     shard = str(tmp_path / "shard.tar")
     members = [("a.jpg", b"img"), ("b.cls", b"3"), ("b.txt", b"caption")]
     write_bytes_atomic(shard, tar_bytes(members))
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)))
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
 
     assert [r["key"] for r in rows] == [f"{shard}#a", f"{shard}#b"]
     assert rows[0]["error"] == ""
@@ -218,14 +235,14 @@ def test_read_unit_reports_a_sample_without_an_image_member_as_no_image_member(t
     assert json.loads(rows[1]["meta"]) == {"cls": 3, "txt": "caption"}
 
 
-def test_read_unit_of_a_tar_cut_mid_way_keeps_earlier_samples_and_reports_broken_tar(tmp_path):
+def test_table_batches_of_a_tar_cut_mid_way_keeps_earlier_samples_and_reports_broken_tar(tmp_path):
     data = webdataset_shard(0, 3)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         cut = tar.getmember("sample000002.jpg").offset_data + 100  # inside the last image
     shard = str(tmp_path / "shard.tar")
     write_bytes_atomic(shard, data[:cut])
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)))
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
 
     assert [r["key"] for r in rows] == [f"{shard}#sample{i:06d}" for i in range(3)]
     assert [r["error"] for r in rows[:2]] == ["", ""]
@@ -234,49 +251,49 @@ def test_read_unit_of_a_tar_cut_mid_way_keeps_earlier_samples_and_reports_broken
 
 
 @pytest.mark.parametrize("into_header", [0, 100], ids=["at-a-header", "inside-a-header"])
-def test_read_unit_of_a_tar_cut_between_members_reports_the_truncation(tmp_path, into_header):
+def test_table_batches_of_a_tar_cut_between_members_reports_the_truncation(tmp_path, into_header):
     data = webdataset_shard(0, 3)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         cut = tar.getmember("sample000002.jpg").offset + into_header
     shard = str(tmp_path / "shard.tar")
     write_bytes_atomic(shard, data[:cut])
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)))
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
 
     assert [r["key"] for r in rows[:2]] == [f"{shard}#sample{i:06d}" for i in range(2)]
     assert rows[-1]["key"] == f"{shard}#<truncated>" and "truncated" in rows[-1]["error"]
     assert rows[-1]["error"].startswith("broken_tar")
 
 
-def test_read_unit_of_a_parquet_file_without_rows_yields_one_empty_shard_error_row(tmp_path):
+def test_table_batches_of_a_parquet_file_without_rows_yields_one_empty_shard_error_row(tmp_path):
     table = str(tmp_path / "t.parquet")
     write_bytes_atomic(table, parquet_bytes({"image": pa.array([], pa.binary())}))
 
-    rows = read_unit(Unit("p", "parquet", (table,), 0))
+    rows = all_rows(Unit("p", "parquet", (table,), 0))
 
     assert [(r["key"], r["error"].split(":")[0], r["unit_rows"]) for r in rows] == [
         (table, "empty_shard", 1)
     ]
 
 
-def test_read_unit_of_an_empty_tar_yields_one_empty_shard_error_row(tmp_path):
+def test_table_batches_of_an_empty_tar_yields_one_empty_shard_error_row(tmp_path):
     shard = str(tmp_path / "empty.tar")
     write_bytes_atomic(shard, tar_bytes([]))
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)))
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
 
     assert len(rows) == 1
     assert rows[0]["key"] == shard and rows[0]["error"].startswith("empty_shard")
     assert rows[0]["unit_rows"] == 1
 
 
-def test_read_unit_of_parquet_keys_rows_by_the_id_column_else_by_row_index(tmp_path):
+def test_table_batches_of_parquet_keys_rows_by_the_id_column_else_by_row_index(tmp_path):
     table = str(tmp_path / "t.parquet")
     write_bytes_atomic(table, parquet_bytes({"id": ["a", "b"], "img": [b"A", b"B"]}))
     unit = Unit("p", "parquet", (table,), 2)
 
-    by_id = read_unit(unit, image_column="img", id_column="id")
-    by_index = read_unit(unit, image_column="img")
+    by_id = all_rows(unit, image_column="img", id_column="id")
+    by_index = all_rows(unit, image_column="img")
 
     assert [(r["key"], r["data"]) for r in by_id] == [(f"{table}#a", b"A"), (f"{table}#b", b"B")]
     assert [r["key"] for r in by_index] == [f"{table}#0", f"{table}#1"]
@@ -303,20 +320,20 @@ class SpyFs:
 
 @pytest.fixture
 def spy_fs(monkeypatch) -> SpyFs:
-    """sources.filesystem_for hands out one SpyFs over the local disk."""
+    """The image-file reader's filesystem_for hands out one SpyFs over the local disk."""
     spy = SpyFs(filesystem_for("/")[0])
-    monkeypatch.setattr(sources, "filesystem_for", lambda uri: (spy, filesystem_for(uri)[1]))
+    monkeypatch.setattr(image_files, "filesystem_for", lambda uri: (spy, filesystem_for(uri)[1]))
     return spy
 
 
-def test_read_unit_makes_an_image_file_over_max_object_bytes_a_too_large_row_without_opening_it(
+def test_table_batches_makes_an_image_file_over_max_object_bytes_a_too_large_row_without_opening_it(
     tmp_path, spy_fs
 ):
     small, big = str(tmp_path / "small.jpg"), str(tmp_path / "big.jpg")
     write_bytes_atomic(small, b"s" * 100)
     write_bytes_atomic(big, b"b" * 101)
 
-    rows = read_unit(Unit("u", "images", (big, small), 2), max_object_bytes=100)
+    rows = all_rows(Unit("u", "images", (big, small), 2), max_object_bytes=100)
 
     assert (
         rows[0]["key"] == big
@@ -327,13 +344,13 @@ def test_read_unit_makes_an_image_file_over_max_object_bytes_a_too_large_row_wit
     assert spy_fs.opened == [small]
 
 
-def test_read_unit_trusts_the_listed_sizes_and_catches_a_file_that_grew_since(tmp_path, spy_fs):
+def test_table_batches_trusts_the_listed_sizes_and_catches_a_file_that_grew_since(tmp_path, spy_fs):
     listed_big, grown = str(tmp_path / "listed_big.jpg"), str(tmp_path / "grown.jpg")
     write_bytes_atomic(listed_big, b"x")
     write_bytes_atomic(grown, b"g" * 5000)
     unit = Unit("u", "images", (listed_big, grown), 2, sizes=(10**10, 10))
 
-    rows = read_unit(unit, max_object_bytes=100)
+    rows = all_rows(unit, max_object_bytes=100)
 
     assert [r["error"].split(":")[0] for r in rows] == ["too_large", "too_large"]
     assert spy_fs.infos == [] and spy_fs.opened == [grown]
@@ -361,7 +378,7 @@ def gnu_sparse_member(name: str, stored: bytes, claimed: int) -> bytes:
     return bytes(header) + stored + b"\0" * (-len(stored) % tarfile.BLOCKSIZE)
 
 
-def test_read_unit_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(tmp_path):
+def test_table_batches_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(tmp_path):
     link = tarfile.TarInfo("link.jpg")
     link.type, link.linkname = tarfile.SYMTYPE, "good0.jpg"
     hard = tarfile.TarInfo("hard.jpg")
@@ -383,7 +400,7 @@ def test_read_unit_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(t
         ),
     )
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)), max_object_bytes=100)
+    rows = all_rows(Unit("s", "webdataset", (shard,)), max_object_bytes=100)
 
     errors = {r["key"].split("#")[1]: r["error"].split(":")[0] for r in rows}
     assert errors == {
@@ -403,7 +420,7 @@ def test_read_unit_of_a_tar_makes_links_sparse_and_oversize_members_error_rows(t
     assert {r["unit_rows"] for r in rows} == {6}
 
 
-def test_read_unit_of_a_tar_stops_at_a_long_name_header_too_large_to_hold(tmp_path):
+def test_table_batches_of_a_tar_stops_at_a_long_name_header_too_large_to_hold(tmp_path):
     long_name = tarfile.TarInfo("././@LongLink")
     long_name.type = tarfile.GNUTYPE_LONGNAME
     shard = str(tmp_path / "shard.tar")
@@ -412,14 +429,14 @@ def test_read_unit_of_a_tar_stops_at_a_long_name_header_too_large_to_hold(tmp_pa
         b"".join(
             [
                 tar_member(tarfile.TarInfo("good.jpg"), b"img"),
-                tar_member(long_name, b"n" * (sources.TAR_HEADER_MAX_BYTES + 1)),
+                tar_member(long_name, b"n" * (TAR_HEADER_MAX_BYTES + 1)),
                 tar_member(tarfile.TarInfo("after.jpg"), b"img"),
                 b"\0" * 2 * tarfile.BLOCKSIZE,
             ]
         ),
     )
 
-    rows = read_unit(Unit("s", "webdataset", (shard,)))
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
 
     [row] = rows  # the sample being read when the archive broke off is reported broken
     assert row["key"] == f"{shard}#good" and row["error"].startswith("broken_tar")
@@ -469,36 +486,36 @@ def test_unit_batches_reads_parquet_row_group_by_row_group_as_it_streams(tmp_pat
     batches = unit_batches(Unit("p", "parquet", (table,), 6), batch_size=1)
     first = next(batches)
 
-    assert [r["data"] for r in first] == [b"A"] and reads == [(sources.PARQUET_BATCH_ROWS, [0])]
+    assert [r["data"] for r in first] == [b"A"] and reads == [(PARQUET_BATCH_ROWS, [0])]
     rest = list(batches)
     assert [g for _, g in reads] == [[0], [1], [2]]
     assert [r["data"] for b in rest for r in b] == [b"B", b"C", b"D", b"E", b"F"]
     assert [r["unit_rows"] for b in [first, *rest] for r in b] == [-1] * 5 + [6]
 
 
-def test_read_unit_of_parquet_makes_a_cell_over_max_object_bytes_a_too_large_row(tmp_path):
+def test_table_batches_of_parquet_makes_a_cell_over_max_object_bytes_a_too_large_row(tmp_path):
     table = str(tmp_path / "t.parquet")
     write_bytes_atomic(table, parquet_bytes({"image": [b"a" * 100, b"b" * 101, None]}))
 
-    rows = read_unit(Unit("p", "parquet", (table,), 3), max_object_bytes=100)
+    rows = all_rows(Unit("p", "parquet", (table,), 3), max_object_bytes=100)
 
     assert [r["key"] for r in rows] == [f"{table}#{i}" for i in range(3)]
     assert [r["error"].split(":")[0] for r in rows] == ["", "too_large", ""]
     assert [r["data"] for r in rows] == [b"a" * 100, b"", b""]
 
 
-def test_read_unit_of_a_parquet_file_with_a_broken_footer_yields_one_unreadable_row(tmp_path):
+def test_table_batches_of_a_parquet_file_with_a_broken_footer_yields_one_unreadable_row(tmp_path):
     table = str(tmp_path / "t.parquet")
     write_bytes_atomic(table, parquet_bytes({"image": [b"a", b"b"]})[:-10])
 
-    rows = read_unit(Unit("p", "parquet", (table,), 2))
+    rows = all_rows(Unit("p", "parquet", (table,), 2))
 
     assert [(r["key"], r["error"].split(":")[0], r["unit_rows"]) for r in rows] == [
         (table, "unreadable_parquet", 1)
     ]
 
 
-def test_read_unit_of_parquet_turns_a_row_group_that_does_not_decode_into_one_error_row(tmp_path):
+def test_table_batches_of_parquet_turns_a_row_group_not_decoding_into_one_error_row(tmp_path):
     table = str(tmp_path / "t.parquet")
     parquet_row_groups(table, [bytes([65 + i]) * 50 for i in range(6)], rows_per_group=2)
     chunk = pq.ParquetFile(table).metadata.row_group(1).column(0)
@@ -507,7 +524,7 @@ def test_read_unit_of_parquet_turns_a_row_group_that_does_not_decode_into_one_er
         f.seek(start)
         f.write(b"\xff" * chunk.total_compressed_size)
 
-    rows = read_unit(Unit("p", "parquet", (table,), 6))
+    rows = all_rows(Unit("p", "parquet", (table,), 6))
 
     keys = [f"{table}#{k}" for k in ("0", "1", "<row group 1>", "4", "5")]
     assert [r["key"] for r in rows] == keys

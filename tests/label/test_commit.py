@@ -17,8 +17,11 @@ from helpers import SMALL, label_row, wait_for
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
 from skray.label import commit
 from skray.label.commit import UnitCommitter
-from skray.label.job import ActorsConfig, Progress, StageTimes, actor_pool_sizes, format_summary
+from skray.label.config import ActorsConfig
 from skray.label.lease import LEASE_FILE, Lease, LeaseLost
+from skray.label.manifest import format_summary
+from skray.label.progress import Progress, StageTimes
+from skray.label.resources import actor_pool_sizes
 from skray.label.sinks import LABEL_SCHEMA, committed_units, part_name
 
 pytestmark = pytest.mark.timeout(60)

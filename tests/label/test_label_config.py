@@ -7,7 +7,7 @@ import pytest
 
 from helpers import PROJECT
 from skray.io.config import ConfigError, load_config, parse_overrides
-from skray.label.job import LabelConfig
+from skray.label.config import LabelConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,5 +1,6 @@
-"""The labeling driver's parts without a Ray cluster (skray.label.job): the decode stage's memory,
-``prepare``'s checks on the output and the weights, the progress line and the summary."""
+"""The labeling driver's parts without a Ray cluster: the decode stage's resources
+(skray.label.resources), ``prepare``'s checks on the output and the weights (skray.label.job),
+the progress line (skray.label.progress) and the summary (skray.label.manifest)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,37 @@ from skray.core.model import create_model
 from skray.dev.testing import synthetic_image
 from skray.io.sources import InputError
 from skray.io.storage import exists, join, read_json, write_json
-from skray.label import job as label
-from skray.label.job import ActorsConfig, LabelConfig, Progress, format_summary, prepare
+from skray.label import progress, resources
+from skray.label.config import ActorsConfig, LabelConfig
+from skray.label.job import Prepared, prepare
 from skray.label.lease import LEASE_FILE, LeaseHeld
+from skray.label.manifest import format_summary
+from skray.label.progress import Progress
 from skray.label.sinks import JOB_FILE, MANIFEST, OutputError, committed_units, write_part
 from skray.weights.files import WeightsError, save_weights
 
 pytestmark = pytest.mark.timeout(60)
 
 
-# --- label: the decode stage's memory --------------------------------------
+# --- resources: the decode stage's memory ----------------------------------
 
 
 def test_decode_memory_grows_with_batch_size_and_max_object_bytes_unless_set():
     cfg = LabelConfig(input="in", output="out")
     mib = 2**20
 
-    base = label.decode_memory_bytes(cfg)
-    bigger = label.decode_memory_bytes(cfg.model_copy(update={"batch_size": cfg.batch_size + 10}))
+    base = resources.decode_memory_bytes(cfg)
+    bigger = resources.decode_memory_bytes(
+        cfg.model_copy(update={"batch_size": cfg.batch_size + 10})
+    )
 
     assert bigger - base >= 10 * cfg.max_object_bytes
-    assert base < label.decode_memory_bytes(
+    assert base < resources.decode_memory_bytes(
         cfg.model_copy(update={"max_object_bytes": 2 * cfg.max_object_bytes})
     )
-    assert label.decode_memory_bytes(cfg.model_copy(update={"decode_memory_mb": 300})) == 300 * mib
+    assert (
+        resources.decode_memory_bytes(cfg.model_copy(update={"decode_memory_mb": 300})) == 300 * mib
+    )
     assert base <= 8 * 2**30  # the default fits a small machine
 
 
@@ -47,11 +55,11 @@ def test_decode_memory_never_asks_for_more_than_the_largest_live_node_has():
         {"Alive": True, "Resources": {"CPU": 2.0}},
     ]
 
-    assert label.schedulable_memory(10**9, nodes) == 10**9
-    assert label.schedulable_memory(10**10, nodes) == 4 * 10**9
+    assert resources.schedulable_memory(10**9, nodes) == 10**9
+    assert resources.schedulable_memory(10**10, nodes) == 4 * 10**9
 
 
-# --- label.prepare ---------------------------------------------------------
+# --- prepare ---------------------------------------------------------------
 
 
 @pytest.fixture
@@ -67,7 +75,7 @@ def prepared():
     """``prepare(cfg)`` that releases the run's lease when the test ends."""
     leases = []
 
-    def run_prepare(cfg: LabelConfig) -> label.Prepared:
+    def run_prepare(cfg: LabelConfig) -> Prepared:
         result = prepare(cfg)
         leases.append(result.lease)
         return result
@@ -203,15 +211,15 @@ def test_prepare_fails_on_missing_input_before_touching_the_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# --- label.Progress and format_summary -------------------------------------
+# --- Progress and format_summary -------------------------------------------
 
 
 @pytest.fixture
 def clock(monkeypatch) -> SimpleNamespace:
-    """A settable clock in place of label.time.monotonic."""
+    """A settable clock in place of progress.time.monotonic."""
     fake = SimpleNamespace(now=1000.0)
     fake_time = SimpleNamespace(monotonic=lambda: fake.now, time=lambda: fake.now)
-    monkeypatch.setattr(label, "time", fake_time)
+    monkeypatch.setattr(progress, "time", fake_time)
     return fake
 
 
@@ -279,7 +287,7 @@ def test_live_metrics_take_a_run_whose_row_count_is_known_only_after_reading():
 
 def test_read_decode_tasks_declare_what_the_model_actors_leave_or_the_config_fails_naming_it():
     from skray.io.config import ConfigError
-    from skray.label.job import decode_task_cpus
+    from skray.label.resources import decode_task_cpus
 
     assert decode_task_cpus(0.5, actor_cpus=1, actors_at_start=1, cluster_cpus=4) == 0.5
     # 2 cores, one actor of 1.5 CPUs: the task declares the 0.5 left, not the 1 asked

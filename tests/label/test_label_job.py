@@ -17,8 +17,9 @@ from skray.dev.embedded import LocalRayHead, ray_cli
 from skray.dev.testing import synthetic_image, write_sample_dataset
 from skray.io.sources import list_inputs
 from skray.io.storage import exists, filesystem_for, join, read_json, write_bytes_atomic
-from skray.label.job import LabelConfig, run
-from skray.label.plan import plan
+from skray.label.config import LabelConfig
+from skray.label.job import run
+from skray.label.plan import make_plan
 from skray.label.sinks import MANIFEST, PART_PREFIX, committed_units, part_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -184,7 +185,7 @@ def test_a_part_that_cannot_be_written_fails_the_run_without_a_manifest_and_the_
     keys = write_sample_dataset(data, files=16, shards=0, broken=False)
     cfg = LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=4, batch_size=4)
     blocked = join(
-        labels, part_name(plan(list_inputs(data, []), labels, files_per_unit=4).units[2].id)
+        labels, part_name(make_plan(list_inputs(data, []), labels, files_per_unit=4).units[2].id)
     )
     os.makedirs(blocked)  # the third unit's part name is taken by a folder: its write fails
 

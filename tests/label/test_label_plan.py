@@ -14,9 +14,9 @@ import pytest
 
 from helpers import label_row, parquet_bytes, tar_bytes, wait_for
 from skray.io.storage import join, read_json, write_bytes_atomic
-from skray.label import plan as plan_module
+from skray.label import plan
 from skray.label.lease import LEASE_FILE, Lease, LeaseHeld
-from skray.label.plan import plan
+from skray.label.plan import make_plan
 from skray.label.sinks import write_part
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,19 +40,19 @@ def planned_keys(p) -> list[str]:
 def test_plan_of_a_fresh_output_cuts_the_sorted_listing_into_units_named_after_their_keys(tmp_path):
     listing = keys(f"{i:03d}" for i in range(7))
 
-    p = plan(listing, str(tmp_path / "out"), files_per_unit=3)
+    p = make_plan(listing, str(tmp_path / "out"), files_per_unit=3)
 
     assert [list(u.uris) for u in p.units] == [listing[0:3], listing[3:6], listing[6:7]]
     assert [u.rows for u in p.units] == [3, 3, 1] and p.pending_rows == 7
     assert len({u.id for u in p.units}) == 3
-    assert plan(listing, str(tmp_path / "out"), files_per_unit=3).units == p.units
+    assert make_plan(listing, str(tmp_path / "out"), files_per_unit=3).units == p.units
 
 
 @pytest.mark.parametrize("batch_keys", [3, 1 << 21], ids=["many-batches", "one-batch"])
 def test_a_rerun_after_files_added_first_middle_last_and_some_removed_plans_only_new_keys(
     tmp_path, monkeypatch, batch_keys
 ):
-    monkeypatch.setattr(plan_module, "BATCH_KEYS", batch_keys)
+    monkeypatch.setattr(plan, "BATCH_KEYS", batch_keys)
     output = str(tmp_path / "out")
     first = keys(f"m{i:03d}" for i in range(20))
     for start in range(0, 20, 8):
@@ -61,7 +61,7 @@ def test_a_rerun_after_files_added_first_middle_last_and_some_removed_plans_only
     removed = [first[0], first[9], first[19]]
     listing = sorted(set(first) - set(removed) | set(added))
 
-    p = plan(listing, output, files_per_unit=4)
+    p = make_plan(listing, output, files_per_unit=4)
 
     assert planned_keys(p) == sorted(added)
     assert p.committed_rows == 20 and p.committed_parts == 3
@@ -75,7 +75,7 @@ def test_a_rerun_of_an_unchanged_input_plans_nothing(tmp_path):
     commit(output, listing[:6], "a")
     commit(output, listing[6:], "b")
 
-    p = plan(listing, output, files_per_unit=4)
+    p = make_plan(listing, output, files_per_unit=4)
 
     assert p.units == [] and p.removed_rows == 0 and p.pending_rows == 0
 
@@ -85,15 +85,15 @@ def test_shards_are_done_when_their_part_exists_and_their_rows_count_as_listed(t
     shard, table = str(data / "s.tar"), str(data / "t.parquet")
     write_bytes_atomic(shard, tar_bytes([("x.jpg", b"1")]))
     write_bytes_atomic(table, parquet_bytes({"image": [b"1", b"2"]}))
-    first = plan([shard, table], output)
+    first = make_plan([shard, table], output)
     done = next(u for u in first.units if u.format == "webdataset")
     write_part(output, done.id, [label_row(f"{shard}#x"), label_row(f"{shard}#y")])
 
-    p = plan([shard, table], output)
+    p = make_plan([shard, table], output)
 
     assert [u.uris for u in p.units] == [(table,)] and p.units[0].rows == 2
     assert p.removed_rows == 0
-    assert plan([table], output).removed_rows == 2  # the shard left the input: its rows did
+    assert make_plan([table], output).removed_rows == 2  # the shard left the input: its rows did
 
 
 # --- the lease: one run per output -----------------------------------------

@@ -22,7 +22,10 @@ from skray.dev.testing import write_sample_dataset
 from skray.inference.classifier import Classifier
 from skray.io.config import ConfigError
 from skray.io.storage import exists, filesystem_for, join, read_bytes, read_json, redact_uri
-from skray.label.job import PROGRESS_POINTS, LabelConfig, Progress, format_summary, run
+from skray.label.config import LabelConfig
+from skray.label.job import run
+from skray.label.manifest import format_summary
+from skray.label.progress import PROGRESS_POINTS, Progress
 from skray.label.sinks import JOB_FILE, MANIFEST, OutputError, clear_output
 from skray.report.page import write_report
 from skray.report.review import write_review

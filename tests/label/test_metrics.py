@@ -17,8 +17,10 @@ from helpers import SMALL, wait_for, wait_ready, write_weights
 from skray.dev.embedded import LocalRayHead, free_port
 from skray.dev.testing import synthetic_image, write_sample_dataset
 from skray.io.storage import LOOPBACK
-from skray.label.job import LabelConfig, run
-from skray.serve.app import ServeConfig, application
+from skray.label.config import LabelConfig
+from skray.label.job import run
+from skray.serve.app import application
+from skray.serve.config import ServeConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

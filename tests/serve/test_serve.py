@@ -28,7 +28,8 @@ from skray.dev.embedded import LocalRayHead, free_port
 from skray.dev.testing import synthetic_image
 from skray.io.config import ConfigError
 from skray.io.storage import LOOPBACK
-from skray.serve.app import ServeConfig, application
+from skray.serve.app import application
+from skray.serve.config import ServeConfig
 from skray.serve.launch import resolve_launch
 
 BODY_LIMIT = 256 * 1024
@@ -618,7 +619,7 @@ def test_a_bad_serve_config_fails_before_anything_starts_naming_the_key(args, na
 
 
 def test_a_configured_auth_variable_that_is_unset_is_an_error_not_an_open_door(monkeypatch):
-    from skray.serve.app import bearer_token
+    from skray.serve.config import bearer_token
 
     monkeypatch.delenv("SKRAY_NOPE", raising=False)
     with pytest.raises(ValueError, match="SKRAY_NOPE"):

@@ -16,7 +16,8 @@ from helpers import PROJECT, SMALL
 from skray.dev.embedded import LocalRayHead
 from skray.dev.testing import DIGIT_CLASSES, write_digits_folder
 from skray.io.config import load_config
-from skray.train.driver import TrainConfig, run
+from skray.train.config import TrainConfig
+from skray.train.driver import run
 
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.timeout(600)

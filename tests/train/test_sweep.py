@@ -404,7 +404,7 @@ def test_a_raising_trial_is_failed_and_a_stopped_one_killed_in_mlflow_and_the_re
     import pandas as pd
     from ray.tune import Result
 
-    from skray.train.driver import TrainConfig
+    from skray.train.config import TrainConfig
     from skray.train.sweep import finish
     from skray.weights import store
 

@@ -20,23 +20,14 @@ from skray.dev.embedded import LocalRayHead
 from skray.dev.testing import labeled_image, write_labeled_folder
 from skray.io.config import ConfigError, load_config
 from skray.io.storage import join, read_json, write_bytes_atomic
+from skray.train.checkpoints import save_checkpoint
+from skray.train.config import TrainConfig
 from skray.train.datasets import BAD_LABEL, DatasetError
-from skray.train.driver import (
-    CONFIG_FILE,
-    RUN_FILE,
-    IngestStalledError,
-    TrainConfig,
-    batch_loss,
-    check_inputs,
-    lr_at,
-    plan_cpus,
-    run,
-    save_checkpoint,
-    stall_guarded,
-    steps_per_epoch,
-    train_epoch,
-    validate,
-)
+from skray.train.driver import CONFIG_FILE, RUN_FILE, check_inputs, run
+from skray.train.ingest import IngestStalledError, stall_guarded
+from skray.train.loop import evaluate_epoch, train_epoch
+from skray.train.recipe import batch_loss, lr_at, steps_per_epoch
+from skray.train.resources import plan_cpus
 
 pytestmark = pytest.mark.timeout(600)
 CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
@@ -123,7 +114,7 @@ def test_the_registered_model_labels_images_through_the_batch_job_and_predict(
     learned_store, dataset, tmp_path, capsys
 ):
     from skray.cli import main
-    from skray.label.job import LabelConfig
+    from skray.label.config import LabelConfig
     from skray.label.job import run as label
 
     summary = learned_store
@@ -387,7 +378,7 @@ def test_every_jobs_preprocessing_defaults_to_its_models(monkeypatch):
     import dataclasses
 
     from skray.core import model
-    from skray.label.job import LabelConfig
+    from skray.label.config import LabelConfig
     from skray.train.evaluate import EvaluateConfig
 
     spec = dataclasses.replace(
@@ -752,7 +743,7 @@ def test_validation_counts_top1_and_top5_over_the_decodable_images_and_skips_the
     model.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
 
     with SyncCounter() as counter:
-        counts = validate(model, batches, cfg, device=torch.device("cpu"))
+        counts = evaluate_epoch(model, batches, cfg, device=torch.device("cpu"))
     assert counter.syncs == 0, (
         f"{counter.syncs} device syncs in 10 batches: the counts belong on the device"
     )

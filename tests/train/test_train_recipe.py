@@ -14,29 +14,26 @@ import pytest
 import torch
 from torch import nn
 
-import skray.train.driver as train_module
+import skray.train.driver as driver_module
 from helpers import SMALL
 from skray.core.images import PreprocessingConfig
 from skray.core.model import create_model
 from skray.dev.testing import write_labeled_folder
 from skray.io.config import ConfigError, dump_config
 from skray.io.storage import join, write_bytes_atomic, write_json
+from skray.train.checkpoints import checkpoint_state
+from skray.train.config import TrainConfig
 from skray.train.datasets import BAD_LABEL, LabeledData, discover, read_labeled
-from skray.train.driver import (
-    CONFIG_FILE,
-    METRICS,
-    RUN_FILE,
-    TrainConfig,
-    batch_loss,
-    build_optimizer,
-    build_trainer,
+from skray.train.driver import CONFIG_FILE, RUN_FILE, build_trainer, check_run_dir, run
+from skray.train.loop import (
+    EPOCH_SCORES,
     build_training_state,
-    check_run_dir,
-    checkpoint_state,
-    lr_at,
-    param_groups,
-    run,
+    device_images,
+    share_buffers,
+    train_epoch,
+    uses_channels_last,
 )
+from skray.train.recipe import batch_loss, build_optimizer, lr_at, param_groups
 from skray.weights.files import save_weights
 
 pytestmark = pytest.mark.timeout(300)
@@ -235,7 +232,7 @@ def test_the_trainer_augments_the_train_dataset_and_not_the_val_one_and_keeps_th
 ):
     made: dict[bool, dict] = {}
     monkeypatch.setattr(
-        train_module, "ray_dataset", lambda data, **kw: made.setdefault(kw["train"], kw)
+        driver_module, "ray_dataset", lambda data, **kw: made.setdefault(kw["train"], kw)
     )
     cfg = config(randaugment=True, keep_checkpoints=3)
 
@@ -253,7 +250,7 @@ def test_the_trainer_augments_the_train_dataset_and_not_the_val_one_and_keeps_th
         "val_top1",
         "max",
     )
-    assert "val_top1" in METRICS, "the loop reports the score the checkpoints are ranked by"
+    assert "val_top1" in EPOCH_SCORES, "the loop reports the score the checkpoints are ranked by"
 
 
 # --- checkpoint state and resume ------------------------------------------------
@@ -418,8 +415,6 @@ def test_two_workers_see_disjoint_halves_and_one_step_equals_one_worker_on_the_w
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from skray.train.driver import share_buffers, train_epoch
-
     batch = 8
     cfg = config(
         batch_size=batch, optim={"lr": 25.6, "warmup_epochs": 0, "label_smoothing": 0.1}, epochs=1
@@ -517,11 +512,9 @@ def test_channels_last_is_for_gpus_and_turns_the_model_and_its_inputs_nhwc():
     cfg = config()
     crops = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
 
-    assert cfg.channels_last and not train_module.uses_channels_last(cfg, CPU)
-    assert train_module.uses_channels_last(cfg, torch.device("cuda"))
-    assert not train_module.uses_channels_last(config(channels_last=False), torch.device("cuda"))
-    nhwc = train_module.device_images(crops, cfg.preprocessing, CPU, channels_last=True)
+    assert cfg.channels_last and not uses_channels_last(cfg, CPU)
+    assert uses_channels_last(cfg, torch.device("cuda"))
+    assert not uses_channels_last(config(channels_last=False), torch.device("cuda"))
+    nhwc = device_images(crops, cfg.preprocessing, CPU, channels_last=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
-    assert torch.equal(
-        nhwc, train_module.device_images(crops, cfg.preprocessing, CPU, channels_last=False)
-    )
+    assert torch.equal(nhwc, device_images(crops, cfg.preprocessing, CPU, channels_last=False))

@@ -24,13 +24,13 @@ import skray
 from helpers import PROJECT, SMALL
 from skray.core.model import create_model
 from skray.weights.files import WeightsError, file_sha256
+from skray.weights.registry import download_weights
 from skray.weights.resolver import PinnedWeights, load_model, pin_weights
 from skray.weights.store import (
     WEIGHTS_FILE,
     configure,
     default_artifact_root,
     default_tracking_uri,
-    download_weights,
     experiment_id,
     flatten,
     log_model,
@@ -364,8 +364,9 @@ def test_pinning_an_alias_records_the_version_and_a_later_alias_move_changes_not
 
 
 def test_workers_get_the_weights_artifact_not_the_tracking_uri(store: Logged) -> None:
-    from skray.label.job import LabelConfig, worker_env
-    from skray.serve.app import ServeConfig, application
+    from skray.label.config import LabelConfig
+    from skray.serve.app import application
+    from skray.serve.config import ServeConfig
 
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     app = application(
@@ -376,19 +377,15 @@ def test_workers_get_the_weights_artifact_not_the_tracking_uri(store: Logged) ->
     assert (pinned.version, pinned.sha256) == ("1", store.sha256)
     assert tracking_uri not in repr(deployment.ray_actor_options)
     assert "runtime_env" not in deployment.ray_actor_options
-    assert (
-        worker_env(
-            LabelConfig(input="s3://in", output="s3://out", weights="models:/skray-test@best")
-        )
-        == {}
-    )
+    label = LabelConfig(input="s3://in", output="s3://out", weights="models:/skray-test@best")
+    assert label.s3.env() == {}  # the labeling workers' whole environment
 
 
 def test_secrets_in_uris_reach_neither_mlflow_nor_the_output(
     mlflow_store: str, capsys: pytest.CaptureFixture
 ) -> None:
     from skray.io.config import dump_config
-    from skray.train.driver import TrainConfig
+    from skray.train.config import TrainConfig
 
     secret = "s3cretpassw0rd"
     cfg = TrainConfig(

@@ -16,7 +16,7 @@ from pathlib import Path
 from skray.dev.embedded import EmbeddedS3, LocalRayHead
 from skray.dev.testing import write_sample_dataset
 from skray.io.storage import join, read_json
-from skray.label.job import format_summary
+from skray.label.manifest import format_summary
 from skray.label.sinks import MANIFEST
 from skray.report.page import write_report
 

@@ -120,7 +120,7 @@ def image_units(keys: pa.Array, files_per_unit: int) -> list[Unit]:
     return units
 
 
-def plan(
+def make_plan(
     files: Sequence[str] | pa.Array | pa.ChunkedArray,
     output: str,
     fmt: Format | Literal["auto"] = "auto",

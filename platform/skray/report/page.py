@@ -235,8 +235,8 @@ def build_charts(scan: Scan, manifest: dict | None) -> dict[str, bytes]:
 def write_report(output: str, dest: str | None = None, seed: int = 0) -> str:
     """Write ``index.html`` and the chart PNGs to ``dest`` (default ``OUTPUT/_report``);
     returns the page's URI. ``seed`` picks the random examples. ``manifest.timings.progress``
-    (:class:`skray.label.job.Progress`'s ``[seconds since start, images done]`` samples) becomes
-    the throughput chart."""
+    (:class:`skray.label.progress.Progress`'s ``[seconds since start, images done]`` samples)
+    becomes the throughput chart."""
     dest = dest or join(output, REPORT_DIR)
     manifest = read_json(join(output, MANIFEST))
     scan = scan_output(output, random_k=GALLERY_EXAMPLES, lowest_k=GALLERY_EXAMPLES, seed=seed)

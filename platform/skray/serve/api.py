@@ -2,7 +2,7 @@
 
 Bad input is the client's problem and gets a 4xx JSON error naming it, never a 5xx:
 ``{"error": {"code": ..., "message": ...}}``; a route raises :class:`ApiError`. The models
-here are also the OpenAPI schema at ``/docs``; the replica (:mod:`skray.serve.app`) adds its
+here are also the OpenAPI schema at ``/docs``; the replica (:mod:`skray.serve.replica`) adds its
 routes to :data:`api`.
 """
 

@@ -1,7 +1,7 @@
 """``skray serve``: deploy the classifier from the same Serve config file as ``serve run``.
 
 The file is checked with Serve's own schema and the application's ``args`` with
-:class:`skray.serve.app.ServeConfig`, flags and ``--set`` on top, before anything starts;
+:class:`skray.serve.config.ServeConfig`, flags and ``--set`` on top, before anything starts;
 then it runs on Ray until SIGINT/SIGTERM.
 """
 
@@ -16,7 +16,9 @@ from ray import serve
 
 from skray.io.config import ConfigError, deep_merge, parse_overrides, read_yaml, validate
 from skray.io.storage import LOOPBACK
-from skray.serve.app import DEPLOYMENT, IMPORT_PATH, ServeConfig, application
+from skray.serve.app import IMPORT_PATH, application
+from skray.serve.config import ServeConfig
+from skray.serve.replica import DEPLOYMENT
 
 
 @dataclass

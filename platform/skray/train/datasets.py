@@ -31,15 +31,9 @@ import pyarrow.parquet as pq
 
 from skray.core.crops import crop_rows
 from skray.core.images import PreprocessingConfig, decode_for_eval, decode_for_train, train_augment
-from skray.io.sources import (
-    InputError,
-    Unit,
-    _BoundedTarInfo,
-    _is_hidden,
-    list_inputs,
-    plan_units,
-    table_batches,
-)
+from skray.io.sources import InputError, Unit, list_inputs, plan_units, table_batches
+from skray.io.sources.listing import is_hidden
+from skray.io.sources.webdataset import BoundedTarInfo
 from skray.io.storage import filesystem_for
 
 DatasetFormat = Literal["folder", "webdataset", "parquet"]
@@ -160,10 +154,10 @@ def count_tar_samples(uri: str) -> int:
     count, current = 0, None
     with fs.open_input_file(path) as f:
         try:
-            with tarfile.open(fileobj=f, mode="r:", tarinfo=_BoundedTarInfo) as tar:
+            with tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedTarInfo) as tar:
                 for info in tar:
                     tar.members.clear()
-                    if info.isdir() or _is_hidden(info.name):
+                    if info.isdir() or is_hidden(info.name):
                         continue
                     dirname, basename = posixpath.split(info.name)
                     key = posixpath.join(dirname, basename.partition(".")[0])

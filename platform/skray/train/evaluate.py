@@ -18,8 +18,8 @@ from pydantic import Field
 from skray.core.images import PreprocessingConfig
 from skray.inference.classifier import Classifier
 from skray.io.config import ModelName, ModelPreprocessing, StrictModel, resolve_gpus
+from skray.train.accuracy import count_hits
 from skray.train.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset
-from skray.train.driver import count_hits
 from skray.weights.resolver import PinnedWeights, pin_weights
 
 
@@ -40,7 +40,7 @@ class EvaluateConfig(StrictModel):
 
 class Scorer:
     """Ray Data class UDF: the model loaded once; each batch -> its hit counts
-    (:func:`skray.train.driver.count_hits`)."""
+    (:func:`skray.train.accuracy.count_hits`)."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Ray Tune sweeps over the training recipe, compared in MLflow.
 
-Each trial is a whole Ray Train run of :func:`skray.train.driver.train_loop` (one or
+Each trial is a whole Ray Train run of :func:`skray.train.loop.train_loop` (one or
 many workers) whose config is the base training config with the sampled keys
 set. ASHA stops weak trials at epoch boundaries. MLflow gets one parent run per
 sweep and one nested child run per trial; the best trial's model is registered
@@ -28,7 +28,9 @@ from skray.io.config import (
     validate,
 )
 from skray.io.storage import join, read_json, write_json
-from skray.train.driver import METRICS, RUN_FILE, TrainConfig, build_trainer, check_inputs
+from skray.train.config import TrainConfig
+from skray.train.driver import RUN_FILE, build_trainer, check_inputs
+from skray.train.loop import EPOCH_SCORES
 
 SWEEP_FILE = "skray_sweep.json"
 
@@ -106,9 +108,9 @@ class SweepConfig(StrictModel):
     def _searchable(self) -> "SweepConfig":
         if not self.space:
             raise ValueError("space is empty: name at least one training key to search")
-        if self.metric not in METRICS:
+        if self.metric not in EPOCH_SCORES:
             raise ValueError(
-                f"metric {self.metric!r} is never reported by training; one of {METRICS}"
+                f"metric {self.metric!r} is never reported by training; one of {EPOCH_SCORES}"
             )
         grid = [k for k, d in self.space.items() if d.type == "grid"]
         sampled = [k for k, d in self.space.items() if d.type != "grid"]
@@ -159,20 +161,14 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, Any
     name = tune.get_context().get_trial_name()
     train, val, weights = check_inputs(cfg)
     store.configure(sweep["tracking_uri"])
-    record = join(join(sweep["trials_path"], name), RUN_FILE)
-    previous = read_json(record)  # a trial restarted by a resumed sweep keeps its MLflow run
-    run_id = (
-        previous["mlflow_run_id"]
-        if previous
-        else store.start_run(
-            sweep["experiment"],
-            name,
-            params=cfg.model_dump(mode="json"),
-            tags={**store.run_tags(cfg.data.train), store.TRIAL_TAG: name},
-            parent_run_id=sweep["parent_run_id"],
-        )
+    run_id = store.resume_or_start_run(  # a trial restarted by a resumed sweep keeps its run
+        join(join(sweep["trials_path"], name), RUN_FILE),
+        sweep["experiment"],
+        name,
+        params=cfg.model_dump(mode="json"),
+        tags={**store.run_tags(cfg.data.train), store.TRIAL_TAG: name},
+        parent_run_id=sweep["parent_run_id"],
     )
-    write_json(record, {"mlflow_run_id": run_id, "name": name})
     trainer = build_trainer(
         cfg,
         train,

@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors
 import safetensors.torch
@@ -37,6 +38,7 @@ __all__ = [
     "apply_state",
     "file_sha256",
     "parse_state_dict",
+    "read_safetensors_metadata",
     "read_state_dict",
     "save_weights",
 ]
@@ -79,10 +81,11 @@ def _is_torch(data: bytes) -> bool:
     return data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header: 8 bytes little-endian length, then JSON."""
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+def read_safetensors_metadata(f: BinaryIO) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors file open as ``f``, from its header alone (8
+    bytes little-endian length, then JSON): no tensor is read."""
+    size = int.from_bytes(f.read(8), "little")
+    return json.loads(f.read(size)).get("__metadata__") or {}
 
 
 def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
@@ -111,7 +114,7 @@ def parse_state_dict(data: bytes, path: str) -> tuple[dict[str, torch.Tensor], d
         suffix = ".pth" if _is_torch(data) else ".safetensors"
     try:
         if suffix == ".safetensors":
-            return safetensors.torch.load(data), _safetensors_metadata(data)
+            return safetensors.torch.load(data), read_safetensors_metadata(io.BytesIO(data))
         return _unwrap(
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), path
         ), {}

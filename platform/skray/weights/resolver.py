@@ -2,7 +2,7 @@
 
 Weights come from a local file, ``s3://``, ``https://``, ``pretrained`` (the variant's
 published checkpoint) or an MLflow model (``models:/``, ``runs:/``, through
-:mod:`skray.weights.store`); remote files are downloaded once into a cache keyed by their full
+:mod:`skray.weights.registry`); remote files are downloaded once into a cache keyed by their full
 URI and checked against their sha256 (explicit, or the prefix timm-style file names
 carry). A job pins its weights once (:func:`pin_weights`): every worker then loads the
 same bytes or fails, and the sha256 recorded is always that of the bytes deserialized.
@@ -100,7 +100,7 @@ def pin_weights(
     if requested == "pretrained":
         source = _pretrained_url(model)
     elif requested.startswith(_MLFLOW_SCHEMES):
-        from skray.weights.store import (
+        from skray.weights.registry import (
             resolve_weights,
         )  # MLflow is heavy: imported for an MLflow URI only
 
@@ -179,11 +179,11 @@ def fetch(
     The cache is keyed by the whole URI: two objects with the same file name never
     share an entry. A cached copy is reused without network access only when its
     expected hash is known and matches; without a hash the remote file may have
-    changed, so it is downloaded again. MLflow models are resolved by :mod:`skray.weights.store`.
+    changed, so it is downloaded again. MLflow models are resolved by :mod:`skray.weights.registry`.
     """
     uri = os.fspath(uri)
     if uri.startswith(_MLFLOW_SCHEMES):
-        from skray.weights.store import (
+        from skray.weights.registry import (
             download_weights,
         )  # MLflow is heavy: imported for an MLflow URI only
 

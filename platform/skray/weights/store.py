@@ -1,9 +1,10 @@
-"""MLflow tracking: runs, the model registry, and registered models as weights.
+"""MLflow tracking: runs, their metrics and artifacts, and logging and registering models.
 
 Every training run and sweep trial logs its config, tags and metrics here; the
 best model is registered, and from then on ``models:/NAME/VERSION``,
 ``models:/NAME@ALIAS`` and ``runs:/RUN_ID/model`` work wherever skray takes
-weights. This is the only skray module that imports MLflow.
+weights (read back by :mod:`skray.weights.registry`). With that module, the only
+skray code that imports MLflow.
 
 A logged model carries, besides MLflow's own ``pt2`` export, the skray
 ``.safetensors`` file as an extra file. That file is what skray loads back:
@@ -20,8 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from typing import Any
 
 import mlflow
 import mlflow.pytorch
@@ -30,16 +30,14 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 import skray
 from skray.core.errors import SkrayError
 from skray.core.model import SKResNeXt
 from skray.io.config import redact_values
-from skray.io.storage import redact_uri
-from skray.weights.files import WeightsError, save_weights
+from skray.io.storage import read_json, redact_uri, write_json
+from skray.weights.files import save_weights
 
 __all__ = [
     "WEIGHTS_FILE",
@@ -50,13 +48,11 @@ __all__ = [
     "flatten",
     "run_tags",
     "start_run",
+    "resume_or_start_run",
     "log_metrics",
     "end_run",
     "log_model",
     "log_model_to_run",
-    "download_weights",
-    "ResolvedModel",
-    "resolve_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -305,74 +301,6 @@ def log_model(
     }
 
 
-def _weights_path(repo: Any, uri: str) -> str:
-    """The path of :data:`WEIGHTS_FILE` inside the MLflow model that ``repo`` reads."""
-    with tempfile.TemporaryDirectory() as tmp:
-        flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("pytorch", {})
-    paths = [
-        f["path"] for f in flavor.get("extra_files", []) if Path(f["path"]).name == WEIGHTS_FILE
-    ]
-    if not paths:
-        raise WeightsError(f"MLflow model {uri} holds no skray weights file ({WEIGHTS_FILE})")
-    return paths[0]
-
-
-def _model_error(uri: str, exc: Exception) -> WeightsError:
-    reason = str(exc).partition("\n")[0]
-    return WeightsError(f"cannot get MLflow model {uri}: {reason}")
-
-
-def download_weights(uri: str, dst_dir: Path | None = None) -> Path:
-    """The local path of the skray weights file in the MLflow model at ``uri``.
-
-    ``uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/<model id>``
-    or ``runs:/RUN_ID/model``. Only the model's ``MLmodel`` and the weights file
-    are downloaded. With ``dst_dir`` unset, MLflow picks the place: a temporary
-    folder, or for a local store reached through ``models:/``, the stored file itself.
-    """
-    if not mlflow.is_tracking_uri_set():
-        configure()
-    try:
-        repo = get_artifact_repository(uri)
-        path = _weights_path(repo, uri)
-        if dst_dir is not None:
-            Path(dst_dir).mkdir(parents=True, exist_ok=True)
-        return Path(repo.download_artifacts(path, None if dst_dir is None else str(dst_dir)))
-    except (MlflowException, OSError) as exc:  # OSError: the stores' network and file errors
-        raise _model_error(uri, exc) from exc
-
-
-class ResolvedModel(NamedTuple):
-    location: str  # where the weights file is: its artifact store, else ``model_uri``
-    model_uri: str  # the fixed MLflow reference: ``models:/NAME/VERSION``, a model id or ``runs:/``
-    version: str | None  # the registry version, None outside the registry
-
-
-def resolve_weights(uri: str) -> ResolvedModel:
-    """The fixed place of the skray weights file of the MLflow model ``uri``, resolved now.
-
-    An alias (``models:/NAME@ALIAS``) can move; the answer cannot. ``location`` is the
-    artifact's own ``file://`` or ``s3://`` URI when skray reads that store directly (so
-    workers need no tracking server), else the fixed ``model_uri``.
-    """
-    if not mlflow.is_tracking_uri_set():
-        configure()
-    try:
-        repo = get_artifact_repository(uri)
-        path = _weights_path(repo, uri)
-        location = (
-            f"{repo.repo.artifact_uri.rstrip('/')}/{path}"  # the store behind models:/ and runs:/
-        )
-    except (MlflowException, OSError) as exc:
-        raise _model_error(uri, exc) from exc
-    version = getattr(repo, "model_version", None)  # None for runs:/ and models:/<model id>
-    model_uri = uri if version is None else f"models:/{repo.model_name}/{version}"
-    readable = urlsplit(location).scheme in ("", "file", "s3")
-    return ResolvedModel(
-        location if readable else model_uri, model_uri, None if version is None else str(version)
-    )
-
-
 # ---- reading runs back (skray compare) -----------------------------------------------------------
 
 
@@ -407,12 +335,6 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
 TrackingError = MlflowException  # what the store raises: unreachable, refused, inconsistent
 
 
-def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    client = MlflowClient()
-    for key, value in redact_values(tags).items():
-        client.set_tag(run_id, key, value)
-
-
 def log_artifacts(run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
     """Every file under ``local_dir``, kept in its folder structure under ``artifact_path``."""
     MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)
@@ -425,3 +347,23 @@ def tag_model_version(name: str, version: str, key: str, value: str) -> None:
 
 def model_version_tags(name: str, version: str) -> dict[str, str]:
     return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def resume_or_start_run(
+    record: str,
+    experiment: str,
+    run_name: str,
+    *,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
+    """The id of the run that ``record`` (a JSON file, local or ``s3://``) names, or of a new
+    run (:func:`start_run`) written there: a job restarted or resumed logs to the run it began.
+    """
+    previous = read_json(record)
+    if previous:
+        return previous["mlflow_run_id"]
+    run_id = start_run(experiment, run_name, params=params, tags=tags, parent_run_id=parent_run_id)
+    write_json(record, {"mlflow_run_id": run_id, "name": run_name})
+    return run_id

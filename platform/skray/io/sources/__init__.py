@@ -1,0 +1,31 @@
+"""Input discovery and reading for the labeling and training jobs, one module per format
+as Ray Data keeps one datasource per file: :mod:`.listing` finds the inputs, :mod:`.units`
+cuts them into units and streams a unit's rows (:mod:`.rows`) from :mod:`.files`,
+:mod:`.webdataset` or :mod:`.parquet`. The names below are the API callers import."""
+
+from skray.io.sources.listing import Format, InputError, file_format, list_inputs
+from skray.io.sources.parquet import PARQUET_BATCH_ROWS
+from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES
+from skray.io.sources.units import (
+    Unit,
+    plan_units,
+    shard_unit,
+    table_batches,
+    unit_batches,
+    unit_id,
+)
+
+__all__ = [
+    "DEFAULT_MAX_OBJECT_BYTES",
+    "PARQUET_BATCH_ROWS",
+    "Format",
+    "InputError",
+    "Unit",
+    "file_format",
+    "list_inputs",
+    "plan_units",
+    "shard_unit",
+    "table_batches",
+    "unit_batches",
+    "unit_id",
+]

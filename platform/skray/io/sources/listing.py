@@ -1,0 +1,75 @@
+"""Which objects an input names: a file, a prefix or a glob, listed before any work so a
+missing or empty input fails the job early, and how ``format: auto`` reads each one."""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from typing import Literal
+
+import pyarrow.fs as pafs
+
+from skray.core.errors import SkrayError
+from skray.io.storage import filesystem_for
+
+Format = Literal["images", "webdataset", "parquet"]
+
+GLOB_CHARS = "*?["
+
+
+class InputError(SkrayError):
+    """The input cannot be labeled at all (missing, empty, unreadable): fails the job early."""
+
+
+def _scheme_prefix(uri: str) -> str:
+    return "s3://" if uri.startswith("s3://") else ""
+
+
+def is_hidden(relative: str) -> bool:
+    """A ``.x`` or ``_x`` name anywhere in the path: tool droppings such as ``_SUCCESS``."""
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
+    """Every object under ``uri`` (a file, a prefix, or a glob), recursively and sorted,
+    without hidden names (``.x``, ``_x``) or those matching an ``exclude`` glob."""
+    glob_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
+    base = uri if glob_at < 0 else uri[:glob_at].rsplit("/", 1)[0]
+    fs, base_path = filesystem_for(base)
+    info = fs.get_file_info(base_path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {base}")
+    prefix = _scheme_prefix(uri)
+    # The glob is matched below the base, like ``exclude``: a relative or file:// base
+    # names its files by absolute path, which the glob as written would never match.
+    pattern = uri[len(base) :].lstrip("/")
+    if info.type == pafs.FileType.File:
+        files = [prefix + base_path]
+        base_path = posixpath.dirname(base_path)
+    else:
+        selector = pafs.FileSelector(base_path, recursive=True)
+        files = [
+            prefix + f.path for f in fs.get_file_info(selector) if f.type == pafs.FileType.File
+        ]
+    kept = []
+    for file_uri in files:
+        relative = file_uri[len(prefix) :][len(base_path) :].lstrip("/")
+        if is_hidden(relative) or any(fnmatch.fnmatch(relative, p) for p in exclude):
+            continue
+        if glob_at >= 0 and not fnmatch.fnmatch(relative, pattern):
+            continue
+        kept.append(file_uri)
+    if not kept:
+        raise InputError(
+            f"no input file matched {uri}" + (f" (exclude: {exclude})" if exclude else "")
+        )
+    return sorted(kept)
+
+
+def file_format(uri: str) -> Format:
+    """How ``format: auto`` reads a file: .tar shards, .parquet tables, anything else an image."""
+    if uri.endswith(".tar"):
+        return "webdataset"
+    if uri.endswith(".parquet"):
+        return "parquet"
+    return "images"

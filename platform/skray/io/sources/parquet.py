@@ -1,0 +1,114 @@
+"""Parquet files: rows decoded a few at a time, column chunks read in pieces, so neither
+the file nor a row group is held whole and an oversize cell is never copied into Python."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from skray.io.sources.listing import InputError
+from skray.io.sources.rows import make_row, too_large
+from skray.io.storage import filesystem_for
+
+PARQUET_BATCH_ROWS = 16  # rows decoded from Parquet at a time: at most this many objects held
+PARQUET_BUFFER_BYTES = 2**20  # column chunks are read in pieces this large, not whole
+
+
+def parquet_rows(uri: str, columns: tuple[str, ...]) -> int | None:
+    """The file's row count from its footer, after checking it has ``columns`` (a config
+    mistake: fails before any work). None for an unreadable footer: a corrupt file is
+    data, and becomes an ``unreadable_parquet`` row when its unit is read."""
+    fs, path = filesystem_for(uri)
+    try:
+        parquet = pq.ParquetFile(path, filesystem=fs)
+    except Exception:  # noqa: BLE001 - any unreadable footer is the file's problem, reported as a row
+        return None
+    names = parquet.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{uri}: no column {missing[0]!r} (columns: {names})")
+    return parquet.metadata.num_rows
+
+
+def _cell_sizes(column: pa.Array) -> list[int | None]:
+    """Bytes per cell of a binary or string column; None where there is nothing to measure."""
+    kind = column.type
+    if (
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    ):
+        return pc.binary_length(column).to_pylist()
+    return [None] * len(column)
+
+
+def _batch_rows(
+    uri: str,
+    batch: pa.RecordBatch,
+    first: int,
+    image_column: str,
+    id_column: str | None,
+    meta_columns: tuple[str, ...],
+    max_bytes: int,
+) -> Iterator[dict]:
+    """The rows of one record batch (``first`` is the file's index of its first row); an
+    image cell over ``max_bytes`` is a ``too_large`` row and is never copied into Python."""
+    images = batch.column(image_column)
+    sizes = _cell_sizes(images)
+    ids = batch.column(id_column).to_pylist() if id_column else [None] * batch.num_rows
+    metas = {c: batch.column(c).to_pylist() for c in meta_columns}
+    for i in range(batch.num_rows):
+        key = f"{uri}#{ids[i] if ids[i] is not None else first + i}"
+        meta = (
+            json.dumps({c: metas[c][i] for c in meta_columns}, sort_keys=True)
+            if meta_columns
+            else ""
+        )
+        if sizes[i] is not None and sizes[i] > max_bytes:
+            yield make_row(key, error=too_large("the cell", sizes[i], max_bytes), meta=meta)
+        else:
+            yield make_row(key, images[i].as_py() or b"", meta=meta)
+
+
+def read_parquet(
+    uri: str,
+    image_column: str,
+    id_column: str | None,
+    meta_columns: tuple[str, ...],
+    max_bytes: int,
+) -> Iterator[dict]:
+    """Rows a few at a time, row group by row group, with column chunks read in pieces:
+    the file is never held whole. A file whose footer is unreadable, or a row group that
+    does not decode, is one ``unreadable_parquet`` row; the other row groups still count."""
+    try:
+        fs, path = filesystem_for(uri)
+        parquet = pq.ParquetFile(
+            path, filesystem=fs, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES
+        )
+    except (pa.ArrowException, OSError) as err:
+        yield make_row(uri, error=f"unreadable_parquet: {err}")
+        return
+    columns = list(
+        dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns])
+    )
+    first = 0
+    for group in range(parquet.num_row_groups):
+        index = first
+        try:
+            for batch in parquet.iter_batches(
+                PARQUET_BATCH_ROWS, row_groups=[group], columns=columns
+            ):
+                yield from _batch_rows(
+                    uri, batch, index, image_column, id_column, meta_columns, max_bytes
+                )
+                index += batch.num_rows
+        except (pa.ArrowException, OSError) as err:
+            yield make_row(
+                f"{uri}#<row group {group}>", error=f"unreadable_parquet: row group {group}: {err}"
+            )
+        first += parquet.metadata.row_group(group).num_rows

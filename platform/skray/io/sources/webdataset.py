@@ -1,0 +1,160 @@
+"""WebDataset tar shards, streamed a sample at a time: a shard is never held whole, and
+no header or member can make ``tarfile`` allocate past the size cap."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from typing import Any, Iterator
+
+from skray.io.sources.listing import is_hidden
+from skray.io.sources.rows import make_row, too_large
+from skray.io.storage import filesystem_for
+
+IMAGE_MEMBER_EXTENSIONS = (
+    "jpg",
+    "jpeg",
+    "png",
+    "webp",
+    "bmp",
+    "gif",
+    "tif",
+    "tiff",
+    "img",
+    "image",
+)
+METADATA_MEMBER_EXTENSIONS = ("cls", "json", "txt")
+
+_REGULAR_TAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_TAR_KINDS = {
+    tarfile.SYMTYPE: "a symlink",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a device",
+    tarfile.BLKTYPE: "a device",
+    tarfile.FIFOTYPE: "a fifo",
+}
+
+TAR_HEADER_MAX_BYTES = 2**20  # a pax header or GNU long name, which tarfile reads whole
+_TAR_HEADER_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a pax header or GNU long name over TAR_HEADER_MAX_BYTES: ``tarfile``
+    reads those into memory whole, before it yields the member they describe."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_HEADER_TYPES and self.size > TAR_HEADER_MAX_BYTES:
+            raise tarfile.HeaderError(
+                f"a header block claims {self.size} bytes, over {TAR_HEADER_MAX_BYTES}"
+            )
+        return super()._proc_member(tar)
+
+
+def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
+    """Why a member's data must not be read: it is no regular file (a link points
+    elsewhere; a GNU sparse member claims a size its archive does not hold), or it is too large."""
+    if info.issparse():
+        return f"tar_member_not_regular: {info.name} is a sparse file claiming {info.size} bytes"
+    if info.type not in _REGULAR_TAR_TYPES:
+        kind = _TAR_KINDS.get(info.type, f"of tar type {info.type!r}")
+        return f"tar_member_not_regular: {info.name} is {kind}"
+    if info.size > max_bytes:
+        return too_large(info.name, info.size, max_bytes)
+    return None
+
+
+def _is_used_member(ext: str) -> bool:
+    """Whether a sample needs a member's bytes: its image or its metadata."""
+    return ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS or ext in METADATA_MEMBER_EXTENSIONS
+
+
+def _tar_samples(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(sample key, members by extension, error) per WebDataset sample, in tar order,
+    streamed: only the current sample's members are held.
+
+    Members are grouped by basename up to the first dot (``a/b.jpg`` and
+    ``a/b.cls`` form sample ``a/b``). Only image and metadata members are read;
+    others are named, with empty bytes. A sample with a member that is no
+    regular file or is over ``max_bytes`` gets that error, and no more of its
+    members are read. A tar that breaks off inside a member yields an error for
+    the sample it broke in. One that breaks off between or inside headers reads,
+    to ``tarfile``, like a short archive: the missing end-of-archive blocks give
+    it away, and it yields a ``<truncated>`` error.
+    """
+    fs, path = filesystem_for(uri)
+    size = fs.get_file_info(path).size
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    problem: str | None = None
+    with fs.open_input_stream(path) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
+                for info in tar:
+                    tar.members.clear()  # tarfile keeps every header it read: a shard's worth
+                    if info.isdir() or is_hidden(info.name):
+                        continue
+                    dirname, basename = posixpath.split(info.name)
+                    stem, _, ext = basename.partition(".")
+                    key, ext = posixpath.join(dirname, stem), ext.lower()
+                    if key != current and current is not None:
+                        yield current, members, problem
+                        members, problem = {}, None
+                    current = key
+                    if problem is None and not _is_used_member(ext):
+                        members[ext] = b""
+                    elif problem is None:
+                        problem = _member_problem(info, max_bytes)
+                        members[ext] = b"" if problem else tar.extractfile(info).read()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            yield (current or "<tar>"), {}, f"broken_tar: {err}"
+            return
+    if current is not None:
+        yield current, members, problem
+    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
+        yield (
+            "<truncated>",
+            {},
+            "broken_tar: the archive ends without its end-of-archive blocks (truncated)",
+        )
+
+
+def _decode_member(data: bytes, ext: str) -> Any:
+    text = data.decode("utf-8", errors="replace").strip()
+    if ext == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if ext == "cls" and text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None) -> dict:
+    full_key = f"{uri}#{key}"
+    if error:
+        return make_row(full_key, error=error)
+    image_ext = next((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS), None)
+    meta = {e: _decode_member(members[e], e) for e in members if e in METADATA_MEMBER_EXTENSIONS}
+    meta_json = json.dumps(meta, sort_keys=True) if meta else ""
+    if image_ext is None:
+        return make_row(
+            full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json
+        )
+    return make_row(full_key, members[image_ext], meta=meta_json)
+
+
+def read_webdataset(uri: str, max_bytes: int) -> Iterator[dict]:
+    """One row per sample of the shard at ``uri``, its metadata members as ``meta``."""
+    try:
+        for key, members, error in _tar_samples(uri, max_bytes):
+            yield _sample_row(uri, key, members, error)
+    except OSError as err:
+        yield make_row(uri, error=f"unreadable: {err}")

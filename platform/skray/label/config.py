@@ -1,0 +1,140 @@
+"""The labeling job's config schema: what a run reads, how it labels, and where it writes.
+
+Apart from the driver so the CLI, tests and benchmarks build and check a config without
+the machinery that runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field
+
+from skray.core.images import PreprocessingConfig
+from skray.io.config import (
+    Decode,
+    MlflowConfig,
+    ModelName,
+    ModelPreprocessing,
+    PrecisionOptions,
+    StrictModel,
+)
+from skray.io.sources import DEFAULT_MAX_OBJECT_BYTES
+from skray.label.commit import DEFAULT_CONCURRENCY
+from skray.label.lease import DEFAULT_TTL_S
+
+
+class ActorsConfig(PrecisionOptions):
+    gpus_key = "gpus"
+
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+    gpus: Literal["auto"] | float = Field(
+        "auto", description="per actor; auto = 1 when the cluster has GPUs"
+    )
+    cpus: float = Field(1, gt=0)
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per CPU actor")
+    compile: bool = False
+    batch_size: int | Literal["auto"] | None = Field(
+        None, description="the model's batch shape (None: batch_size); auto: probed per GPU"
+    )
+
+
+class S3Config(StrictModel):
+    """Where S3 is, when not in the environment; credentials only ever come from the environment."""
+
+    endpoint_url: str | None = Field(
+        None, description="else AWS_ENDPOINT_URL; e.g. http://127.0.0.1:9000 for MinIO"
+    )
+    region: str | None = Field(None, description="else AWS_REGION / AWS_DEFAULT_REGION")
+
+    def env(self) -> dict[str, str]:
+        values = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
+        return {name: value for name, value in values.items() if value}
+
+
+class LabelMlflowConfig(MlflowConfig):
+    """Each labeling run as an MLflow run; the store is reached before any work."""
+
+    enabled: bool = True
+    experiment: str = "skray-label"
+
+
+class LabelConfig(StrictModel):
+    input: str
+    output: str
+    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
+    exclude: list[str] = []
+    model: ModelName | None = Field(
+        None, description="None: the architecture recorded in the weights, else the default"
+    )
+    weights: str | None = None
+    top_k: int = Field(5, ge=1, le=1000)
+    min_score: float | None = Field(
+        None, ge=0, le=1, description="a top score under it: no label, low_confidence"
+    )
+    batch_size: int = Field(32, ge=1)
+    files_per_unit: int = Field(256, ge=1)
+    image_column: str = "image"
+    id_column: str | None = None
+    decode_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="per read+decode task; unlike actors.cpus, so Ray keeps the stages apart",
+    )
+    decode_concurrency: int | None = Field(
+        None, ge=1, description="max read+decode tasks at once (None: as CPUs allow)"
+    )
+    max_object_bytes: int = Field(
+        DEFAULT_MAX_OBJECT_BYTES, ge=1, description="per image file, tar member, Parquet cell"
+    )
+    decode_memory_mb: int | None = Field(
+        None, ge=1, description="per read+decode task (None: from the bounds above)"
+    )
+    decode: Decode = Field(
+        "auto",
+        description=(
+            "gpu: actors decode the bytes next to the model; auto: gpu when actors get GPUs"
+        ),
+    )
+    preprocessing: ModelPreprocessing = Field(
+        PreprocessingConfig(), description="unset fields: the model's"
+    )
+    actors: ActorsConfig = ActorsConfig()
+    s3: S3Config = S3Config()
+    overwrite: bool = False
+    lease_ttl_s: float = Field(
+        DEFAULT_TTL_S, ge=5, description="a killed run's lease is taken over after this"
+    )
+    progress_interval_s: float = Field(5, gt=0)
+    commit_concurrency: int = Field(
+        DEFAULT_CONCURRENCY, ge=1, description="parts written at once (S3 PUTs overlap)"
+    )
+    mlflow: LabelMlflowConfig = LabelMlflowConfig()
+
+    def fingerprint(self) -> str:
+        """What decides the output's content, besides the weights (pinned by sha256 in the job
+        record): a rerun must match it to resume. ``files_per_unit`` is not part of it:
+        units are cut from the keys still to do, so it changes nothing committed. ``min_score``
+        counts only when set, so outputs made before it existed keep their fingerprint."""
+        keys = (
+            "input",
+            "format",
+            "exclude",
+            "model",
+            "top_k",
+            "image_column",
+            "id_column",
+            "preprocessing",
+            "max_object_bytes",
+        )
+        content = {
+            **self.model_dump(mode="json", include=set(keys)),
+            "precision": self.actors.precision,
+        }
+        if self.min_score is not None:
+            content["min_score"] = self.min_score
+        blob = json.dumps(content, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
