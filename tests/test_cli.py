@@ -95,7 +95,7 @@ def test_label_with_an_unknown_config_key_names_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("job", ["label", "train", "sweep", "serve"])
 def test_config_lists_every_key_with_its_type_default_and_description(job, capsys):
-    assert main(["config", job, "--schema"]) == 0
+    assert main(["config", job]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["key", "type", "default", "description"]
     keys = {line.split()[0] for line in lines[1:]}
@@ -103,6 +103,27 @@ def test_config_lists_every_key_with_its_type_default_and_description(job, capsy
         assert {"input", "actors.batch_size", "preprocessing.crop_pct", "mlflow.enabled"} <= keys
         row = next(line for line in lines if line.startswith("actors.precision "))
         assert "'fp32' | 'int8'" in row and "calibration" in row  # type, default, description
+
+
+@pytest.mark.parametrize("job", ["label", "train", "sweep", "serve"])
+def test_every_config_key_has_a_description(job):
+    import importlib
+
+    from skray.cli import CONFIG_SCHEMAS
+    from skray.io.config import describe_keys
+
+    module, name = CONFIG_SCHEMAS[job]
+    rows = describe_keys(getattr(importlib.import_module(module), name))
+    assert [key for key, _, _, description in rows if not description.strip()] == []
+
+
+def test_config_shows_a_sections_default_as_the_job_sets_it(capsys):
+    # Serving refuses smaller images than the preprocessing section's own default.
+    assert main(["config", "serve"]) == 0
+    (row,) = [
+        r for r in capsys.readouterr().out.splitlines() if r.startswith("preprocessing.max_pixels ")
+    ]
+    assert row.split()[2] == "40000000"
 
 
 def test_config_json_is_the_schema_with_the_descriptions(capsys):

@@ -356,7 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
         "config", help="every key of a job's config: type, default and what it does"
     )
     config.add_argument("job", choices=sorted(CONFIG_SCHEMAS))
-    config.add_argument("--schema", action="store_true", help="the key table (the default)")
     config.add_argument("--json", action="store_true", help="the JSON schema instead")
     config.set_defaults(func=cmd_config)
 

@@ -16,8 +16,8 @@ from skray.dev.testing import synthetic_image, webdataset_shard
 from skray.io.sources import (
     InputError,
     Unit,
+    group_units,
     list_inputs,
-    plan_units,
     table_batches,
     unit_batches,
 )
@@ -114,13 +114,13 @@ def test_list_inputs_accepts_a_relative_local_glob(tmp_path, monkeypatch):
     assert list_inputs(f"file://{tmp_path}/data/*.png") == [str(tmp_path / "data" / "b.png")]
 
 
-# --- sources.plan_units ----------------------------------------------------
+# --- sources.group_units ----------------------------------------------------
 
 
 def test_plan_units_cuts_image_files_into_runs_of_files_per_unit():
     files = [f"/d/img{i}.jpg" for i in range(7)]
 
-    units = plan_units(files, "auto", files_per_unit=3)
+    units = group_units(files, "auto", files_per_unit=3)
 
     assert [u.uris for u in units] == [tuple(files[0:3]), tuple(files[3:6]), tuple(files[6:7])]
     assert [u.rows for u in units] == [3, 3, 1]
@@ -133,7 +133,7 @@ def test_plan_units_makes_each_tar_and_parquet_file_its_own_unit_under_format_au
         write_bytes_atomic(t, parquet_bytes({"image": [b"a", b"b", b"c"]}))
     shards = ["/d/s0.tar", "/d/s1.tar"]
 
-    units = plan_units(["/d/a.jpg", "/d/b.jpg", *shards, *tables], "auto", files_per_unit=10)
+    units = group_units(["/d/a.jpg", "/d/b.jpg", *shards, *tables], "auto", files_per_unit=10)
 
     formats = ("images", "webdataset", "parquet")
     by_format = {f: [u for u in units if u.format == f] for f in formats}
@@ -147,9 +147,9 @@ def test_plan_units_makes_each_tar_and_parquet_file_its_own_unit_under_format_au
 def test_plan_units_gives_the_same_files_the_same_ids_and_other_files_other_ids():
     files = [f"/d/img{i}.jpg" for i in range(4)] + ["/d/s.tar"]
 
-    first = [u.id for u in plan_units(files, "auto", 2)]
-    again = [u.id for u in plan_units(list(files), "auto", 2)]
-    other = [u.id for u in plan_units([f.replace("/d/", "/e/") for f in files], "auto", 2)]
+    first = [u.id for u in group_units(files, "auto", 2)]
+    again = [u.id for u in group_units(list(files), "auto", 2)]
+    other = [u.id for u in group_units([f.replace("/d/", "/e/") for f in files], "auto", 2)]
 
     assert first == again
     assert len(set(first)) == len(first)
@@ -161,13 +161,13 @@ def test_plan_units_fails_on_a_parquet_file_without_the_image_column_naming_it(t
     write_bytes_atomic(table, parquet_bytes({"picture": [b"a"]}))
 
     with pytest.raises(InputError, match=r"no column 'image'"):
-        plan_units([table], "auto", 10)
+        group_units([table], "auto", 10)
     with pytest.raises(InputError, match=r"no column 'id'"):
-        plan_units([table], "auto", 10, parquet_columns=("picture", "id"))
+        group_units([table], "auto", 10, parquet_columns=("picture", "id"))
 
 
 def test_plan_units_with_format_images_treats_a_tar_as_an_image_file():
-    units = plan_units(["/d/a.jpg", "/d/s.tar"], "images", 10)
+    units = group_units(["/d/a.jpg", "/d/s.tar"], "images", 10)
 
     assert [(u.format, u.uris) for u in units] == [("images", ("/d/a.jpg", "/d/s.tar"))]
 
@@ -187,7 +187,7 @@ def test_table_batches_of_image_files_yields_one_row_per_file_with_its_bytes(tmp
     images = {str(tmp_path / f"img{i}.jpg"): synthetic_image(i) for i in range(3)}
     for uri, data in images.items():
         write_bytes_atomic(uri, data)
-    [unit] = plan_units(sorted(images), "auto", 10)
+    [unit] = group_units(sorted(images), "auto", 10)
 
     rows = all_rows(unit)
 

@@ -171,7 +171,7 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(
         if not record.exists():
             return {}
         client = MlflowClient()
-        parent = client.get_run(json.loads(record.read_text())["parent_run_id"])
+        parent = client.get_run(json.loads(record.read_text())["mlflow_run_id"])
         children = client.search_runs(
             [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )

@@ -27,7 +27,7 @@ from skray.train.driver import CONFIG_FILE, RUN_FILE, check_inputs, run
 from skray.train.ingest import IngestStalledError, stall_guarded
 from skray.train.loop import evaluate_epoch, train_epoch
 from skray.train.recipe import batch_loss, lr_at, steps_per_epoch
-from skray.train.resources import plan_cpus
+from skray.train.resources import split_cpus
 
 pytestmark = pytest.mark.timeout(600)
 CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
@@ -481,8 +481,8 @@ def test_workers_that_would_take_every_cpu_leave_room_for_the_ingest_and_say_so(
         data={"train": "unused"}, scaling={"workers": 2, "use_gpu": False, "cpus_per_worker": 1}
     )
 
-    tight = plan_cpus(cfg, cluster_cpus=2)
-    roomy = plan_cpus(cfg, cluster_cpus=4)
+    tight = split_cpus(cfg, cluster_cpus=2)
+    roomy = split_cpus(cfg, cluster_cpus=4)
 
     assert 2 * tight.cpus_per_worker + tight.decode_cpus <= 2, (
         "one decode task fits beside the workers"

@@ -114,7 +114,7 @@ class PrecisionOptions(StrictModel):
 class MlflowConfig(StrictModel):
     """Where a job's runs are recorded in MLflow."""
 
-    experiment: str
+    experiment: str = Field(description="the MLflow experiment the runs go in; created if missing")
     tracking_uri: str | None = Field(
         None, description="else $MLFLOW_TRACKING_URI, else the local store in .skray/"
     )
@@ -234,17 +234,26 @@ def dump_config(config: BaseModel, *, redact: bool = True) -> str:
     return yaml.safe_dump(redact_values(data) if redact else data, sort_keys=False)
 
 
-def describe_keys(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Every key of ``schema``, nested sections dotted: (key, type, default, description)."""
+def describe_keys(
+    schema: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+) -> list[tuple[str, str, str, str]]:
+    """Every key of ``schema``, nested sections dotted: (key, type, default, description).
+
+    A section's defaults are those of the parent's default instance (a job may set a
+    section's default apart from the section class's own)."""
     rows = []
     for name, field in schema.model_fields.items():
         key = f"{prefix}{name}"
+        default = (
+            getattr(defaults, name)
+            if defaults is not None
+            else field.get_default(call_default_factory=True)
+        )
         section = field.annotation if isinstance(field.annotation, type) else None
         if section is not None and issubclass(section, BaseModel):
-            rows += describe_keys(section, f"{key}.")
+            rows += describe_keys(section, f"{key}.", None if field.is_required() else default)
             continue
-        default = field.get_default(call_default_factory=True)
-        shown = "required" if field.is_required() else repr(default)
+        shown = "required" if field.is_required() and defaults is None else repr(default)
         rows.append((key, type_name(field.annotation), shown, field.description or ""))
     return rows
 

@@ -29,14 +29,18 @@ from skray.label.lease import DEFAULT_TTL_S
 class ActorsConfig(PrecisionOptions):
     gpus_key = "gpus"
 
-    min: int = Field(1, ge=1)
-    max: int = Field(1, ge=1)
+    min: int = Field(
+        1, ge=1, description="CPU actors: the pool starts here, autoscales up to max (not on GPUs)"
+    )
+    max: int = Field(
+        1, ge=1, description="the pool's largest size; GPU actors all start at once, as GPUs allow"
+    )
     gpus: Literal["auto"] | float = Field(
         "auto", description="per actor; auto = 1 when the cluster has GPUs"
     )
-    cpus: float = Field(1, gt=0)
+    cpus: float = Field(1, gt=0, description="CPUs each actor reserves from Ray")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per CPU actor")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model in each actor")
     batch_size: int | Literal["auto"] | None = Field(
         None, description="the model's batch shape (None: batch_size); auto: probed per GPU"
     )
@@ -58,27 +62,44 @@ class S3Config(StrictModel):
 class LabelMlflowConfig(MlflowConfig):
     """Each labeling run as an MLflow run; the store is reached before any work."""
 
-    enabled: bool = True
-    experiment: str = "skray-label"
+    enabled: bool = Field(
+        True, description="record each run in MLflow (the store is reached before any work)"
+    )
+    experiment: str = Field("skray-label", description="each labeling run is a run in it")
 
 
 class LabelConfig(StrictModel):
-    input: str
-    output: str
-    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
-    exclude: list[str] = []
+    input: str = Field(description="a prefix (recursive), a file or a glob; local or s3://")
+    output: str = Field(description="the Parquet parts, manifest and report; local or s3://")
+    format: Literal["auto", "images", "webdataset", "parquet"] = Field(
+        "auto", description="auto: .tar is webdataset, .parquet parquet, anything else images"
+    )
+    exclude: list[str] = Field(
+        [], description="globs, relative to the input, of files to skip (hidden ones always are)"
+    )
     model: ModelName | None = Field(
         None, description="None: the architecture recorded in the weights, else the default"
     )
-    weights: str | None = None
-    top_k: int = Field(5, ge=1, le=1000)
+    weights: str | None = Field(
+        None,
+        description="path, s3://, https://, pretrained, models:/, runs:/; None: random weights",
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="labels kept per image, best first")
     min_score: float | None = Field(
         None, ge=0, le=1, description="a top score under it: no label, low_confidence"
     )
-    batch_size: int = Field(32, ge=1)
-    files_per_unit: int = Field(256, ge=1)
-    image_column: str = "image"
-    id_column: str | None = None
+    batch_size: int = Field(
+        32, ge=1, description="images per batch from read+decode to the model actors"
+    )
+    files_per_unit: int = Field(
+        256,
+        ge=1,
+        description="image files per unit (one task, one part); each tar or Parquet file is one",
+    )
+    image_column: str = Field("image", description="Parquet inputs: the column of image bytes")
+    id_column: str | None = Field(
+        None, description="Parquet inputs: the column naming each row's key (None: the row index)"
+    )
     decode_cpus: float = Field(
         0.5,
         gt=0,
@@ -104,11 +125,15 @@ class LabelConfig(StrictModel):
     )
     actors: ActorsConfig = ActorsConfig()
     s3: S3Config = S3Config()
-    overwrite: bool = False
+    overwrite: bool = Field(
+        False, description="discard the earlier output and start over (else a rerun resumes)"
+    )
     lease_ttl_s: float = Field(
         DEFAULT_TTL_S, ge=5, description="a killed run's lease is taken over after this"
     )
-    progress_interval_s: float = Field(5, gt=0)
+    progress_interval_s: float = Field(
+        5, gt=0, description="seconds between the driver's progress lines"
+    )
     commit_concurrency: int = Field(
         DEFAULT_CONCURRENCY, ge=1, description="parts written at once (S3 PUTs overlap)"
     )

@@ -26,10 +26,20 @@ class ServeConfig(PrecisionOptions):
     model: ModelName | None = Field(
         None, description="None: the architecture recorded in the weights, else the default"
     )
-    weights: str | None = None
+    weights: str | None = Field(
+        None,
+        description="path, s3://, https://, pretrained, models:/, runs:/; None: random weights",
+    )
     top_k: int = Field(5, ge=1, description="when the request does not say")
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="images per forward pass at most; a batch is what queued while the last ran",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="seconds a short batch waits for more once the model is free"
+    )
     max_body_bytes: int = Field(16 << 20, ge=1024, description="per request, multipart included")
     max_images_per_request: int = Field(64, ge=1, description="/v1/classify/batch")
     preprocessing: ModelPreprocessing = PreprocessingConfig(max_pixels=SERVE_MAX_PIXELS)
@@ -45,7 +55,7 @@ class ServeConfig(PrecisionOptions):
     auth_token_env: str | None = Field(
         None, description="if set: the environment variable holding the bearer token"
     )
-    cpus_per_replica: float = Field(1, gt=0)
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs each replica reserves from Ray")
     gpus_per_replica: Literal["auto"] | float = Field(
         "auto", description="auto: 1 when the cluster has GPUs"
     )

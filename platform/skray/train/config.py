@@ -16,14 +16,27 @@ from skray.io.config import ModelName, ModelPreprocessing, RegistryMlflowConfig,
 
 
 class DataConfig(StrictModel):
-    train: str
-    val: str | None = None
-    format: Literal["folder", "webdataset", "parquet"] = "folder"
-    class_names: list[str] | None = None
-    num_classes: int | None = Field(None, ge=2)
-    image_column: str = "image"
-    label_column: str = "label"
-    files_per_unit: int = Field(64, ge=1)
+    train: str = Field(description="the training data, in `format`; local or s3://")
+    val: str | None = Field(
+        None,
+        description="scored after each epoch; same format and classes (None: data.train)",
+    )
+    format: Literal["folder", "webdataset", "parquet"] = Field(
+        "folder",
+        description="folder: ROOT/<class>/<image>; webdataset: .cls members; parquet: label column",
+    )
+    class_names: list[str] | None = Field(
+        None,
+        description="None: folder names or Parquet labels, sorted; webdataset: this or num_classes",
+    )
+    num_classes: int | None = Field(
+        None, ge=2, description="webdataset without class_names: classes class_0 .. class_<N-1>"
+    )
+    image_column: str = Field("image", description="parquet: the column of image bytes")
+    label_column: str = Field("label", description="parquet: the column of class labels")
+    files_per_unit: int = Field(
+        64, ge=1, description="folder: images per read task; each tar or Parquet file is one"
+    )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="undecodable images are skipped; above this the run fails"
     )
@@ -39,11 +52,15 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    name: ModelName = DEFAULT_MODEL
+    name: ModelName = Field(
+        DEFAULT_MODEL, description="the architecture to train (a registered name)"
+    )
     weights: str | None = Field(
         None, description="fine-tuning: start from these weights, head sized by the dataset"
     )
-    freeze_backbone_epochs: int = Field(0, ge=0)
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, description="fine-tuning: only the head learns for the first N epochs"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -60,23 +77,33 @@ class OptimConfig(StrictModel):
     lr: float = Field(
         0.1, gt=0, description="at base_batch_size; the rule: lr * batch_size / base_batch_size"
     )
-    base_batch_size: int = Field(256, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    no_weight_decay_on_norm_and_bias: bool = True
-    warmup_epochs: float = Field(5, ge=0)
-    min_lr: float = Field(0, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    base_batch_size: int = Field(256, ge=1, description="the global batch size lr is given for")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay (L2)")
+    no_weight_decay_on_norm_and_bias: bool = Field(
+        True, description="no weight decay on 1-D tensors: norm weights and biases"
+    )
+    warmup_epochs: float = Field(
+        5, ge=0, description="linear warm-up to the scaled lr (per step), then cosine to min_lr"
+    )
+    min_lr: float = Field(
+        0, ge=0, description="the cosine's floor, reached at the last step; not batch-scaled"
+    )
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="of the cross-entropy loss")
 
 
 class WorkersConfig(StrictModel):
-    workers: int = Field(8, ge=1)
-    use_gpu: bool = True
-    cpus_per_worker: float = Field(1, gt=0)
+    workers: int = Field(
+        8, ge=1, description="Ray Train workers (DDP ranks); batch_size must divide by it"
+    )
+    use_gpu: bool = Field(True, description="one GPU per worker (nccl); false: CPU workers (gloo)")
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs each worker reserves; lowered when the ingest would get none"
+    )
 
 
 class TrainMlflowConfig(RegistryMlflowConfig):
-    experiment: str = "skray-train"
+    experiment: str = Field("skray-train", description="each training run is a run in it")
 
 
 _MOVED_KEYS = {
@@ -99,10 +126,12 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     scaling: WorkersConfig = WorkersConfig()
     mlflow: TrainMlflowConfig = TrainMlflowConfig()
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(100, ge=1, description="passes over data.train; the LR schedule spans them")
     batch_size: int = Field(256, ge=1, description="global, across workers")
-    randaugment: bool = False
-    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    randaugment: bool = Field(
+        False, description="add RandAugment to the training crops, after crop and flip"
+    )
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment's magnitude, 0..30")
     amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="on GPU only")
     channels_last: bool = Field(
         True, description="on GPU only: NHWC model and inputs, what tensor cores want"

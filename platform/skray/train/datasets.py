@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from skray.core.crops import crop_rows
 from skray.core.images import PreprocessingConfig, decode_for_eval, decode_for_train, train_augment
-from skray.io.sources import InputError, Unit, list_inputs, plan_units, table_batches
+from skray.io.sources import InputError, Unit, group_units, list_inputs, table_batches
 from skray.io.sources.listing import is_hidden
 from skray.io.sources.webdataset import BoundedTarInfo
 from skray.io.storage import filesystem_for
@@ -129,10 +129,10 @@ def discover(
     if fmt == "folder":
         # Listing order is class by class: a fixed shuffle makes every unit (and so every
         # streamed block, and batch) a mix of classes without a costly shuffle buffer.
-        units = plan_units(random.Random(0).sample(files, len(files)), "images", files_per_unit)
+        units = group_units(random.Random(0).sample(files, len(files)), "images", files_per_unit)
         names = tuple(class_names) if class_names else _folder_classes(uri, files)
     elif fmt == "webdataset":
-        units = plan_units(files, "webdataset", files_per_unit)
+        units = group_units(files, "webdataset", files_per_unit)
         if not class_names and not num_classes:
             raise DatasetError(
                 "a webdataset dataset needs data.class_names or data.num_classes "
@@ -140,7 +140,7 @@ def discover(
             )
         names = tuple(class_names or (f"class_{i}" for i in range(num_classes or 0)))
     else:
-        units = plan_units(files, "parquet", files_per_unit, (image_column, label_column))
+        units = group_units(files, "parquet", files_per_unit, (image_column, label_column))
         names = tuple(class_names) if class_names else _parquet_classes(files, label_column)
     return LabeledData(uri, fmt, tuple(units), names, label_column, image_column)
 

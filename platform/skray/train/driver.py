@@ -29,7 +29,7 @@ from skray.io.storage import (
 from skray.train.config import TrainConfig
 from skray.train.datasets import LabeledData, discover, ray_dataset, with_row_counts
 from skray.train.loop import train_loop
-from skray.train.resources import CpuPlan, plan_cpus
+from skray.train.resources import CpuSplit, split_cpus
 from skray.weights.files import read_safetensors_metadata
 from skray.weights.resolver import PinnedWeights, load_weights, pin_weights
 
@@ -150,9 +150,9 @@ def build_trainer(
     }
     per_task = max(1, cfg.batch_size // cfg.scaling.workers)
     cpus = (
-        plan_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
+        split_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
         if ray.is_initialized()
-        else CpuPlan(cfg.scaling.cpus_per_worker, cfg.data.decode_cpus)
+        else CpuSplit(cfg.scaling.cpus_per_worker, cfg.data.decode_cpus)
     )
     if cpus.note:
         print(f"[train] {cpus.note}", flush=True)

@@ -10,7 +10,7 @@ from skray.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
-class CpuPlan:
+class CpuSplit:
     """The CPUs each training worker and each read+decode task of the ingest ask Ray for."""
 
     cpus_per_worker: float
@@ -18,7 +18,7 @@ class CpuPlan:
     note: str | None = None  # what was changed and why, or what will wait
 
 
-def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
+def split_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuSplit:
     """Fit the workers *and* the ingest into a cluster of ``cluster_cpus`` logical CPUs.
 
     The workers hold their CPUs for the whole run; a decode task that finds none left waits
@@ -35,10 +35,10 @@ def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
     )
     need = workers * per_worker
     if cluster_cpus - need >= decode:
-        return CpuPlan(per_worker, decode)
+        return CpuSplit(per_worker, decode)
     asked = f"scaling.workers {workers} x scaling.cpus_per_worker {per_worker:g}"
     if need > cluster_cpus:
-        return CpuPlan(
+        return CpuSplit(
             per_worker,
             decode,
             note=(
@@ -48,7 +48,7 @@ def plan_cpus(cfg: TrainConfig, cluster_cpus: float) -> CpuPlan:
             ),
         )
     given = min(decode, per_worker / 2)
-    return CpuPlan(
+    return CpuSplit(
         per_worker - given,
         given,
         note=(

@@ -27,7 +27,7 @@ from skray.io.config import (
     read_yaml,
     validate,
 )
-from skray.io.storage import join, read_json, write_json
+from skray.io.storage import join
 from skray.train.config import TrainConfig
 from skray.train.driver import RUN_FILE, build_trainer, check_inputs
 from skray.train.loop import EPOCH_SCORES
@@ -70,38 +70,61 @@ class Dimension(StrictModel):
 
 
 class AshaConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no early stopping, every trial runs all epochs")
     grace_period: int = Field(
         1, ge=1, description="epochs every trial runs before it can be stopped"
     )
-    reduction_factor: float = Field(2, gt=1)
+    reduction_factor: float = Field(
+        2, gt=1, description="at each rung (grace_period x factor^k epochs) the best 1/factor go on"
+    )
 
 
 class SweepMlflowConfig(RegistryMlflowConfig):
-    experiment: str = "skray-sweeps"
-    alias: str | None = "sweep-best"
+    experiment: str = Field(
+        "skray-sweeps", description="the sweep's parent run and a nested run per trial go in it"
+    )
+    alias: str | None = Field(
+        "sweep-best", description="set on the best trial's registered version"
+    )
 
 
 class SweepConfig(StrictModel):
     name: str | None = Field(
         None, description="default sweep-<UTC timestamp>; the sweep lives in storage_path/name"
     )
-    base: str  # the training config the trials start from
+    base: str = Field(description="the training config file every trial starts from")
     set: list[str] = Field([], description="overrides applied to the base config, as with --set")
-    space: dict[str, Dimension]  # dotted training keys -> how to search them
-    search: Literal["random", "grid", "optuna"] = "random"
+    space: dict[str, Dimension] = Field(
+        description="dotted training keys -> how to search each: type, low/high or values"
+    )
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="random: sampled; grid: every combination (grid dimensions only); optuna: TPE",
+    )
     optuna_startup_trials: int = Field(
         10, ge=1, description="optuna: random trials before TPE models the results"
     )
     seed: int | None = Field(
         None, description="optuna: the sampler's seed, for a sweep that suggests the same again"
     )
-    metric: str = "val_top1"
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field(
+        "val_top1",
+        description="trials are stopped and ranked by it; one that training reports each epoch",
+    )
+    mode: Literal["max", "min"] = Field(
+        "max", description="max: a higher metric is better; min: a lower one"
+    )
     asha: AshaConfig = AshaConfig()
-    num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
-    storage_path: str = ".skray/sweeps"
+    num_samples: int = Field(
+        8, ge=1, description="trials drawn from the space; with grid dimensions, per grid point"
+    )
+    max_concurrent_trials: int = Field(
+        2, ge=1, description="trials at once, each a whole Ray Train run"
+    )
+    storage_path: str = Field(
+        ".skray/sweeps",
+        description="local or s3://; the trials' runs go in storage_path/<name>-trials",
+    )
     mlflow: SweepMlflowConfig = SweepMlflowConfig()
 
     @model_validator(mode="after")
@@ -210,18 +233,14 @@ def run(cfg: SweepConfig, resume: str | None = None) -> dict[str, Any]:
         else sweep_dir.rsplit("/", 1)[0]
     )
     tracking_uri = store.configure(cfg.mlflow.tracking_uri)
-    previous = read_json(join(sweep_dir, SWEEP_FILE)) if resume else None
-    if previous:
-        parent = previous["parent_run_id"]
-    else:
-        parent = store.start_run(
-            cfg.mlflow.experiment,
-            name,
-            params={"sweep": cfg.model_dump(mode="json")},
-            tags=store.run_tags(train_cfg.data.train),
-        )
-        store.log_text(parent, dump_config(cfg), "sweep.yaml")
-        write_json(join(sweep_dir, SWEEP_FILE), {"parent_run_id": parent, "name": name})
+    parent = store.resume_or_start_run(  # a resumed sweep keeps its parent run
+        join(sweep_dir, SWEEP_FILE),
+        cfg.mlflow.experiment,
+        name,
+        params={"sweep": cfg.model_dump(mode="json")},
+        tags=store.run_tags(train_cfg.data.train),
+    )
+    store.log_text(parent, dump_config(cfg), "sweep.yaml")
     print("[sweep] resolved config:\n" + dump_config(cfg), flush=True)
 
     ray.init(ignore_reinit_error=True)

@@ -8,7 +8,7 @@ from skray.io.sources.parquet import PARQUET_BATCH_ROWS
 from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES
 from skray.io.sources.units import (
     Unit,
-    plan_units,
+    group_units,
     shard_unit,
     table_batches,
     unit_batches,
@@ -23,7 +23,7 @@ __all__ = [
     "Unit",
     "file_format",
     "list_inputs",
-    "plan_units",
+    "group_units",
     "shard_unit",
     "table_batches",
     "unit_batches",

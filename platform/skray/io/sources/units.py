@@ -49,7 +49,7 @@ def unit_id(fmt: str, uris: list[str]) -> str:
     return hashlib.sha256(("\n".join([fmt, *uris])).encode()).hexdigest()[:20]
 
 
-def plan_units(
+def group_units(
     files: list[str],
     fmt: Format | Literal["auto"],
     files_per_unit: int,
