@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import mlflow_store_in
 from skray.dev.embedded import EmbeddedS3, LocalRayHead
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
@@ -59,7 +60,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     too, since an earlier test's ``mlflow.set_tracking_uri`` would otherwise win over the env."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store_in(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SKRAY_HOME", str(tmp_path))
     mlflow.set_tracking_uri(uri)

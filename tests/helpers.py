@@ -8,8 +8,13 @@ a fixed time for something that can be observed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +30,25 @@ SMALL = "skresnext14_8x4d_half"  # the small model variant every test uses
 CLASSES = [f"class-{i}" for i in range(10)]
 
 T = TypeVar("T")
+
+
+@functools.cache
+def _mlflow_template() -> Path:
+    """An empty SQLite MLflow store, its tables made once per test process (about 2 s), by a
+    process of its own: no connection of this one is left open on the file."""
+    path = Path(tempfile.mkdtemp(prefix="skray-mlflow-template-")) / "mlflow.db"
+    code = f"from mlflow import MlflowClient; MlflowClient('sqlite:///{path}').search_experiments()"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    return path
+
+
+def mlflow_store_in(directory: Path) -> str:
+    """The URI of the SQLite MLflow store in ``directory``; where there is none yet, a copy of
+    an empty one made once, so that no test pays for creating MLflow's tables."""
+    path = Path(directory) / "mlflow.db"
+    if not path.exists():
+        shutil.copyfile(_mlflow_template(), path)
+    return f"sqlite:///{path}"
 
 
 def wait_for(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:

@@ -9,6 +9,11 @@ from typing import Sequence
 from skray.core.errors import SkrayError
 from skray.core.model import DEFAULT_MODEL, list_models
 
+# Exit codes: 0 complete; 1 failed (a traceback: a bug or a fault skray does not know);
+# 2 refused (an error it names: config, input, access); 3 incomplete (storage faults left
+# units unread past the retry budget): rerun to finish.
+EXIT_REFUSED, EXIT_INCOMPLETE = 2, 3
+
 RANDOM_WEIGHTS_WARNING = (
     "warning: no --weights given: the model has RANDOM weights, so the labels are meaningless"
 )
@@ -87,7 +92,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     )
     manifest = run(cfg)
     print(format_summary(manifest))
-    return 0
+    return EXIT_INCOMPLETE if manifest["incomplete"] else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -371,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SkrayError as err:  # what the user gave cannot be used: the message says why
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

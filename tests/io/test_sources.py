@@ -198,14 +198,14 @@ def test_table_batches_of_image_files_yields_one_row_per_file_with_its_bytes(tmp
     }
 
 
-def test_table_batches_turns_an_unreadable_image_file_into_an_error_row(tmp_path):
+def test_an_image_file_deleted_since_the_listing_is_a_missing_row(tmp_path):
     good, gone = str(tmp_path / "good.jpg"), str(tmp_path / "gone.jpg")
     write_bytes_atomic(good, b"bytes")
 
     rows = all_rows(Unit("u1", "images", (gone, good), 2))
 
     assert [r["key"] for r in rows] == [gone, good]
-    assert rows[0]["error"].startswith("unreadable") and rows[0]["data"] == b""
+    assert rows[0]["error"].startswith("missing: ") and rows[0]["data"] == b""
     assert rows[1]["error"] == "" and rows[1]["data"] == b"bytes"
     assert {r["unit_rows"] for r in rows} == {2}
 

@@ -51,8 +51,8 @@ def writes(monkeypatch) -> list[str]:
     lock = threading.Lock()
     write_part = commit.write_part
 
-    def recorded(output: str, unit_id: str, rows: pa.Table) -> None:
-        write_part(output, unit_id, rows)
+    def recorded(output: str, unit_id: str, rows: pa.Table, io_retry=None) -> None:
+        write_part(output, unit_id, rows, io_retry)
         with lock:
             written.append(unit_id)
 
@@ -107,9 +107,9 @@ def test_parts_are_written_side_by_side(tmp_path, monkeypatch):
     together = threading.Barrier(4, timeout=20)  # breaks unless 4 writes are under way at once
     write_part = commit.write_part
 
-    def meet_then_write(output: str, unit_id: str, rows: pa.Table) -> None:
+    def meet_then_write(output: str, unit_id: str, rows: pa.Table, io_retry=None) -> None:
         together.wait()
-        write_part(output, unit_id, rows)
+        write_part(output, unit_id, rows, io_retry)
 
     monkeypatch.setattr(commit, "write_part", meet_then_write)
     with UnitCommitter(str(tmp_path), concurrency=4) as committer:
@@ -123,13 +123,13 @@ def test_parts_in_flight_never_hold_more_bytes_than_the_bound_allows(tmp_path, m
     lock = threading.Lock()
     write_part = commit.write_part
 
-    def counted(output: str, unit_id: str, rows: pa.Table) -> None:
+    def counted(output: str, unit_id: str, rows: pa.Table, io_retry=None) -> None:
         nonlocal in_flight, most
         with lock:
             in_flight += 1
             most = max(most, in_flight)
         time.sleep(0.01)  # a slow store: with no bound, the 8 writers would all be busy
-        write_part(output, unit_id, rows)
+        write_part(output, unit_id, rows, io_retry)
         with lock:
             in_flight -= 1
 
@@ -171,10 +171,10 @@ def test_a_lost_lease_stops_every_write_not_yet_started(tmp_path, monkeypatch):
     first_write, carry_on = threading.Event(), threading.Event()
     write_part = commit.write_part
 
-    def held_write(output: str, unit_id: str, rows: pa.Table) -> None:
+    def held_write(output: str, unit_id: str, rows: pa.Table, io_retry=None) -> None:
         first_write.set()
         carry_on.wait(20)
-        write_part(output, unit_id, rows)
+        write_part(output, unit_id, rows, io_retry)
 
     monkeypatch.setattr(commit, "write_part", held_write)
     try:

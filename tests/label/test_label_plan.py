@@ -15,7 +15,7 @@ import pytest
 from helpers import label_row, parquet_bytes, tar_bytes, wait_for
 from skray.io.storage import join, read_json, write_bytes_atomic
 from skray.label import plan
-from skray.label.lease import LEASE_FILE, Lease, LeaseHeld
+from skray.label.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost
 from skray.label.plan import make_plan
 from skray.label.sinks import write_part
 
@@ -164,7 +164,7 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(output: str):
         )
         write_foreign_lease(output, 1, "elsewhere", expires=time.time() + 300)  # stolen
         wait_for(lambda: lease.lost, 10, "the heartbeat to notice the takeover")
-        with pytest.raises(RuntimeError, match="taken over"):
+        with pytest.raises(LeaseLost, match="taken over"):
             lease.check()
     finally:
         lease.release()

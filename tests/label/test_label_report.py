@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers import SMALL
+from helpers import SMALL, mlflow_store_in
 from labeled_output import write_labeled_output
 from skray.core.model import create_model
 from skray.dev.embedded import free_port
@@ -42,7 +42,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (three classes: top scores spread around a threshold); yields the version's URI."""
     directory = tmp_path_factory.mktemp("mlflow")
     with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{directory}/mlflow.db"
+        uri = mlflow_store_in(directory)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("SKRAY_HOME", str(directory))
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)

@@ -101,10 +101,10 @@ def test_galleries_show_thumbnails_from_image_files_shard_members_and_parquet_ce
 
 
 @pytest.mark.timeout(120)
-def test_unreadable_sources_show_their_key_and_why(local_report) -> None:
+def test_sources_that_are_gone_or_bad_show_their_key_and_why(local_report) -> None:
     out, _, parsed = local_report
     for key, reason in (
-        (out.deleted, "unreadable"),
+        (out.deleted, "missing"),
         (out.garbage, "not_an_image"),
         (out.bomb, "too_many_pixels"),
     ):
@@ -122,7 +122,7 @@ def test_report_reads_and_writes_s3(bucket: str) -> None:
     assert page == join(out.uri, "_report/index.html")
     parsed = Page(read_bytes(page).decode())
     assert set(out.tar_keys) | set(out.parquet_keys) <= set(parsed.images)
-    assert any(box.startswith(out.deleted) and "unreadable" in box for box in parsed.missing)
+    assert any(box.startswith(out.deleted) and "missing" in box for box in parsed.missing)
     assert "Throughput over the run" not in read_bytes(page).decode()
 
 

@@ -22,7 +22,7 @@ from skray.train.driver import run
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.timeout(600)
 CPU_CONFIG = PROJECT / "configs" / "train_cpu_small.yaml"
-EPOCHS = 12
+EPOCHS = 6  # top-1 passes 60% by epoch 3 of a 12-epoch run; 6 keep the margin
 MIN_TOP1 = 60.0  # percent; chance is 10
 
 

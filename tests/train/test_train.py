@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import PROJECT, SMALL, labeled_dataset, wait_for
+from helpers import PROJECT, SMALL, labeled_dataset, mlflow_store_in, wait_for
 from skray.dev.embedded import LocalRayHead
 from skray.dev.testing import labeled_image, write_labeled_folder
 from skray.io.config import ConfigError, load_config
@@ -45,7 +45,7 @@ def learned(ray_cluster: LocalRayHead, dataset, tmp_path_factory) -> Iterator[di
     import mlflow
 
     home = tmp_path_factory.mktemp("learned")
-    uri = f"sqlite:///{home}/mlflow.db"
+    uri = mlflow_store_in(home)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("SKRAY_HOME", str(home))

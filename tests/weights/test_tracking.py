@@ -21,7 +21,7 @@ import torch
 from mlflow import MlflowClient
 
 import skray
-from helpers import PROJECT, SMALL
+from helpers import PROJECT, SMALL, mlflow_store_in
 from skray.core.model import create_model
 from skray.weights.files import WeightsError, file_sha256
 from skray.weights.registry import download_weights
@@ -55,7 +55,7 @@ def _tracking_at(directory: Path) -> Iterator[str]:
     """MLflow on a SQLite store in ``directory``, also the cwd (MLflow's fallback for
     artifacts); MLflow's global URIs and the environment are restored afterwards."""
     with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{directory}/mlflow.db"
+        uri = mlflow_store_in(directory)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
         mlflow.set_tracking_uri(uri)  # over any URI an earlier test left in MLflow's globals

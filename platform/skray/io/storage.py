@@ -131,9 +131,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
             ].read()
         except client.exceptions.NoSuchKey:
             raise FileNotFoundError(uri) from None
-    fs, path = filesystem_for(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.readall()
+    return Path(_local_path(uri)).read_bytes()
 
 
 def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
@@ -199,10 +197,52 @@ def redact_uri(uri: str | os.PathLike) -> str:
 
 def s3_client():
     """A boto3 S3 client from the same environment as :func:`s3_options_from_env`, for what
-    pyarrow cannot do: conditional writes (``If-None-Match`` / ``If-Match``)."""
+    pyarrow cannot do: conditional writes (``If-None-Match`` / ``If-Match``). One per
+    endpoint, region and credentials, shared by threads (boto3 clients are thread-safe)."""
+    return _s3_client(
+        _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        _first_env("AWS_REGION", "AWS_DEFAULT_REGION"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SESSION_TOKEN"),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None, key_id: str | None, token: str | None):
     import boto3
 
-    endpoint = _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-    return boto3.client(
-        "s3", endpoint_url=endpoint, region_name=_first_env("AWS_REGION", "AWS_DEFAULT_REGION")
-    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region)
+
+
+def write_bytes_exclusive(uri: str | os.PathLike, data: bytes) -> None:
+    """:func:`write_bytes_atomic`, but create-only: raises ``FileExistsError`` where the
+    object exists (``If-None-Match: *`` on S3, a hard link locally), so that two writers of
+    one name cannot both succeed."""
+    uri = os.fspath(uri)
+    if is_remote(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        _, path = filesystem_for(uri)
+        bucket, key = path.split("/", 1)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            code = err.response["Error"]["Code"]
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise FileExistsError(f"{redact_uri(uri)} exists") from None
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise OSError(f"{code} (HTTP status {status}) writing {redact_uri(uri)}") from err
+        except BotoCoreError as err:  # connection refused or reset, timeouts
+            raise OSError(f"writing {redact_uri(uri)}: {err}") from err
+        return
+    target = Path(_local_path(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, target)  # fails where the target exists
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -10,6 +10,11 @@ the per-PUT latency of S3 overlaps instead of adding up. Exactly once still hold
   not yet started are dropped (their units stay to do);
 * ``guard`` (the lease's check) runs right before every write, so a lost lease
   stops every write from then on;
+* a unit that ends with an ``incomplete`` marker (storage failed past its retry budget,
+  :mod:`skray.io.sources.units`) is not committed: it is counted in ``incomplete`` and
+  the next run reads it again;
+* a part is written with its store's retry budget, create-only: a part that exists
+  means another writer got there, and the run stops (:func:`skray.label.sinks.write_part`);
 * ``close`` returns only once every part is written: the manifest comes after it.
 """
 
@@ -26,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from skray.io.retry import IoRetry
+from skray.io.sources.rows import INCOMPLETE
 from skray.label.sinks import LABEL_SCHEMA, write_part
 
 DEFAULT_CONCURRENCY = (
@@ -54,6 +61,15 @@ def _runs(table: pa.Table) -> Iterator[tuple[str, int, int, int]]:
     yield from zip(runs.values.to_pylist(), starts.tolist(), ends.tolist(), counts.tolist())
 
 
+def _incomplete(rows: pa.Table) -> str | None:
+    """The marker's error when the unit was not read whole, else None."""
+    errors = rows.column("error")
+    marked = pc.starts_with(pc.fill_null(errors, ""), INCOMPLETE + ":")
+    if not pc.any(marked).as_py():
+        return None
+    return errors.filter(marked)[0].as_py()
+
+
 class UnitCommitter:
     """Gathers rows per unit and commits a unit's part as soon as all its rows arrived.
 
@@ -69,8 +85,11 @@ class UnitCommitter:
         guard: Callable[[], None] = _no_guard,
         concurrency: int = DEFAULT_CONCURRENCY,
         max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT,
+        io_retry: IoRetry | None = None,
     ) -> None:
         self.output, self.guard, self.max_bytes_in_flight = output, guard, max_bytes_in_flight
+        self.io_retry = io_retry
+        self.incomplete: dict[str, str] = {}  # unit -> why it was not read
         self.pending: dict[str, list[pa.Table]] = defaultdict(
             list
         )  # the row groups of incomplete units
@@ -95,7 +114,10 @@ class UnitCommitter:
             if self.arrived[unit] == self.expected.get(unit):
                 rows = pa.concat_tables(self.pending.pop(unit)).select(LABEL_SCHEMA.names)
                 del self.arrived[unit], self.expected[unit]
-                self._submit(unit, rows.sort_by("key"))
+                if why := _incomplete(rows):
+                    self.incomplete[unit] = why
+                else:
+                    self._submit(unit, rows.sort_by("key"))
         return batch.num_rows
 
     def _submit(self, unit: str, part: pa.Table) -> None:
@@ -116,7 +138,7 @@ class UnitCommitter:
         try:
             if self._failure is None:  # after a failure, nothing more is written
                 self.guard()
-                write_part(self.output, unit, part)
+                write_part(self.output, unit, part, self.io_retry)
                 with self._state:
                     self.committed += 1
         except BaseException as err:  # noqa: BLE001 - handed to the driver thread, which raises it

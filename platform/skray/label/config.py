@@ -21,6 +21,7 @@ from skray.io.config import (
     PrecisionOptions,
     StrictModel,
 )
+from skray.io.retry import IoRetry
 from skray.io.sources import DEFAULT_MAX_OBJECT_BYTES
 from skray.label.commit import DEFAULT_CONCURRENCY
 from skray.label.lease import DEFAULT_TTL_S
@@ -136,6 +137,10 @@ class LabelConfig(StrictModel):
     )
     commit_concurrency: int = Field(
         DEFAULT_CONCURRENCY, ge=1, description="parts written at once (S3 PUTs overlap)"
+    )
+    io_retry: IoRetry = Field(
+        IoRetry(),
+        description="each storage call's retries; past them a unit stays unwritten, to rerun",
     )
     mlflow: LabelMlflowConfig = LabelMlflowConfig()
 

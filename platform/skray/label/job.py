@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from skray.core.model import DEFAULT_MODEL
 from skray.io.config import dump_config
+from skray.io.retry import StorageUnavailable, call_with_retry
 from skray.io.sources import list_inputs
 from skray.io.storage import join, read_json, redact_uri, write_json
 from skray.label.commit import UnitCommitter
@@ -151,7 +152,10 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         )
         progress = Progress(plan.pending_rows, cfg.progress_interval_s)
         ray_started = time.time()
-        with UnitCommitter(cfg.output, lease.check, cfg.commit_concurrency) as committer:
+        committer = UnitCommitter(
+            cfg.output, lease.check, cfg.commit_concurrency, io_retry=cfg.io_retry
+        )
+        with committer:
             if plan.units:
                 ray.init(ignore_reinit_error=True)
                 live = RunMetrics(redact_uri(cfg.output), plan.pending_rows)
@@ -161,6 +165,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                     progress.stages.add(batch)
                     progress.add(committer.add(batch))
                     live.received(progress.done)
+                    _stop_if_denied(cfg, committer.incomplete)
         # every part is written here: only now may the manifest say the output is complete
         progress.sample()
         print(progress.line(), flush=True)
@@ -176,15 +181,58 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             total_s=finished - started,
             pipeline_s=finished - ray_started,
             mlflow_run=mlflow_run,
+            incomplete=not_read(plan, committer.incomplete),
         )
         lease.check()
-        write_json(join(cfg.output, MANIFEST), manifest)
+        manifest_uri = join(cfg.output, MANIFEST)
+        call_with_retry(
+            lambda: write_json(manifest_uri, manifest), "writing the manifest", cfg.io_retry
+        )
+        lease.check()
         report = _write_report(cfg.output)
     if mlflow_run:
         from skray.label import tracking
 
         tracking.finish(mlflow_run["run_id"], manifest, report and join(cfg.output, REPORT_DIR))
     return manifest
+
+
+def not_read(plan: Plan, incomplete: dict[str, str]) -> dict[str, Any] | None:
+    """What storage faults left unread (None: nothing): ``units``, ``keys`` (the rows of image
+    and Parquet units, one per tar shard, whose samples are not known until read), and the
+    units per reason. The next run reads exactly these."""
+    if not incomplete:
+        return None
+    units = [u for u in plan.units if u.id in incomplete]
+    reasons: dict[str, int] = {}
+    for why in incomplete.values():
+        reason = why.split(":", 2)[1].strip()
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {
+        "units": len(units),
+        "keys": sum(u.rows if u.rows is not None else len(u.uris) for u in units),
+        "reasons": reasons,
+        "first_error": redact_uri(next(iter(incomplete.values()))),
+    }
+
+
+def _stop_if_denied(cfg: LabelConfig, incomplete: dict[str, str]) -> None:
+    """Access refused past the retry budget will not heal by itself: stop now, with one
+    message, rather than fail every unit left (none becomes an error row)."""
+    denied = next(
+        (why for why in incomplete.values() if why.startswith("incomplete: denied:")), None
+    )
+    if denied is None:
+        return
+    source = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_ACCESS_KEY_ID"
+    if not os.environ.get(source):
+        source = "the default credential chain (instance role, ~/.aws)"
+    raise StorageUnavailable(
+        f"access to {redact_uri(cfg.input)} was refused with the credentials from {source} "
+        f"(expired or not allowed?): {redact_uri(denied.split(':', 2)[2].strip())}. "
+        "Nothing was committed as an error; rerun with working credentials to finish",
+        "denied",
+    )
 
 
 def mlflow_params(cfg: LabelConfig, weights: dict[str, Any]) -> dict[str, Any]:

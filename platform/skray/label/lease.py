@@ -8,6 +8,13 @@ run finds it and fails at once, naming the holder. A lease whose heartbeat
 stopped (its run was killed) is taken over once it expires, or at once when its
 holder was a process on this host that no longer exists; a takeover is itself
 conditional, so two runs racing for a stale lease cannot both win.
+
+A holder stops writing once it *could* have lost the lease (Chubby's jeopardy): its local
+deadline is the last successful renewal + TTL - a margin, on the monotonic clock, and
+:meth:`Lease.check` (called before every part, the manifest and the report) refuses past
+it. A failed renewal is retried until then; a paused, partitioned or starved holder so
+stops before another run may take over. Parts are also create-only
+(:func:`skray.label.sinks.write_part`): even a write already under way cannot overwrite.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from skray.core.errors import SkrayError
 from skray.io.storage import filesystem_for, is_remote, s3_client
 
 log = logging.getLogger(__name__)
@@ -34,12 +42,12 @@ LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 60.0
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(SkrayError):
     """Another run holds the output."""
 
 
-class LeaseLost(RuntimeError):
-    """This run's lease was taken over: it must stop committing."""
+class LeaseLost(SkrayError):
+    """This run's lease was taken over, or could have been: it must stop committing."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,8 @@ class Lease:
         )
         self.token: str | None = None
         self.lost = False
+        self.renewed = 0.0  # time.monotonic() of the last successful write of the lease
+        self.margin_s = ttl_s / 4  # for clock drift and a write under way at the deadline
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mutex = threading.Lock()
@@ -211,8 +221,14 @@ class Lease:
         holder = Holder(**{**asdict(self.holder), "expires": time.time() + self.ttl_s})
         return json.dumps(asdict(holder)).encode()
 
+    @property
+    def deadline(self) -> float:
+        """The monotonic time past which this holder may no longer write."""
+        return self.renewed + self.ttl_s - self.margin_s
+
     def acquire(self) -> None:
         """Take the lease, or raise :class:`LeaseHeld` naming the live holder."""
+        self.renewed = time.monotonic()  # before the write: the deadline errs early
         self.token = self.store.create(self._body())
         if self.token is None:
             self._take_over()
@@ -232,6 +248,7 @@ class Lease:
                     "If that run is gone, its lease expires within "
                     f"{max(holder.expires - time.time(), 0):.0f} s."
                 )
+            self.renewed = time.monotonic()
             self.token = self.store.replace(self._body(), token)
             if self.token is not None:
                 log.warning(
@@ -242,21 +259,38 @@ class Lease:
             raise LeaseHeld(f"{self.uri}: another run took the lease at the same moment")
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        """Renew every TTL/3; a failed renewal is retried every TTL/10 (a store that answers
+        nothing may answer again: until the deadline, the lease is still ours)."""
+        interval = self.ttl_s / 3
+        while not self._stop.wait(interval):
             with self._mutex:
                 if self._stop.is_set() or self.token is None:
                     return
-                token = self.store.replace(self._body(), self.token)
+                attempt = time.monotonic()
+                try:
+                    token = self.store.replace(self._body(), self.token)
+                except Exception as err:  # noqa: BLE001 - any failure of the store: try again
+                    log.warning("lease %s: renewal failed, retrying: %s", self.uri, err)
+                    interval = self.ttl_s / 10
+                    continue
                 if token is None:
                     self.lost = True
                     log.error("lease %s was taken over by another run", self.uri)
                     return
-                self.token = token
+                self.token, self.renewed, interval = token, attempt, self.ttl_s / 3
 
     def check(self) -> None:
+        """Raise :class:`LeaseLost` once the lease is lost or past its local deadline."""
         if self.lost:
             raise LeaseLost(
                 f"{self.uri} was taken over by another run: stopping without committing more"
+            )
+        late = time.monotonic() - self.deadline
+        if late > 0:
+            raise LeaseLost(
+                f"{self.uri} could not be renewed for {late + self.ttl_s - self.margin_s:.0f} s "
+                f"(lease_ttl_s={self.ttl_s:g}): another run may hold it by now, so this run "
+                "stops without committing more. Rerun to finish"
             )
 
     def release(self) -> None:

@@ -29,13 +29,18 @@ def build_manifest(
     total_s: float,
     pipeline_s: float,
     mlflow_run: dict[str, str] | None,
+    incomplete: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a run of ``cfg`` that planned ``plan``: ``summary`` is
     :func:`skray.label.sinks.summarize_output` of the output once every part is written,
     ``weights`` the pinned weights' record, ``committed`` the parts this run wrote, and
-    ``total_s`` / ``pipeline_s`` the seconds since the run / its pipeline started."""
+    ``total_s`` / ``pipeline_s`` the seconds since the run / its pipeline started, and
+    ``incomplete`` what storage faults left unread (:func:`skray.label.job.not_read`): then
+    ``complete`` is false and a rerun finishes the output."""
     return {
         "output": redact_uri(cfg.output),
+        "complete": incomplete is None,
+        "incomplete": incomplete,
         "inputs": summary["rows"] - plan.removed_rows,
         "rows": summary["rows"],
         "labeled": summary["labeled"],
@@ -78,6 +83,15 @@ def format_summary(manifest: dict[str, Any]) -> str:
                 f"{manifest['config'].get('min_score')}: no label)"
             ]
             if manifest.get("low_confidence")
+            else []
+        ),
+        *(
+            [
+                f"INCOMPLETE          {gone['units']} units ({gone['keys']} keys) not read: "
+                f"storage {', '.join(f'{r} x{n}' for r, n in gone['reasons'].items())}; "
+                "rerun to finish"
+            ]
+            if (gone := manifest.get("incomplete"))
             else []
         ),
         f"failed              {manifest['failed']}",

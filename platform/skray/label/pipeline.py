@@ -55,6 +55,7 @@ def build_dataset(
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
             "max_object_bytes": cfg.max_object_bytes,
+            "io_retry": cfg.io_retry,
             "decode": decode,
         },
         batch_size=1,

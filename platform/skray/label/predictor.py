@@ -28,6 +28,7 @@ from skray.core.crops import crop_rows
 from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.inference.classifier import Classifier
 from skray.io.config import Decode, Precision
+from skray.io.retry import IoRetry
 from skray.io.sources import table_batches
 from skray.label.metrics import LabelMetrics
 from skray.label.sinks import LABEL_SCHEMA
@@ -70,6 +71,7 @@ def read_and_decode(
     image_column: str,
     id_column: str | None,
     max_object_bytes: int,
+    io_retry: IoRetry | None = None,
     decode: Literal["cpu", "gpu"] = "cpu",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream each unit's decoded crops (or, with ``decode="gpu"``, its bytes) ``batch_size`` at
@@ -82,6 +84,7 @@ def read_and_decode(
         image_column=image_column,
         id_column=id_column,
         max_object_bytes=max_object_bytes,
+        io_retry=io_retry,
     )
     for rows in batches:
         out = decode_rows(rows, preprocessing) if decode == "cpu" else bytes_rows(rows)

@@ -18,7 +18,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from skray.core.errors import SkrayError
-from skray.io.storage import filesystem_for, join, write_bytes_atomic
+from skray.io.retry import IoRetry, call_with_retry
+from skray.io.storage import (
+    filesystem_for,
+    join,
+    read_bytes,
+    redact_uri,
+    write_bytes_atomic,
+    write_bytes_exclusive,
+)
 
 PART_PREFIX = "part-"
 MANIFEST = "_manifest.json"
@@ -72,16 +80,37 @@ def committed_units(output: str) -> set[str]:
     return {posixpath.basename(p)[len(PART_PREFIX) : -len(".parquet")] for p in paths}
 
 
-def write_part(output: str, unit_id: str, rows: pa.Table | list[dict[str, Any]]) -> None:
+class PartExists(SkrayError):
+    """A part this run was to write exists: another writer committed the unit."""
+
+
+def write_part(
+    output: str,
+    unit_id: str,
+    rows: pa.Table | list[dict[str, Any]],
+    io_retry: IoRetry | None = None,
+) -> None:
     """Commit one unit's rows (the label schema's columns): readers see the whole part or
-    nothing."""
+    nothing. The write is retried within ``io_retry`` and is create-only: a part that exists
+    with other bytes was written by another run (:class:`PartExists`: stop, never overwrite);
+    with the same bytes it is this write's own earlier try, whose answer was lost."""
     if isinstance(rows, pa.Table):
         table = rows.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
     else:
         table = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    write_bytes_atomic(join(output, part_name(unit_id)), buffer.getvalue())
+    uri, data = join(output, part_name(unit_id)), buffer.getvalue()
+    try:
+        call_with_retry(
+            lambda: write_bytes_exclusive(uri, data), f"writing {redact_uri(uri)}", io_retry
+        )
+    except FileExistsError:
+        if call_with_retry(lambda: read_bytes(uri), f"reading {redact_uri(uri)}", io_retry) != data:
+            raise PartExists(
+                f"{redact_uri(uri)} was written by another run: this run stops without "
+                "overwriting it (is a second run labeling this output?)"
+            ) from None
 
 
 def clear_output(output: str) -> None:

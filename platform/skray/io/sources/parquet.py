@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from skray.io.objects import ResumableFile
+from skray.io.retry import IoRetry, StorageUnavailable, is_missing
 from skray.io.sources.listing import InputError
 from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import filesystem_for
+from skray.io.storage import filesystem_for, redact_uri
 
 PARQUET_BATCH_ROWS = 16  # rows decoded from Parquet at a time: at most this many objects held
 PARQUET_BUFFER_BYTES = 2**20  # column chunks are read in pieces this large, not whole
@@ -81,34 +83,47 @@ def read_parquet(
     id_column: str | None,
     meta_columns: tuple[str, ...],
     max_bytes: int,
+    policy: IoRetry | None = None,
 ) -> Iterator[dict]:
     """Rows a few at a time, row group by row group, with column chunks read in pieces:
     the file is never held whole. A file whose footer is unreadable, or a row group that
-    does not decode, is one ``unreadable_parquet`` row; the other row groups still count."""
+    does not decode, is one ``unreadable_parquet`` row; the other row groups still count.
+    The file is read through a :class:`~skray.io.objects.ResumableFile`: a storage fault
+    is retried where it broke off, or raises :class:`~skray.io.retry.StorageUnavailable`."""
     try:
-        fs, path = filesystem_for(uri)
-        parquet = pq.ParquetFile(
-            path, filesystem=fs, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES
-        )
-    except (pa.ArrowException, OSError) as err:
-        yield make_row(uri, error=f"unreadable_parquet: {err}")
+        source = ResumableFile(uri, policy)
+    except OSError as err:
+        if not is_missing(err):
+            raise
+        yield make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
         return
-    columns = list(
-        dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns])
-    )
-    first = 0
-    for group in range(parquet.num_row_groups):
-        index = first
+    with source:
         try:
-            for batch in parquet.iter_batches(
-                PARQUET_BATCH_ROWS, row_groups=[group], columns=columns
-            ):
-                yield from _batch_rows(
-                    uri, batch, index, image_column, id_column, meta_columns, max_bytes
-                )
-                index += batch.num_rows
+            parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+        except StorageUnavailable:
+            raise
         except (pa.ArrowException, OSError) as err:
-            yield make_row(
-                f"{uri}#<row group {group}>", error=f"unreadable_parquet: row group {group}: {err}"
-            )
-        first += parquet.metadata.row_group(group).num_rows
+            yield make_row(uri, error=f"unreadable_parquet: {err}")
+            return
+        columns = list(
+            dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns])
+        )
+        first = 0
+        for group in range(parquet.num_row_groups):
+            index = first
+            try:
+                for batch in parquet.iter_batches(
+                    PARQUET_BATCH_ROWS, row_groups=[group], columns=columns
+                ):
+                    yield from _batch_rows(
+                        uri, batch, index, image_column, id_column, meta_columns, max_bytes
+                    )
+                    index += batch.num_rows
+            except StorageUnavailable:
+                raise
+            except (pa.ArrowException, OSError) as err:
+                yield make_row(
+                    f"{uri}#<row group {group}>",
+                    error=f"unreadable_parquet: row group {group}: {err}",
+                )
+            first += parquet.metadata.row_group(group).num_rows

@@ -10,10 +10,17 @@ None has no type, and Ray Data would turn it into NaNs. No object is read past
 from __future__ import annotations
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # one image file, tar member or Parquet cell
+# The error of the marker row a unit ends with when storage failed past its retry budget:
+# the unit was not read, and is not committed (never a row about an image).
+INCOMPLETE = "incomplete"
 
 
 def make_row(key: str, data: bytes = b"", error: str = "", meta: str = "") -> dict:
     return {"key": key, "data": data, "error": error, "meta": meta}
+
+
+def is_incomplete(error: str | None) -> bool:
+    return bool(error) and error.startswith(INCOMPLETE + ":")
 
 
 def too_large(what: str, size: int | str, max_bytes: int) -> str:

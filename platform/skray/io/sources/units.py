@@ -11,10 +11,11 @@ from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 
+from skray.io.retry import IoRetry, StorageUnavailable
 from skray.io.sources.files import read_image_files
 from skray.io.sources.listing import Format, file_format
 from skray.io.sources.parquet import parquet_rows, read_parquet
-from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, make_row
+from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, INCOMPLETE, make_row
 from skray.io.sources.webdataset import read_webdataset
 
 UNKNOWN_ROWS = -1  # ``unit_rows`` of a row not in its unit's last batch
@@ -83,12 +84,13 @@ def _unit_rows(
     id_column: str | None,
     meta_columns: tuple[str, ...],
     max_bytes: int,
+    policy: IoRetry | None,
 ) -> Iterator[dict]:
     if unit.format == "images":
-        return read_image_files(unit.uris, unit.sizes, max_bytes)
+        return read_image_files(unit.uris, unit.sizes, max_bytes, policy)
     if unit.format == "webdataset":
-        return read_webdataset(unit.uris[0], max_bytes)
-    return read_parquet(unit.uris[0], image_column, id_column, meta_columns, max_bytes)
+        return read_webdataset(unit.uris[0], max_bytes, policy)
+    return read_parquet(unit.uris[0], image_column, id_column, meta_columns, max_bytes, policy)
 
 
 def _tagged(rows: list[dict], unit_id: str, unit_rows: int) -> list[dict]:
@@ -104,6 +106,7 @@ def unit_batches(
     id_column: str | None = None,
     meta_columns: tuple[str, ...] = (),
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    io_retry: IoRetry | None = None,
 ) -> Iterator[list[dict]]:
     """The rows of one unit, ``batch_size`` at a time as they are read, so a task holds a
     batch, never a whole shard. Rows carry ``unit`` and ``unit_rows``: UNKNOWN_ROWS, except
@@ -111,16 +114,23 @@ def unit_batches(
     more row to learn whether it is the last: the writer knows the unit is complete once it
     holds that many rows, whatever order its batches came in). A unit without rows still
     yields one ``empty_shard`` row, so it is committed and reported. ``meta_columns`` of a
-    Parquet file travel in ``meta`` (a training label, say)."""
-    rows = _unit_rows(unit, image_column, id_column, meta_columns, max_object_bytes)
+    Parquet file travel in ``meta`` (a training label, say). When storage fails past
+    ``io_retry``, the unit ends with one ``incomplete`` marker row: it was not read, and the
+    writer must not commit it."""
+    rows = _unit_rows(unit, image_column, id_column, meta_columns, max_object_bytes, io_retry)
     batch: list[dict] = []
     count = 0
-    for row in rows:
-        if len(batch) == batch_size:
-            yield _tagged(batch, unit.id, UNKNOWN_ROWS)
-            batch = []
-        batch.append(row)
-        count += 1
+    try:
+        for row in rows:
+            if len(batch) == batch_size:
+                yield _tagged(batch, unit.id, UNKNOWN_ROWS)
+                batch = []
+            batch.append(row)
+            count += 1
+    except StorageUnavailable as err:
+        marker = make_row(f"{unit.uris[0]}#<not read>", error=f"{INCOMPLETE}: {err.reason}: {err}")
+        yield _tagged([*batch, marker], unit.id, count + 1)
+        return
     if not count:
         error = f"empty_shard: the {unit.format} file holds no samples"
         batch, count = [make_row(unit.uris[0], error=error)], 1

@@ -8,9 +8,11 @@ import posixpath
 import tarfile
 from typing import Any, Iterator
 
+from skray.io.objects import ResumableFile
+from skray.io.retry import IoRetry, StorageUnavailable, is_missing
 from skray.io.sources.listing import is_hidden
 from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import filesystem_for
+from skray.io.storage import redact_uri
 
 IMAGE_MEMBER_EXTENSIONS = (
     "jpg",
@@ -75,7 +77,9 @@ def _is_used_member(ext: str) -> bool:
     return ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS or ext in METADATA_MEMBER_EXTENSIONS
 
 
-def _tar_samples(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+def _tar_samples(
+    uri: str, max_bytes: int, policy: IoRetry | None = None
+) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """(sample key, members by extension, error) per WebDataset sample, in tar order,
     streamed: only the current sample's members are held.
 
@@ -86,14 +90,15 @@ def _tar_samples(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, byte
     members are read. A tar that breaks off inside a member yields an error for
     the sample it broke in. One that breaks off between or inside headers reads,
     to ``tarfile``, like a short archive: the missing end-of-archive blocks give
-    it away, and it yields a ``<truncated>`` error.
+    it away, and it yields a ``<truncated>`` error. The shard is read through a
+    :class:`~skray.io.objects.ResumableFile`: a storage fault resumes the stream where it
+    broke, or raises :class:`~skray.io.retry.StorageUnavailable`, never a row.
     """
-    fs, path = filesystem_for(uri)
-    size = fs.get_file_info(path).size
     current: str | None = None
     members: dict[str, bytes] = {}
     problem: str | None = None
-    with fs.open_input_stream(path) as stream:
+    with ResumableFile(uri, policy) as stream:
+        size = stream.size
         try:
             with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
                 for info in tar:
@@ -112,6 +117,8 @@ def _tar_samples(uri: str, max_bytes: int) -> Iterator[tuple[str, dict[str, byte
                     elif problem is None:
                         problem = _member_problem(info, max_bytes)
                         members[ext] = b"" if problem else tar.extractfile(info).read()
+        except StorageUnavailable:
+            raise
         except (tarfile.TarError, OSError, EOFError) as err:
             yield (current or "<tar>"), {}, f"broken_tar: {err}"
             return
@@ -151,10 +158,13 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None
     return make_row(full_key, members[image_ext], meta=meta_json)
 
 
-def read_webdataset(uri: str, max_bytes: int) -> Iterator[dict]:
-    """One row per sample of the shard at ``uri``, its metadata members as ``meta``."""
+def read_webdataset(uri: str, max_bytes: int, policy: IoRetry | None = None) -> Iterator[dict]:
+    """One row per sample of the shard at ``uri``, its metadata members as ``meta``; a shard
+    deleted since the listing is one ``missing`` row."""
     try:
-        for key, members, error in _tar_samples(uri, max_bytes):
+        for key, members, error in _tar_samples(uri, max_bytes, policy):
             yield _sample_row(uri, key, members, error)
     except OSError as err:
-        yield make_row(uri, error=f"unreadable: {err}")
+        if not is_missing(err):
+            raise
+        yield make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
