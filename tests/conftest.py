@@ -12,6 +12,7 @@ import pytest
 
 from helpers import mlflow_store_in
 from skray.dev.embedded import EmbeddedS3, LocalRayHead
+from skray.dev.s3proxy import FaultyS3Proxy
 
 # Ray reads its auth mode once, when first used: set it before anything connects.
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -66,6 +67,15 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+@pytest.fixture
+def faulty_s3(embedded_s3: EmbeddedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3Proxy]:
+    """A :class:`~skray.dev.s3proxy.FaultyS3Proxy` in front of the embedded S3, healthy at
+    first; this process's S3 clients go through it."""
+    with FaultyS3Proxy(embedded_s3.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def proxy(embedded_s3, monkeypatch):
-    with FaultyS3Proxy(embedded_s3.endpoint_url) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        yield proxy
+def proxy(faulty_s3: FaultyS3Proxy) -> FaultyS3Proxy:
+    return faulty_s3
 
 
 def test_requests_pass_through_and_are_counted_by_kind(proxy, bucket):

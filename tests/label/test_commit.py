@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import SMALL, label_row, wait_for
+from skray.io.retry import IoRetry, StorageUnavailable
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
 from skray.label import commit
 from skray.label.commit import UnitCommitter
@@ -22,7 +23,7 @@ from skray.label.lease import LEASE_FILE, Lease, LeaseLost
 from skray.label.manifest import format_summary
 from skray.label.progress import Progress, StageTimes
 from skray.label.resources import actor_pool_sizes
-from skray.label.sinks import LABEL_SCHEMA, committed_units, part_name
+from skray.label.sinks import LABEL_SCHEMA, PartExists, committed_units, part_name, write_part
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,3 +283,49 @@ def test_the_actor_pool_starts_full_on_gpus_and_at_min_on_cpus(
     config = ActorsConfig(min=actors[0], max=actors[1])
 
     assert actor_pool_sizes(config, gpus_per_actor, cluster_gpus) == sizes
+
+
+# --- storage faults: a unit left unread is never committed; parts are create-only -------
+
+
+def test_a_unit_whose_read_ended_incomplete_is_not_committed_and_is_counted(tmp_path):
+    batch = predictor_batch([("a1", "A", 2), ("b1", "B", 2), ("b2", "B", 2)])
+    marker = predictor_batch([("a#<not read>", "A", 2)]).set_column(
+        LABEL_SCHEMA.get_field_index("error"),
+        "error",
+        pa.array(["incomplete: unavailable: reading a: storage kept failing"]),
+    )
+
+    with UnitCommitter(str(tmp_path)) as committer:
+        committer.add(batch)
+        committer.add(marker)
+
+    assert committed_units(str(tmp_path)) == {"B"}
+    assert committer.incomplete == {"A": "incomplete: unavailable: reading a: storage kept failing"}
+
+
+def test_a_part_another_writer_committed_stops_the_run_and_is_not_overwritten(location: str):
+    output = location + "/out"
+    write_part(output, "U", [label_row("theirs")])
+
+    with pytest.raises(PartExists, match="written by another run"):
+        write_part(output, "U", [label_row("ours")])
+    write_part(output, "U", [label_row("theirs")])  # the same bytes: a retry of our own write
+
+    assert read_part(output, "U").column("key").to_pylist() == ["theirs"]
+
+
+def test_a_part_write_rides_out_an_outage(bucket: str, faulty_s3):
+    faulty_s3.outage = 1  # longer than pyarrow's and boto's own retries
+    threading.Timer(4.0, faulty_s3.heal).start()
+
+    write_part(f"{bucket}/out", "U", [label_row("k")])
+
+    assert read_part(f"{bucket}/out", "U").column("key").to_pylist() == ["k"]
+
+
+def test_a_part_write_failing_past_its_budget_names_the_part(bucket: str, faulty_s3):
+    faulty_s3.outage = 1
+
+    with pytest.raises(StorageUnavailable, match="writing s3://.*part-U.*storage kept failing"):
+        write_part(f"{bucket}/out", "U", [label_row("k")], IoRetry(total_s=1.0))

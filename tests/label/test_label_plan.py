@@ -214,3 +214,28 @@ def test_a_record_read_while_it_is_rewritten_is_the_old_or_the_new_never_a_cut(o
         stop.set()
         writer.join(timeout=10)
     assert all(value in versions for value in seen)
+
+
+def test_renewals_refused_past_the_deadline_stop_the_holder_and_a_later_run_is_the_only_writer(
+    bucket: str, faulty_s3
+):
+    output = f"{bucket}/out"
+    holder = Lease(output, ttl_s=2.0)
+    holder.acquire()
+    try:
+        faulty_s3.only_keys, faulty_s3.outage = LEASE_FILE, 1  # parts could still commit
+        refused = time.monotonic()
+        wait_for(lambda: holder.lost, 10, "the holder to give up its lease")
+        assert time.monotonic() - refused <= holder.ttl_s, "by its deadline, before it expires"
+        with pytest.raises(LeaseLost, match="could not be renewed"):
+            holder.check()
+        faulty_s3.heal()
+        expires = read_json(join(output, LEASE_FILE))["expires"]
+        wait_for(lambda: time.time() > expires, 10, "the lease to expire")
+
+        with Lease(output, ttl_s=2.0) as second:
+            second.check()
+            with pytest.raises(LeaseLost):  # the store is back, but the first never writes again
+                holder.check()
+    finally:
+        holder.release()

@@ -54,10 +54,11 @@ class ResumableFile(io.RawIOBase):
         self,
         uri: str,
         policy: IoRetry | None = None,
-        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        buffer_bytes: int | None = None,
     ) -> None:
         super().__init__()
-        self.uri, self.policy, self.buffer_bytes = uri, policy, buffer_bytes
+        self.uri, self.policy = uri, policy
+        self.buffer_bytes = buffer_bytes or DEFAULT_BUFFER_BYTES
         self._fs, self._path = filesystem_for(uri)
         self._handle: pa.NativeFile | None = None
         self._pos = 0

@@ -44,7 +44,9 @@ _QUERY = re.compile(r"\?[^#]+")
 
 # One shared instance: the retry strategy hashes by identity, and the filesystem
 # cache is keyed on the option values.
-_RETRY_STRATEGY = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+# pyarrow's own retries ride out a blip; the budget that governs is skray's (io.retry),
+# the same for every call, and one a job can set.
+_RETRY_STRATEGY = pafs.AwsStandardS3RetryStrategy(max_attempts=2)
 
 _ENV_OPTIONS = {
     "access_key": ("AWS_ACCESS_KEY_ID",),
@@ -62,7 +64,8 @@ def s3_options_from_env(overrides: dict | None = None) -> dict:
     """Keyword arguments for ``pyarrow.fs.S3FileSystem`` from the standard AWS variables.
 
     ``AWS_ENDPOINT_URL_S3`` (else ``AWS_ENDPOINT_URL``) points at MinIO, moto or
-    another S3-compatible store; transient errors are retried up to 5 times.
+    another S3-compatible store; a transient error is retried once here, then by
+    :func:`skray.io.retry.call_with_retry` within its budget.
     The result holds secrets: never log it.
     """
     options: dict = {"retry_strategy": _RETRY_STRATEGY}
@@ -193,6 +196,11 @@ def redact_uri(uri: str | os.PathLike) -> str:
     """
     text = _USERINFO.sub(lambda m: f"{m['scheme'] or ''}***@", os.fspath(uri), count=1)
     return _QUERY.sub("?***", text, count=1)
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint requests go to, for messages."""
+    return _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") or "AWS's default endpoint"
 
 
 def s3_client():

@@ -82,7 +82,7 @@ def prepare(cfg: LabelConfig) -> Prepared:
     """Everything checked before any work: the input, the weights (pinned), the output and its
     lease. Only then does ``--overwrite`` delete, and the earlier manifest is withdrawn so a
     reader never takes a partial output for a complete one."""
-    files = list_inputs(cfg.input, cfg.exclude)
+    files = list_inputs(cfg.input, cfg.exclude, cfg.io_retry)
     pinned = pin_weights(cfg.weights, cfg.model)
     model, loaded = load_model(cfg.model, pinned)  # weights that do not fit fail here
     weights = {
@@ -189,7 +189,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             lambda: write_json(manifest_uri, manifest), "writing the manifest", cfg.io_retry
         )
         lease.check()
-        report = _write_report(cfg.output)
+        report = _write_report(cfg.output) if summary["parts"] else None  # nothing to show
     if mlflow_run:
         from skray.label import tracking
 

@@ -211,6 +211,7 @@ class Lease:
         )
         self.token: str | None = None
         self.lost = False
+        self.lost_why = ""
         self.renewed = 0.0  # time.monotonic() of the last successful write of the lease
         self.margin_s = ttl_s / 4  # for clock drift and a write under way at the deadline
         self._stop = threading.Event()
@@ -259,39 +260,50 @@ class Lease:
             raise LeaseHeld(f"{self.uri}: another run took the lease at the same moment")
 
     def _heartbeat(self) -> None:
-        """Renew every TTL/3; a failed renewal is retried every TTL/10 (a store that answers
-        nothing may answer again: until the deadline, the lease is still ours)."""
+        """Renew every TTL/3; a failed renewal is retried every TTL/10 until the deadline (a
+        store that answers nothing may answer again: until then the lease is still ours).
+        Past the deadline the lease is given up for good: writers were told to stop."""
         interval = self.ttl_s / 3
         while not self._stop.wait(interval):
             with self._mutex:
-                if self._stop.is_set() or self.token is None:
+                if self._stop.is_set() or self.token is None or self.lost:
                     return
                 attempt = time.monotonic()
                 try:
                     token = self.store.replace(self._body(), self.token)
                 except Exception as err:  # noqa: BLE001 - any failure of the store: try again
                     log.warning("lease %s: renewal failed, retrying: %s", self.uri, err)
+                    if time.monotonic() > self.deadline:
+                        self._give_up(self._unrenewed())
+                        return
                     interval = self.ttl_s / 10
                     continue
                 if token is None:
-                    self.lost = True
-                    log.error("lease %s was taken over by another run", self.uri)
+                    self._give_up(
+                        f"{self.uri} was taken over by another run: "
+                        "stopping without committing more"
+                    )
                     return
                 self.token, self.renewed, interval = token, attempt, self.ttl_s / 3
 
+    def _unrenewed(self) -> str:
+        return (
+            f"{self.uri} could not be renewed for {time.monotonic() - self.renewed:.0f} s "
+            f"(lease_ttl_s={self.ttl_s:g}): another run may hold it by now, so this run "
+            "stops without committing more. Rerun to finish"
+        )
+
+    def _give_up(self, why: str) -> None:
+        self.lost, self.lost_why = True, why
+        log.error("%s", why)
+
     def check(self) -> None:
-        """Raise :class:`LeaseLost` once the lease is lost or past its local deadline."""
+        """Raise :class:`LeaseLost` once the lease is lost or past its local deadline (for
+        good: a holder past its deadline never writes again, even if the store comes back)."""
+        if not self.lost and time.monotonic() > self.deadline:
+            self._give_up(self._unrenewed())
         if self.lost:
-            raise LeaseLost(
-                f"{self.uri} was taken over by another run: stopping without committing more"
-            )
-        late = time.monotonic() - self.deadline
-        if late > 0:
-            raise LeaseLost(
-                f"{self.uri} could not be renewed for {late + self.ttl_s - self.margin_s:.0f} s "
-                f"(lease_ttl_s={self.ttl_s:g}): another run may hold it by now, so this run "
-                "stops without committing more. Rerun to finish"
-            )
+            raise LeaseLost(self.lost_why)
 
     def release(self) -> None:
         self._stop.set()

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from skray.core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from skray.io.retry import IoRetry
 from skray.io.sources import DEFAULT_MAX_OBJECT_BYTES, Format, Unit, file_format, unit_batches
 
 THUMBNAIL_SIDE = 160
 READERS = 8  # source objects read at once
+REPORT_IO_RETRY = IoRetry(total_s=10.0)
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,13 @@ class Reading:
     id_column: str | None = None
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    io_retry: IoRetry = field(default_factory=lambda: REPORT_IO_RETRY)
 
     @staticmethod
     def from_config(config: dict | None) -> "Reading":
-        """From a manifest's ``config`` (defaults for what it lacks, or without one)."""
+        """From a manifest's ``config`` (defaults for what it lacks, or without one). The
+        retry budget is the run's, at most REPORT_IO_RETRY's: a thumbnail is not worth
+        waiting out an outage for, and the labels are complete without it."""
         config = config or {}
         known = {
             k: config[k]
@@ -66,7 +71,9 @@ class Reading:
             if k in config
         }
         pixels = (config.get("preprocessing") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
-        return Reading(**known, max_pixels=pixels)
+        retry = IoRetry(**config.get("io_retry", {}))
+        retry = retry.model_copy(update={"total_s": min(retry.total_s, REPORT_IO_RETRY.total_s)})
+        return Reading(**known, max_pixels=pixels, io_retry=retry)
 
 
 def _read_container(
@@ -76,7 +83,13 @@ def _read_container(
     unit = Unit("thumbnails", fmt, (uri,))
     found: dict[str, bytes | str] = {}
     batches = unit_batches(
-        unit, 1, reading.image_column, reading.id_column, (), reading.max_object_bytes
+        unit,
+        1,
+        reading.image_column,
+        reading.id_column,
+        (),
+        reading.max_object_bytes,
+        reading.io_retry,
     )
     for batch in batches:
         for row in batch:

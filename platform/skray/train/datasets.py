@@ -31,8 +31,10 @@ import pyarrow.parquet as pq
 
 from skray.core.crops import crop_rows
 from skray.core.images import PreprocessingConfig, decode_for_eval, decode_for_train, train_augment
+from skray.io.retry import StorageUnavailable
 from skray.io.sources import InputError, Unit, group_units, list_inputs, table_batches
 from skray.io.sources.listing import is_hidden
+from skray.io.sources.rows import is_incomplete
 from skray.io.sources.webdataset import BoundedTarInfo
 from skray.io.storage import filesystem_for
 
@@ -200,7 +202,8 @@ def read_labeled(
     """Ray Data UDF: units -> batches of {image: uint8 (N, 3, S, S), label: int64}, read and
     decoded like the labeling job's (:func:`skray.core.crops.crop_rows`), with a random
     training crop or ``eval_cfg``'s eval crop. A row that does not read or decode is labeled
-    BAD_LABEL."""
+    BAD_LABEL; storage that keeps failing past its retry budget fails the task instead (Ray
+    Data retries it; a transient fault never counts as a skipped image)."""
     if train:
         crop = functools.partial(
             decode_for_train,
@@ -213,6 +216,8 @@ def read_labeled(
     for rows in table_batches(
         units, batch_size, image_column=data.image_column, meta_columns=meta_columns
     ):
+        if is_incomplete(rows[-1]["error"]):  # storage failed past its budget: not a bad image
+            raise StorageUnavailable(rows[-1]["error"], rows[-1]["error"].split(":")[1].strip())
         images, errors = crop_rows(rows, crop, image_size)
         labels = [
             BAD_LABEL if err else _label(data, row) for row, err in zip(rows, errors, strict=True)

@@ -10,7 +10,8 @@ from typing import Literal
 import pyarrow.fs as pafs
 
 from skray.core.errors import SkrayError
-from skray.io.storage import filesystem_for
+from skray.io.retry import IoRetry, call_with_retry
+from skray.io.storage import filesystem_for, is_remote, redact_uri, s3_endpoint
 
 Format = Literal["images", "webdataset", "parquet"]
 
@@ -30,13 +31,16 @@ def is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
-def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
+def list_inputs(uri: str, exclude: list[str] = (), io_retry: IoRetry | None = None) -> list[str]:
     """Every object under ``uri`` (a file, a prefix, or a glob), recursively and sorted,
-    without hidden names (``.x``, ``_x``) or those matching an ``exclude`` glob."""
+    without hidden names (``.x``, ``_x``) or those matching an ``exclude`` glob. A store
+    that keeps failing (or cannot be reached) past ``io_retry`` raises
+    :class:`~skray.io.retry.StorageUnavailable` naming the endpoint, before any work."""
     glob_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
     base = uri if glob_at < 0 else uri[:glob_at].rsplit("/", 1)[0]
     fs, base_path = filesystem_for(base)
-    info = fs.get_file_info(base_path)
+    where = f"listing {redact_uri(base)}" + (f" at {s3_endpoint()}" if is_remote(base) else "")
+    info = call_with_retry(lambda: fs.get_file_info(base_path), where, io_retry)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input not found: {base}")
     prefix = _scheme_prefix(uri)
@@ -48,9 +52,8 @@ def list_inputs(uri: str, exclude: list[str] = ()) -> list[str]:
         base_path = posixpath.dirname(base_path)
     else:
         selector = pafs.FileSelector(base_path, recursive=True)
-        files = [
-            prefix + f.path for f in fs.get_file_info(selector) if f.type == pafs.FileType.File
-        ]
+        listed = call_with_retry(lambda: fs.get_file_info(selector), where, io_retry)
+        files = [prefix + f.path for f in listed if f.type == pafs.FileType.File]
     kept = []
     for file_uri in files:
         relative = file_uri[len(prefix) :][len(base_path) :].lstrip("/")

@@ -1,0 +1,121 @@
+"""A labeling run on storage that fails the way S3 fails (the toolkit's FaultyS3Proxy in
+front of the embedded S3): an outage within the retry budget is ridden out; past it, the
+units left unread stay unwritten, the run exits 3 saying so, and the rerun labels exactly
+them. No row ever says a storage fault about an image."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import SMALL, wait_for
+from skray.cli import EXIT_INCOMPLETE, main
+from skray.dev.embedded import LocalRayHead
+from skray.dev.s3proxy import FaultyS3Proxy
+from skray.dev.testing import synthetic_image
+from skray.io.storage import join, read_json, write_bytes_atomic
+from skray.label.config import LabelConfig
+from skray.label.job import run
+from skray.label.sinks import MANIFEST, part_paths
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def write_images(data: str, n: int) -> list[str]:
+    keys = [join(data, f"{i:03d}.jpg") for i in range(n)]
+    for i, key in enumerate(keys):
+        write_bytes_atomic(key, synthetic_image(i))
+    return keys
+
+
+def output_rows(output: str) -> list[dict]:
+    fs, paths = part_paths(output)
+    return [row for p in paths for row in pq.read_table(p, filesystem=fs).to_pylist()]
+
+
+def outage_mid_run(proxy: FaultyS3Proxy, seconds: float | None) -> None:
+    """In the background: once 8 images were read, every input request is answered 503
+    (for ``seconds``, or until healed); the output's bucket keys stay reachable."""
+
+    def fail() -> None:
+        reads = lambda: proxy.counts()["GET"] + proxy.counts()["GET_RANGE"]  # noqa: E731
+        wait_for(lambda: reads() >= 8, 120, "a unit's worth of reads", interval_s=0.02)
+        proxy.only_keys, proxy.outage = "/data/", 1
+        if seconds is not None:
+            threading.Timer(seconds, proxy.heal).start()
+
+    threading.Thread(target=fail, daemon=True).start()
+
+
+def test_an_outage_mid_run_within_the_budget_is_ridden_out(
+    ray_cluster: LocalRayHead, bucket: str, faulty_s3: FaultyS3Proxy
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_images(data, 48)
+    cfg = LabelConfig(
+        input=data,
+        output=labels,
+        model=SMALL,
+        files_per_unit=8,
+        batch_size=8,
+        s3={"endpoint_url": faulty_s3.url},
+        mlflow={"enabled": False},
+    )
+    outage_mid_run(faulty_s3, seconds=6.0)  # past pyarrow's own retries
+
+    manifest = run(cfg)
+
+    rows = output_rows(labels)
+    assert manifest["complete"] and manifest["incomplete"] is None
+    assert sorted(r["key"] for r in rows) == keys, "every key once"
+    assert not [r for r in rows if r["error"]], "no storage fault became a row"
+    assert faulty_s3.outage == 0, "the outage happened during the run and ended"
+
+
+def test_past_the_budget_the_run_exits_3_naming_what_is_unread_and_the_rerun_labels_exactly_that(
+    ray_cluster: LocalRayHead, bucket: str, faulty_s3: FaultyS3Proxy, capsys
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_images(data, 48)
+    flags = [
+        "label",
+        "--input",
+        data,
+        "--output",
+        labels,
+        "--model",
+        SMALL,
+        "--batch-size",
+        "8",
+        "--set",
+        "files_per_unit=8",
+        "--set",
+        f"s3.endpoint_url={faulty_s3.url}",
+        "--set",
+        "mlflow.enabled=false",
+    ]
+    outage_mid_run(faulty_s3, seconds=None)
+
+    code = main([*flags, "--set", "io_retry.total_s=1", "--set", "io_retry.initial_backoff_s=0.05"])
+
+    out, err = capsys.readouterr()
+    assert code == EXIT_INCOMPLETE, err
+    first = read_json(join(labels, MANIFEST))
+    unread = first["incomplete"]
+    assert not first["complete"]
+    assert unread["units"] >= 1 and unread["reasons"] == {"unavailable": unread["units"]}
+    assert "INCOMPLETE" in out and "rerun to finish" in out
+    done = [r["key"] for r in output_rows(labels)]
+    assert len(done) + unread["keys"] == len(keys) and not any(
+        r["error"] for r in output_rows(labels)
+    ), "the unread units are not in the output at all"
+
+    faulty_s3.heal()
+    assert main(flags) == 0
+
+    second = read_json(join(labels, MANIFEST))
+    assert second["complete"] and second["timings"]["images_this_run"] == unread["keys"]
+    rows = output_rows(labels)
+    assert sorted(r["key"] for r in rows) == keys and not any(r["error"] for r in rows)
