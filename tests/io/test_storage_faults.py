@@ -67,14 +67,14 @@ def test_a_shard_stream_cut_half_way_resumes_where_it_broke_without_repeating_a_
     inputs, faulty_s3: FaultyS3Proxy, monkeypatch
 ):
     expected = healthy(inputs["webdataset"])
-    # A read of a few KB at a time makes the stream many requests; every second one is cut.
-    monkeypatch.setattr("skray.io.objects.DEFAULT_BUFFER_BYTES", 8192)
+    # A read of a few KB at a time makes the stream many requests; half of them are cut.
+    monkeypatch.setattr("skray.io.objects.DEFAULT_BUFFER_BYTES", 2048)
     faulty_s3.cut_rate = 0.5
 
     got = [(r["key"], r["data"], r["error"]) for r in rows_of(inputs["webdataset"])]
 
     assert got == expected
-    assert faulty_s3.counts()["GET_RANGE"] > 10, "the shard was read in many pieces"
+    assert faulty_s3.counts()["GET_RANGE"] > 5, "the shard was read in pieces, cut in between"
 
 
 def test_an_outage_shorter_than_the_budget_is_ridden_out(inputs, faulty_s3: FaultyS3Proxy):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -239,3 +240,44 @@ def test_renewals_refused_past_the_deadline_stop_the_holder_and_a_later_run_is_t
                 holder.check()
     finally:
         holder.release()
+
+
+HOLDER = """
+import sys, time
+from skray.label.lease import Lease, LeaseLost
+from skray.label.sinks import write_part
+output = sys.argv[1]
+lease = Lease(output, ttl_s=2.0)
+lease.acquire()
+print("held", flush=True)
+n = 0
+try:
+    while True:
+        lease.check()  # as the committer does before every part
+        write_part(output, f"holder-{n}", [{"key": f"k{n}"}])
+        n += 1
+        time.sleep(0.05)
+except LeaseLost as err:
+    print("stopped:", err, flush=True)
+"""
+
+
+def test_a_holder_paused_past_the_ttl_writes_nothing_once_resumed(tmp_path):
+    output = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, output], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        wait_for(lambda: len(os.listdir(output)) > 3, 10, "the holder to write parts")
+        os.kill(holder.pid, signal.SIGSTOP)
+        parts_before = set(os.listdir(output))
+        expires = read_json(join(output, LEASE_FILE))["expires"]
+        wait_for(lambda: time.time() > expires, 10, "the paused holder's lease to expire")
+        with Lease(output, ttl_s=2.0):  # the second run takes over
+            os.kill(holder.pid, signal.SIGCONT)
+            out, _ = holder.communicate(timeout=20)
+            assert "stopped:" in out
+            assert set(os.listdir(output)) == parts_before, "no part after the takeover"
+    finally:
+        holder.kill()

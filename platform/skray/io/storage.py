@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -150,18 +150,7 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
         with fs.open_output_stream(path) as stream:
             stream.write(data)
         return
-    target = Path(_local_path(uri))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_local(uri, data, os.replace)
 
 
 def exists(uri: str | os.PathLike) -> bool:
@@ -243,6 +232,12 @@ def write_bytes_exclusive(uri: str | os.PathLike, data: bytes) -> None:
         except BotoCoreError as err:  # connection refused or reset, timeouts
             raise OSError(f"writing {redact_uri(uri)}: {err}") from err
         return
+    _write_local(uri, data, os.link)  # a link fails where the target exists
+
+
+def _write_local(uri: str, data: bytes, publish: Callable[[str, Path], None]) -> None:
+    """``data`` into a fsynced temporary file beside the target, then ``publish`` (rename
+    or link) puts it in place whole; the temporary file never stays."""
     target = Path(_local_path(uri))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -251,6 +246,6 @@ def write_bytes_exclusive(uri: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, target)  # fails where the target exists
+        publish(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
