@@ -13,7 +13,7 @@ from skray.dev.s3proxy import FaultyS3Proxy
 from skray.dev.testing import synthetic_image
 from skray.io.retry import IoRetry, StorageUnavailable, call_with_retry
 from skray.io.sources import Unit, unit_batches
-from skray.io.sources.rows import is_incomplete
+from skray.io.sources.rows import incomplete_reason
 from skray.io.storage import write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,7 +95,9 @@ def test_an_outage_past_the_budget_ends_the_unit_with_an_incomplete_marker_not_e
 
     rows = rows_of(inputs[kind], QUICK)
 
-    assert [is_incomplete(r["error"]) for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert [incomplete_reason(r["error"]) for r in rows] == [None] * (len(rows) - 1) + [
+        "unavailable"
+    ]
     assert not any(r["error"] for r in rows[:-1]), "no row says anything about an image"
     assert rows[-1]["error"].startswith("incomplete: unavailable: ")
     assert {r["unit_rows"] for r in rows[-4:]} == {len(rows)}, "the writer learns it is done"

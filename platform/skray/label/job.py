@@ -23,6 +23,7 @@ from skray.core.model import DEFAULT_MODEL
 from skray.io.config import dump_config
 from skray.io.retry import StorageUnavailable, call_with_retry
 from skray.io.sources import list_inputs
+from skray.io.sources.rows import incomplete_reason
 from skray.io.storage import join, read_json, redact_uri, write_json
 from skray.label.commit import UnitCommitter
 from skray.label.config import LabelConfig
@@ -206,7 +207,7 @@ def not_read(plan: Plan, incomplete: dict[str, str]) -> dict[str, Any] | None:
     units = [u for u in plan.units if u.id in incomplete]
     reasons: dict[str, int] = {}
     for why in incomplete.values():
-        reason = why.split(":", 2)[1].strip()
+        reason = incomplete_reason(why)
         reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "units": len(units),
@@ -219,9 +220,7 @@ def not_read(plan: Plan, incomplete: dict[str, str]) -> dict[str, Any] | None:
 def _stop_if_denied(cfg: LabelConfig, incomplete: dict[str, str]) -> None:
     """Access refused past the retry budget will not heal by itself: stop now, with one
     message, rather than fail every unit left (none becomes an error row)."""
-    denied = next(
-        (why for why in incomplete.values() if why.startswith("incomplete: denied:")), None
-    )
+    denied = next((why for why in incomplete.values() if incomplete_reason(why) == "denied"), None)
     if denied is None:
         return
     source = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_ACCESS_KEY_ID"

@@ -34,7 +34,7 @@ from skray.core.images import PreprocessingConfig, decode_for_eval, decode_for_t
 from skray.io.retry import StorageUnavailable
 from skray.io.sources import InputError, Unit, group_units, list_inputs, table_batches
 from skray.io.sources.listing import is_hidden
-from skray.io.sources.rows import is_incomplete
+from skray.io.sources.rows import incomplete_reason
 from skray.io.sources.webdataset import BoundedTarInfo
 from skray.io.storage import filesystem_for
 
@@ -216,8 +216,8 @@ def read_labeled(
     for rows in table_batches(
         units, batch_size, image_column=data.image_column, meta_columns=meta_columns
     ):
-        if is_incomplete(rows[-1]["error"]):  # storage failed past its budget: not a bad image
-            raise StorageUnavailable(rows[-1]["error"], rows[-1]["error"].split(":")[1].strip())
+        if reason := incomplete_reason(rows[-1]["error"]):  # storage failed, not the image
+            raise StorageUnavailable(rows[-1]["error"], reason)
         images, errors = crop_rows(rows, crop, image_size)
         labels = [
             BAD_LABEL if err else _label(data, row) for row, err in zip(rows, errors, strict=True)

@@ -19,8 +19,16 @@ def make_row(key: str, data: bytes = b"", error: str = "", meta: str = "") -> di
     return {"key": key, "data": data, "error": error, "meta": meta}
 
 
-def is_incomplete(error: str | None) -> bool:
-    return bool(error) and error.startswith(INCOMPLETE + ":")
+def incomplete_error(reason: str, message: str) -> str:
+    """The marker row's error: ``incomplete: <reason>: <message>``."""
+    return f"{INCOMPLETE}: {reason}: {message}"
+
+
+def incomplete_reason(error: str | None) -> str | None:
+    """``denied`` or ``unavailable`` for a marker row's error, None for any other row."""
+    if not error or not error.startswith(INCOMPLETE + ":"):
+        return None
+    return error.split(":", 2)[1].strip()
 
 
 def too_large(what: str, size: int | str, max_bytes: int) -> str:

@@ -15,7 +15,7 @@ from skray.io.retry import IoRetry, StorageUnavailable
 from skray.io.sources.files import read_image_files
 from skray.io.sources.listing import Format, file_format
 from skray.io.sources.parquet import parquet_rows, read_parquet
-from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, INCOMPLETE, make_row
+from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, incomplete_error, make_row
 from skray.io.sources.webdataset import read_webdataset
 
 UNKNOWN_ROWS = -1  # ``unit_rows`` of a row not in its unit's last batch
@@ -128,7 +128,9 @@ def unit_batches(
             batch.append(row)
             count += 1
     except StorageUnavailable as err:
-        marker = make_row(f"{unit.uris[0]}#<not read>", error=f"{INCOMPLETE}: {err.reason}: {err}")
+        marker = make_row(
+            f"{unit.uris[0]}#<not read>", error=incomplete_error(err.reason, str(err))
+        )
         yield _tagged([*batch, marker], unit.id, count + 1)
         return
     if not count:
