@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import label_row, parquet_bytes, tar_bytes, wait_for
@@ -18,7 +19,7 @@ from skray.io.storage import join, read_json, write_bytes_atomic
 from skray.label import plan
 from skray.label.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost
 from skray.label.plan import make_plan
-from skray.label.sinks import write_part
+from skray.label.sinks import part_paths, withdraw_rows, write_part
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,6 +30,11 @@ def keys(names) -> list[str]:
 
 def commit(output: str, unit_keys: list[str], unit: str) -> None:
     write_part(output, unit, [label_row(k) for k in sorted(unit_keys)])
+
+
+def output_rows(output: str) -> list[dict]:
+    fs, paths = part_paths(output)
+    return [row for p in paths for row in pq.read_table(p, filesystem=fs).to_pylist()]
 
 
 def planned_keys(p) -> list[str]:
@@ -95,6 +101,56 @@ def test_shards_are_done_when_their_part_exists_and_their_rows_count_as_listed(t
     assert [u.uris for u in p.units] == [(table,)] and p.units[0].rows == 2
     assert p.removed_rows == 0
     assert make_plan([table], output).removed_rows == 2  # the shard left the input: its rows did
+
+
+EARLIER_503 = (
+    "unreadable: OSError: When reading information for key 'in/x.jpg' in bucket 'b': "
+    "AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body."
+)
+
+
+def test_rows_earlier_versions_committed_for_storage_errors_are_planned_again_and_healed(
+    tmp_path,
+):
+    output = str(tmp_path / "out")
+    listing = keys(range(6))
+    stale = [listing[1], listing[4]]
+    write_part(
+        output,
+        "old",
+        [label_row(k, error=EARLIER_503 if k in stale else None) for k in listing[:5]]
+        + [label_row("/in/gone.jpg", error=EARLIER_503)],  # no longer listed: left alone
+    )
+    commit(output, listing[5:], "done")
+
+    p = make_plan(listing, output, files_per_unit=4)
+
+    assert planned_keys(p) == stale and p.committed_rows == 4
+    assert [(h.part, h.keys, h.rows) for h in p.heal] == [("part-old.parquet", tuple(stale), 2)]
+    withdraw_rows(output, "part-old.parquet", p.heal[0].keys)
+    healed = make_plan(listing, output, files_per_unit=4)
+    assert planned_keys(healed) == stale and healed.heal == ()
+    assert sorted(r["key"] for r in output_rows(output)) == sorted(
+        [k for k in listing if k not in stale] + ["/in/gone.jpg"]
+    ), "the part lost exactly those rows"
+
+
+def test_a_shard_whose_earlier_part_holds_a_storage_error_is_read_again_whole(tmp_path):
+    output, shard = str(tmp_path / "out"), str(tmp_path / "in" / "s.tar")
+    write_bytes_atomic(shard, tar_bytes([("x.jpg", b"1")]))
+    unit = make_plan([shard], output).units[0]
+    cut = "broken_tar: OSError: AWS Error NETWORK_CONNECTION during GetObject operation: reset"
+    write_part(output, unit.id, [label_row(f"{shard}#a"), label_row(f"{shard}#b", error=cut)])
+    data_error = "broken_tar: the archive ends without its end-of-archive blocks (truncated)"
+
+    p = make_plan([shard], output)
+
+    assert p.units == [unit] and p.committed_rows == 0
+    assert [(h.keys, h.rows) for h in p.heal] == [(None, 1)]
+    withdraw_rows(output, p.heal[0].part, None)
+    assert output_rows(output) == [] and make_plan([shard], output).units == [unit]
+    write_part(output, unit.id, [label_row(f"{shard}#a", error=data_error)])
+    assert make_plan([shard], output).units == [], "a bad file's row is a verdict: kept"
 
 
 # --- the lease: one run per output -----------------------------------------
@@ -245,7 +301,7 @@ def test_renewals_refused_past_the_deadline_stop_the_holder_and_a_later_run_is_t
 HOLDER = """
 import sys, time
 from skray.label.lease import Lease, LeaseLost
-from skray.label.sinks import write_part
+from skray.label.sinks import part_paths, withdraw_rows, write_part
 output = sys.argv[1]
 lease = Lease(output, ttl_s=2.0)
 lease.acquire()

@@ -41,6 +41,7 @@ from skray.label.sinks import (
     clear_output,
     summarize_output,
     withdraw_manifest,
+    withdraw_rows,
 )
 from skray.report.page import write_report
 from skray.weights.resolver import PinnedWeights, load_model, pin_weights
@@ -156,6 +157,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         committer = UnitCommitter(
             cfg.output, lease.check, cfg.commit_concurrency, io_retry=cfg.io_retry
         )
+        _heal(cfg, plan, lease.check)
         with committer:
             if plan.units:
                 ray.init(ignore_reinit_error=True)
@@ -196,6 +198,21 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
 
         tracking.finish(mlflow_run["run_id"], manifest, report and join(cfg.output, REPORT_DIR))
     return manifest
+
+
+def _heal(cfg: LabelConfig, plan: Plan, check_lease) -> None:
+    """Take out the rows earlier versions committed for storage failures (their keys are in
+    this run's units), before any part is written: a key is never in two parts."""
+    if not plan.heal:
+        return
+    print(
+        f"[label] {sum(h.rows for h in plan.heal)} rows of earlier runs' storage errors "
+        f"in {len(plan.heal)} parts: reading their keys again",
+        flush=True,
+    )
+    for heal in plan.heal:
+        check_lease()
+        withdraw_rows(cfg.output, heal.part, heal.keys, cfg.io_retry)
 
 
 def not_read(plan: Plan, incomplete: dict[str, str]) -> dict[str, Any] | None:

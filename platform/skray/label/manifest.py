@@ -47,6 +47,7 @@ def build_manifest(
         "failed": summary["failed"],
         "failed_by_reason": summary["failed_by_reason"],
         "skipped_already_done": plan.committed_rows - plan.removed_rows,
+        "retried_from_earlier_runs": sum(h.rows for h in plan.heal),
         "removed_from_input": plan.removed_rows,
         "units": {
             "total": summary["parts"],
@@ -97,6 +98,11 @@ def format_summary(manifest: dict[str, Any]) -> str:
         f"failed              {manifest['failed']}",
         *(f"  {reason:<18}{count}" for reason, count in manifest["failed_by_reason"].items()),
         f"skipped (done)      {manifest['skipped_already_done']}",
+        *(
+            [f"retried             {retried} (storage errors of earlier runs)"]
+            if (retried := manifest.get("retried_from_earlier_runs"))
+            else []
+        ),
         f"duplicates          {manifest['duplicates']}",
         f"img/s (this run)    {timings['img_per_s']}",
         *(

@@ -12,6 +12,10 @@ the listing, one flag per listed key and one batch — never a set of every key
 (Ray Data's own checkpointing keeps every processed id as a Python object,
 about 9 GB for 115M ids: ray#60200). Rows whose key is no longer listed are
 counted, not kept; a key is assumed to be in at most one part.
+
+Rows an earlier version committed for a storage failure (``EARLIER_IO_ERROR``) do not count
+as done: their keys are planned again, and the plan names the parts to heal — an image part
+loses those rows, a shard's part goes — which the job does before any new part is written.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import numpy as np
@@ -29,10 +33,22 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from skray.io.sources import Format, Unit, shard_unit, unit_id
+from skray.io.sources.rows import EARLIER_IO_ERROR
 from skray.label.sinks import part_name, part_paths
 
 BATCH_KEYS = 1 << 21  # committed keys hashed at once: bounds the hash table
 PARTS_IN_FLIGHT = 16
+
+
+@dataclass(frozen=True)
+class Heal:
+    """A committed part holding rows of earlier runs' I/O errors, whose keys are planned again:
+    ``keys`` are the rows to take out, or None to remove the whole part (a shard's: the shard
+    is read again whole)."""
+
+    part: str  # the part's file name in the output
+    keys: tuple[str, ...] | None
+    rows: int  # its earlier I/O-error rows
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class Plan:
     committed_parts: int  # parts already in the output
     committed_rows: int  # rows already in the output
     removed_rows: int  # rows of the output whose key is no longer in the input
+    heal: tuple[Heal, ...] = ()  # parts to heal before any new part is written
 
     @property
     def pending_rows(self) -> int | None:
@@ -51,19 +68,31 @@ class Plan:
         return None if None in known else sum(known)
 
 
-def committed_batches(fs: pafs.FileSystem, paths: list[str]) -> Iterator[pa.Array]:
-    """The keys of the output's parts, about ``BATCH_KEYS`` at a time (the key column only).
+def committed_batches(
+    fs: pafs.FileSystem, paths: list[str], stale: dict[str, pa.Array], whole: set[str]
+) -> Iterator[pa.Array]:
+    """The keys of the output's parts, about ``BATCH_KEYS`` at a time (key and error columns
+    only). Rows of earlier runs' I/O errors are left out and put in ``stale``, by part path; a
+    part named in ``whole`` (a shard's) that holds any is left out whole.
 
     Parts are read one by one (a few in flight, for S3's latency): a dataset scan over
     thousands of small files holds far more memory than the keys themselves."""
 
-    def read(path: str) -> pa.ChunkedArray:
-        return pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)
+    def read(path: str) -> tuple[str, pa.Table]:
+        return path, pq.ParquetFile(path, filesystem=fs).read(columns=["key", "error"])
 
     pending: list[pa.Array] = []
     size = 0
     with ThreadPoolExecutor(PARTS_IN_FLIGHT) as pool:
-        for keys in pool.map(read, paths):
+        for path, part in pool.map(read, paths):
+            keys = part.column("key")
+            earlier = pc.fill_null(
+                pc.match_substring_regex(part.column("error"), EARLIER_IO_ERROR), False
+            )
+            if pc.any(earlier).as_py():
+                stale[path] = keys.filter(earlier).combine_chunks().cast(pa.string())
+                whole_part = posixpath.basename(path) in whole
+                keys = keys.slice(0, 0) if whole_part else keys.filter(pc.invert(earlier))
             pending += keys.chunks
             size += len(keys)
             if size >= BATCH_KEYS:
@@ -80,13 +109,17 @@ class _Merge:
     done: pa.Array  # one flag per listed image key
     rows: int = 0
     listed_rows: int = 0  # committed rows whose key, or shard, is still in the input
+    stale: dict[str, pa.Array] = field(default_factory=dict)  # earlier I/O-error keys, by part
 
 
 def _merge(
-    parts: tuple[pafs.FileSystem, list[str]], images: pa.ChunkedArray, shards: pa.Array
+    parts: tuple[pafs.FileSystem, list[str]],
+    images: pa.ChunkedArray,
+    shards: pa.Array,
+    shard_parts: set[str],
 ) -> _Merge:
     merged = _Merge(pa.array(np.zeros(len(images), dtype=bool)))
-    for keys in committed_batches(*parts):
+    for keys in committed_batches(*parts, merged.stale, shard_parts):
         hit = pc.is_in(images, value_set=keys)
         merged.done = pc.or_(merged.done, hit)
         merged.rows += len(keys)
@@ -136,21 +169,50 @@ def make_plan(
     images = by_format.get("images", none)
     shards = {kind: by_format.get(kind, none).to_pylist() for kind in ("webdataset", "parquet")}
     fs, paths = part_paths(output)  # listed once: on S3 a listing of every part
+    shard_parts = {
+        part_name(unit_id(k, [uri])): (k, uri) for k, uris in shards.items() for uri in uris
+    }
     merged = _merge(
-        (fs, paths), images, pa.array(shards["webdataset"] + shards["parquet"], pa.string())
+        (fs, paths),
+        images,
+        pa.array(shards["webdataset"] + shards["parquet"], pa.string()),
+        set(shard_parts),
     )
     units = image_units(images.filter(pc.invert(merged.done)), files_per_unit)
-    done_parts = {posixpath.basename(p) for p in paths}
-    for kind, uris in shards.items():
-        units += [
-            shard_unit(kind, uri, parquet_columns)
-            for uri in uris
-            if part_name(unit_id(kind, [uri])) not in done_parts
-        ]
+    heal = _heal(merged.stale, images, shard_parts)
+    done_parts = {posixpath.basename(p) for p in paths} - {h.part for h in heal if h.keys is None}
+    units += [
+        shard_unit(kind, uri, parquet_columns)
+        for name, (kind, uri) in shard_parts.items()
+        if name not in done_parts
+    ]
     return Plan(
         units=units,
         listed=len(listed),
         committed_parts=len(paths),
         committed_rows=merged.rows,
         removed_rows=merged.rows - merged.listed_rows,
+        heal=heal,
     )
+
+
+def _heal(
+    stale: dict[str, pa.Array], images: pa.ChunkedArray, shard_parts: dict[str, tuple[str, str]]
+) -> tuple[Heal, ...]:
+    """The parts to heal: a listed shard's part goes whole; an image part loses the rows of
+    its listed keys (the keys no longer listed stay as they are: nothing reads them again)."""
+    heal, image_parts = [], {}
+    for path, keys in stale.items():
+        name = posixpath.basename(path)
+        if name in shard_parts:
+            heal.append(Heal(name, None, len(keys)))
+        else:
+            image_parts[name] = keys
+    if image_parts:
+        every = pa.concat_arrays(list(image_parts.values()))
+        listed = set(images.filter(pc.is_in(images, value_set=every)).to_pylist())
+        for name, keys in image_parts.items():
+            again = tuple(k for k in keys.to_pylist() if k in listed)
+            if again:
+                heal.append(Heal(name, again, len(again)))
+    return tuple(heal)

@@ -113,6 +113,31 @@ def write_part(
             ) from None
 
 
+def withdraw_rows(
+    output: str, part: str, keys: tuple[str, ...] | None, io_retry: IoRetry | None = None
+) -> None:
+    """Take ``keys``'s rows out of a committed part, or the whole part (``keys`` None, or no
+    row left): the part is replaced atomically, so a reader sees it with or without them.
+    Used to heal rows earlier versions committed for a storage failure before their keys are
+    labeled again; a run that dies between the two leaves the keys unlabeled, never twice."""
+    uri = join(output, part)
+    fs, path = filesystem_for(uri)
+    if keys is not None:
+        data = call_with_retry(lambda: read_bytes(uri), f"reading {redact_uri(uri)}", io_retry)
+        table = pq.read_table(io.BytesIO(data))
+        kept = table.filter(pc.invert(pc.is_in(table.column("key"), pa.array(keys, pa.string()))))
+        if kept.num_rows:
+            buffer = io.BytesIO()
+            pq.write_table(kept, buffer, compression="zstd")
+            call_with_retry(
+                lambda: write_bytes_atomic(uri, buffer.getvalue()),
+                f"rewriting {redact_uri(uri)}",
+                io_retry,
+            )
+            return
+    call_with_retry(lambda: fs.delete_file(path), f"removing {redact_uri(uri)}", io_retry)
+
+
 def clear_output(output: str) -> None:
     """``--overwrite``: remove parts, the manifest, the job record, the report and review
     samples (what describes the old parts; nothing else)."""

@@ -13,6 +13,13 @@ DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # one image file, tar member or Parquet c
 # The error of the marker row a unit ends with when storage failed past its retry budget:
 # the unit was not read, and is not committed (never a row about an image).
 INCOMPLETE = "incomplete"
+# Rows that earlier versions committed for a storage failure, not for the image: reads were not
+# retried then, and an I/O error became an ``unreadable`` row (or a shard's ``broken_tar`` row
+# naming the store's error). A rerun takes them out and reads their keys again.
+EARLIER_IO_ERROR = (
+    r"^unreadable:|^(broken_tar|unreadable_parquet):.*(AWS Error|HTTP status (403|5\d\d)"
+    r"|curlCode|SlowDown|ExpiredToken|[Tt]imed out|Connection (reset|refused|aborted))"
+)
 
 
 def make_row(key: str, data: bytes = b"", error: str = "", meta: str = "") -> dict:
