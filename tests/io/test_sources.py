@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import tarfile
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ from skray.io.sources import (
 )
 from skray.io.sources import files as image_files
 from skray.io.sources.parquet import PARQUET_BATCH_ROWS
-from skray.io.sources.webdataset import TAR_HEADER_MAX_BYTES
+from skray.io.sources.webdataset import TAR_HEADER_MAX_BYTES, SampleLimits
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(60)
@@ -220,6 +221,78 @@ def test_table_batches_of_a_webdataset_shard_yields_one_row_per_sample_with_meta
     assert rows[0]["data"] == synthetic_image(7) and rows[0]["error"] == ""
     assert json.loads(rows[1]["meta"]) == {"cls": 8, "json": {"source": "demo", "index": 8}}
     assert {r["unit_rows"] for r in rows} == {3}
+
+
+def test_a_shard_made_by_gnu_tar_of_a_directory_labels_every_sample(tmp_path):
+    folder = tmp_path / "samples"
+    for i in range(12):
+        write_bytes_atomic(str(folder / f"{i:06d}.jpg"), synthetic_image(i))
+        write_bytes_atomic(str(folder / f"{i:06d}.cls"), str(i % 10).encode())
+    shard = str(tmp_path / "shard-000000.tar")
+    subprocess.run(["tar", "--sort=name", "-C", str(folder), "-cf", shard, "."], check=True)
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows] == [f"{shard}#{i:06d}" for i in range(12)]
+    assert not any(r["error"] for r in rows) and rows[3]["data"] == synthetic_image(3)
+    assert json.loads(rows[3]["meta"]) == {"cls": 3}
+
+
+def test_member_names_are_normalised_and_one_that_climbs_out_is_a_row_of_its_own(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    members = [
+        ("./a/x.jpg", b"1"),
+        ("/a/x.cls", b"2"),  # the same sample as ./a/x.jpg
+        ("../../etc/y.jpg", b"3"),
+        ("./b.tar.gz.jpg", b"4"),  # the key ends at the basename's first dot
+    ]
+    write_bytes_atomic(shard, tar_bytes(members))
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows] == [f"{shard}#a/x", f"{shard}#../../etc/y.jpg", f"{shard}#b"]
+    assert rows[0]["data"] == b"1" and json.loads(rows[0]["meta"]) == {"cls": 2}
+    assert rows[1]["error"].startswith("unsafe_member_name: ")
+    assert rows[2]["error"] == "" and rows[2]["data"] == b"4"
+
+
+@pytest.mark.parametrize(
+    "ext, data, kept",
+    [
+        ("json", b"[" * 100_000, "[" * 65536),  # nested past the stack: the text, capped
+        ("json", b'{"a": ' * 900 + b"1" + b"}" * 900, None),  # parses; may be too deep to write
+        ("cls", "²".encode(), "²"),  # a digit to str.isdigit, no number to int()
+        ("cls", b"9" * 5000, "9" * 5000),  # past int()'s digit limit
+        ("txt", b"\xff\xfe", "\ufffd\ufffd"),
+    ],
+    ids=["deep-json", "deep-but-parsable", "superscript-cls", "huge-cls", "bad-utf8"],
+)
+def test_no_metadata_member_can_fail_a_shard_its_sample_is_still_labeled(tmp_path, ext, data, kept):
+    shard = str(tmp_path / "shard.tar")
+    members = [("a.jpg", b"img"), (f"a.{ext}", data), ("b.jpg", b"img2")]
+    write_bytes_atomic(shard, tar_bytes(members))
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
+
+    assert [(r["key"][-1], r["error"]) for r in rows] == [("a", ""), ("b", "")]
+    meta = json.loads(rows[0]["meta"])[ext]
+    assert kept is None or meta == kept
+
+
+def test_a_sample_past_its_member_or_byte_limit_is_too_large_and_the_shard_goes_on(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    many = [(f"a.{i}.jpg", b"x") for i in range(17)]
+    big = [("b.jpg", b"x" * 600), ("b.json", b"[" + b"1," * 300 + b"1]")]
+    write_bytes_atomic(shard, tar_bytes([*many, *big, ("c.jpg", b"ok")]))
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)), sample_limits=SampleLimits(16, 1000))
+
+    assert [r["key"].rsplit("#", 1)[1] for r in rows] == ["a", "b", "c"]
+    assert (
+        rows[0]["error"].startswith("too_large: ") and "max_members_per_sample" in rows[0]["error"]
+    )
+    assert rows[1]["error"].startswith("too_large: ") and "max_sample_bytes" in rows[1]["error"]
+    assert rows[2]["error"] == "" and rows[2]["data"] == b"ok"
 
 
 def test_table_batches_reports_a_sample_without_an_image_member_as_no_image_member(tmp_path):

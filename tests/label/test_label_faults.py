@@ -11,15 +11,15 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import SMALL, wait_for
-from skray.cli import EXIT_INCOMPLETE, main
+from helpers import SMALL, label_row, wait_for
+from skray.cli import EXIT_INCOMPLETE, EXIT_REFUSED, main
 from skray.dev.embedded import LocalRayHead
 from skray.dev.s3proxy import FaultyS3Proxy
 from skray.dev.testing import synthetic_image
 from skray.io.storage import join, read_json, write_bytes_atomic
 from skray.label.config import LabelConfig
 from skray.label.job import run
-from skray.label.sinks import MANIFEST, part_paths
+from skray.label.sinks import MANIFEST, part_paths, write_part
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -42,16 +42,19 @@ def reads(proxy: FaultyS3Proxy) -> int:
     return counts["HEAD"] + counts["GET"] + counts["GET_RANGE"]
 
 
-def outage_mid_run(proxy: FaultyS3Proxy, seconds: float | None) -> dict[str, int]:
-    """In the background: once 8 images were read, every input request is answered 503 (the
-    output's bucket keys stay reachable) until healed, or for at least ``seconds`` and until
-    the run has retried through it (5 refused reads). Returns the reads counted as the
-    outage began and as it ended."""
+def outage_mid_run(
+    proxy: FaultyS3Proxy, seconds: float | None, fault: str = "outage"
+) -> dict[str, int]:
+    """In the background: once 8 images were read, every input request is answered 503
+    (``fault`` "outage"; "forbidden": 403) — the output's bucket keys stay reachable — until
+    healed, or for at least ``seconds`` and until the run has retried through it (5 refused
+    reads). Returns the reads counted as the fault began and as it ended."""
     seen: dict[str, int] = {}
 
     def fail() -> None:
         wait_for(lambda: reads(proxy) >= 8, 120, "a unit's worth of reads", interval_s=0.02)
-        proxy.only_keys, proxy.outage = "/data/", 1
+        proxy.only_keys = "/data/"
+        setattr(proxy, fault, 1)
         seen["at_outage"], began = reads(proxy), time.monotonic()
         if seconds is None:
             return
@@ -93,12 +96,9 @@ def test_an_outage_mid_run_within_the_budget_is_ridden_out(
     assert outage["at_heal"] > outage["at_outage"], "the run's reads met the outage"
 
 
-def test_past_the_budget_the_run_exits_3_naming_what_is_unread_and_the_rerun_labels_exactly_that(
-    ray_cluster: LocalRayHead, bucket: str, faulty_s3: FaultyS3Proxy, capsys
-):
-    data, labels = f"{bucket}/data", f"{bucket}/labels"
-    keys = write_images(data, 48)
-    flags = [
+def label_flags(data: str, labels: str, endpoint: str) -> list[str]:
+    """``skray label`` of ``data`` into ``labels`` through ``endpoint``: units of 8 images."""
+    return [
         "label",
         "--input",
         data,
@@ -111,10 +111,18 @@ def test_past_the_budget_the_run_exits_3_naming_what_is_unread_and_the_rerun_lab
         "--set",
         "files_per_unit=8",
         "--set",
-        f"s3.endpoint_url={faulty_s3.url}",
+        f"s3.endpoint_url={endpoint}",
         "--set",
         "mlflow.enabled=false",
     ]
+
+
+def test_past_the_budget_the_run_exits_3_naming_what_is_unread_and_the_rerun_labels_exactly_that(
+    ray_cluster: LocalRayHead, bucket: str, faulty_s3: FaultyS3Proxy, capsys
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_images(data, 48)
+    flags = label_flags(data, labels, faulty_s3.url)
     outage_mid_run(faulty_s3, seconds=None)
 
     code = main([*flags, "--set", "io_retry.total_s=1", "--set", "io_retry.initial_backoff_s=0.05"])
@@ -138,3 +146,51 @@ def test_past_the_budget_the_run_exits_3_naming_what_is_unread_and_the_rerun_lab
     assert second["complete"] and second["timings"]["images_this_run"] == unread["keys"]
     rows = output_rows(labels)
     assert sorted(r["key"] for r in rows) == keys and not any(r["error"] for r in rows)
+
+
+def test_credentials_refused_mid_run_stop_it_with_one_message_and_a_rerun_finishes(
+    ray_cluster: LocalRayHead, bucket: str, faulty_s3: FaultyS3Proxy, capsys
+):
+    data, labels = f"{bucket}/data", f"{bucket}/labels"
+    keys = write_images(data, 48)
+    flags = label_flags(data, labels, faulty_s3.url)
+    outage_mid_run(faulty_s3, seconds=None, fault="forbidden")  # an expired token, say
+
+    code = main([*flags, "--set", "io_retry.total_s=1", "--set", "io_retry.initial_backoff_s=0.05"])
+
+    err = capsys.readouterr().err
+    assert code == EXIT_REFUSED
+    assert err.count("was refused with the credentials from") == 1, err
+    assert "AccessDenied" in err and "rerun with working credentials" in err
+    assert read_json(join(labels, MANIFEST)) is None, "an output that stopped says nothing"
+    assert not any(r["error"] for r in output_rows(labels)), "no refusal became a row"
+
+    faulty_s3.heal()
+    assert main(flags) == 0
+    rows = output_rows(labels)
+    assert sorted(r["key"] for r in rows) == keys and not any(r["error"] for r in rows)
+
+
+def test_a_rerun_labels_the_keys_an_earlier_version_left_as_storage_error_rows(
+    ray_cluster: LocalRayHead, tmp_path
+):
+    data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
+    keys = write_images(data, 12)
+    earlier = "unreadable: OSError: AWS Error UNKNOWN (HTTP status 503) during HeadObject operation"
+    stale = keys[2:5]
+    write_part(
+        labels,
+        "earlier",
+        [label_row(k, error=earlier if k in stale else None) for k in keys],
+    )
+
+    manifest = run(LabelConfig(input=data, output=labels, model=SMALL, mlflow={"enabled": False}))
+
+    assert manifest["complete"] and manifest["retried_from_earlier_runs"] == len(stale)
+    assert manifest["timings"]["images_this_run"] == len(stale)
+    assert manifest["skipped_already_done"] == len(keys) - len(stale)
+    rows = output_rows(labels)
+    assert sorted(r["key"] for r in rows) == keys, "every key once"
+    assert not any(r["error"] for r in rows)
+    relabeled = {r["key"]: r for r in rows if r["key"] in stale}
+    assert all(r["label"] is not None for r in relabeled.values())

@@ -22,7 +22,11 @@ from skray.io.config import (
     StrictModel,
 )
 from skray.io.retry import IoRetry
-from skray.io.sources import DEFAULT_MAX_OBJECT_BYTES
+from skray.io.sources import (
+    DEFAULT_MAX_MEMBERS_PER_SAMPLE,
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_MAX_SAMPLE_BYTES,
+)
 from skray.label.commit import DEFAULT_CONCURRENCY
 from skray.label.lease import DEFAULT_TTL_S
 
@@ -112,6 +116,16 @@ class LabelConfig(StrictModel):
     max_object_bytes: int = Field(
         DEFAULT_MAX_OBJECT_BYTES, ge=1, description="per image file, tar member, Parquet cell"
     )
+    max_members_per_sample: int = Field(
+        DEFAULT_MAX_MEMBERS_PER_SAMPLE,
+        ge=1,
+        description="per WebDataset sample; past it: too_large",
+    )
+    max_sample_bytes: int = Field(
+        DEFAULT_MAX_SAMPLE_BYTES,
+        ge=1,
+        description="per WebDataset sample, its members together; past it: too_large",
+    )
     decode_memory_mb: int | None = Field(
         None, ge=1, description="per read+decode task (None: from the bounds above)"
     )
@@ -148,7 +162,8 @@ class LabelConfig(StrictModel):
         """What decides the output's content, besides the weights (pinned by sha256 in the job
         record): a rerun must match it to resume. ``files_per_unit`` is not part of it:
         units are cut from the keys still to do, so it changes nothing committed. ``min_score``
-        counts only when set, so outputs made before it existed keep their fingerprint."""
+        counts only when set, and the sample limits when changed, so outputs made before they
+        existed keep their fingerprint."""
         keys = (
             "input",
             "format",
@@ -166,5 +181,11 @@ class LabelConfig(StrictModel):
         }
         if self.min_score is not None:
             content["min_score"] = self.min_score
+        for key, default in (
+            ("max_members_per_sample", DEFAULT_MAX_MEMBERS_PER_SAMPLE),
+            ("max_sample_bytes", DEFAULT_MAX_SAMPLE_BYTES),
+        ):
+            if getattr(self, key) != default:
+                content[key] = getattr(self, key)
         blob = json.dumps(content, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from skray.inference.classifier import resolve_decode
 from skray.inference.quantize import calibration_crops
 from skray.io.config import resolve_gpus
-from skray.io.sources import Unit
+from skray.io.sources import SampleLimits, Unit
 from skray.io.storage import redact_uri
 from skray.label.config import LabelConfig
 from skray.label.resources import (
@@ -55,6 +55,7 @@ def build_dataset(
             "image_column": cfg.image_column,
             "id_column": cfg.id_column,
             "max_object_bytes": cfg.max_object_bytes,
+            "sample_limits": SampleLimits(cfg.max_members_per_sample, cfg.max_sample_bytes),
             "io_retry": cfg.io_retry,
             "decode": decode,
         },

@@ -29,7 +29,7 @@ from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_
 from skray.inference.classifier import Classifier
 from skray.io.config import Decode, Precision
 from skray.io.retry import IoRetry
-from skray.io.sources import table_batches
+from skray.io.sources import SampleLimits, table_batches
 from skray.label.metrics import LabelMetrics
 from skray.label.sinks import LABEL_SCHEMA
 from skray.weights.resolver import PinnedWeights
@@ -73,6 +73,7 @@ def read_and_decode(
     max_object_bytes: int,
     io_retry: IoRetry | None = None,
     decode: Literal["cpu", "gpu"] = "cpu",
+    sample_limits: SampleLimits = SampleLimits(),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream each unit's decoded crops (or, with ``decode="gpu"``, its bytes) ``batch_size`` at
     a time, as they are read, so a task holds one batch of bytes, not a shard; the rows of a
@@ -85,6 +86,7 @@ def read_and_decode(
         id_column=id_column,
         max_object_bytes=max_object_bytes,
         io_retry=io_retry,
+        sample_limits=sample_limits,
     )
     for rows in batches:
         out = decode_rows(rows, preprocessing) if decode == "cpu" else bytes_rows(rows)

@@ -14,10 +14,18 @@ from skray.io.sources.units import (
     unit_batches,
     unit_id,
 )
+from skray.io.sources.webdataset import (
+    DEFAULT_MAX_MEMBERS_PER_SAMPLE,
+    DEFAULT_MAX_SAMPLE_BYTES,
+    SampleLimits,
+)
 
 __all__ = [
+    "DEFAULT_MAX_MEMBERS_PER_SAMPLE",
     "DEFAULT_MAX_OBJECT_BYTES",
+    "DEFAULT_MAX_SAMPLE_BYTES",
     "PARQUET_BATCH_ROWS",
+    "SampleLimits",
     "Format",
     "InputError",
     "Unit",

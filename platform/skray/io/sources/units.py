@@ -16,7 +16,7 @@ from skray.io.sources.files import read_image_files
 from skray.io.sources.listing import Format, file_format
 from skray.io.sources.parquet import parquet_rows, read_parquet
 from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, incomplete_error, make_row
-from skray.io.sources.webdataset import read_webdataset
+from skray.io.sources.webdataset import SampleLimits, read_webdataset
 
 UNKNOWN_ROWS = -1  # ``unit_rows`` of a row not in its unit's last batch
 
@@ -85,11 +85,12 @@ def _unit_rows(
     meta_columns: tuple[str, ...],
     max_bytes: int,
     policy: IoRetry | None,
+    limits: SampleLimits,
 ) -> Iterator[dict]:
     if unit.format == "images":
         return read_image_files(unit.uris, unit.sizes, max_bytes, policy)
     if unit.format == "webdataset":
-        return read_webdataset(unit.uris[0], max_bytes, policy)
+        return read_webdataset(unit.uris[0], max_bytes, policy, limits)
     return read_parquet(unit.uris[0], image_column, id_column, meta_columns, max_bytes, policy)
 
 
@@ -107,6 +108,7 @@ def unit_batches(
     meta_columns: tuple[str, ...] = (),
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     io_retry: IoRetry | None = None,
+    sample_limits: SampleLimits = SampleLimits(),
 ) -> Iterator[list[dict]]:
     """The rows of one unit, ``batch_size`` at a time as they are read, so a task holds a
     batch, never a whole shard. Rows carry ``unit`` and ``unit_rows``: UNKNOWN_ROWS, except
@@ -117,7 +119,9 @@ def unit_batches(
     Parquet file travel in ``meta`` (a training label, say). When storage fails past
     ``io_retry``, the unit ends with one ``incomplete`` marker row: it was not read, and the
     writer must not commit it."""
-    rows = _unit_rows(unit, image_column, id_column, meta_columns, max_object_bytes, io_retry)
+    rows = _unit_rows(
+        unit, image_column, id_column, meta_columns, max_object_bytes, io_retry, sample_limits
+    )
     batch: list[dict] = []
     count = 0
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from skray.io.objects import ResumableFile
@@ -27,6 +28,9 @@ IMAGE_MEMBER_EXTENSIONS = (
     "image",
 )
 METADATA_MEMBER_EXTENSIONS = ("cls", "json", "txt")
+DEFAULT_MAX_MEMBERS_PER_SAMPLE = 16
+DEFAULT_MAX_SAMPLE_BYTES = 64 * 2**20  # a sample's members together
+META_MAX_BYTES = 64 * 2**10  # of one metadata member, kept in ``meta``
 
 _REGULAR_TAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _TAR_KINDS = {
@@ -72,22 +76,50 @@ def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
     return None
 
 
+def member_name(name: str) -> str | None:
+    """A member's name as WebDataset means it: ``./`` (``tar -C dir .``) and a leading ``/``
+    stripped; None for one that climbs out of the archive (``..``)."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    return None if ".." in parts else "/".join(parts)
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """What one sample may hold: members, and their bytes together (each member is also
+    capped by ``max_object_bytes``), so no sample makes a task hold more than that."""
+
+    max_members: int = DEFAULT_MAX_MEMBERS_PER_SAMPLE
+    max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+
+
+def _sample_problem(key: str, members: int, size: int, limits: SampleLimits) -> str | None:
+    if members > limits.max_members:
+        return (
+            f"too_large: sample {key} has over {limits.max_members} members "
+            "(max_members_per_sample)"
+        )
+    if size > limits.max_bytes:
+        return f"too_large: sample {key} holds over {limits.max_bytes} bytes (max_sample_bytes)"
+    return None
+
+
 def _is_used_member(ext: str) -> bool:
     """Whether a sample needs a member's bytes: its image or its metadata."""
     return ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS or ext in METADATA_MEMBER_EXTENSIONS
 
 
 def _tar_samples(
-    uri: str, max_bytes: int, policy: IoRetry | None = None
+    uri: str, max_bytes: int, policy: IoRetry | None = None, limits: SampleLimits = SampleLimits()
 ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """(sample key, members by extension, error) per WebDataset sample, in tar order,
     streamed: only the current sample's members are held.
 
     Members are grouped by basename up to the first dot (``a/b.jpg`` and
-    ``a/b.cls`` form sample ``a/b``). Only image and metadata members are read;
+    ``a/b.cls`` form sample ``a/b``), their names normalised first (:func:`member_name`;
+    one that climbs out is a row of its own). Only image and metadata members are read;
     others are named, with empty bytes. A sample with a member that is no
-    regular file or is over ``max_bytes`` gets that error, and no more of its
-    members are read. A tar that breaks off inside a member yields an error for
+    regular file or is over ``max_bytes``, or past ``limits``, gets that error, and no more
+    of its members are read. A tar that breaks off inside a member yields an error for
     the sample it broke in. One that breaks off between or inside headers reads,
     to ``tarfile``, like a short archive: the missing end-of-archive blocks give
     it away, and it yields a ``<truncated>`` error. The shard is read through a
@@ -97,26 +129,40 @@ def _tar_samples(
     current: str | None = None
     members: dict[str, bytes] = {}
     problem: str | None = None
+    count = size_read = 0
     with ResumableFile(uri, policy) as stream:
         size = stream.size
         try:
             with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
                 for info in tar:
                     tar.members.clear()  # tarfile keeps every header it read: a shard's worth
-                    if info.isdir() or is_hidden(info.name):
+                    name = member_name(info.name)
+                    if name is None:
+                        if current is not None:
+                            yield current, members, problem
+                        current, members, problem, count, size_read = None, {}, None, 0, 0
+                        unsafe = f"unsafe_member_name: {info.name!r} climbs out of the archive"
+                        yield info.name, {}, unsafe
                         continue
-                    dirname, basename = posixpath.split(info.name)
+                    if info.isdir() or not name or is_hidden(name):
+                        continue
+                    dirname, basename = posixpath.split(name)
                     stem, _, ext = basename.partition(".")
                     key, ext = posixpath.join(dirname, stem), ext.lower()
                     if key != current and current is not None:
                         yield current, members, problem
-                        members, problem = {}, None
+                        members, problem, count, size_read = {}, None, 0, 0
                     current = key
-                    if problem is None and not _is_used_member(ext):
-                        members[ext] = b""
-                    elif problem is None:
+                    count += 1
+                    if problem is not None:
+                        continue
+                    used = _is_used_member(ext)
+                    if used:
                         problem = _member_problem(info, max_bytes)
-                        members[ext] = b"" if problem else tar.extractfile(info).read()
+                        size_read += info.size
+                    problem = problem or _sample_problem(key, count, size_read, limits)
+                    if problem is None:
+                        members[ext] = tar.extractfile(info).read() if used else b""
         except StorageUnavailable:
             raise
         except (tarfile.TarError, OSError, EOFError) as err:
@@ -133,15 +179,30 @@ def _tar_samples(
 
 
 def _decode_member(data: bytes, ext: str) -> Any:
-    text = data.decode("utf-8", errors="replace").strip()
-    if ext == "json":
-        try:
+    """A metadata member's value: JSON or a class number where it parses as one, else its
+    text (at most META_MAX_BYTES of it). Nothing a member holds can raise here."""
+    text = data[:META_MAX_BYTES].decode("utf-8", errors="replace").strip()
+    try:
+        if ext == "json":
             return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    if ext == "cls" and text.lstrip("-").isdigit():
-        return int(text)
+        if ext == "cls" and text.isascii():
+            return int(text)
+    except (ValueError, RecursionError):  # not JSON, no number, or nested past the stack
+        pass
     return text
+
+
+def _meta_json(members: dict[str, bytes]) -> str:
+    meta = {e: _decode_member(members[e], e) for e in members if e in METADATA_MEMBER_EXTENSIONS}
+    if not meta:
+        return ""
+    try:
+        return json.dumps(meta, sort_keys=True)
+    except (ValueError, RecursionError):  # parsed, but too deep to write out again: the text
+        return json.dumps(
+            {e: members[e][:META_MAX_BYTES].decode("utf-8", "replace") for e in meta},
+            sort_keys=True,
+        )
 
 
 def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None) -> dict:
@@ -149,8 +210,7 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None
     if error:
         return make_row(full_key, error=error)
     image_ext = next((e for e in members if e.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS), None)
-    meta = {e: _decode_member(members[e], e) for e in members if e in METADATA_MEMBER_EXTENSIONS}
-    meta_json = json.dumps(meta, sort_keys=True) if meta else ""
+    meta_json = _meta_json(members)
     if image_ext is None:
         return make_row(
             full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json
@@ -158,11 +218,13 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None
     return make_row(full_key, members[image_ext], meta=meta_json)
 
 
-def read_webdataset(uri: str, max_bytes: int, policy: IoRetry | None = None) -> Iterator[dict]:
+def read_webdataset(
+    uri: str, max_bytes: int, policy: IoRetry | None = None, limits: SampleLimits = SampleLimits()
+) -> Iterator[dict]:
     """One row per sample of the shard at ``uri``, its metadata members as ``meta``; a shard
     deleted since the listing is one ``missing`` row."""
     try:
-        for key, members, error in _tar_samples(uri, max_bytes, policy):
+        for key, members, error in _tar_samples(uri, max_bytes, policy, limits):
             yield _sample_row(uri, key, members, error)
     except OSError as err:
         if not is_missing(err):
