@@ -577,6 +577,34 @@ def test_table_batches_of_parquet_makes_a_cell_over_max_object_bytes_a_too_large
     assert [r["data"] for r in rows] == [b"a" * 100, b"", b""]
 
 
+def test_a_hugging_face_image_column_is_read_from_its_bytes_field_and_size_capped(tmp_path):
+    path = str(tmp_path / "hf.parquet")
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [
+        {"bytes": b"img0", "path": "0.jpg"},
+        None,
+        {"bytes": None, "path": "2.jpg"},
+        {"bytes": b"x" * 101, "path": "3.jpg"},
+    ]
+    pq.write_table(pa.table({"image": pa.array(cells, kind)}), path)
+
+    rows = all_rows(Unit("t", "parquet", (path,), 4), max_object_bytes=100)
+
+    assert [(r["data"], r["error"]) for r in rows[:3]] == [(b"img0", ""), (b"", ""), (b"", "")]
+    assert rows[3]["error"].startswith("too_large: the cell is 101 bytes")
+
+
+def test_an_image_column_of_no_bytes_makes_each_row_an_error_naming_its_type(tmp_path):
+    path = str(tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"image": [1, 2]}), path)
+
+    rows = all_rows(Unit("t", "parquet", (path,), 2))
+
+    assert [r["error"] for r in rows] == [
+        "bad_image_column: column 'image' is int64, not binary, string or struct<bytes, path>"
+    ] * 2
+
+
 def test_table_batches_of_a_parquet_file_with_a_broken_footer_yields_one_unreadable_row(tmp_path):
     table = str(tmp_path / "t.parquet")
     write_bytes_atomic(table, parquet_bytes({"image": [b"a", b"b"]})[:-10])

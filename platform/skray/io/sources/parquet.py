@@ -36,17 +36,27 @@ def parquet_rows(uri: str, columns: tuple[str, ...]) -> int | None:
     return parquet.metadata.num_rows
 
 
-def _cell_sizes(column: pa.Array) -> list[int | None]:
-    """Bytes per cell of a binary or string column; None where there is nothing to measure."""
-    kind = column.type
-    if (
+def _is_bytes(kind: pa.DataType) -> bool:
+    return (
         pa.types.is_binary(kind)
         or pa.types.is_large_binary(kind)
         or pa.types.is_string(kind)
         or pa.types.is_large_string(kind)
-    ):
-        return pc.binary_length(column).to_pylist()
-    return [None] * len(column)
+    )
+
+
+def image_cells(column: pa.Array, name: str) -> tuple[pa.Array | None, str | None]:
+    """The image bytes of a column: binary or string, or the ``bytes`` field of a
+    ``struct<bytes, path>`` (the layout Hugging Face ``datasets`` writes); else None and the
+    error naming the column's type."""
+    if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+        column = pc.struct_field(column, "bytes")
+    if _is_bytes(column.type):
+        return column, None
+    return None, (
+        f"bad_image_column: column {name!r} is {column.type}, "
+        "not binary, string or struct<bytes, path>"
+    )
 
 
 def _batch_rows(
@@ -59,9 +69,10 @@ def _batch_rows(
     max_bytes: int,
 ) -> Iterator[dict]:
     """The rows of one record batch (``first`` is the file's index of its first row); an
-    image cell over ``max_bytes`` is a ``too_large`` row and is never copied into Python."""
-    images = batch.column(image_column)
-    sizes = _cell_sizes(images)
+    image cell over ``max_bytes`` is a ``too_large`` row and is never copied into Python,
+    and a column that holds no bytes makes every row an error naming its type."""
+    images, unusable = image_cells(batch.column(image_column), image_column)
+    sizes = pc.binary_length(images).to_pylist() if images is not None else []
     ids = batch.column(id_column).to_pylist() if id_column else [None] * batch.num_rows
     metas = {c: batch.column(c).to_pylist() for c in meta_columns}
     for i in range(batch.num_rows):
@@ -71,7 +82,9 @@ def _batch_rows(
             if meta_columns
             else ""
         )
-        if sizes[i] is not None and sizes[i] > max_bytes:
+        if unusable:
+            yield make_row(key, error=unusable, meta=meta)
+        elif sizes[i] is not None and sizes[i] > max_bytes:
             yield make_row(key, error=too_large("the cell", sizes[i], max_bytes), meta=meta)
         else:
             yield make_row(key, images[i].as_py() or b"", meta=meta)
