@@ -208,7 +208,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_review(args: argparse.Namespace) -> int:
     from skray.report.review import write_review
 
-    print(f"review sample: {write_review(args.output, args.n, args.dest, args.format)}")
+    dest = write_review(args.output, args.n, args.dest, args.format, args.expires)
+    print(f"review sample: {dest}")
     return 0
 
 
@@ -355,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--n", type=int, default=200, help="rows in the sample (default 200)")
     review.add_argument("--format", default="csv", choices=["csv", "parquet"])
     review.add_argument("--dest", help="file to write (default OUTPUT/_review.csv or .parquet)")
+    review.add_argument(
+        "--expires",
+        type=int,
+        default=3600,
+        help="seconds a presigned s3:// link stays valid (default 3600; at most 604800)",
+    )
     review.set_defaults(func=cmd_review)
 
     config = sub.add_parser(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import time
 import urllib.request
+from urllib.parse import parse_qs, urlparse
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import label_row
 from labeled_output import LABELS, write_labeled_output
 from skray.io.storage import join, read_bytes
+from skray.label.sinks import write_part
 from skray.report.review import REVIEW_SCHEMA, write_review
 
 
@@ -24,6 +29,14 @@ def read_review(uri: str) -> list[dict]:
             ),
         ).to_pylist()
     return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def lifetime_s(url: str) -> float:
+    """Seconds a presigned URL has left (SigV4's X-Amz-Expires, or SigV2's Expires epoch)."""
+    query = parse_qs(urlparse(url).query)
+    if "X-Amz-Expires" in query:
+        return float(query["X-Amz-Expires"][0])
+    return float(query["Expires"][0]) - time.time()
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +97,28 @@ def test_s3_sources_get_presigned_urls_that_fetch_the_object(bucket: str) -> Non
         and "Signature" in shard["uri"]
         and shard["member"] == "s/0001"
     )
+    assert 3500 < lifetime_s(shard["uri"]) <= 3600, "an hour, as `aws s3 presign`"
+    assert 0 < lifetime_s(read_review(write_review(out.uri, n=1, expires_s=60))[0]["uri"]) <= 60
     with urllib.request.urlopen(shard["uri"], timeout=30) as response:
         assert response.read() == read_bytes(out.tar_keys[1].split("#")[0])
     image = next(r for r in rows.values() if r["label"] == "daisy")
     with urllib.request.urlopen(image["uri"], timeout=30) as response:
         assert response.read() == read_bytes(image["key"])
+
+
+def test_cells_a_spreadsheet_would_run_are_quoted_in_csv_and_kept_raw_in_parquet(tmp_path):
+    output, table = str(tmp_path / "out"), str(tmp_path / "in" / "t.parquet")
+    ids = ['=HYPERLINK("http://evil.example","x")', "@SUM(1+1)", "-2+3", "+1", "\tx", "plain"]
+    write_part(output, "u", [label_row(f"{table}#{i}", label="=cmd|' /C calc'!A0") for i in ids])
+
+    csv_text = read_bytes(write_review(output, n=10, dest=str(tmp_path / "r.csv"))).decode()
+    raw = read_review(write_review(output, n=10, dest=str(tmp_path / "r.parquet"), fmt="parquet"))
+
+    cells = [cell for row in csv.reader(io.StringIO(csv_text)) for cell in row]
+    assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    assert '\'=HYPERLINK("http://evil.example","x")' in cells and "plain" in cells
+    assert sorted(r["member"] for r in raw) == sorted(ids), "Parquet keeps the values"
+    assert {r["label"] for r in raw} == {"=cmd|' /C calc'!A0"}
 
 
 def test_an_unknown_format_is_refused_before_any_work(output) -> None:

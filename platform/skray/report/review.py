@@ -26,7 +26,10 @@ from skray.label.sinks import MANIFEST, REVIEW_PREFIX
 from skray.report.scan import scan_output, smallest_per_group
 from skray.report.thumbnails import locate
 
-PRESIGN_EXPIRES_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+PRESIGN_EXPIRES_S = 3600  # as `aws s3 presign`; SigV4 allows up to 7 days
+# A CSV cell a spreadsheet would run as a formula (OWASP "CSV injection") starts with one of
+# these: such cells get a leading ' in CSV (Parquet keeps the raw value).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 REVIEW_SCHEMA = pa.schema(
     [
@@ -83,6 +86,20 @@ class _Linker:
         return self.urls[uri]
 
 
+def defused(table: pa.Table) -> pa.Table:
+    """``table`` with every string cell that starts like a formula prefixed with ``'``, so a
+    spreadsheet shows the text instead of running it."""
+    columns = []
+    for column in table.columns:
+        if pa.types.is_string(column.type):
+            cells = column.to_pylist()
+            column = pa.array(
+                [f"'{c}" if c and c.startswith(FORMULA_STARTS) else c for c in cells], pa.string()
+            )
+        columns.append(column)
+    return pa.table(columns, schema=table.schema)
+
+
 def write_review(
     output: str,
     n: int = 200,
@@ -91,7 +108,9 @@ def write_review(
     expires_s: int = PRESIGN_EXPIRES_S,
 ) -> str:
     """Write the review sample to ``dest`` (default ``OUTPUT/_review.<fmt>``); returns its URI.
-    Presigned URLs carry a signature valid for ``expires_s``: share the file accordingly."""
+    Presigned URLs carry a signature valid for ``expires_s`` (default an hour), or less: one
+    signed with temporary credentials (an STS session, an instance role) dies with them.
+    CSV cells that a spreadsheet would run as formulas are defused (:func:`defused`)."""
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"review format must be csv or parquet, not {fmt!r}")
     dest = dest or join(output, f"{REVIEW_PREFIX}{fmt}")
@@ -113,7 +132,7 @@ def write_review(
     table = pa.Table.from_pylist(rows, schema=REVIEW_SCHEMA)
     buffer = io.BytesIO()
     if fmt == "csv":
-        pacsv.write_csv(table, buffer)
+        pacsv.write_csv(defused(table), buffer)
     else:
         pq.write_table(table, buffer)
     write_bytes_atomic(dest, buffer.getvalue())
