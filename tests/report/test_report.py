@@ -17,6 +17,7 @@ from labeled_output import FAILURES, LABELS, write_labeled_output
 from skray.io.storage import filesystem_for, join, read_bytes
 from skray.label.sinks import OutputError
 from skray.report import scan as scan_module
+from skray.report.charts import label_counts, score_histograms
 from skray.report.page import write_report
 from skray.report.scan import SCORE_BINS, scan_output
 from skray.report.thumbnails import Reading, Source, locate, thumbnails
@@ -193,3 +194,12 @@ def test_a_path_with_no_labeling_output_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(OutputError, match="no labeling output at .*nowhere"):
         write_report(str(tmp_path / "nowhere"))
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_labels_with_dollar_signs_are_drawn_as_written_not_as_math() -> None:
+    names = ["cost $x^$", "$\\nocommand$", "price $5 to $9", "one $ sign"]
+    counts = [(name, 3 - i) for i, name in enumerate(names)]
+
+    assert label_counts(counts).startswith(b"\x89PNG")
+    histogram = np.ones(10)
+    assert score_histograms(histogram, [(n, histogram) for n in names]).startswith(b"\x89PNG")

@@ -13,6 +13,12 @@ LOW = "#c44e52"
 DPI = 100
 
 
+def plain(text: str) -> str:
+    """Text as written: a label holding two ``$`` would be matplotlib mathtext (and fail to
+    render, or render as math) unless escaped."""
+    return text.replace("$", r"\$")
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
@@ -23,7 +29,7 @@ def label_counts(counts: list[tuple[str, int]]) -> bytes:
     """Horizontal bars, most frequent at the top."""
     fig = Figure(figsize=(6, 0.28 * len(counts) + 1))
     ax = fig.subplots()
-    names = [name for name, _ in counts][::-1]
+    names = [plain(name) for name, _ in counts][::-1]
     values = [count for _, count in counts][::-1]
     ax.barh(names, values, color=BAR)
     for y, value in enumerate(values):
@@ -45,7 +51,7 @@ def score_histograms(overall: np.ndarray, per_label: list[tuple[str, np.ndarray]
     edges = np.linspace(0, 1, len(overall) + 1)
     for ax, (title, counts) in zip(axes, panels):
         ax.stairs(counts, edges, fill=True, color=BAR)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(plain(title), fontsize=9)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=7)
     for ax in axes[len(panels) :]:
