@@ -82,6 +82,29 @@ def test_a_unit_is_committed_once_all_its_rows_arrived_whatever_the_batch_order(
     assert read_part(output, "A").column("key").to_pylist() == ["a1", "a2", "a3"]
 
 
+def test_a_committed_error_is_a_documented_code_and_one_capped_line(tmp_path):
+    output = str(tmp_path / "out")
+    errors = [
+        "too_large: x\nfake_reason: y is 99 bytes",  # a member name holding a newline
+        "weird: no such code",
+        "truncated: " + "z" * 5000,
+        None,
+    ]
+    batch = predictor_batch([(f"k{i}", "A", -1 if i < 3 else 4) for i in range(4)])
+    batch = batch.set_column(
+        batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string())
+    )
+
+    with UnitCommitter(output) as committer:
+        committer.add(batch)
+
+    stored = read_part(output, "A").column("error").to_pylist()
+    assert stored[0] == "too_large: x fake_reason: y is 99 bytes"
+    assert stored[1] == "undecodable: weird: no such code"
+    assert stored[2].startswith("truncated: zzz") and len(stored[2]) <= 320
+    assert stored[3] is None
+
+
 def test_concurrent_commits_write_every_unit_exactly_once_its_rows_sorted_by_key(tmp_path, writes):
     output = str(tmp_path / "out")
     units = {f"u{u:03d}": [f"k{u:03d}-{i:03d}" for i in range(40)] for u in range(60)}

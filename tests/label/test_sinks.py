@@ -95,3 +95,15 @@ def test_summarize_output_counts_rows_failures_by_reason_and_top_labels(tmp_path
     assert (summary["labeled"], summary["failed"]) == (3, 3)
     assert summary["failed_by_reason"] == {"empty": 2, "not_an_image": 1}
     assert summary["top_labels"] == [("cat", 2), ("dog", 1)]
+
+
+def test_failure_reasons_of_an_earlier_versions_rows_are_only_documented_codes(tmp_path):
+    output = str(tmp_path / "out")
+    errors = ["broken_tar: a\nnew: b", "made-up thing: c", "empty: zero bytes"]
+    write_part(output, "u", [label_row(str(i), error=e) for i, e in enumerate(errors)])
+
+    assert summarize_output(output)["failed_by_reason"] == {
+        "broken_tar": 1,
+        "empty": 1,
+        "undecodable": 1,
+    }

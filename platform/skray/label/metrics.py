@@ -18,10 +18,12 @@ from collections.abc import Sequence
 
 from ray.util.metrics import Counter, Gauge
 
+from skray.io.sources.rows import error_code
+
 
 def failure_reason(error: str) -> str:
     """A row error's reason code (``"truncated: ..."`` -> ``truncated``), as the manifest counts."""
-    return error.split(":", 1)[0]
+    return error_code(error)
 
 
 class LabelMetrics:

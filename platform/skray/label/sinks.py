@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from skray.core.errors import SkrayError
 from skray.io.retry import IoRetry, call_with_retry
+from skray.io.sources.rows import error_code
 from skray.io.storage import (
     filesystem_for,
     join,
@@ -191,9 +192,12 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
         table = pa.table({c: pa.array([], pa.string()) for c in columns})
     errors = table.column("error")
     failed = table.filter(pc.is_valid(errors))
-    reasons = pc.value_counts(
-        pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement="")
+    prefixes = pc.value_counts(
+        pc.replace_substring_regex(failed.column("error"), pattern="(?s):.*$", replacement="")
     )
+    reasons: dict[str, int] = {}
+    for prefix, count in _ranked(prefixes):  # outputs of earlier versions: codes only, too
+        reasons[error_code(prefix)] = reasons.get(error_code(prefix), 0) + count
     predicted = table.filter(pc.is_null(errors)).column("label")
     labels = pc.value_counts(predicted.drop_null())
     return {
@@ -203,6 +207,6 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
         "labeled": len(predicted) - predicted.null_count,
         "low_confidence": predicted.null_count,
         "failed": failed.num_rows,
-        "failed_by_reason": dict(_ranked(reasons)),
+        "failed_by_reason": dict(sorted(reasons.items(), key=lambda pair: (-pair[1], pair[0]))),
         "top_labels": _ranked(labels)[:top],
     }
