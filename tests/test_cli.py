@@ -131,3 +131,44 @@ def test_config_json_is_the_schema_with_the_descriptions(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert "max_body_bytes" in schema["properties"]
     assert "408" in schema["properties"]["body_timeout_s"]["description"]
+
+
+SECRETS = ("se/cr+et", "p4ss/word", "SIGNATURE0123")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # OutputError: an output no filesystem can write
+        ["label", "--input", "{data}", "--output", "https://u:p4ss/word@127.0.0.1:1/out"],
+        # InputError: a listing that finds nothing
+        [
+            "label",
+            "--input",
+            "file://{data}/none-*.jpg?X-Amz-Signature=SIGNATURE0123",
+            "--output",
+            "{out}",
+        ],
+        # WeightsError: a download that fails
+        [
+            "predict",
+            "--weights",
+            "https://u:p4ss/word@127.0.0.1:1/m.safetensors?X-Amz-Signature=SIGNATURE0123",
+            "{data}/a.png",
+        ],
+        # ConfigError: a value of the wrong type, next to a credential-bearing URI
+        ["label", "--input", "s3://AKIAEXAMPLE:se/cr+et@bucket/in", "--set", "top_k=many"],
+    ],
+    ids=["output", "listing", "weights-fetch", "config"],
+)
+def test_no_error_message_shows_a_secret_of_a_uri(tmp_path, capsys, argv):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    argv = [a.format(data=data, out=tmp_path / "out") for a in argv]
+
+    code = main(argv)
+
+    out, err = capsys.readouterr()
+    assert code != 0 and err.strip(), "the run says why it stopped"
+    assert not [s for s in SECRETS if s in out + err], out + err

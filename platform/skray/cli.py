@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Sequence
 
 from skray.core.errors import SkrayError
 from skray.core.model import DEFAULT_MODEL, list_models
+from skray.io.storage import redact_text
 
 # Exit codes: 0 complete; 1 failed (a traceback: a bug or a fault skray does not know);
 # 2 refused (an error it names: config, input, access); 3 incomplete (storage faults left
 # units unread past the retry budget): rerun to finish.
-EXIT_REFUSED, EXIT_INCOMPLETE = 2, 3
+EXIT_FAILED, EXIT_REFUSED, EXIT_INCOMPLETE = 1, 2, 3
 
 RANDOM_WEIGHTS_WARNING = (
     "warning: no --weights given: the model has RANDOM weights, so the labels are meaningless"
@@ -382,8 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except SkrayError as err:  # what the user gave cannot be used: the message says why
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_REFUSED
+    except Exception:  # a failure nobody foresaw: its traceback, with every URI redacted
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

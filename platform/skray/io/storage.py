@@ -39,8 +39,14 @@ __all__ = [
 
 # ``user:password@`` (or a bare token ``user@``) after ``scheme://`` or at the start (scp style),
 # up to the last ``@`` before the path: a password may hold an unescaped ``@``.
-_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][\w+.-]*://)?[^/?#\s]+@")
+# ``user@``, or after a scheme ``user:password@`` whatever the password holds (secret keys
+# hold ``/``, ``+`` and ``#``, unescaped when people paste them).
+_USERINFO = re.compile(
+    r"^(?P<scheme>[A-Za-z][\w+.-]*://)?[^/?#\s]+@|^(?P<with>[A-Za-z][\w+.-]*://)[^\s:]*:\S*@"
+)
 _QUERY = re.compile(r"\?[^#]+")
+_HTTP_FRAGMENT = re.compile(r"^(https?://[^#]*)#.*$", re.IGNORECASE)
+_URI = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"<>()]+")
 
 # One shared instance: the retry strategy hashes by identity, and the filesystem
 # cache is keyed on the option values.
@@ -183,8 +189,15 @@ def redact_uri(uri: str | os.PathLike) -> str:
     query becomes ``***``, since presigned URLs and database URIs carry secrets there
     under names no list can foresee (``X-Amz-Signature``, ``sig``, ``token``, ``password``).
     """
-    text = _USERINFO.sub(lambda m: f"{m['scheme'] or ''}***@", os.fspath(uri), count=1)
+    text = _USERINFO.sub(lambda m: f"{m['scheme'] or m['with'] or ''}***@", os.fspath(uri), count=1)
+    text = _HTTP_FRAGMENT.sub(r"\1#***", text, count=1)  # s3 keys keep ``#member``
     return _QUERY.sub("?***", text, count=1)
+
+
+def redact_text(text: str) -> str:
+    """Every URI in ``text`` through :func:`redact_uri`: for messages that quote other
+    messages (an exception's text, a traceback), where a URI may sit anywhere."""
+    return _URI.sub(lambda m: redact_uri(m.group()), text)
 
 
 def s3_endpoint() -> str:

@@ -24,6 +24,7 @@ from skray.io.storage import (
     filesystem_for,
     join,
     read_bytes,
+    redact_text,
     redact_uri,
     write_bytes_atomic,
     write_bytes_exclusive,
@@ -161,7 +162,9 @@ def check_writable(output: str) -> None:
         fs, path = filesystem_for(probe)
         fs.delete_file(path)
     except (OSError, ValueError) as err:
-        raise OutputError(f"output is not writable: {output}: {err}") from None
+        raise OutputError(
+            f"output is not writable: {redact_uri(output)}: {redact_text(str(err))}"
+        ) from None
 
 
 def withdraw_manifest(output: str) -> None:

@@ -42,7 +42,7 @@ def list_inputs(uri: str, exclude: list[str] = (), io_retry: IoRetry | None = No
     where = f"listing {redact_uri(base)}" + (f" at {s3_endpoint()}" if is_remote(base) else "")
     info = call_with_retry(lambda: fs.get_file_info(base_path), where, io_retry)
     if info.type == pafs.FileType.NotFound:
-        raise InputError(f"input not found: {base}")
+        raise InputError(f"input not found: {redact_uri(base)}")
     prefix = _scheme_prefix(uri)
     # The glob is matched below the base, like ``exclude``: a relative or file:// base
     # names its files by absolute path, which the glob as written would never match.
@@ -64,7 +64,8 @@ def list_inputs(uri: str, exclude: list[str] = (), io_retry: IoRetry | None = No
         kept.append(file_uri)
     if not kept:
         raise InputError(
-            f"no input file matched {uri}" + (f" (exclude: {exclude})" if exclude else "")
+            f"no input file matched {redact_uri(uri)}"
+            + (f" (exclude: {exclude})" if exclude else "")
         )
     return sorted(kept)
 
