@@ -255,3 +255,34 @@ def test_summary_names_the_report_and_the_mlflow_run(tmp_path: Path) -> None:
     assert "low confidence      2 (top score under 0.25: no label)" in summary
     assert f"report              {out.uri}/_report/index.html" in summary
     assert "MLflow run          abc123 (experiment skray-label)" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_report_or_mlflow_failure_after_the_manifest_is_a_warning_recorded_never_a_failure(
+    ray_cluster, tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from skray.cli import main
+    from skray.label import job, tracking
+
+    data, labels = tmp_path / "data", str(tmp_path / "labels")
+    write_sample_dataset(str(data), files=8, shards=0)
+
+    def chart_fails(output: str) -> str:
+        raise ValueError("mathtext: unknown symbol")
+
+    def store_fails(*args, **kwargs) -> None:
+        raise RuntimeError("the tracking store went away")
+
+    monkeypatch.setattr(job, "write_report", chart_fails)
+    monkeypatch.setattr(tracking.store, "log_metrics", store_fails)
+
+    code = main(["label", "--input", str(data), "--output", labels, "--model", SMALL])
+
+    manifest = read_json(join(labels, MANIFEST))
+    assert code == 0 and manifest["complete"], capsys.readouterr().err
+    assert manifest["report_error"] == "ValueError: mathtext: unknown symbol"
+    assert manifest["mlflow_error"] == "RuntimeError: the tracking store went away"
+    recorded = MlflowClient().get_run(manifest["mlflow"]["run_id"])
+    assert recorded.info.status == "FINISHED", "ended, never left RUNNING"
+    assert recorded.data.tags["skray.warning"] == manifest["mlflow_error"]

@@ -24,7 +24,7 @@ from skray.io.config import dump_config
 from skray.io.retry import StorageUnavailable, call_with_retry
 from skray.io.sources import list_inputs
 from skray.io.sources.rows import incomplete_reason
-from skray.io.storage import join, read_json, redact_uri, write_json
+from skray.io.storage import join, read_json, redact_text, redact_uri, write_json
 from skray.label.commit import UnitCommitter
 from skray.label.config import LabelConfig
 from skray.label.lease import Lease
@@ -192,12 +192,29 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             lambda: write_json(manifest_uri, manifest), "writing the manifest", cfg.io_retry
         )
         lease.check()
-        report = _write_report(cfg.output) if summary["parts"] else None  # nothing to show
-    if mlflow_run:
-        from skray.label import tracking
+        report, report_error = _write_report(cfg.output) if summary["parts"] else (None, None)
+        mlflow_error = None
+        if mlflow_run:
+            from skray.label import tracking
 
-        tracking.finish(mlflow_run["run_id"], manifest, report and join(cfg.output, REPORT_DIR))
+            report_dir = report and join(cfg.output, REPORT_DIR)
+            mlflow_error = tracking.finish(mlflow_run["run_id"], manifest, report_dir)
+        _record_warnings(cfg, manifest, report_error=report_error, mlflow_error=mlflow_error)
     return manifest
+
+
+def _record_warnings(cfg: LabelConfig, manifest: dict[str, Any], **warnings: str | None) -> None:
+    """What failed after the output was complete (the report, the MLflow record), added to the
+    manifest: the output stays complete, and the run still exits 0."""
+    found = {key: value for key, value in warnings.items() if value}
+    if not found:
+        return
+    manifest.update(found)
+    uri = join(cfg.output, MANIFEST)
+    try:
+        call_with_retry(lambda: write_json(uri, manifest), "writing the manifest", cfg.io_retry)
+    except StorageUnavailable as err:
+        log.warning("the manifest does not record %s: %s", ", ".join(found), err)
 
 
 def _heal(cfg: LabelConfig, plan: Plan, check_lease) -> None:
@@ -307,16 +324,18 @@ def _mlflow_run(cfg: LabelConfig, prepared: Prepared) -> Iterator[dict[str, str]
         raise
 
 
-def _write_report(output: str) -> str | None:
-    """The report beside the manifest; a storage error leaves the complete output without one."""
+def _write_report(output: str) -> tuple[str | None, str | None]:
+    """The report beside the manifest, and the error that left the complete output without
+    one (a storage fault, a chart that would not draw: a warning, never the run's failure)."""
     try:
         page = write_report(output)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - the labels are complete whatever the report does
+        error = redact_text(f"{type(err).__name__}: {err}")
         log.warning(
             "no report written (the labels are complete; run `skray report %s`): %s",
             redact_uri(output),
-            err,
+            error,
         )
-        return None
+        return None, error
     print(f"[label] report: {redact_uri(page)}", flush=True)
-    return page
+    return page, None

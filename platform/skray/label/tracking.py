@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from skray.io.config import ConfigError
-from skray.io.storage import filesystem_for, redact_uri
+from skray.io.storage import filesystem_for, redact_text, redact_uri
 from skray.weights import store
 from skray.weights.resolver import PinnedWeights
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME_TAG = "skray.model_name"
 MODEL_VERSION_TAG = "skray.model_version"
 OUTPUT_TAG = "skray.output"
+WARNING_TAG = "skray.warning"  # what failed to be recorded after the output was complete
 RUN_TAG_PREFIX = (
     "skray.labeling_run."  # on a model version: one tag per labeling run, valued its output
 )
@@ -109,9 +110,11 @@ def _download(uri: str, dest: Path) -> None:
                 (dest / info.base_name).write_bytes(stream.read())
 
 
-def finish(run_id: str, manifest: dict[str, Any], report_dir: str | None) -> None:
-    """Metrics, the manifest and the report folder; the run ends FINISHED. A store that fails
-    now is a warning: the output is complete and stays so."""
+def finish(run_id: str, manifest: dict[str, Any], report_dir: str | None) -> str | None:
+    """Metrics, the manifest and the report folder; the run ends FINISHED. Whatever fails now
+    is a warning, returned (None: recorded in full): the output is complete and stays so, and
+    the run is still ended — FINISHED with a ``skray.warning`` tag, or FAILED — never left
+    RUNNING."""
     try:
         store.log_metrics(run_id, metrics(manifest), step=0)
         store.log_text(run_id, json.dumps(manifest, indent=2), "_manifest.json")
@@ -120,12 +123,20 @@ def finish(run_id: str, manifest: dict[str, Any], report_dir: str | None) -> Non
                 _download(report_dir, Path(tmp) / "report")
                 store.log_artifacts(run_id, Path(tmp) / "report", "report")
         store.end_run(run_id, "FINISHED")
-    except (store.TrackingError, OSError) as err:
-        log.warning(
-            "the labeling output is complete, but MLflow run %s is not recorded in full: %s",
-            run_id,
-            err,
-        )
+        return None
+    except Exception as err:  # noqa: BLE001 - after a complete output, any failure is a warning
+        error = redact_text(f"{type(err).__name__}: {err}")
+    log.warning(
+        "the labeling output is complete, but MLflow run %s is not recorded in full: %s",
+        run_id,
+        error,
+    )
+    try:
+        store.set_tag(run_id, WARNING_TAG, error[:500])
+        store.end_run(run_id, "FINISHED")
+    except Exception:  # noqa: BLE001 - the store itself is failing: end it FAILED if it can
+        fail(run_id)
+    return error
 
 
 def fail(run_id: str) -> None:
