@@ -435,3 +435,51 @@ def test_hostile_files_become_error_rows_and_a_weights_url_secret_is_not_printed
     ]
     assert len(stored) >= 2 and all(secret not in text for text in stored)
     assert secret not in capsys.readouterr().out
+
+
+def test_containers_as_people_and_attackers_make_them_are_rows_and_never_fail_the_job(
+    ray_cluster: LocalRayHead, tmp_path, mlflow_store, capsys
+):
+    from mlflow import MlflowClient
+
+    from helpers import tar_bytes
+    from skray.cli import main
+    from skray.io.sources.rows import ROW_REASONS
+
+    data, labels, folder = tmp_path / "data", str(tmp_path / "labels"), tmp_path / "samples"
+    for i in range(4):  # a shard made the common way: every member named ./...
+        write_bytes_atomic(str(folder / f"{i:06d}.jpg"), synthetic_image(i))
+        write_bytes_atomic(str(folder / f"{i:06d}.cls"), b"1")
+    (data / "shards").mkdir(parents=True)
+    gnu = ["tar", "--sort=name", "-C", str(folder), "-cf", str(data / "shards/gnu.tar"), "."]
+    subprocess.run(gnu, check=True)
+    hostile = [
+        ("./a.jpg", synthetic_image(10)),
+        ("./b.jpg", synthetic_image(11)),
+        ("./deep.jpg", synthetic_image(12)),
+        ("./deep.json", b"[" * 100_000),  # nested past the stack: the sample keeps its text
+        ("../../etc/passwd.jpg", synthetic_image(13)),  # climbs out: a row of its own
+        *[(f"many.{i}.jpg", synthetic_image(14)) for i in range(17)],  # past 16 members
+    ]
+    write_bytes_atomic(str(data / "shards/hostile.tar"), tar_bytes(hostile))
+    hf = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": synthetic_image(20 + i), "path": f"{i}.jpg"} for i in range(3)]
+    pq.write_table(pa.table({"image": pa.array(cells, hf)}), str(data / "hf.parquet"))
+    ids = ['=HYPERLINK("http://evil.example","x")', "@SUM(1+1)"]
+    pq.write_table(
+        pa.table({"id": ids, "image": [synthetic_image(30), synthetic_image(31)]}),
+        str(data / "formulas.parquet"),
+    )
+    write_images(str(data / "images"), [f"{i}.jpg" for i in range(3)])
+
+    code = main(["label", "--input", str(data), "--output", labels, "--model", SMALL])
+
+    assert code == 0, capsys.readouterr().err
+    manifest = read_json(join(labels, MANIFEST))
+    assert manifest["complete"] and manifest["rows"] == 4 + 5 + 3 + 2 + 3
+    assert manifest["labeled"] == 4 + 3 + 3 + 2 + 3, "every ordinary sample labeled"
+    assert manifest["failed_by_reason"] == {"too_large": 1, "unsafe_member_name": 1}
+    assert set(manifest["failed_by_reason"]) <= set(ROW_REASONS)
+    assert exists(join(labels, "_report/index.html"))
+    run_id = manifest["mlflow"]["run_id"]
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
