@@ -238,6 +238,20 @@ def test_a_shard_made_by_gnu_tar_of_a_directory_labels_every_sample(tmp_path):
     assert json.loads(rows[3]["meta"]) == {"cls": 3}
 
 
+def test_a_sample_whose_members_are_apart_keeps_one_row_per_key_and_says_how_to_fix_it(tmp_path):
+    shard = str(tmp_path / "shard.tar")  # as `tar -C dir .` without --sort may order them
+    members = [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.cls", b"3"), ("c.jpg", b"4")]
+    write_bytes_atomic(shard, tar_bytes(members))
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
+
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 4, "one key, one row"
+    assert [r["error"] for r in rows[:2]] == ["", ""] and rows[3]["error"] == ""
+    assert rows[2]["key"].startswith(f"{shard}#a@")
+    assert rows[2]["error"].startswith("split_sample: ") and "--sort=name" in rows[2]["error"]
+
+
 def test_member_names_are_normalised_and_one_that_climbs_out_is_a_row_of_its_own(tmp_path):
     shard = str(tmp_path / "shard.tar")
     members = [

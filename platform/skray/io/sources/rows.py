@@ -33,6 +33,7 @@ SOURCE_REASONS = (
     "tar_member_not_regular",
     "unsafe_member_name",
     "broken_tar",
+    "split_sample",
     "no_image_member",
     "empty_shard",
     "unreadable_parquet",

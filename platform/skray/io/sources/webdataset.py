@@ -103,6 +103,13 @@ def _sample_problem(key: str, members: int, size: int, limits: SampleLimits) -> 
     return None
 
 
+def _split(key: str) -> str:
+    return (
+        f"split_sample: members of sample {key} are not next to each other in the tar "
+        "(WebDataset needs them adjacent: write the shard with `tar --sort=name`)"
+    )
+
+
 def _is_used_member(ext: str) -> bool:
     """Whether a sample needs a member's bytes: its image or its metadata."""
     return ext.rsplit(".", 1)[-1] in IMAGE_MEMBER_EXTENSIONS or ext in METADATA_MEMBER_EXTENSIONS
@@ -126,7 +133,9 @@ def _tar_samples(
     :class:`~skray.io.objects.ResumableFile`: a storage fault resumes the stream where it
     broke, or raises :class:`~skray.io.retry.StorageUnavailable`, never a row.
     """
-    current: str | None = None
+    current: str | None = None  # the sample's key as yielded
+    group: str | None = None  # the key its members share
+    seen: set[str] = set()  # keys yielded: a sample whose members are apart is told once
     members: dict[str, bytes] = {}
     problem: str | None = None
     count = size_read = 0
@@ -140,7 +149,8 @@ def _tar_samples(
                     if name is None:
                         if current is not None:
                             yield current, members, problem
-                        current, members, problem, count, size_read = None, {}, None, 0, 0
+                        current, group, members, problem = None, None, {}, None
+                        count = size_read = 0
                         unsafe = f"unsafe_member_name: {info.name!r} climbs out of the archive"
                         yield info.name, {}, unsafe
                         continue
@@ -149,10 +159,14 @@ def _tar_samples(
                     dirname, basename = posixpath.split(name)
                     stem, _, ext = basename.partition(".")
                     key, ext = posixpath.join(dirname, stem), ext.lower()
-                    if key != current and current is not None:
-                        yield current, members, problem
+                    if key != group:
+                        if current is not None:
+                            yield current, members, problem
                         members, problem, count, size_read = {}, None, 0, 0
-                    current = key
+                        group, current = key, key
+                        if key in seen:  # one key, one row: the stray members are one error
+                            current, problem = f"{key}@{info.offset}", _split(key)
+                        seen.add(key)
                     count += 1
                     if problem is not None:
                         continue
