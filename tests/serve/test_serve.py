@@ -34,6 +34,7 @@ from skray.serve.launch import resolve_launch
 
 BODY_LIMIT = 256 * 1024
 BODY_TIMEOUT_S = 2.0
+INFLIGHT_LIMIT = 12 * BODY_LIMIT  # twelve largest bodies at once per replica
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
@@ -101,6 +102,7 @@ def url(serve_port: int, weights: str) -> str:
         max_batch_size=8,
         batch_wait_timeout_s=0.2,
         max_body_bytes=BODY_LIMIT,
+        max_inflight_bytes=INFLIGHT_LIMIT,
         max_images_per_request=6,
         warmup_batches=1,
         top_k=3,
@@ -434,6 +436,47 @@ def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
 
 
 @pytest.mark.slow
+def test_uploads_past_max_inflight_bytes_get_503_before_their_body_is_read_and_the_replica_goes_on(
+    url, serve_port, images
+):
+    holders = [
+        threading.Thread(
+            target=stalled_upload, args=(serve_port, BODY_LIMIT, b"\xff", BODY_TIMEOUT_S + 10)
+        )
+        for _ in range(INFLIGHT_LIMIT // BODY_LIMIT)
+    ]
+    for holder in holders:
+        holder.start()
+
+    def refused() -> httpx.Response | None:
+        reply = httpx.post(
+            f"{url}/v1/classify",
+            content=b"\xff" * BODY_LIMIT,
+            headers={"content-type": "image/jpeg"},
+            timeout=30,
+        )
+        return reply if reply.status_code == 503 else None
+
+    reply = wait_for(refused, BODY_TIMEOUT_S, "the held bodies to fill max_inflight_bytes")
+    for holder in holders:
+        holder.join(timeout=BODY_TIMEOUT_S + 15)
+
+    assert reply.json()["error"]["code"] == "overloaded" and reply.headers["retry-after"] == "1"
+    after = httpx.post(
+        f"{url}/v1/classify",
+        content=images[0].read_bytes(),
+        headers={"content-type": "image/jpeg"},
+        timeout=30,
+    )
+    assert after.status_code == 200, "the claims were given back"
+
+
+def test_max_inflight_bytes_below_max_body_bytes_fails_naming_both():
+    with pytest.raises(ValueError, match="max_inflight_bytes .* must be at least max_body_bytes"):
+        ServeConfig(max_body_bytes=2048, max_inflight_bytes=1024)
+
+
+@pytest.mark.slow
 def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weights):
     from skray.weights.files import file_sha256
 
@@ -458,6 +501,7 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
     assert (
         info["limits"]["body_timeout_s"] == BODY_TIMEOUT_S
         and info["limits"]["decode_concurrency"] == 2
+        and info["limits"]["max_inflight_bytes"] == INFLIGHT_LIMIT
     )
     assert info["auth"] is None
     schema = httpx.get(f"{url}/openapi.json", timeout=10).json()

@@ -94,6 +94,7 @@ ERRORS = {
         413: "body or image count over the configured limit",
         415: "content type is not an image, octet-stream or multipart",
         422: "bad query parameter (top_k)",
+        503: "overloaded: the replica holds max_inflight_bytes of uploads; retry after Retry-After",
     }.items()
 }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from skray.core.images import PreprocessingConfig
 from skray.io.config import Decode, ModelName, ModelPreprocessing, PrecisionOptions
@@ -41,6 +41,12 @@ class ServeConfig(PrecisionOptions):
         0.01, ge=0, le=10, description="seconds a short batch waits for more once the model is free"
     )
     max_body_bytes: int = Field(16 << 20, ge=1024, description="per request, multipart included")
+    max_inflight_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        description="request bodies a replica holds at once (by Content-Length, then as "
+        "streamed); past it 503 with Retry-After, before the body is read",
+    )
     max_images_per_request: int = Field(64, ge=1, description="/v1/classify/batch")
     preprocessing: ModelPreprocessing = PreprocessingConfig(max_pixels=SERVE_MAX_PIXELS)
     body_timeout_s: float = Field(
@@ -66,6 +72,15 @@ class ServeConfig(PrecisionOptions):
             "gpu: each batch's bytes are decoded next to the model; auto: gpu on a GPU replica"
         ),
     )
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> ServeConfig:
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}), or the largest allowed body never fits"
+            )
+        return self
 
     @field_validator("preprocessing", mode="before")
     @classmethod

@@ -50,6 +50,7 @@ from skray.serve.api import (
     api,
     prediction_fields,
 )
+from skray.serve.budget import BodyBudget, Claim
 from skray.serve.config import ServeConfig, bearer_token
 from skray.serve.metrics import RequestMetrics, serve_metrics
 from skray.weights.resolver import PinnedWeights
@@ -102,6 +103,7 @@ class ClassifierDeployment:
             Batcher(self._forward, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         )
         self._decode_slots = asyncio.Semaphore(cfg.decode_concurrency)
+        self._bodies = BodyBudget(cfg.max_inflight_bytes)
         self._warm = threading.Event()
         self._warmup_error: str | None = None
         self._warmup_s: float | None = None
@@ -180,6 +182,7 @@ class ClassifierDeployment:
             },
             "limits": {
                 "max_body_bytes": cfg.max_body_bytes,
+                "max_inflight_bytes": cfg.max_inflight_bytes,
                 "max_images_per_request": cfg.max_images_per_request,
                 "max_pixels": cfg.preprocessing.max_pixels,
                 "body_timeout_s": cfg.body_timeout_s,
@@ -196,10 +199,16 @@ class ClassifierDeployment:
         """Classify one image: the raw body (``image/*``, ``application/octet-stream``) or one
         multipart file."""
         started, k = time.perf_counter(), self._accept(request, top_k)
+        with self._bodies.claim() as claim:
+            return await self._classify_one(request, k, started, claim)
+
+    async def _classify_one(
+        self, request: Request, k: int, started: float, claim: Claim
+    ) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
         timing: dict[str, float] = {}
         if content_type.startswith("multipart/form-data"):
-            files = await self._read_files(request)
+            files = await self._read_files(request, claim)
             if len(files) != 1:
                 raise ApiError(
                     422,
@@ -210,7 +219,7 @@ class ClassifierDeployment:
             data = files[0][1]
             timing["read"] = time.perf_counter() - started
         elif content_type.startswith(RAW_IMAGE_TYPES):
-            data = await self._read_body(request)
+            data = await self._read_body(request, claim)
             timing["read"] = time.perf_counter() - started
         else:
             raise ApiError(
@@ -248,12 +257,13 @@ class ClassifierDeployment:
                 "unsupported_media_type",
                 "/v1/classify/batch takes multipart/form-data, one file part per image",
             )
-        files = await self._read_files(request)
-        if not files:
-            raise ApiError(422, "no_files", "the multipart body has no file parts")
-        outcomes = await asyncio.gather(
-            *(self._classify(data, k) for _, data in files), return_exceptions=True
-        )
+        with self._bodies.claim() as claim:
+            files = await self._read_files(request, claim)
+            if not files:
+                raise ApiError(422, "no_files", "the multipart body has no file parts")
+            outcomes = await asyncio.gather(
+                *(self._classify(data, k) for _, data in files), return_exceptions=True
+            )
         results = []
         for (name, _), outcome in zip(files, outcomes):
             if isinstance(outcome, ImageDecodeError):
@@ -335,16 +345,19 @@ class ClassifierDeployment:
             )
         return k
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The whole body, refused with 413 as soon as it is known to exceed the limit, and with
-        408 if it takes longer than ``body_timeout_s``: a stalled upload must not hold a slot
-        forever."""
+    async def _read_body(self, request: Request, claim: Claim) -> bytes:
+        """The whole body, refused with 413 as soon as it is known to exceed the limit, with
+        503 when the replica holds too many bytes of bodies (``claim``: its declared length
+        before any is read), and with 408 if it takes longer than ``body_timeout_s``: a
+        stalled upload must not hold a slot forever."""
         limit, timeout = self.config.max_body_bytes, self.config.body_timeout_s
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(
                 413, "payload_too_large", f"body is {int(declared)} bytes; the limit is {limit}"
             )
+        if declared.isdigit():
+            claim.grow_to(int(declared))
         chunks, size = [], 0
         try:
             async with asyncio.timeout(timeout):
@@ -354,6 +367,7 @@ class ClassifierDeployment:
                         raise ApiError(
                             413, "payload_too_large", f"body exceeds the limit of {limit} bytes"
                         )
+                    claim.grow_to(size)
                     chunks.append(chunk)
         except TimeoutError:
             raise ApiError(
@@ -363,9 +377,9 @@ class ClassifierDeployment:
             ) from None
         return b"".join(chunks)
 
-    async def _read_files(self, request: Request) -> list[tuple[str | None, bytes]]:
+    async def _read_files(self, request: Request, claim: Claim) -> list[tuple[str | None, bytes]]:
         """The file parts of a size-limited multipart body, in order."""
-        body = await self._read_body(request)
+        body = await self._read_body(request, claim)
 
         async def replay() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
