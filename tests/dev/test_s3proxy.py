@@ -26,6 +26,16 @@ def test_requests_pass_through_and_are_counted_by_kind(proxy, bucket):
     assert counts["PUT"] == 0
 
 
+def test_counts_and_bytes_can_be_limited_to_some_keys(proxy, bucket):
+    write_bytes_atomic(f"{bucket}/in/a.bin", b"x" * 1000)
+    write_bytes_atomic(f"{bucket}/out/b.bin", b"y" * 10)
+    proxy.reset_counts()
+    proxy.counted_keys = "/in/"
+    read_bytes(f"{bucket}/in/a.bin")
+    read_bytes(f"{bucket}/out/b.bin")
+    assert proxy.counts()["GET"] == 1 and proxy.bytes_sent() == 1000
+
+
 def test_an_outage_answers_503_until_healed(proxy, bucket):
     write_bytes_atomic(f"{bucket}/a.bin", b"abc")
     proxy.outage = 1

@@ -100,7 +100,7 @@ def test_calibration_without_a_decodable_image_fails(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "actors, key, message",
     [
-        ({"precision": "int9"}, "actors.precision", "'fp32' or 'int8'"),
+        ({"precision": "int9"}, "actors.precision", "'fp32', 'bf16', 'int8' or 'auto'"),
         ({"precision": "int8", "calibration": "calib/"}, "actors", "set gpus: 0"),
         ({"precision": "int8", "gpus": 0}, "actors", "int8 needs calibration"),
     ],

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import parquet_bytes, tar_bytes, write_files
 from skray.dev.testing import synthetic_image, webdataset_shard
+from skray.io import objects
 from skray.io.sources import (
     InputError,
     Unit,
@@ -22,10 +23,9 @@ from skray.io.sources import (
     table_batches,
     unit_batches,
 )
-from skray.io.sources import files as image_files
 from skray.io.sources.parquet import PARQUET_BATCH_ROWS
 from skray.io.sources.webdataset import TAR_HEADER_MAX_BYTES, SampleLimits
-from skray.io.storage import filesystem_for, join, write_bytes_atomic
+from skray.io.storage import join, write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,7 +42,9 @@ def root(location: str) -> str:
 def test_list_inputs_returns_every_file_below_the_prefix_recursively_and_sorted(root: str):
     write_files(root, ["b.jpg", "a/z.png", "a/b/c.jpg", "a.tar"])
 
-    assert list_inputs(root) == [join(root, n) for n in ["a.tar", "a/b/c.jpg", "a/z.png", "b.jpg"]]
+    assert list_inputs(root).keys == [
+        join(root, n) for n in ["a.tar", "a/b/c.jpg", "a/z.png", "b.jpg"]
+    ]
 
 
 def test_list_inputs_skips_hidden_names_in_any_path_component_below_the_prefix(root: str):
@@ -59,14 +61,14 @@ def test_list_inputs_skips_hidden_names_in_any_path_component_below_the_prefix(r
         ],
     )
 
-    assert list_inputs(root) == [join(root, "keep.jpg"), join(root, "sub/keep.jpg")]
+    assert list_inputs(root).keys == [join(root, "keep.jpg"), join(root, "sub/keep.jpg")]
 
 
 def test_list_inputs_does_not_skip_a_prefix_that_itself_sits_under_a_hidden_name(root: str):
     prefix = join(root, "_private/.inputs")
     write_files(prefix, ["a.jpg"])
 
-    assert list_inputs(prefix) == [join(prefix, "a.jpg")]
+    assert list_inputs(prefix).keys == [join(prefix, "a.jpg")]
 
 
 def test_list_inputs_skips_exclude_globs_matched_relative_to_the_prefix(root: str):
@@ -74,20 +76,20 @@ def test_list_inputs_skips_exclude_globs_matched_relative_to_the_prefix(root: st
 
     kept = list_inputs(root, exclude=["*.txt", "skip/*"])
 
-    assert kept == [join(root, "a.jpg"), join(root, "keep/c.jpg")]
+    assert kept.keys == [join(root, "a.jpg"), join(root, "keep/c.jpg")]
 
 
 def test_list_inputs_with_a_glob_keeps_only_matching_files(root: str):
     write_files(root, ["a.jpg", "b.png", "c.jpg", ".hidden.jpg"])
 
-    assert list_inputs(join(root, "*.jpg")) == [join(root, "a.jpg"), join(root, "c.jpg")]
-    assert list_inputs(join(root, "?.png")) == [join(root, "b.png")]
+    assert list_inputs(join(root, "*.jpg")).keys == [join(root, "a.jpg"), join(root, "c.jpg")]
+    assert list_inputs(join(root, "?.png")).keys == [join(root, "b.png")]
 
 
 def test_list_inputs_of_a_single_file_returns_just_that_file(root: str):
     write_files(root, ["a.jpg", "b.jpg"])
 
-    assert list_inputs(join(root, "b.jpg")) == [join(root, "b.jpg")]
+    assert list_inputs(join(root, "b.jpg")).keys == [join(root, "b.jpg")]
 
 
 def test_list_inputs_of_a_missing_input_fails_naming_it(root: str):
@@ -111,8 +113,8 @@ def test_list_inputs_accepts_a_relative_local_glob(tmp_path, monkeypatch):
     write_files(str(tmp_path / "data"), ["a.jpg", "b.png"])
     monkeypatch.chdir(tmp_path)
 
-    assert list_inputs("data/*.jpg") == [str(tmp_path / "data" / "a.jpg")]
-    assert list_inputs(f"file://{tmp_path}/data/*.png") == [str(tmp_path / "data" / "b.png")]
+    assert list_inputs("data/*.jpg").keys == [str(tmp_path / "data" / "a.jpg")]
+    assert list_inputs(f"file://{tmp_path}/data/*.png").keys == [str(tmp_path / "data" / "b.png")]
 
 
 # --- sources.group_units ----------------------------------------------------
@@ -390,35 +392,30 @@ def test_table_batches_of_parquet_keys_rows_by_the_id_column_else_by_row_index(t
 # --- sources: bounded, streamed reading ------------------------------------
 
 
-class SpyFs:
-    """A filesystem that records which paths were looked up and opened, then delegates."""
+class ReadSpy:
+    """Records each ranged read (uri, start, length) the readers make, then makes it."""
 
-    def __init__(self, fs) -> None:
-        self.fs, self.infos, self.opened = fs, [], []
+    def __init__(self, read) -> None:
+        self.read, self.reads = read, []
 
-    def get_file_info(self, path):
-        self.infos.append(path)
-        return self.fs.get_file_info(path)
-
-    def open_input_stream(self, path):
-        self.opened.append(path)
-        return self.fs.open_input_stream(path)
+    def __call__(self, uri, start, length):
+        self.reads.append((uri, start, length))
+        return self.read(uri, start, length)
 
 
 @pytest.fixture
-def spy_fs(monkeypatch) -> SpyFs:
-    """The image-file reader's filesystem_for hands out one SpyFs over the local disk."""
-    spy = SpyFs(filesystem_for("/")[0])
-    monkeypatch.setattr(image_files, "filesystem_for", lambda uri: (spy, filesystem_for(uri)[1]))
+def read_spy(monkeypatch) -> ReadSpy:
+    spy = ReadSpy(objects.read_range)
+    monkeypatch.setattr(objects, "read_range", spy)
     return spy
 
 
-def test_table_batches_makes_an_image_file_over_max_object_bytes_a_too_large_row_without_opening_it(
-    tmp_path, spy_fs
+def test_table_batches_reads_an_image_of_unknown_size_only_up_to_max_object_bytes(
+    tmp_path, read_spy
 ):
     small, big = str(tmp_path / "small.jpg"), str(tmp_path / "big.jpg")
     write_bytes_atomic(small, b"s" * 100)
-    write_bytes_atomic(big, b"b" * 101)
+    write_bytes_atomic(big, b"b" * 10_000)
 
     rows = all_rows(Unit("u", "images", (big, small), 2), max_object_bytes=100)
 
@@ -428,10 +425,12 @@ def test_table_batches_makes_an_image_file_over_max_object_bytes_a_too_large_row
         and rows[0]["data"] == b""
     )
     assert rows[1]["error"] == "" and rows[1]["data"] == b"s" * 100
-    assert spy_fs.opened == [small]
+    assert sorted(read_spy.reads) == [(big, 0, 101), (small, 0, 101)], "one read each, capped"
 
 
-def test_table_batches_trusts_the_listed_sizes_and_catches_a_file_that_grew_since(tmp_path, spy_fs):
+def test_table_batches_trusts_the_listed_sizes_and_catches_a_file_that_grew_since(
+    tmp_path, read_spy
+):
     listed_big, grown = str(tmp_path / "listed_big.jpg"), str(tmp_path / "grown.jpg")
     write_bytes_atomic(listed_big, b"x")
     write_bytes_atomic(grown, b"g" * 5000)
@@ -440,7 +439,7 @@ def test_table_batches_trusts_the_listed_sizes_and_catches_a_file_that_grew_sinc
     rows = all_rows(unit, max_object_bytes=100)
 
     assert [r["error"].split(":")[0] for r in rows] == ["too_large", "too_large"]
-    assert spy_fs.infos == [] and spy_fs.opened == [grown]
+    assert read_spy.reads == [(grown, 0, 101)], "the listed-big file is never opened"
     assert Unit.from_row(unit.to_row()) == unit
 
 

@@ -364,8 +364,8 @@ def prepare_for_inference(
     batches to fp32 logits.
 
     eval mode, BatchNorm folded into convolutions, the SK mix fused, channels_last,
-    optionally ``torch.compile``; on CUDA, ``amp_dtype`` (bf16/fp16) runs it under
-    autocast. The result is a copy: the input model is left trainable.
+    optionally ``torch.compile``; ``amp_dtype`` (bf16, or fp16 on CUDA) runs it under
+    autocast, on the CPU as on a GPU. The result is a copy: the input model is left trainable.
     """
     device = torch.device(device)
     fast = fold_batchnorm(copy.deepcopy(model).eval()).to(device, memory_format=torch.channels_last)
@@ -374,7 +374,7 @@ def prepare_for_inference(
     runner: Callable[[torch.Tensor], torch.Tensor] = fast
     if compile:
         runner = torch.compile(fast, dynamic=False)
-    use_amp = amp_dtype is not None and device.type == "cuda"
+    use_amp = amp_dtype is not None
 
     @torch.inference_mode()
     def predict(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import random
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -50,9 +51,11 @@ def _serve(state: dict[str, Any], upstream: str) -> None:
     local = threading.local()
     rng = random.Random()
 
-    def matches(path: str) -> bool:
-        key = state["only_keys"].value.decode()
-        return not key or key in path
+    def matches(path: str, field: str = "only_keys") -> bool:
+        """Whether the request names a key holding the field's substring (a LIST by its
+        ``prefix``), or the field is empty."""
+        key = state[field].value.decode()
+        return not key or key in urllib.parse.unquote(path)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the S3 clients expect
@@ -89,9 +92,11 @@ def _serve(state: dict[str, Any], upstream: str) -> None:
         def _forward(self) -> None:
             body = self._body()
             kind = request_kind(self.command, self.path, self.headers)
+            counted = matches(self.path, "counted_keys")
             counts = state["counts"]
-            with counts.get_lock():
-                counts[KINDS.index(kind)] += 1
+            if counted:
+                with counts.get_lock():
+                    counts[KINDS.index(kind)] += 1
             if state["delayed"][KINDS.index(kind)]:
                 time.sleep(state["latency_s"].value)
             if matches(self.path):
@@ -119,6 +124,9 @@ def _serve(state: dict[str, Any], upstream: str) -> None:
             self.end_headers()
             if self.command == "HEAD":
                 return
+            if counted:
+                with state["bytes"].get_lock():
+                    state["bytes"].value += len(data)
             cut = (
                 kind in ("GET", "GET_RANGE")
                 and len(data) > 1
@@ -144,8 +152,9 @@ def _serve(state: dict[str, Any], upstream: str) -> None:
 class FaultyS3Proxy:
     """Counts, delays and fails requests on their way to ``upstream``; switch faults with the
     attributes (``outage``, ``forbidden``, ``slowdown_rate``, ``cut_rate``, ``latency_s``,
-    ``only_keys``) at any time, from the process that started it. ``latency_s`` delays the
-    request kinds in ``delayed`` (all by default: real S3's first-byte latency)."""
+    ``only_keys``; ``counted_keys`` limits the counts alike) at any time, from the process
+    that started it. ``latency_s`` delays the request kinds in ``delayed`` (all by default:
+    real S3's first-byte latency)."""
 
     def __init__(
         self, upstream: str, latency_s: float = 0.0, delayed: tuple[str, ...] = KINDS
@@ -161,23 +170,25 @@ class FaultyS3Proxy:
             "slowdown_rate": context.Value("d", 0.0),
             "cut_rate": context.Value("d", 0.0),
             "only_keys": context.Array("c", _KEY_BYTES),
+            "counted_keys": context.Array("c", _KEY_BYTES),
+            "bytes": context.Value("q", 0),
         }
         self._process = context.Process(target=_serve, args=(self._state, upstream), daemon=True)
 
     def __getattr__(self, name: str) -> Any:
         state = self.__dict__.get("_state", {})
-        if name in state and name not in ("counts", "port", "delayed"):
+        if name in state and name not in ("counts", "port", "delayed", "bytes"):
             value = state[name].value
             return value.decode() if isinstance(value, bytes) else value
         raise AttributeError(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         state = self.__dict__.get("_state", {})
-        if name in state and name not in ("counts", "port", "delayed"):
-            if name == "only_keys":
+        if name in state and name not in ("counts", "port", "delayed", "bytes"):
+            if name in ("only_keys", "counted_keys"):
                 encoded = value.encode()
                 if len(encoded) >= _KEY_BYTES:
-                    raise ValueError(f"only_keys is at most {_KEY_BYTES - 1} bytes")
+                    raise ValueError(f"{name} is at most {_KEY_BYTES - 1} bytes")
                 state[name].value = encoded
             else:
                 state[name].value = value
@@ -189,13 +200,19 @@ class FaultyS3Proxy:
         return f"http://{LOOPBACK}:{self._state['port'].value}"
 
     def counts(self) -> dict[str, int]:
-        """Requests seen so far, by kind (failed ones included: S3 bills those too)."""
+        """Requests seen so far, by kind (failed ones included: S3 bills those too); with
+        ``counted_keys`` set, only those for keys holding it."""
         return dict(zip(KINDS, self._state["counts"][:]))
+
+    def bytes_sent(self) -> int:
+        """Response body bytes sent so far (of counted requests)."""
+        return self._state["bytes"].value
 
     def reset_counts(self) -> None:
         counts = self._state["counts"]
         with counts.get_lock():
             counts[:] = [0] * len(KINDS)
+        self._state["bytes"].value = 0
 
     def heal(self) -> None:
         """Every fault off; latency and counts kept."""

@@ -20,6 +20,7 @@ from skray.core.images import (
     normalize,
 )
 from skray.core.model import DEFAULT_MODEL, prepare_for_inference
+from skray.inference.precision import resolve_precision
 from skray.inference.quantize import DEFAULT_BATCH_SIZE, check_int8, quantize_int8
 from skray.io.config import Decode, Precision
 from skray.weights.resolver import PinnedWeights, load_model
@@ -89,11 +90,10 @@ class Classifier:
         *,
         device: str | None = None,
         compile: bool = False,
-        amp_dtype: torch.dtype | None = None,
         preprocessing: PreprocessingConfig = PreprocessingConfig(),
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
-        precision: Precision = "fp32",
+        precision: Precision = "auto",
         calibration: torch.Tensor | None = None,
     ) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -111,10 +111,10 @@ class Classifier:
             self.architecture
         )  # unset: the model's
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if (
-            precision == "int8"
-        ):  # uint8 eval crops to calibrate on, e.g. skray.inference.quantize.calibration_crops
+        precision, self.precision_reason = resolve_precision(precision, self.device.type)
+        if precision == "int8":  # uint8 eval crops to calibrate on, e.g. quantize.calibration_crops
             check_int8(self.device, calibration)
+        amp_dtype = torch.bfloat16 if precision == "bf16" else None
         self._forward = prepare_for_inference(
             net, self.device, compile=compile, amp_dtype=amp_dtype
         )
@@ -209,9 +209,7 @@ class Classifier:
         **options: object,
     ) -> Classifier:
         """The model as a Ray worker holds it (labeling actor, Serve replica, evaluation scorer):
-        ``threads`` torch intra-op threads when given, bf16 autocast on CUDA; ``options`` as
-        for the constructor."""
+        ``threads`` torch intra-op threads when given; ``options`` as for the constructor."""
         if threads:
             torch.set_num_threads(threads)
-        amp = torch.bfloat16 if torch.cuda.is_available() else None
-        return cls(model, weights, amp_dtype=amp, **options)  # type: ignore[arg-type]
+        return cls(model, weights, **options)  # type: ignore[arg-type]

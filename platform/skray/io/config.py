@@ -76,7 +76,10 @@ Decode = Literal["cpu", "gpu", "auto"]
 """Where images are decoded: Pillow on the CPU, or batched next to the model (nvJPEG on a GPU,
 see :mod:`skray.core.device_decode`); ``auto`` is ``gpu`` when the model runs on a GPU."""
 
-Precision = Literal["fp32", "int8"]
+Precision = Literal["fp32", "bf16", "int8", "auto"]
+"""A model worker's numbers: ``bf16`` runs under autocast (logits fp32), ``int8`` quantized on
+CPU, ``auto`` bf16 where the hardware has bf16 matrix units, else fp32
+(:mod:`skray.inference.precision`)."""
 DEFAULT_CALIBRATION_IMAGES = 256  # activation ranges settle after a few hundred images
 
 
@@ -87,8 +90,11 @@ class PrecisionOptions(StrictModel):
     gpus_key: ClassVar[str]
 
     precision: Precision = Field(
-        "fp32",
-        description="int8: a quantized model on CPU workers (always compiled), from `calibration`",
+        "auto",
+        description=(
+            "auto: bf16 on AMX CPUs and bf16 GPUs, else fp32; "
+            "int8: a quantized model on CPU workers (always compiled), from `calibration`"
+        ),
     )
     calibration: str | None = Field(
         None, description="int8: images (folder, prefix, glob) to calibrate on; read once"

@@ -11,82 +11,48 @@ from __future__ import annotations
 
 import io
 
-import pyarrow as pa
-import pyarrow.fs
-
 from skray.io.retry import IoRetry, call_with_retry
-from skray.io.storage import filesystem_for, redact_uri
+from skray.io.storage import filesystem_for, read_range, redact_uri
 
 DEFAULT_BUFFER_BYTES = 16 * 2**20  # one ranged read: a 6 MB shard is one GET
 
 
-def _read_at_most(stream: pa.NativeFile, limit: int) -> bytes:
-    """Up to ``limit`` bytes: one read may return fewer than asked before the end."""
-    chunks: list[bytes] = []
-    left = limit
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_object(
-    fs: pa.fs.FileSystem, path: str, limit: int, uri: str, policy: IoRetry | None = None
-) -> bytes:
-    """The bytes of the object at ``path`` of ``fs`` (``uri``, for messages), at most
-    ``limit`` of them, retried as a whole on a fault."""
-
-    def attempt() -> bytes:
-        with fs.open_input_stream(path) as stream:
-            return _read_at_most(stream, limit)
-
-    return call_with_retry(attempt, f"reading {redact_uri(uri)}", policy)
+def read_object(uri: str, limit: int, policy: IoRetry | None = None) -> bytes:
+    """The bytes of the object at ``uri``, at most ``limit`` of them, in one request (on S3
+    one GET: no HEAD first), retried as a whole on a fault."""
+    return call_with_retry(lambda: read_range(uri, 0, limit), f"reading {redact_uri(uri)}", policy)
 
 
 class ResumableFile(io.RawIOBase):
-    """A read-only, seekable view of one object, read ``buffer_bytes`` at a time by offset;
-    a failed read is retried (on a fresh handle) at the same offset."""
+    """A read-only, seekable view of one object, read ``buffer_bytes`` at a time by offset,
+    each piece one ranged GET; a failed read is retried at the same offset. ``size`` from
+    the listing saves the one HEAD that would look it up: a shard then costs
+    ``ceil(size / buffer_bytes)`` requests."""
 
     def __init__(
         self,
         uri: str,
         policy: IoRetry | None = None,
         buffer_bytes: int | None = None,
+        size: int | None = None,
     ) -> None:
         super().__init__()
         self.uri, self.policy = uri, policy
         self.buffer_bytes = buffer_bytes or DEFAULT_BUFFER_BYTES
-        self._fs, self._path = filesystem_for(uri)
-        self._handle: pa.NativeFile | None = None
         self._pos = 0
         self._buffer, self._buffer_at = b"", 0
-        self.size = self._call(lambda: self._open().size(), "opening")
+        self.size = self._looked_up_size() if size is None else size
 
-    def _open(self) -> pa.NativeFile:
-        if self._handle is None:
-            self._handle = self._fs.open_input_file(self._path)
-        return self._handle
+    def _looked_up_size(self) -> int:
+        fs, path = filesystem_for(self.uri)
 
-    def _call(self, fn, doing: str):
-        def attempt():
-            try:
-                return fn()
-            except OSError:
-                self._drop_handle()  # the next try starts a new request
-                raise
+        def size() -> int:
+            info = fs.get_file_info(path)
+            if info.size is None:  # not a file (gone since the listing)
+                raise FileNotFoundError(f"{redact_uri(self.uri)} does not exist")
+            return info.size
 
-        return call_with_retry(attempt, f"{doing} {redact_uri(self.uri)}", self.policy)
-
-    def _drop_handle(self) -> None:
-        if self._handle is not None:
-            try:
-                self._handle.close()
-            except OSError:
-                pass
-            self._handle = None
+        return call_with_retry(size, f"opening {redact_uri(self.uri)}", self.policy)
 
     def readable(self) -> bool:
         return True
@@ -106,12 +72,11 @@ class ResumableFile(io.RawIOBase):
         end = self.size if size is None or size < 0 else min(self._pos + size, self.size)
         parts: list[bytes] = []
         while self._pos < end:
-            offset = self._pos - self._buffer_at
-            if not 0 <= offset < len(self._buffer):
+            if not 0 <= self._pos - self._buffer_at < len(self._buffer):
                 self._fill(max(end - self._pos, self.buffer_bytes))
-                offset = 0
-                if not self._buffer:  # the object is shorter than it was: its end came early
-                    break
+            offset = self._pos - self._buffer_at
+            if not 0 <= offset < len(self._buffer):  # the object is shorter than it was
+                break
             piece = self._buffer[offset : offset + end - self._pos]
             parts.append(piece)
             self._pos += len(piece)
@@ -123,12 +88,18 @@ class ResumableFile(io.RawIOBase):
         return len(data)
 
     def _fill(self, length: int) -> None:
-        at = self._pos
-        length = min(length, self.size - at)
-        self._buffer = self._call(lambda: self._open().read_at(length, at), f"reading at {at}")
+        # An object no larger than the buffer is read whole, wherever the reader starts:
+        # a Parquet reader reads the footer first and the data after, both in this one GET.
+        whole = self.size <= self.buffer_bytes
+        at = 0 if whole else self._pos
+        length = self.size if whole else min(length, self.size - at)
+        self._buffer = call_with_retry(
+            lambda: read_range(self.uri, at, length),
+            f"reading {redact_uri(self.uri)} at {at}",
+            self.policy,
+        )
         self._buffer_at = at
 
     def close(self) -> None:
-        self._drop_handle()
         self._buffer = b""
         super().close()

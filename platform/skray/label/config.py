@@ -10,9 +10,11 @@ import hashlib
 import json
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from skray.core.images import PreprocessingConfig
+from skray.inference.precision import Resolved, resolve_precision
 from skray.io.config import (
     Decode,
     MlflowConfig,
@@ -21,6 +23,7 @@ from skray.io.config import (
     PrecisionOptions,
     StrictModel,
 )
+from skray.io.objects import DEFAULT_BUFFER_BYTES
 from skray.io.retry import IoRetry
 from skray.io.sources import (
     DEFAULT_MAX_MEMBERS_PER_SAMPLE,
@@ -126,6 +129,11 @@ class LabelConfig(StrictModel):
         ge=1,
         description="per WebDataset sample, its members together; past it: too_large",
     )
+    read_buffer_bytes: int = Field(
+        DEFAULT_BUFFER_BYTES,
+        ge=64 * 2**10,
+        description="a tar shard or Parquet file is read this much per request (one GET)",
+    )
     decode_memory_mb: int | None = Field(
         None, ge=1, description="per read+decode task (None: from the bounds above)"
     )
@@ -158,12 +166,21 @@ class LabelConfig(StrictModel):
     )
     mlflow: LabelMlflowConfig = LabelMlflowConfig()
 
+    def resolved_precision(self) -> tuple[Resolved, str]:
+        """The actors' precision, ``auto`` resolved on this driver before any work (so the
+        fingerprint holds what the actors run): GPU actors when ``actors.gpus`` > 0, or
+        ``auto`` and this machine has a GPU; else CPU actors, on a CPU like this one's."""
+        gpus = self.actors.gpus
+        on_gpu = torch.cuda.is_available() if gpus == "auto" else gpus > 0
+        return resolve_precision(self.actors.precision, "cuda" if on_gpu else "cpu")
+
     def fingerprint(self) -> str:
         """What decides the output's content, besides the weights (pinned by sha256 in the job
         record): a rerun must match it to resume. ``files_per_unit`` is not part of it:
         units are cut from the keys still to do, so it changes nothing committed. ``min_score``
         counts only when set, and the sample limits when changed, so outputs made before they
-        existed keep their fingerprint."""
+        existed keep their fingerprint. Precision counts as resolved: ``auto`` is what it
+        chose, so an output never mixes fp32 and bf16 labels."""
         keys = (
             "input",
             "format",
@@ -177,7 +194,7 @@ class LabelConfig(StrictModel):
         )
         content = {
             **self.model_dump(mode="json", include=set(keys)),
-            "precision": self.actors.precision,
+            "precision": self.resolved_precision()[0],
         }
         if self.min_score is not None:
             content["min_score"] = self.min_score

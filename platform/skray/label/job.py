@@ -287,7 +287,8 @@ def mlflow_params(cfg: LabelConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "gpus": cfg.actors.gpus,
             "batch_size": cfg.actors.batch_size,
         },
-        "precision": cfg.actors.precision,
+        "precision": cfg.resolved_precision()[0],
+        "precision_reason": cfg.resolved_precision()[1],
         "decode": cfg.decode,
     }
 

@@ -57,6 +57,7 @@ def build_dataset(
             "max_object_bytes": cfg.max_object_bytes,
             "sample_limits": SampleLimits(cfg.max_members_per_sample, cfg.max_sample_bytes),
             "io_retry": cfg.io_retry,
+            "read_buffer_bytes": cfg.read_buffer_bytes,
             "decode": decode,
         },
         batch_size=1,
@@ -79,7 +80,7 @@ def build_dataset(
             "compile": cfg.actors.compile,
             "decode": decode,
             "batch_size": cfg.actors.batch_size or cfg.batch_size,
-            "precision": cfg.actors.precision,
+            "precision": cfg.resolved_precision()[0],
             "min_score": cfg.min_score,
             "output": redact_uri(cfg.output),
             "calibration": calibration_crops(

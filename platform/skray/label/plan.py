@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from skray.io.sources import Format, Unit, shard_unit, unit_id
+from skray.io.sources import Format, Listing, Unit, shard_unit, unit_id
 from skray.io.sources.rows import EARLIER_IO_ERROR
 from skray.label.sinks import part_name, part_paths
 
@@ -133,10 +133,11 @@ def _shard_source(keys: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(keys, pattern="#.*$", replacement="")
 
 
-def _formats(listed: pa.Array, fmt: Format | Literal["auto"]) -> dict[str, pa.Array]:
+def _formats(listed: pa.Table, fmt: Format | Literal["auto"]) -> dict[str, pa.Table]:
     if fmt != "auto":
         return {fmt: listed}
-    tar, parquet = pc.ends_with(listed, ".tar"), pc.ends_with(listed, ".parquet")
+    keys = listed.column("key")
+    tar, parquet = pc.ends_with(keys, ".tar"), pc.ends_with(keys, ".parquet")
     return {
         "webdataset": listed.filter(tar),
         "parquet": listed.filter(parquet),
@@ -144,46 +145,58 @@ def _formats(listed: pa.Array, fmt: Format | Literal["auto"]) -> dict[str, pa.Ar
     }
 
 
-def image_units(keys: pa.Array, files_per_unit: int) -> list[Unit]:
-    """Pending image keys, in order, cut into units named after their keys."""
+def image_units(images: pa.Table, files_per_unit: int) -> list[Unit]:
+    """Pending image files (key, size), in order, cut into units named after their keys."""
     units = []
-    for start in range(0, len(keys), files_per_unit):
-        chunk = keys[start : start + files_per_unit].to_pylist()
-        units.append(Unit(unit_id("images", chunk), "images", tuple(chunk), len(chunk)))
+    for start in range(0, len(images), files_per_unit):
+        chunk = images.slice(start, files_per_unit)
+        keys, sizes = chunk.column("key").to_pylist(), chunk.column("size").to_pylist()
+        known = None if None in sizes else tuple(sizes)
+        units.append(Unit(unit_id("images", keys), "images", tuple(keys), len(keys), known))
     return units
 
 
+def _listed(files: Listing | Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Table:
+    """The listing as one table of key and size (null where the caller knows none)."""
+    if isinstance(files, Listing):
+        return pa.table({"key": pa.array(files.keys, pa.string()), "size": files.sizes})
+    keys = files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
+    return pa.table({"key": keys, "size": pa.nulls(len(keys), pa.int64())})
+
+
 def make_plan(
-    files: Sequence[str] | pa.Array | pa.ChunkedArray,
+    files: Listing | Sequence[str] | pa.Array | pa.ChunkedArray,
     output: str,
     fmt: Format | Literal["auto"] = "auto",
     files_per_unit: int = 256,
     parquet_columns: tuple[str, ...] = ("image",),
 ) -> Plan:
-    """Merge the sorted listing ``files`` with the keys committed under ``output``."""
-    listed = (
-        files if isinstance(files, (pa.Array, pa.ChunkedArray)) else pa.array(files, pa.string())
-    )
+    """Merge the sorted listing ``files`` with the keys committed under ``output``. Sizes a
+    :class:`~skray.io.sources.Listing` holds travel in the units."""
+    listed = _listed(files)
     by_format = _formats(listed, fmt)
-    none = pa.array([], pa.string())
+    none = listed.slice(0, 0)
     images = by_format.get("images", none)
+    image_keys = images.column("key")
     shards = {kind: by_format.get(kind, none).to_pylist() for kind in ("webdataset", "parquet")}
     fs, paths = part_paths(output)  # listed once: on S3 a listing of every part
     shard_parts = {
-        part_name(unit_id(k, [uri])): (k, uri) for k, uris in shards.items() for uri in uris
+        part_name(unit_id(kind, [file["key"]])): (kind, file["key"], file["size"])
+        for kind, files in shards.items()
+        for file in files
     }
     merged = _merge(
         (fs, paths),
-        images,
-        pa.array(shards["webdataset"] + shards["parquet"], pa.string()),
+        image_keys,
+        pa.array([uri for _, uri, _ in shard_parts.values()], pa.string()),
         set(shard_parts),
     )
     units = image_units(images.filter(pc.invert(merged.done)), files_per_unit)
-    heal = _heal(merged.stale, images, shard_parts)
+    heal = _heal(merged.stale, image_keys, shard_parts)
     done_parts = {posixpath.basename(p) for p in paths} - {h.part for h in heal if h.keys is None}
     units += [
-        shard_unit(kind, uri, parquet_columns)
-        for name, (kind, uri) in shard_parts.items()
+        shard_unit(kind, uri, parquet_columns, size)
+        for name, (kind, uri, size) in shard_parts.items()
         if name not in done_parts
     ]
     return Plan(
@@ -197,7 +210,9 @@ def make_plan(
 
 
 def _heal(
-    stale: dict[str, pa.Array], images: pa.ChunkedArray, shard_parts: dict[str, tuple[str, str]]
+    stale: dict[str, pa.Array],
+    images: pa.ChunkedArray,
+    shard_parts: dict[str, tuple[str, str, int | None]],
 ) -> tuple[Heal, ...]:
     """The parts to heal: a listed shard's part goes whole; an image part loses the rows of
     its listed keys (the keys no longer listed stay as they are: nothing reads them again)."""

@@ -74,6 +74,7 @@ def read_and_decode(
     io_retry: IoRetry | None = None,
     decode: Literal["cpu", "gpu"] = "cpu",
     sample_limits: SampleLimits = SampleLimits(),
+    read_buffer_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream each unit's decoded crops (or, with ``decode="gpu"``, its bytes) ``batch_size`` at
     a time, as they are read, so a task holds one batch of bytes, not a shard; the rows of a
@@ -87,6 +88,7 @@ def read_and_decode(
         max_object_bytes=max_object_bytes,
         io_retry=io_retry,
         sample_limits=sample_limits,
+        read_buffer_bytes=read_buffer_bytes,
     )
     for rows in batches:
         out = decode_rows(rows, preprocessing) if decode == "cpu" else bytes_rows(rows)
@@ -113,7 +115,7 @@ class Predictor:
         compile: bool = False,
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
-        precision: Precision = "fp32",
+        precision: Precision = "auto",
         calibration: torch.Tensor | None = None,
         min_score: float | None = None,
         output: str

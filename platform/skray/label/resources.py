@@ -21,13 +21,14 @@ DECODE_BASE_BYTES = 512 * 2**20  # a decode worker's own footprint: Python, pyar
 def decode_memory_bytes(cfg: LabelConfig) -> int:
     """What one read+decode task may hold at worst, declared to Ray so a node never runs
     more of them than its memory takes: a batch of objects at the cap plus a Parquet read
-    batch, one image decoded at ``max_pixels`` (RGBA, and a copy), and the batch's crops."""
+    batch, the read buffer of a shard, one image decoded at ``max_pixels`` (RGBA, and a
+    copy), and the batch's crops."""
     if cfg.decode_memory_mb is not None:
         return cfg.decode_memory_mb * 2**20
     objects = (cfg.batch_size + PARQUET_BATCH_ROWS) * cfg.max_object_bytes
     decoded = 2 * 4 * cfg.preprocessing.max_pixels
     crops = cfg.batch_size * 3 * cfg.preprocessing.image_size**2
-    return DECODE_BASE_BYTES + objects + decoded + crops
+    return DECODE_BASE_BYTES + objects + cfg.read_buffer_bytes + decoded + crops
 
 
 def schedulable_memory(memory: int, nodes: list[dict[str, Any]]) -> int:

@@ -191,6 +191,7 @@ class ClassifierDeployment:
             "device": str(c.device),
             "decode": c.decode_on,
             "precision": c.precision,
+            "precision_reason": c.precision_reason,
             "auth": "bearer" if self.token else None,
         }
 

@@ -127,7 +127,7 @@ def discover(
     files_per_unit: int = 64,
 ) -> LabeledData:
     """List a labeled dataset and settle its classes, failing early with a clear message."""
-    files = list_inputs(uri)
+    files = list_inputs(uri).keys  # images are one GET each: their sizes are not needed
     if fmt == "folder":
         # Listing order is class by class: a fixed shuffle makes every unit (and so every
         # streamed block, and batch) a mix of classes without a costly shuffle buffer.

@@ -17,7 +17,14 @@ from pydantic import Field
 
 from skray.core.images import PreprocessingConfig
 from skray.inference.classifier import Classifier
-from skray.io.config import ModelName, ModelPreprocessing, StrictModel, resolve_gpus
+from skray.inference.precision import resolve_precision
+from skray.io.config import (
+    ModelName,
+    ModelPreprocessing,
+    Precision,
+    StrictModel,
+    resolve_gpus,
+)
 from skray.train.accuracy import count_hits
 from skray.train.datasets import BAD_LABEL, DatasetError, LabeledData, discover, ray_dataset
 from skray.weights.resolver import PinnedWeights, pin_weights
@@ -36,6 +43,9 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "auto", description="auto: bf16 on AMX CPUs and bf16 GPUs, else fp32"
+    )
 
 
 class Scorer:
@@ -49,9 +59,10 @@ class Scorer:
         preprocessing: PreprocessingConfig,
         label_map: list[int] | None,
         threads: int | None = None,
+        precision: Precision = "auto",
     ) -> None:
         self.classifier = Classifier.for_worker(
-            model, weights, threads=threads, preprocessing=preprocessing
+            model, weights, threads=threads, preprocessing=preprocessing, precision=precision
         )
         self.label_map = None if label_map is None else np.array(label_map)
 
@@ -95,6 +106,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     data = discover(cfg.data, cfg.format)
     mapping = label_map(data, probe.class_names)
     ray.init(ignore_reinit_error=True)
+    gpus = resolve_gpus("auto")
+    precision, reason = resolve_precision(cfg.precision, "cuda" if gpus else "cpu")
     ds = ray_dataset(
         data,
         image_size=preprocessing.image_size,
@@ -110,10 +123,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "preprocessing": preprocessing,
             "label_map": mapping,
             "threads": cfg.threads,
+            "precision": precision,
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=resolve_gpus("auto"),
+        num_gpus=gpus,
     )
     totals = {"top1": 0, "top5": 0, "n": 0, "skipped": 0}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -129,4 +143,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "skipped": totals["skipped"],
         "top1": 100.0 * totals["top1"] / n,
         "top5": 100.0 * totals["top5"] / n,
+        "precision": precision,
+        "precision_reason": reason,
     }

@@ -3,7 +3,7 @@ as Ray Data keeps one datasource per file: :mod:`.listing` finds the inputs, :mo
 cuts them into units and streams a unit's rows (:mod:`.rows`) from :mod:`.files`,
 :mod:`.webdataset` or :mod:`.parquet`. The names below are the API callers import."""
 
-from skray.io.sources.listing import Format, InputError, file_format, list_inputs
+from skray.io.sources.listing import Format, InputError, Listing, file_format, list_inputs
 from skray.io.sources.parquet import PARQUET_BATCH_ROWS
 from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES
 from skray.io.sources.units import (
@@ -28,6 +28,7 @@ __all__ = [
     "SampleLimits",
     "Format",
     "InputError",
+    "Listing",
     "Unit",
     "file_format",
     "list_inputs",

@@ -7,12 +7,16 @@ the file is not read, which says nothing about it. A file deleted since the list
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 from skray.io.objects import read_object
-from skray.io.retry import IoRetry, call_with_retry, is_missing
+from skray.io.retry import IoRetry, is_missing
 from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import filesystem_for, redact_uri
+from skray.io.storage import redact_uri
+
+READS_IN_FLIGHT = 8  # GETs overlapped per task: at S3's 20-50 ms each, one at a time is ~30 img/s
 
 
 def read_image_files(
@@ -21,29 +25,35 @@ def read_image_files(
     max_bytes: int,
     policy: IoRetry | None = None,
 ) -> Iterator[dict]:
-    """One row per file. A file over ``max_bytes`` by its listed size (``sizes``, else
-    looked up) is not opened; one that grew past it since the listing is read only up to
-    the cap: both are ``too_large``."""
-    for i, uri in enumerate(uris):
-        fs, path = filesystem_for(uri)
-        try:
-            size = (
-                sizes[i]
-                if sizes is not None
-                else call_with_retry(
-                    lambda: fs.get_file_info(path).size, f"looking up {redact_uri(uri)}", policy
-                )
-            )
-            if size is not None and size > max_bytes:
-                yield make_row(uri, error=too_large("the file", size, max_bytes))
-                continue
-            data = read_object(fs, path, max_bytes + 1, uri, policy)
-        except OSError as err:
-            if not is_missing(err):
-                raise
-            yield make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
-            continue
-        if len(data) > max_bytes:
-            yield make_row(uri, error=too_large("the file", f"more than {max_bytes}", max_bytes))
-        else:
-            yield make_row(uri, data)
+    """One row per file, in order, each one request (on S3 one GET, no HEAD), with up to
+    READS_IN_FLIGHT reads ahead. A file over ``max_bytes`` by its listed size (``sizes``) is
+    not opened; one that grew past it since the listing, or whose size is not known, is read
+    only up to the cap: both are ``too_large``. A storage fault past ``policy`` raises, at
+    the file it struck."""
+    pool = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="skray-read")
+    window: deque[tuple[str, int | None, Future[bytes] | None]] = deque()
+    try:
+        for uri, size in zip(uris, sizes or (None,) * len(uris)):
+            oversize = size is not None and size > max_bytes
+            read = None if oversize else pool.submit(read_object, uri, max_bytes + 1, policy)
+            window.append((uri, size, read))
+            if len(window) > READS_IN_FLIGHT:
+                yield _row(*window.popleft(), max_bytes)
+        while window:
+            yield _row(*window.popleft(), max_bytes)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _row(uri: str, size: int | None, read: Future[bytes] | None, max_bytes: int) -> dict:
+    if read is None:
+        return make_row(uri, error=too_large("the file", size, max_bytes))
+    try:
+        data = read.result()
+    except OSError as err:
+        if not is_missing(err):
+            raise
+        return make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
+    if len(data) > max_bytes:
+        return make_row(uri, error=too_large("the file", f"more than {max_bytes}", max_bytes))
+    return make_row(uri, data)

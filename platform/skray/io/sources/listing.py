@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow.fs as pafs
@@ -31,7 +33,22 @@ def is_hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
-def list_inputs(uri: str, exclude: list[str] = (), io_retry: IoRetry | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Listing:
+    """The objects an input names, sorted by key, each with the size the listing gave: a
+    reader that knows an object's size never asks the store for it (a HEAD per object)."""
+
+    keys: list[str]
+    sizes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
+
+
+def list_inputs(uri: str, exclude: list[str] = (), io_retry: IoRetry | None = None) -> Listing:
     """Every object under ``uri`` (a file, a prefix, or a glob), recursively and sorted,
     without hidden names (``.x``, ``_x``) or those matching an ``exclude`` glob. A store
     that keeps failing (or cannot be reached) past ``io_retry`` raises
@@ -48,26 +65,27 @@ def list_inputs(uri: str, exclude: list[str] = (), io_retry: IoRetry | None = No
     # names its files by absolute path, which the glob as written would never match.
     pattern = uri[len(base) :].lstrip("/")
     if info.type == pafs.FileType.File:
-        files = [prefix + base_path]
+        files = [info]
         base_path = posixpath.dirname(base_path)
     else:
         selector = pafs.FileSelector(base_path, recursive=True)
         listed = call_with_retry(lambda: fs.get_file_info(selector), where, io_retry)
-        files = [prefix + f.path for f in listed if f.type == pafs.FileType.File]
+        files = [f for f in listed if f.type == pafs.FileType.File]
     kept = []
-    for file_uri in files:
-        relative = file_uri[len(prefix) :][len(base_path) :].lstrip("/")
+    for file in files:
+        relative = file.path[len(base_path) :].lstrip("/")
         if is_hidden(relative) or any(fnmatch.fnmatch(relative, p) for p in exclude):
             continue
         if glob_at >= 0 and not fnmatch.fnmatch(relative, pattern):
             continue
-        kept.append(file_uri)
+        kept.append((prefix + file.path, file.size))
     if not kept:
         raise InputError(
             f"no input file matched {redact_uri(uri)}"
             + (f" (exclude: {exclude})" if exclude else "")
         )
-    return sorted(kept)
+    kept.sort()
+    return Listing([key for key, _ in kept], [size for _, size in kept])
 
 
 def file_format(uri: str) -> Format:

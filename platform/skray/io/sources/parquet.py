@@ -14,19 +14,23 @@ from skray.io.objects import ResumableFile
 from skray.io.retry import IoRetry, StorageUnavailable, is_missing
 from skray.io.sources.listing import InputError
 from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import filesystem_for, redact_uri
+from skray.io.storage import redact_uri
 
 PARQUET_BATCH_ROWS = 16  # rows decoded from Parquet at a time: at most this many objects held
 PARQUET_BUFFER_BYTES = 2**20  # column chunks are read in pieces this large, not whole
+FOOTER_BYTES = 2**16  # what planning reads of a file: pyarrow's first footer read
 
 
-def parquet_rows(uri: str, columns: tuple[str, ...]) -> int | None:
-    """The file's row count from its footer, after checking it has ``columns`` (a config
-    mistake: fails before any work). None for an unreadable footer: a corrupt file is
-    data, and becomes an ``unreadable_parquet`` row when its unit is read."""
-    fs, path = filesystem_for(uri)
+def parquet_rows(uri: str, columns: tuple[str, ...], size: int | None = None) -> int | None:
+    """The file's row count from its footer (one ranged GET where ``size`` is known), after
+    checking it has ``columns`` (a config mistake: fails before any work). None for an
+    unreadable footer: a corrupt file is data, and becomes an ``unreadable_parquet`` row when
+    its unit is read. A storage fault past the budget raises, as before any work."""
     try:
-        parquet = pq.ParquetFile(path, filesystem=fs)
+        with ResumableFile(uri, buffer_bytes=FOOTER_BYTES, size=size) as source:
+            parquet = pq.ParquetFile(source)
+    except StorageUnavailable:
+        raise
     except Exception:  # noqa: BLE001 - any unreadable footer is the file's problem, reported as a row
         return None
     names = parquet.schema_arrow.names
@@ -97,14 +101,17 @@ def read_parquet(
     meta_columns: tuple[str, ...],
     max_bytes: int,
     policy: IoRetry | None = None,
+    size: int | None = None,
+    buffer_bytes: int | None = None,
 ) -> Iterator[dict]:
     """Rows a few at a time, row group by row group, with column chunks read in pieces:
     the file is never held whole. A file whose footer is unreadable, or a row group that
     does not decode, is one ``unreadable_parquet`` row; the other row groups still count.
-    The file is read through a :class:`~skray.io.objects.ResumableFile`: a storage fault
-    is retried where it broke off, or raises :class:`~skray.io.retry.StorageUnavailable`."""
+    The file is read through a :class:`~skray.io.objects.ResumableFile` (``size``: from the
+    listing; ``buffer_bytes`` per request): a storage fault is retried where it broke off, or raises
+    :class:`~skray.io.retry.StorageUnavailable`."""
     try:
-        source = ResumableFile(uri, policy)
+        source = ResumableFile(uri, policy, buffer_bytes, size)
     except OSError as err:
         if not is_missing(err):
             raise

@@ -29,9 +29,9 @@ class Unit:
     format: Format
     uris: tuple[str, ...]
     rows: int | None = None  # known up front for image files and Parquet, not for tar shards
-    sizes: tuple[int, ...] | None = (
-        None  # bytes per uri, from the listing: oversize files are never opened
-    )
+    # Bytes per uri, from the listing: an oversize file is never opened, and no read asks
+    # the store for a size.
+    sizes: tuple[int, ...] | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -72,10 +72,13 @@ def group_units(
     return units
 
 
-def shard_unit(fmt: Format, uri: str, parquet_columns: tuple[str, ...] = ("image",)) -> Unit:
-    """A tar shard or a Parquet file as a unit of its own (Parquet rows counted from its footer)."""
-    rows = parquet_rows(uri, parquet_columns) if fmt == "parquet" else None
-    return Unit(unit_id(fmt, [uri]), fmt, (uri,), rows)
+def shard_unit(
+    fmt: Format, uri: str, parquet_columns: tuple[str, ...] = ("image",), size: int | None = None
+) -> Unit:
+    """A tar shard or a Parquet file as a unit of its own (Parquet rows counted from its
+    footer); ``size``: its bytes, where the listing gave them."""
+    rows = parquet_rows(uri, parquet_columns, size) if fmt == "parquet" else None
+    return Unit(unit_id(fmt, [uri]), fmt, (uri,), rows, None if size is None else (size,))
 
 
 def _unit_rows(
@@ -86,12 +89,16 @@ def _unit_rows(
     max_bytes: int,
     policy: IoRetry | None,
     limits: SampleLimits,
+    buffer_bytes: int | None,
 ) -> Iterator[dict]:
     if unit.format == "images":
         return read_image_files(unit.uris, unit.sizes, max_bytes, policy)
+    stored = (None if unit.sizes is None else unit.sizes[0], buffer_bytes)
     if unit.format == "webdataset":
-        return read_webdataset(unit.uris[0], max_bytes, policy, limits)
-    return read_parquet(unit.uris[0], image_column, id_column, meta_columns, max_bytes, policy)
+        return read_webdataset(unit.uris[0], max_bytes, policy, limits, *stored)
+    return read_parquet(
+        unit.uris[0], image_column, id_column, meta_columns, max_bytes, policy, *stored
+    )
 
 
 def _tagged(rows: list[dict], unit_id: str, unit_rows: int) -> list[dict]:
@@ -109,6 +116,7 @@ def unit_batches(
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     io_retry: IoRetry | None = None,
     sample_limits: SampleLimits = SampleLimits(),
+    read_buffer_bytes: int | None = None,
 ) -> Iterator[list[dict]]:
     """The rows of one unit, ``batch_size`` at a time as they are read, so a task holds a
     batch, never a whole shard. Rows carry ``unit`` and ``unit_rows``: UNKNOWN_ROWS, except
@@ -116,11 +124,19 @@ def unit_batches(
     more row to learn whether it is the last: the writer knows the unit is complete once it
     holds that many rows, whatever order its batches came in). A unit without rows still
     yields one ``empty_shard`` row, so it is committed and reported. ``meta_columns`` of a
-    Parquet file travel in ``meta`` (a training label, say). When storage fails past
+    Parquet file travel in ``meta`` (a training label, say). A shard or Parquet file is read
+    ``read_buffer_bytes`` per request (default 16 MiB). When storage fails past
     ``io_retry``, the unit ends with one ``incomplete`` marker row: it was not read, and the
     writer must not commit it."""
     rows = _unit_rows(
-        unit, image_column, id_column, meta_columns, max_object_bytes, io_retry, sample_limits
+        unit,
+        image_column,
+        id_column,
+        meta_columns,
+        max_object_bytes,
+        io_retry,
+        sample_limits,
+        read_buffer_bytes,
     )
     batch: list[dict] = []
     count = 0

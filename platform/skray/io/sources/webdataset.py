@@ -116,7 +116,12 @@ def _is_used_member(ext: str) -> bool:
 
 
 def _tar_samples(
-    uri: str, max_bytes: int, policy: IoRetry | None = None, limits: SampleLimits = SampleLimits()
+    uri: str,
+    max_bytes: int,
+    policy: IoRetry | None = None,
+    limits: SampleLimits = SampleLimits(),
+    size: int | None = None,
+    buffer_bytes: int | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """(sample key, members by extension, error) per WebDataset sample, in tar order,
     streamed: only the current sample's members are held.
@@ -130,8 +135,9 @@ def _tar_samples(
     the sample it broke in. One that breaks off between or inside headers reads,
     to ``tarfile``, like a short archive: the missing end-of-archive blocks give
     it away, and it yields a ``<truncated>`` error. The shard is read through a
-    :class:`~skray.io.objects.ResumableFile`: a storage fault resumes the stream where it
-    broke, or raises :class:`~skray.io.retry.StorageUnavailable`, never a row.
+    :class:`~skray.io.objects.ResumableFile` (``size``: the shard's, from the listing;
+    ``buffer_bytes`` per request): a storage fault resumes the stream where it broke, or raises
+    :class:`~skray.io.retry.StorageUnavailable`, never a row.
     """
     current: str | None = None  # the sample's key as yielded
     group: str | None = None  # the key its members share
@@ -139,7 +145,7 @@ def _tar_samples(
     members: dict[str, bytes] = {}
     problem: str | None = None
     count = size_read = 0
-    with ResumableFile(uri, policy) as stream:
+    with ResumableFile(uri, policy, buffer_bytes, size) as stream:
         size = stream.size
         try:
             with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
@@ -233,12 +239,17 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None
 
 
 def read_webdataset(
-    uri: str, max_bytes: int, policy: IoRetry | None = None, limits: SampleLimits = SampleLimits()
+    uri: str,
+    max_bytes: int,
+    policy: IoRetry | None = None,
+    limits: SampleLimits = SampleLimits(),
+    size: int | None = None,
+    buffer_bytes: int | None = None,
 ) -> Iterator[dict]:
-    """One row per sample of the shard at ``uri``, its metadata members as ``meta``; a shard
-    deleted since the listing is one ``missing`` row."""
+    """One row per sample of the shard at ``uri`` (of ``size`` bytes, where known), its
+    metadata members as ``meta``; a shard deleted since the listing is one ``missing`` row."""
     try:
-        for key, members, error in _tar_samples(uri, max_bytes, policy, limits):
+        for key, members, error in _tar_samples(uri, max_bytes, policy, limits, size, buffer_bytes):
             yield _sample_row(uri, key, members, error)
     except OSError as err:
         if not is_missing(err):

@@ -1,0 +1,43 @@
+"""Which numeric precision a model worker runs, where the config says ``auto``.
+
+bf16 pays only on hardware with bf16 matrix units: CUDA GPUs that have them, and CPUs with
+AMX-BF16 tiles (Xeon Sapphire Rapids and later), where autocast runs the model about 3x
+faster than fp32. Elsewhere (an AVX-512 EPYC, say) bf16 is emulated or converted around
+fp32 kernels and is no faster, so ``auto`` stays fp32. The choice comes with its reason,
+which the job and the endpoint report.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from skray.core.hardware import cpu
+from skray.io.config import Precision
+
+Resolved = Literal["fp32", "bf16", "int8"]
+
+
+def choose_precision(
+    precision: Precision, device_type: str, cpu_flags: frozenset[str], cuda_bf16: bool
+) -> tuple[Resolved, str]:
+    """``precision`` with ``auto`` made concrete for a worker on ``device_type``, and why."""
+    if precision != "auto":
+        return precision, "as configured"
+    if device_type == "cuda":
+        if cuda_bf16:
+            return "bf16", "auto: the GPU has bf16 matrix units"
+        return "fp32", "auto: the GPU has no bf16 support"
+    if "amx_bf16" in cpu_flags:
+        return "bf16", "auto: the CPU has AMX-BF16 matrix units"
+    return "fp32", "auto: the CPU has no AMX-BF16 (bf16 would be no faster than fp32)"
+
+
+def resolve_precision(precision: Precision, device_type: str) -> tuple[Resolved, str]:
+    """:func:`choose_precision` with this machine's facts. On a driver without a GPU that
+    plans for GPU workers, a bf16-capable GPU is assumed (set ``fp32`` for older ones)."""
+    cuda_bf16 = (
+        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else device_type == "cuda"
+    )
+    return choose_precision(precision, device_type, cpu()[1], cuda_bf16)
