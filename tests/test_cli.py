@@ -102,7 +102,8 @@ def test_config_lists_every_key_with_its_type_default_and_description(job, capsy
     if job == "label":
         assert {"input", "actors.batch_size", "preprocessing.crop_pct", "mlflow.enabled"} <= keys
         row = next(line for line in lines if line.startswith("actors.precision "))
-        assert "'fp32' | 'int8'" in row and "calibration" in row  # type, default, description
+        # type, default, description
+        assert "'fp32' | 'bf16' | 'int8' | 'auto'" in row and "calibration" in row
 
 
 @pytest.mark.parametrize("job", ["label", "train", "sweep", "serve"])

@@ -28,6 +28,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=list_models(),
         help=f"architecture (default {DEFAULT_MODEL}, or the one recorded in the weights)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="fp32 (default); bf16; auto: bf16 on AMX/AVX512-BF16 CPUs and bf16 GPUs",
+    )
 
 
 def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
@@ -45,7 +50,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from skray.inference.classifier import Classifier
     from skray.io.storage import read_bytes
 
-    classifier = Classifier(args.model, args.weights)
+    classifier = Classifier(args.model, args.weights, precision=args.precision or "fp32")
     if classifier.random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     failures = 0
@@ -89,8 +94,9 @@ def cmd_label(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "overwrite": args.overwrite or None,
     }
+    overrides = args.set + ([f"actors.precision={args.precision}"] if args.precision else [])
     cfg = load_config(
-        LabelConfig, args.config, args.set, {k: v for k, v in flags.items() if v is not None}
+        LabelConfig, args.config, overrides, {k: v for k, v in flags.items() if v is not None}
     )
     manifest = run(cfg)
     print(format_summary(manifest))
@@ -130,6 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "model": args.model,
                 "format": args.format,
                 "batch_size": args.batch_size,
+                "precision": args.precision or "fp32",
                 "preprocessing": {k: v for k, v in given.items() if v is not None},
             },
             source="arguments",
@@ -185,7 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from skray.serve.launch import resolve_launch, serve_forever
 
-    flags = {"weights": args.weights, "model": args.model}
+    flags = {"weights": args.weights, "model": args.model, "precision": args.precision}
     http = {"host": args.host, "port": args.port}
     launch = resolve_launch(
         args.config,

@@ -118,10 +118,15 @@ def test_a_fault_outlasting_the_budget_raises_naming_what_and_why():
         calls.append(time.monotonic())
         raise OSError("AWS Error SLOW_DOWN during GetObject operation: reduce your rate")
 
+    few_tries = IoRetry(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02, total_s=60.0)
     with pytest.raises(StorageUnavailable, match="reading s3://b/k: storage kept failing") as err:
-        call_with_retry(failing, "reading s3://b/k", QUICK)
+        call_with_retry(failing, "reading s3://b/k", few_tries)
 
-    assert err.value.reason == "unavailable"
-    assert len(calls) > 2 and calls[-1] - calls[0] <= QUICK.total_s
+    assert err.value.reason == "unavailable" and "for 4 tries" in str(err.value)
+    assert len(calls) == 4, "every try of the budget, and no more"
+    calls.clear()
+    with pytest.raises(StorageUnavailable):  # the time budget ends it long before 1000 tries
+        call_with_retry(failing, "reading s3://b/k", QUICK.model_copy(update={"attempts": 1000}))
+    assert 2 <= len(calls) < 1000 and calls[-1] - calls[0] < 2 * QUICK.total_s  # a late wake-up
     with pytest.raises(FileNotFoundError):  # a missing object is an answer: not retried
         call_with_retry(lambda: open("/nonexistent/skray"), "opening", QUICK)

@@ -26,7 +26,6 @@ from helpers import CLASSES, PROJECT, SMALL, wait_for, wait_ready, write_weights
 from skray.cli import main
 from skray.dev.embedded import LocalRayHead, free_port
 from skray.dev.testing import synthetic_image
-from skray.inference.precision import resolve_precision
 from skray.io.config import ConfigError
 from skray.io.storage import LOOPBACK
 from skray.serve.app import application
@@ -505,8 +504,7 @@ def test_model_endpoint_describes_the_model_and_the_api_is_documented(url, weigh
         and info["limits"]["max_inflight_bytes"] == INFLIGHT_LIMIT
     )
     assert info["auth"] is None
-    # auto, resolved by the replica's hardware (this test's machine) and said why
-    assert (info["precision"], info["precision_reason"]) == resolve_precision("auto", "cpu")
+    assert (info["precision"], info["precision_reason"]) == ("fp32", "as configured")
     schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
     assert {"/v1/classify", "/v1/classify/batch", "/v1/model", "/healthz"} <= set(schema["paths"])
     assert "413" in schema["paths"]["/v1/classify"]["post"]["responses"]

@@ -4,6 +4,7 @@ registers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from skray.train.config import TrainConfig
 from skray.train.datasets import BAD_LABEL, DatasetError
 from skray.train.driver import CONFIG_FILE, RUN_FILE, check_inputs, run
 from skray.train.ingest import IngestStalledError, stall_guarded
-from skray.train.loop import evaluate_epoch, train_epoch
+from skray.train.loop import autocast_settings, evaluate_epoch, train_epoch
 from skray.train.recipe import batch_loss, lr_at, steps_per_epoch
 from skray.train.resources import split_cpus
 
@@ -732,6 +733,38 @@ def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable
         sum(x * g for x, g in zip(losses, goods)) / sum(goods)
     )
     assert sums["lr"] == lr_at(3, 4, cfg), "the last step's LR"
+
+
+def test_amp_bf16_trains_on_a_cpu_worker_under_autocast_and_fp16_stays_off_there():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert autocast_settings("fp16", cpu)["use_amp"] is False
+    assert autocast_settings("off", cpu)["use_amp"] is False
+    bf16 = autocast_settings("bf16", cpu)
+    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    dtypes = []
+    model.fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+
+    sums = train_epoch(
+        model,
+        model,
+        optimizer,
+        scaler,
+        batches,
+        cfg,
+        device=cpu,
+        epoch=0,
+        steps_per_epoch=2,
+        **bf16,
+    )
+
+    assert bf16 == {"use_amp": True, "amp_dtype": torch.bfloat16}
+    assert dtypes == [torch.bfloat16, torch.bfloat16], "the forward ran in bf16"
+    assert math.isfinite(sums["loss_sum"]) and sums["seen"] > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay fp32"
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_validation_counts_top1_and_top5_over_the_decodable_images_and_skips_the_rest():

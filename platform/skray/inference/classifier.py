@@ -93,7 +93,7 @@ class Classifier:
         preprocessing: PreprocessingConfig = PreprocessingConfig(),
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
-        precision: Precision = "auto",
+        precision: Precision = "fp32",
         calibration: torch.Tensor | None = None,
     ) -> None:
         with torch.random.fork_rng(devices=[]):

@@ -1,10 +1,10 @@
 """Which numeric precision a model worker runs, where the config says ``auto``.
 
-bf16 pays only on hardware with bf16 matrix units: CUDA GPUs that have them, and CPUs with
-AMX-BF16 tiles (Xeon Sapphire Rapids and later), where autocast runs the model about 3x
-faster than fp32. Elsewhere (an AVX-512 EPYC, say) bf16 is emulated or converted around
-fp32 kernels and is no faster, so ``auto`` stays fp32. The choice comes with its reason,
-which the job and the endpoint report.
+bf16 pays only on hardware that computes in it: CUDA GPUs with bf16, CPUs with AMX-BF16
+tiles (Xeon Sapphire Rapids and later: about 3x fp32) or AVX512-BF16 dot products (AMD Zen 4
+EPYC: 2.3x fp32 + compile, measured in ``benchmarks/model_throughput.py``). Elsewhere (a CPU
+with AVX-512 VNNI alone, say) bf16 is converted around fp32 kernels and is no faster, so
+``auto`` stays fp32. The choice comes with its reason, which the job and the endpoint report.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def choose_precision(
         return "fp32", "auto: the GPU has no bf16 support"
     if "amx_bf16" in cpu_flags:
         return "bf16", "auto: the CPU has AMX-BF16 matrix units"
-    return "fp32", "auto: the CPU has no AMX-BF16 (bf16 would be no faster than fp32)"
+    if "avx512_bf16" in cpu_flags:
+        return "bf16", "auto: the CPU has AVX512-BF16 instructions"
+    return "fp32", "auto: the CPU has no AMX-BF16 or AVX512-BF16 (bf16 would be no faster)"
 
 
 def resolve_precision(precision: Precision, device_type: str) -> tuple[Resolved, str]:

@@ -115,7 +115,7 @@ class Predictor:
         compile: bool = False,
         decode: Decode = "cpu",
         batch_size: int | Literal["auto"] | None = None,
-        precision: Precision = "auto",
+        precision: Precision = "fp32",
         calibration: torch.Tensor | None = None,
         min_score: float | None = None,
         output: str

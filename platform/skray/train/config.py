@@ -132,7 +132,9 @@ class TrainConfig(StrictModel):
         False, description="add RandAugment to the training crops, after crop and flip"
     )
     randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment's magnitude, 0..30")
-    amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="on GPU only")
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "bf16", description="bf16: autocast on CPU and GPU workers; fp16: on GPUs only"
+    )
     channels_last: bool = Field(
         True, description="on GPU only: NHWC model and inputs, what tensor cores want"
     )

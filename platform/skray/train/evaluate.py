@@ -44,7 +44,7 @@ class EvaluateConfig(StrictModel):
     actors: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor")
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        "auto", description="auto: bf16 on AMX CPUs and bf16 GPUs, else fp32"
+        "fp32", description="auto: bf16 on AMX/AVX512-BF16 CPUs and bf16 GPUs, else fp32"
     )
 
 
@@ -59,7 +59,7 @@ class Scorer:
         preprocessing: PreprocessingConfig,
         label_map: list[int] | None,
         threads: int | None = None,
-        precision: Precision = "auto",
+        precision: Precision = "fp32",
     ) -> None:
         self.classifier = Classifier.for_worker(
             model, weights, threads=threads, preprocessing=preprocessing, precision=precision
