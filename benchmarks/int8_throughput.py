@@ -1,14 +1,16 @@
 """int8 on CPU against skray's fp32 fast path: throughput, and how often int8 keeps fp32's top-1.
 
-Three classifiers of the same (seeded) weights, each behind ``Classifier.logits`` (uint8 crops
+Four classifiers of the same (seeded) weights, each behind ``Classifier.logits`` (uint8 crops
 in, normalize, forward in fixed batches): fp32 fast path, fp32 fast path + ``torch.compile``,
-and ``precision="int8"``. They are timed interleaved, round by round, in one process, so machine
+``precision="bf16"`` + compile (the no-calibration alternative on AMX / AVX512-BF16 CPUs) and
+``precision="int8"``. They are timed interleaved, round by round, in one process, so machine
 noise hits them alike; warm-up and compilation run before the first timed round.
 
-Agreement is top-1 of int8 against fp32 on real photos (``skray.dev.testing.photo_corpus``;
-calibrated on other crops of them). Random weights have tiny top-1 margins, so ``--digits``
-also trains the small variant briefly on scikit-learn's real handwritten digits and reports
-agreement on the held-out digits (calibrated on training digits).
+Agreement is top-1 of int8 and of bf16 against fp32 on real photos
+(``skray.dev.testing.photo_corpus``; int8 calibrated on other crops of them). Random weights
+have tiny top-1 margins, so ``--digits`` also trains the small variant briefly on
+scikit-learn's real handwritten digits and reports int8 agreement on the held-out digits
+(calibrated on training digits).
 
     python benchmarks/int8_throughput.py [--model skresnext50_32x4d] [--batch 16] [--size 224]
         [--rounds 20] [--photos 256] [--calibration 256] [--digits]
@@ -23,6 +25,7 @@ import time
 import torch
 from torch import nn
 
+from skray.core.hardware import cpu_summary
 from skray.core.images import PreprocessingConfig, decode_for_eval, normalize
 from skray.core.model import DEFAULT_MODEL, create_model, prepare_for_inference
 from skray.dev.testing import DIGIT_CLASSES, digit_png, photo_corpus
@@ -104,6 +107,7 @@ def main() -> None:
         help="also train on real digits this long and report int8 agreement there",
     )
     args = parser.parse_args()
+    print(cpu_summary(), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PreprocessingConfig(image_size=args.size)
@@ -123,6 +127,14 @@ def main() -> None:
         "fp32 fast": Classifier(args.model, device="cpu", preprocessing=cfg, batch_size=args.batch),
         "fp32 fast + compile": Classifier(
             args.model, device="cpu", preprocessing=cfg, batch_size=args.batch, compile=True
+        ),
+        "bf16 fast + compile": Classifier(
+            args.model,
+            device="cpu",
+            preprocessing=cfg,
+            batch_size=args.batch,
+            compile=True,
+            precision="bf16",
         ),
         "int8": int8,
     }
@@ -150,7 +162,10 @@ def main() -> None:
     for name, rate in medians.items():
         print(f"| {name} | {rate:.1f} | {rate / base:.2f} |")
     print()
-    print("photos: " + compare(variants["fp32 fast"].logits(photos), int8.logits(photos)))
+    reference = variants["fp32 fast"].logits(photos)
+    print("photos, int8: " + compare(reference, int8.logits(photos)))
+    print("photos, bf16: " + compare(reference, variants["bf16 fast + compile"].logits(photos)))
+    print(f"int8 vs bf16 fast + compile: {medians['int8'] / medians['bf16 fast + compile']:.2f}x")
     if args.digits:
         print(digits_agreement(args.digits, args.calibration))
 

@@ -15,6 +15,7 @@ first batch" flatters the job (it once read faster than the model alone). From a
 ready is the honest one: no image can be labeled before it.
 
     python benchmarks/label_throughput.py [--model skresnext50_32x4d] [--images 64] [--batch 16]
+        [--precision fp32|bf16|auto]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import ray
 import torch
 
+from skray.core.hardware import cpu_summary
 from skray.core.model import DEFAULT_MODEL
 from skray.dev.testing import write_sample_dataset
 from skray.inference.classifier import Classifier
@@ -98,9 +100,11 @@ class PeakMemory:
         self._thread.join()
 
 
-def model_only(model: str, files: list[str], batch: int, threads: int, rounds: int) -> float:
+def model_only(
+    model: str, files: list[str], batch: int, threads: int, rounds: int, precision: str
+) -> float:
     torch.set_num_threads(threads)
-    classifier = Classifier(model)
+    classifier = Classifier(model, precision=precision)  # as the actor holds it
     crops = torch.stack([classifier.decode(read_bytes(f)) for f in files[:batch]])
     classifier.predict_tensors(crops)  # warm-up
     start = time.perf_counter()
@@ -123,7 +127,9 @@ def first_model_actor_ready(since: float) -> float | None:
     return min(started, default=None)
 
 
-def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -> tuple[dict, dict]:
+def labeling_job(
+    model: str, data: str, output: str, batch: int, threads: int, precision: str
+) -> tuple[dict, dict]:
     cfg = LabelConfig(
         input=data,
         output=output,
@@ -131,7 +137,7 @@ def labeling_job(model: str, data: str, output: str, batch: int, threads: int) -
         batch_size=batch,
         files_per_unit=batch,
         decode_concurrency=2,
-        actors=ActorsConfig(threads=threads),
+        actors=ActorsConfig(threads=threads, precision=precision),
         progress_interval_s=30,
     )
     started = time.time()
@@ -152,7 +158,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="N; the large run labels 10 x N")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the model actor")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="the actors' precision; model-only runs at the same one",
+    )
     args = parser.parse_args()
+    print(cpu_summary())
 
     ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
     root = Path(tempfile.mkdtemp(prefix="skray-bench-"))
@@ -160,26 +173,21 @@ def main() -> None:
     write_sample_dataset(str(root / "large"), files=10 * args.images, shards=0, broken=False)
 
     def reference() -> float:
-        return model_only(
-            args.model, small, args.batch, args.threads, rounds=max(2, args.images // args.batch)
-        )
+        rounds = max(2, args.images // args.batch)
+        return model_only(args.model, small, args.batch, args.threads, rounds, args.precision)
 
+    job_args = (args.batch, args.threads, args.precision)
     # Model-only is measured before, between and after the job runs; the median is the reference.
     references = [reference()]
-    runs = {
-        "N": labeling_job(
-            args.model, str(root / "small"), str(root / "out-small"), args.batch, args.threads
-        )
-    }
+    runs = {"N": labeling_job(args.model, str(root / "small"), str(root / "out-small"), *job_args)}
     references.append(reference())
-    runs["10N"] = labeling_job(
-        args.model, str(root / "large"), str(root / "out-large"), args.batch, args.threads
-    )
+    runs["10N"] = labeling_job(args.model, str(root / "large"), str(root / "out-large"), *job_args)
     references.append(reference())
     reference = statistics.median(references)
 
     print(
-        f"\n{args.model}, batch {args.batch}, {args.threads} torch threads, "
+        f"\n{args.model}, precision {args.precision}, batch {args.batch}, "
+        f"{args.threads} torch threads, "
         f"N = {args.images} images ({torch.get_num_threads()} threads in this process), "
         "Ray with 4 logical CPUs"
     )

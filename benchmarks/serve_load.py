@@ -15,7 +15,7 @@ the rest of the client-side latency, which is the proxy (HTTP parsing, routing, 
 replica and back) and the client itself.
 
     python benchmarks/serve_load.py [--model skresnext50_32x4d] [--requests 64] [--batch 16]
-        [--concurrency 1,4,16,64] [--batching on,off]
+        [--concurrency 1,4,16,64] [--batching on,off] [--precision fp32|bf16|auto]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import ray
 import torch
 from ray import serve
 
+from skray.core.hardware import cpu_summary
 from skray.core.model import DEFAULT_MODEL
 from skray.dev.embedded import free_port
 from skray.dev.testing import synthetic_image
@@ -133,6 +134,12 @@ def main() -> None:
         "--concurrency", default="1,4,16,64", help="comma-separated concurrency levels"
     )
     parser.add_argument("--batching", default="on,off", help="on, off or both")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="the replica's precision; model-only runs at the same one",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = {"on": args.batch, "off": 1}
@@ -140,9 +147,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     images = [synthetic_image(seed, (320, 256)) for seed in range(32)]
-    classifier = Classifier(
-        args.model, amp_dtype=torch.bfloat16 if torch.cuda.is_available() else None
-    )  # as a replica
+    print(cpu_summary())
+    classifier = Classifier(args.model, precision=args.precision)  # as a replica holds it
     crops = torch.stack([classifier.decode(images[i % len(images)]) for i in range(args.batch)])
     alone = [model_only(classifier, crops)]
 
@@ -160,6 +166,7 @@ def main() -> None:
             warmup_batches=2,
             cpus_per_replica=args.threads,
             threads=args.threads,
+            precision=args.precision,
         )
         serve.run(
             application(cfg, max_ongoing_requests=4 * max(levels)), name="bench", route_prefix="/"
@@ -182,7 +189,8 @@ def main() -> None:
 
     print(
         f"\n{args.model}, {args.requests} requests per level, 320x256 JPEGs, "
-        f"{args.threads} torch threads; model-only at batch {args.batch}: "
+        f"{args.threads} torch threads, precision {classifier.precision}; "
+        f"model-only at batch {args.batch}: "
         f"{alone[0]:.2f} / {alone[1]:.2f} img/s (before / after)"
     )
     print(

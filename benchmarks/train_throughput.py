@@ -12,7 +12,12 @@ The plain loop runs with no Ray in the machine: before ``ray.init`` and again af
 each epoch starts a new Ray Data iterator, a fixed cost that a 24-step epoch of 768
 images cannot hide (``--images 768`` shows it; the README has both).
 
+With ``--amp off,bf16`` every loop runs at each precision in the same run (CPU bf16 is
+autocast with no grad scaler, what ``amp: bf16`` does on a CPU worker), so the ratio to the
+plain fp32 loop shows what bf16 buys on this CPU.
+
     python benchmarks/train_throughput.py [--model skresnext14_8x4d_half] [--size 96] [--batch 32]
+        [--amp off,bf16]
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import numpy as np
 import ray
 import torch
 
+from skray.core.hardware import cpu_summary
 from skray.core.model import create_model
 from skray.io.config import validate
 from skray.train.config import TrainConfig
 from skray.train.datasets import LabeledData
-from skray.train.loop import train_epoch, train_loop
+from skray.train.loop import autocast_settings, train_epoch, train_loop
 from skray.train.recipe import build_optimizer
 
 
@@ -59,6 +65,7 @@ def plain_loop(
             device=torch.device("cpu"),
             epoch=epoch,
             steps_per_epoch=steps,
+            **autocast_settings(cfg.amp, torch.device("cpu")),
         )
         rates.append(steps * cfg.batch_size / (time.perf_counter() - started))
     return rates
@@ -95,6 +102,10 @@ def ray_train_loop(
     return rates
 
 
+def rounded(rates: dict[str, list[float]]) -> str:
+    return "; ".join(f"{amp}: {', '.join(f'{r:.1f}' for r in rs)}" for amp, rs in rates.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="skresnext14_8x4d_half")
@@ -102,54 +113,73 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=3072)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--amp", default="off", help="off, bf16 or both (off,bf16)")
     args = parser.parse_args()
+    print(cpu_summary(), flush=True)
 
     classes = 10
-    cfg = validate(
-        TrainConfig,
-        {
-            "data": {"train": "memory://"},
-            "model": {"name": args.model},
-            "epochs": args.epochs,
-            "batch_size": args.batch,
-            "preprocessing": {"image_size": args.size},
-            "amp": "off",
-            "mlflow": {"registered_model": None},
-            "scaling": {"workers": 1, "use_gpu": False, "cpus_per_worker": 2},
-            "optim": {"warmup_epochs": 0, "label_smoothing": 0.0},
-        },
-    )
+    configs = {
+        amp: validate(
+            TrainConfig,
+            {
+                "data": {"train": "memory://"},
+                "model": {"name": args.model},
+                "epochs": args.epochs,
+                "batch_size": args.batch,
+                "preprocessing": {"image_size": args.size},
+                "amp": amp,
+                "mlflow": {"registered_model": None},
+                "scaling": {"workers": 1, "use_gpu": False, "cpus_per_worker": 2},
+                "optim": {"warmup_epochs": 0, "label_smoothing": 0.0},
+            },
+        )
+        for amp in args.amp.split(",")
+    }
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 3, args.size, args.size), dtype=np.uint8)
     labels = rng.integers(0, classes, args.images).astype(np.int64)
+    tensors = torch.from_numpy(images), torch.from_numpy(labels)
 
     torch.set_num_threads(2)
-    plain = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
-    print(f"plain PyTorch, before Ray: {', '.join(f'{r:.1f}' for r in plain)} img/s", flush=True)
+    plain = {amp: plain_loop(cfg, *tensors, classes) for amp, cfg in configs.items()}
+    print(f"plain PyTorch, before Ray: {rounded(plain)} img/s", flush=True)
     ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
-    in_ray = ray_train_loop(cfg, images, labels, classes)
-    print(
-        f"skray train_loop on Ray Train: {', '.join(f'{r:.1f}' for r in in_ray)} img/s", flush=True
-    )
+    in_ray = {amp: ray_train_loop(cfg, images, labels, classes) for amp, cfg in configs.items()}
+    print(f"skray train_loop on Ray Train: {rounded(in_ray)} img/s", flush=True)
     ray.shutdown()
-    plain_again = plain_loop(cfg, torch.from_numpy(images), torch.from_numpy(labels), classes)
+    for amp, cfg in configs.items():
+        plain[amp] += plain_loop(cfg, *tensors, classes)
 
-    plain_rate = statistics.median(plain[1:] + plain_again[1:])
-    ray_rate = statistics.median(in_ray[1:])
+    # epochs 2+ of each loop (the first pays allocation and, in Ray, the ingest's start)
+    plain_rate = {
+        amp: statistics.median(r[1 : args.epochs] + r[args.epochs + 1 :])
+        for amp, r in plain.items()
+    }
+    ray_rate = {amp: statistics.median(r[1:]) for amp, r in in_ray.items()}
+    baseline = next(iter(plain_rate.values()))
     print(
         f"\n{args.model}, {args.size} px, batch {args.batch}, {args.images} images in memory, "
         f"{args.epochs} epochs, 1 worker x 2 threads, CPU ({os.cpu_count()} cores)"
     )
-    print("| loop | img/s per epoch | median (epochs 2+) | ratio |\n|---|---|---:|---:|")
     print(
-        "| plain PyTorch, no Ray running (before, after) "
-        f"| {', '.join(f'{r:.1f}' for r in plain + plain_again)} | {plain_rate:.1f} | 1.00 |"
+        f"| loop | amp | img/s per epoch | median (epochs 2+) | x plain {args.amp.split(',')[0]} |"
+        "\n|---|---|---|---:|---:|"
     )
-    print(
-        f"| skray train_loop on Ray Train | {', '.join(f'{r:.1f}' for r in in_ray)} "
-        f"| {ray_rate:.1f} | {ray_rate / plain_rate:.2f} |"
-    )
-    print(f"\nRay Train loop vs plain: {ray_rate / plain_rate:.2f} (target >= 0.9)")
+    for amp in configs:
+        print(
+            f"| plain PyTorch, no Ray running (before, after) | {amp} "
+            f"| {', '.join(f'{r:.1f}' for r in plain[amp])} | {plain_rate[amp]:.1f} "
+            f"| {plain_rate[amp] / baseline:.2f} |"
+        )
+        print(
+            f"| skray train_loop on Ray Train | {amp} "
+            f"| {', '.join(f'{r:.1f}' for r in in_ray[amp])} "
+            f"| {ray_rate[amp]:.1f} | {ray_rate[amp] / baseline:.2f} |"
+        )
+    for amp in configs:
+        print(
+            f"Ray Train loop vs plain, {amp}: {ray_rate[amp] / plain_rate[amp]:.2f} (target >= 0.9)"
+        )
 
 
 if __name__ == "__main__":

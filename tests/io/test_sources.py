@@ -240,6 +240,27 @@ def test_a_shard_made_by_gnu_tar_of_a_directory_labels_every_sample(tmp_path):
     assert json.loads(rows[3]["meta"]) == {"cls": 3}
 
 
+def test_a_shard_written_by_the_webdataset_packages_tarwriter_labels_every_sample(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    shard = str(tmp_path / "shard-000000.tar")
+    with wds.TarWriter(shard) as sink:  # keys with directories, as webdataset users write them
+        for i in range(6):
+            sink.write(
+                {
+                    "__key__": f"part{i % 2}/{i:06d}",
+                    "jpg": synthetic_image(i),
+                    "cls": i % 10,
+                    "json": {"index": i},
+                }
+            )
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)))
+
+    assert [r["key"] for r in rows] == [f"{shard}#part{i % 2}/{i:06d}" for i in range(6)]
+    assert not any(r["error"] for r in rows) and rows[4]["data"] == synthetic_image(4)
+    assert json.loads(rows[4]["meta"]) == {"cls": 4, "json": {"index": 4}}
+
+
 def test_a_sample_whose_members_are_apart_keeps_one_row_per_key_and_says_how_to_fix_it(tmp_path):
     shard = str(tmp_path / "shard.tar")  # as `tar -C dir .` without --sort may order them
     members = [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.cls", b"3"), ("c.jpg", b"4")]

@@ -152,6 +152,8 @@ def test_labeling_flags_low_confidence_writes_its_report_and_is_an_mlflow_run_of
         and params["batch_size"] == "8"
     )
     assert {"actors.max", "precision", "decode", "weights"} <= params.keys()
+    assert (params["precision"], params["precision_reason"]) == ("fp32", "as configured")
+    assert (manifest["precision"], manifest["precision_reason"]) == ("fp32", "as configured")
     assert metrics["images"] == len(keys) and metrics["low_confidence"] == len(unsure)
     assert metrics["failed"] == manifest["failed"] > 0
     assert all(

@@ -3,7 +3,8 @@
 scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes, shipped inside the
 scikit-learn package) become a stratified 80/20 folder dataset of 32 px RGB PNGs, and the
 small variant trains on them through ``skray.train.driver.run``: the same Ray Train loop, Ray Data
-ingest, checkpoints and MLflow run as ``skray train --config configs/train_cpu_small.yaml``.
+ingest, checkpoints and MLflow run as ``skray train --config configs/train_cpu_small.yaml``, with
+``amp: bf16`` (CPU autocast), which must clear the bar fp32 clears.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def test_the_small_variant_learns_real_handwritten_digits(
             f"epochs={EPOCHS}",
             "name=digits",
             "mlflow.registered_model=skray-digits",
+            "amp=bf16",  # CPU workers train under bf16 autocast: it must learn as fp32 does
         ],
     )
 

@@ -145,11 +145,12 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                 "labels are meaningless",
                 flush=True,
             )
+        precision, why = cfg.resolved_precision()
         print(
             f"[label] {plan.listed} inputs listed, "
             f"{plan.committed_rows} keys already committed "
             f"({plan.committed_parts} parts), {plan.removed_rows} no longer in the input; "
-            f"{len(plan.units)} units to do",
+            f"{len(plan.units)} units to do; precision {precision} ({why})",
             flush=True,
         )
         progress = Progress(plan.pending_rows, cfg.progress_interval_s)
@@ -287,8 +288,7 @@ def mlflow_params(cfg: LabelConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "gpus": cfg.actors.gpus,
             "batch_size": cfg.actors.batch_size,
         },
-        "precision": cfg.resolved_precision()[0],
-        "precision_reason": cfg.resolved_precision()[1],
+        **dict(zip(("precision", "precision_reason"), cfg.resolved_precision())),
         "decode": cfg.decode,
     }
 

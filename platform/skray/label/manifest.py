@@ -58,6 +58,7 @@ def build_manifest(
         "low_confidence": summary["low_confidence"],
         "top_labels": summary["top_labels"],
         **weights,
+        **dict(zip(("precision", "precision_reason"), cfg.resolved_precision())),
         "timings": {
             "total_s": round(total_s, 3),
             "pipeline_s": round(pipeline_s, 3),
