@@ -40,6 +40,20 @@ def test_predict_prints_top_k_per_image_and_the_error_of_a_broken_one(tmp_path, 
     assert lines[6] == missing and lines[7].startswith("  error: unreadable")
 
 
+def test_predict_takes_a_precision_and_says_what_auto_resolved_to(tmp_path, capsys, monkeypatch):
+    from skray.inference import precision
+
+    image = write_image(tmp_path / "good.png")
+    monkeypatch.setattr(precision, "cpu", lambda: ("Xeon", frozenset({"avx512f", "amx_bf16"})))
+    assert main(["predict", "--model", SMALL, "--precision", "auto", image]) == 0
+    assert "precision bf16 (auto: the CPU has AMX-BF16 matrix units)" in capsys.readouterr().err
+
+    monkeypatch.setattr(precision, "cpu", lambda: ("EPYC", frozenset({"avx512f", "avx512_vnni"})))
+    assert main(["predict", "--model", SMALL, "--precision", "auto", image]) == 0
+    out, err = capsys.readouterr()
+    assert "precision fp32 (auto: the CPU has no AMX-BF16" in err and out.startswith(image)
+
+
 def test_predict_with_saved_weights_uses_their_class_names(tmp_path, capsys):
     torch.manual_seed(0)
     model = create_model(SMALL, num_classes=3)

@@ -53,6 +53,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classifier = Classifier(args.model, args.weights, precision=args.precision or "fp32")
     if classifier.random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    if args.precision:  # asked for: say what it resolved to (``auto`` follows the hardware)
+        print(f"precision {classifier.precision} ({classifier.precision_reason})", file=sys.stderr)
     failures = 0
     for start in range(0, len(args.images), args.batch_size):
         uris = args.images[start : start + args.batch_size]
