@@ -684,37 +684,11 @@ def epoch_fixture(steps: int):
     return cfg, model, optimizer, scaler, batches
 
 
-def test_a_training_epoch_never_reads_the_loss_back_between_steps():
+def one_epoch(cfg, model, optimizer, scaler, batches, **amp) -> dict:
+    """``train_epoch`` over all of ``batches`` on the CPU, the model its own unwrapped one."""
     import torch
 
-    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=2)
-
-    with SyncCounter() as counter:
-        train_epoch(
-            model,
-            model,
-            optimizer,
-            scaler,
-            batches,
-            cfg,
-            device=torch.device("cpu"),
-            epoch=0,
-            steps_per_epoch=2,
-        )
-
-    assert counter.syncs == 0, (
-        f"{counter.syncs} device syncs in 2 steps: the sums belong on the device"
-    )
-
-
-def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable_images():
-    import torch
-
-    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=4)
-    logits = []
-    model.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
-
-    sums = train_epoch(
+    return train_epoch(
         model,
         model,
         optimizer,
@@ -723,8 +697,30 @@ def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable
         cfg,
         device=torch.device("cpu"),
         epoch=0,
-        steps_per_epoch=4,
+        steps_per_epoch=len(batches),
+        **amp,
     )
+
+
+def test_a_training_epoch_never_reads_the_loss_back_between_steps():
+
+    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=2)
+
+    with SyncCounter() as counter:
+        one_epoch(cfg, model, optimizer, scaler, batches)
+
+    assert counter.syncs == 0, (
+        f"{counter.syncs} device syncs in 2 steps: the sums belong on the device"
+    )
+
+
+def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable_images():
+
+    cfg, model, optimizer, scaler, batches = epoch_fixture(steps=4)
+    logits = []
+    model.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
+
+    sums = one_epoch(cfg, model, optimizer, scaler, batches)
 
     goods = [int((b["label"] != BAD_LABEL).sum()) for b in batches]
     losses = [float(batch_loss(out, b["label"], 0.1)) for out, b in zip(logits, batches)]
@@ -747,18 +743,7 @@ def test_amp_bf16_trains_on_a_cpu_worker_under_autocast_and_fp16_stays_off_there
     dtypes = []
     model.fc.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
 
-    sums = train_epoch(
-        model,
-        model,
-        optimizer,
-        scaler,
-        batches,
-        cfg,
-        device=cpu,
-        epoch=0,
-        steps_per_epoch=2,
-        **bf16,
-    )
+    sums = one_epoch(cfg, model, optimizer, scaler, batches, **bf16)
 
     assert bf16 == {"use_amp": True, "amp_dtype": torch.bfloat16}
     assert dtypes == [torch.bfloat16, torch.bfloat16], "the forward ran in bf16"
