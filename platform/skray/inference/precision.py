@@ -2,7 +2,7 @@
 
 bf16 pays only on hardware that computes in it: CUDA GPUs with bf16, CPUs with AMX-BF16
 tiles (Xeon Sapphire Rapids and later: about 3x fp32) or AVX512-BF16 dot products (AMD Zen 4
-EPYC: 2.3x fp32 + compile, measured in ``benchmarks/model_throughput.py``). Elsewhere (a CPU
+EPYC: 2.2x fp32 + compile, measured in ``benchmarks/model_throughput.py``). Elsewhere (a CPU
 with AVX-512 VNNI alone, say) bf16 is converted around fp32 kernels and is no faster, so
 ``auto`` stays fp32. The choice comes with its reason, which the job and the endpoint report.
 """

@@ -92,7 +92,7 @@ class PrecisionOptions(StrictModel):
     precision: Precision = Field(
         "fp32",
         description=(
-            "bf16: autocast (2.3x here); auto: bf16 on AMX/AVX512-BF16 CPUs and bf16 GPUs; "
+            "bf16: autocast (~2x fp32 with AVX512-BF16, ~3x with AMX); auto: bf16 where native; "
             "int8: a quantized model on CPU workers (always compiled), from `calibration`"
         ),
     )
