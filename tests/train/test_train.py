@@ -731,10 +731,15 @@ def test_an_epochs_train_loss_is_the_mean_of_its_steps_losses_over_the_decodable
     assert sums["lr"] == lr_at(3, 4, cfg), "the last step's LR"
 
 
-def test_amp_bf16_trains_on_a_cpu_worker_under_autocast_and_fp16_stays_off_there():
+def test_amp_bf16_trains_on_a_cpu_worker_under_autocast_and_fp16_stays_off_there(monkeypatch):
     import torch
 
+    from skray.inference import precision
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu", lambda: ("EPYC", frozenset({"avx512f", "avx512_vnni"})))
+    assert autocast_settings("bf16", cpu)["use_amp"] is False, "no native bf16: fp32 steps"
+    monkeypatch.setattr(precision, "cpu", lambda: ("Xeon", frozenset({"avx512f", "amx_bf16"})))
     assert autocast_settings("fp16", cpu)["use_amp"] is False
     assert autocast_settings("off", cpu)["use_amp"] is False
     bf16 = autocast_settings("bf16", cpu)

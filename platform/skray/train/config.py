@@ -133,7 +133,8 @@ class TrainConfig(StrictModel):
     )
     randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment's magnitude, 0..30")
     amp: Literal["off", "bf16", "fp16"] = Field(
-        "bf16", description="bf16: autocast on CPU and GPU workers; fp16: on GPUs only"
+        "bf16",
+        description="bf16: autocast on bf16 GPUs and AMX/AVX512-BF16 CPUs; fp16: on GPUs only",
     )
     channels_last: bool = Field(
         True, description="on GPU only: NHWC model and inputs, what tensor cores want"
