@@ -265,7 +265,7 @@ def test_resume_continues_a_stopped_run_from_its_directory(
             "--set",
             "preprocessing.image_size=48",
             "--set",
-            "epochs=3",
+            "epochs=8",  # epochs after the cold first one take seconds: room to stop it mid-run
             "--set",
             f"mlflow.tracking_uri={mlflow_store}",
         ],
@@ -285,7 +285,7 @@ def test_resume_continues_a_stopped_run_from_its_directory(
 
     summary = run(None, resume=str(run_dir))
 
-    assert summary["final"]["epoch"] == 2 and summary["final"]["resumed_at_epoch"] > 0
+    assert summary["final"]["epoch"] == 7 and summary["final"]["resumed_at_epoch"] > 0
     assert summary["mlflow_run_id"] == first_run_id
     assert (run_dir / CONFIG_FILE).is_file()
 
