@@ -18,9 +18,12 @@ from skray.dev.s3proxy import FaultyS3Proxy
 os.environ["RAY_AUTH_MODE"] = "token"
 # Ray Train's controller polls its workers every 2 s and starts a preemption-watcher actor
 # per run: over the suite's ~20 short runs that is minutes of waiting and process starts
-# that no test looks at. Set before the head starts, so jobs and their drivers get it too.
+# that no test looks at. Set before the head starts, so its raylet, jobs and drivers get them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray keeps as many idle workers as the node has CPUs (4 here) and ends the rest after a
+# second: each run's read tasks (0.5 CPU each) then start cold processes that import torch.
+os.environ.setdefault("RAY_num_workers_soft_limit", "10")
 # Jobs that track by default (labeling runs, training) write their MLflow store under
 # SKRAY_HOME: a session folder, never the checkout's .skray/ (tests wanting a store of their
 # own set it per test).

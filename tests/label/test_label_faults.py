@@ -85,7 +85,7 @@ def test_an_outage_mid_run_within_the_budget_is_ridden_out(
         s3={"endpoint_url": faulty_s3.url},
         mlflow={"enabled": False},
     )
-    outage = outage_mid_run(faulty_s3, seconds=6.0)  # past pyarrow's own retries
+    outage = outage_mid_run(faulty_s3, seconds=25.0)  # a regional blip: past pyarrow's own retries
 
     manifest = run(cfg)
 

@@ -63,44 +63,6 @@ def write_parquet_images(uri: str, ids: list[str]) -> None:
     write_bytes_atomic(uri, buf.getvalue())
 
 
-def test_ray_job_submit_labels_every_s3_input_exactly_once(ray_cluster: LocalRayHead, bucket: str):
-    data, labels = f"{bucket}/data", f"{bucket}/labels"
-    keys = write_sample_dataset(data, files=30, shards=2, per_shard=12)
-    write_parquet_images(f"{data}/tables/part-0.parquet", ["a", "b", "c"])
-    keys += [f"{data}/tables/part-0.parquet#{i}" for i in "abc"]
-
-    job = ray_cluster.submit(
-        label_command(
-            data + "/", labels + "/", "--set", "id_column=id", "--set", "files_per_unit=8"
-        ),
-        working_dir=str(PROJECT),
-    )
-
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "succeeded" in job.stdout + job.stderr
-    table = output_table(labels)
-    assert sorted(table.column("key").to_pylist()) == sorted(keys)
-    rows = {r["key"]: r for r in table.to_pylist()}
-    errors = {k: r["error"] for k, r in rows.items() if r["error"]}
-    reasons = {e.split(":")[0] for e in errors.values()}
-    assert reasons == {"empty", "truncated", "not_an_image", "too_many_pixels"}
-    assert errors[f"{data}/broken/zero-bytes.jpg"].startswith("empty")
-    assert errors[f"{data}/broken/no-extension-text"].startswith("not_an_image")
-    good = rows[f"{data}/images/00/img00009"]  # an extension-less object, recognized by content
-    assert good["error"] is None and 0 <= good["label_id"] < 1000 and len(good["topk_ids"]) == 5
-    assert good["label"] and good["model"] == SMALL
-    assert (
-        rows[f"{data}/shards/shard-00001.tar#sample100013"]["meta"]
-        == '{"cls": 3, "json": {"index": 100013, "source": "demo"}}'
-    )
-    manifest = read_json(join(labels, MANIFEST))
-    assert manifest["inputs"] == len(keys) and manifest["duplicates"] == 0
-    assert manifest["failed"] == len(errors) and sum(manifest["failed_by_reason"].values()) == len(
-        errors
-    )
-    assert manifest["config"]["input"] == data + "/"
-
-
 def test_config_with_an_unknown_key_fails_before_any_work(
     ray_cluster: LocalRayHead, bucket: str, tmp_path
 ):
@@ -120,17 +82,21 @@ def driver_pids() -> list[int]:
     return [int(p) for p in found.stdout.split()]
 
 
-def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(
+def test_ray_job_submit_labels_every_s3_input_exactly_once_across_a_driver_killed_mid_run(
     ray_cluster: LocalRayHead, bucket: str
 ):
     data, labels = f"{bucket}/data", f"{bucket}/labels"
-    keys = write_sample_dataset(data, files=96, shards=0, broken=False)
-    command = ray_cluster.submit_command(
-        label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
-        working_dir=str(PROJECT),
+    keys = write_sample_dataset(data, files=96, shards=2, per_shard=12)
+    write_parquet_images(f"{data}/tables/part-0.parquet", ["a", "b", "c"])
+    keys += [f"{data}/tables/part-0.parquet#{i}" for i in "abc"]
+    args = label_command(
+        data + "/", labels + "/", "--set", "id_column=id", "--set", "files_per_unit=8"
     )
     first = subprocess.Popen(
-        command, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ray_cluster.submit_command(args, working_dir=str(PROJECT)),
+        env=ray_cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for(
@@ -141,24 +107,41 @@ def test_driver_killed_mid_run_then_rerun_labels_every_key_exactly_once(
         first.wait(timeout=120)
     finally:
         first.kill()
-    done_before = len(committed_units(labels))
-    assert 2 <= done_before < 12, "the driver must have died mid-run"
+    done_before, labeled_before = len(committed_units(labels)), len(output_keys(labels))
+    assert 2 <= done_before < 16, "the driver must have died mid-run (of 13 + 2 + 1 units)"
 
-    rerun = ray_cluster.submit(
-        label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
-        working_dir=str(PROJECT),
-    )
+    job = ray_cluster.submit(args, working_dir=str(PROJECT))
 
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert (
-        f"{done_before} already committed" in rerun.stdout
-        or f"{len(committed_units(labels))}" in rerun.stdout
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+    assert f"{done_before} already committed" in job.stdout or (
+        f"{len(committed_units(labels))}" in job.stdout
     )
-    got = output_keys(labels)
+    table = output_table(labels)
+    got = table.column("key").to_pylist()
     assert len(got) == len(set(got)), "no key twice"
-    assert sorted(got) == keys, "no key missing"
+    assert sorted(got) == sorted(keys), "no key missing"
+    rows = {r["key"]: r for r in table.to_pylist()}
+    errors = {k: r["error"] for k, r in rows.items() if r["error"]}
+    reasons = {e.split(":")[0] for e in errors.values()}
+    assert reasons == {"empty", "truncated", "not_an_image", "too_many_pixels"}
+    assert errors[f"{data}/broken/zero-bytes.jpg"].startswith("empty")
+    assert errors[f"{data}/broken/no-extension-text"].startswith("not_an_image")
+    good = rows[f"{data}/images/00/img00009"]  # an extension-less object, recognized by content
+    assert good["error"] is None and 0 <= good["label_id"] < 1000 and len(good["topk_ids"]) == 5
+    assert good["label"] and good["model"] == SMALL
+    assert (
+        rows[f"{data}/shards/shard-00001.tar#sample100013"]["meta"]
+        == '{"cls": 3, "json": {"index": 100013, "source": "demo"}}'
+    )
     manifest = read_json(join(labels, MANIFEST))
-    assert manifest["units"]["skipped"] >= done_before and manifest["skipped_already_done"] >= 16
+    assert manifest["inputs"] == len(keys) and manifest["duplicates"] == 0
+    assert manifest["failed"] == len(errors) and sum(manifest["failed_by_reason"].values()) == len(
+        errors
+    )
+    assert manifest["config"]["input"] == data + "/"
+    assert manifest["units"]["skipped"] == done_before
+    assert manifest["skipped_already_done"] == labeled_before, "what the killed run committed"
 
 
 def test_rerun_skips_committed_units_and_overwrite_starts_over(ray_cluster: LocalRayHead, tmp_path):
