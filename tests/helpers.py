@@ -23,6 +23,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from skray.io.sources.rows import RowError
 from skray.io.storage import join, write_bytes_atomic
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -121,8 +122,10 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def label_row(key: str, label: str | None = "cat", error: str | None = None) -> dict:
-    """One output row as the sink stores it (error None = labeled)."""
+def label_row(key: str, label: str | None = "cat", error: RowError | str | None = None) -> dict:
+    """One output row as the sink stores it (error None = labeled). A :class:`RowError` is this
+    version's failed row; a string, the ``error`` of an earlier version's, which had no
+    ``reason``."""
     ok = error is None
     return {
         "key": key,
@@ -133,6 +136,7 @@ def label_row(key: str, label: str | None = "cat", error: str | None = None) -> 
         "topk_scores": [0.9, 0.1] if ok else None,
         "model": SMALL,
         "weights_sha256": None,
-        "error": error,
+        "reason": error.reason if isinstance(error, RowError) else None,
+        "error": None if ok else str(error),
         "meta": None,
     }

@@ -146,7 +146,10 @@ def test_the_cycle_finder_names_a_cycle() -> None:
     [
         ("skray", {"skray"}),  # the lazy re-exports load nothing
         ("skray.core.model", {"skray", "skray.core", "skray.core.model"}),
-        ("skray.core.images", {"skray", "skray.core", "skray.core.model", "skray.core.images"}),
+        (
+            "skray.core.images",
+            {"skray", "skray.core", "skray.core.errors", "skray.core.model", "skray.core.images"},
+        ),
         ("skray.core.classes", {"skray", "skray.core", "skray.core.classes"}),
     ],
 )

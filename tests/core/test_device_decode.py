@@ -145,6 +145,7 @@ def predictor_batch(blobs: list[bytes]) -> dict[str, np.ndarray]:
     n = len(blobs)
     return {
         "key": np.array([f"k{i:03d}" for i in range(n)], dtype=object),
+        "reason": np.array([None] * n, dtype=object),
         "error": np.array([None] * n, dtype=object),
         "meta": np.array([None] * n, dtype=object),
         "unit": np.array(["u"] * n, dtype=object),

@@ -552,10 +552,19 @@ def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(sli
 
     good = encode(smooth((300, 200)), "PNG")
     rows = [
-        {"key": key, "data": data, "error": None, "meta": None, "unit": "u", "unit_rows": 2}
+        {
+            "key": key,
+            "data": data,
+            "reason": None,
+            "error": None,
+            "meta": None,
+            "unit": "u",
+            "unit_rows": 2,
+        }
         for key, data in [("bomb", slivers["jpeg_1x65000"]), ("good", good)]
     ]
     out = decode_rows(rows, PreprocessingConfig())
+    assert out["reason"][0] == "too_many_pixels"
     assert out["error"][0].startswith("too_many_pixels: 1x65000 resizes to 256x")
     assert out["error"][1] is None and torch.equal(
         torch.from_numpy(out["image"][1]), decode_for_eval(good)

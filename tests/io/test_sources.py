@@ -24,6 +24,7 @@ from skray.io.sources import (
     unit_batches,
 )
 from skray.io.sources.parquet import PARQUET_BATCH_ROWS
+from skray.io.sources.rows import RowError
 from skray.io.sources.webdataset import TAR_HEADER_MAX_BYTES, SampleLimits
 from skray.io.storage import join, write_bytes_atomic
 
@@ -330,6 +331,20 @@ def test_a_sample_past_its_member_or_byte_limit_is_too_large_and_the_shard_goes_
     )
     assert rows[1]["error"].startswith("too_large: ") and "max_sample_bytes" in rows[1]["error"]
     assert rows[2]["error"] == "" and rows[2]["data"] == b"ok"
+
+
+def test_a_row_reason_is_the_documented_code_its_reader_chose_and_its_error_one_line(tmp_path):
+    shard = str(tmp_path / "shard.tar")
+    hostile = "x\nfake_reason: y" + "z" * 5000  # a member name: newlines, a code of its own
+    write_bytes_atomic(shard, tar_bytes([(hostile + ".jpg", b"x" * 200), ("ok.jpg", b"ok")]))
+
+    rows = all_rows(Unit("s", "webdataset", (shard,)), max_object_bytes=100)
+
+    assert [r["reason"] for r in rows] == ["too_large", ""]
+    assert rows[0]["error"].startswith("too_large: x fake_reason: yzzz")
+    assert "\n" not in rows[0]["error"] and len(rows[0]["error"]) <= len("too_large: ") + 300
+    with pytest.raises(ValueError, match="'fake_reason' is not a documented row reason"):
+        RowError("fake_reason", "y")  # no code but the README's can make a row
 
 
 def test_table_batches_reports_a_sample_without_an_image_member_as_no_image_member(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import SMALL, label_row, wait_for
 from skray.io.retry import IoRetry, StorageUnavailable
+from skray.io.sources.rows import incomplete_error
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
 from skray.label import commit
 from skray.label.commit import UnitCommitter
@@ -80,29 +81,6 @@ def test_a_unit_is_committed_once_all_its_rows_arrived_whatever_the_batch_order(
 
     assert sorted(writes) == ["A", "B", "C"] and committer.committed == 3
     assert read_part(output, "A").column("key").to_pylist() == ["a1", "a2", "a3"]
-
-
-def test_a_committed_error_is_a_documented_code_and_one_capped_line(tmp_path):
-    output = str(tmp_path / "out")
-    errors = [
-        "too_large: x\nfake_reason: y is 99 bytes",  # a member name holding a newline
-        "weird: no such code",
-        "truncated: " + "z" * 5000,
-        None,
-    ]
-    batch = predictor_batch([(f"k{i}", "A", -1 if i < 3 else 4) for i in range(4)])
-    batch = batch.set_column(
-        batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string())
-    )
-
-    with UnitCommitter(output) as committer:
-        committer.add(batch)
-
-    stored = read_part(output, "A").column("error").to_pylist()
-    assert stored[0] == "too_large: x fake_reason: y is 99 bytes"
-    assert stored[1] == "undecodable: weird: no such code"
-    assert stored[2].startswith("truncated: zzz") and len(stored[2]) <= 320
-    assert stored[3] is None
 
 
 def test_concurrent_commits_write_every_unit_exactly_once_its_rows_sorted_by_key(tmp_path, writes):
@@ -313,11 +291,10 @@ def test_the_actor_pool_starts_full_on_gpus_and_at_min_on_cpus(
 
 def test_a_unit_whose_read_ended_incomplete_is_not_committed_and_is_counted(tmp_path):
     batch = predictor_batch([("a1", "A", 2), ("b1", "B", 2), ("b2", "B", 2)])
-    marker = predictor_batch([("a#<not read>", "A", 2)]).set_column(
-        LABEL_SCHEMA.get_field_index("error"),
-        "error",
-        pa.array(["incomplete: unavailable: reading a: storage kept failing"]),
-    )
+    why = incomplete_error("unavailable", "reading a: storage kept failing")
+    marker = predictor_batch([("a#<not read>", "A", 2)])
+    for name, value in (("reason", why.reason), ("error", str(why))):
+        marker = marker.set_column(LABEL_SCHEMA.get_field_index(name), name, pa.array([value]))
 
     with UnitCommitter(str(tmp_path)) as committer:
         committer.add(batch)

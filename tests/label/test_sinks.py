@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from helpers import label_row
+from skray.io.sources.rows import RowError
 from skray.io.storage import filesystem_for, join, write_json
 from skray.label.sinks import (
     JOB_FILE,
+    LABEL_SCHEMA,
     MANIFEST,
     OutputError,
     check_writable,
@@ -22,6 +25,7 @@ from skray.label.sinks import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+EMPTY = RowError("empty", "zero bytes")
 
 
 def part_keys(output: str, unit_id: str) -> list[str]:
@@ -77,15 +81,15 @@ def test_summarize_output_counts_rows_failures_by_reason_and_top_labels(tmp_path
     write_part(
         output,
         "u1",
-        [label_row("a", "cat"), label_row("b", "dog"), label_row("c", error="empty: zero bytes")],
+        [label_row("a", "cat"), label_row("b", "dog"), label_row("c", error=EMPTY)],
     )
     write_part(
         output,
         "u2",
         [
             label_row("d", "cat"),
-            label_row("e", error="not_an_image: text"),
-            label_row("f", error="empty: zero bytes"),
+            label_row("e", error=RowError("not_an_image", "text")),
+            label_row("f", error=EMPTY),
         ],
     )
 
@@ -98,12 +102,20 @@ def test_summarize_output_counts_rows_failures_by_reason_and_top_labels(tmp_path
 
 
 def test_failure_reasons_of_an_earlier_versions_rows_are_only_documented_codes(tmp_path):
+    """Earlier versions wrote no ``reason`` column: their rows count by their error's prefix,
+    a documented code or else ``undecodable``, beside this version's parts."""
     output = str(tmp_path / "out")
     errors = ["broken_tar: a\nnew: b", "made-up thing: c", "empty: zero bytes"]
-    write_part(output, "u", [label_row(str(i), error=e) for i, e in enumerate(errors)])
+    earlier = pa.Table.from_pylist(
+        [label_row(str(i), error=e) for i, e in enumerate(errors)], schema=LABEL_SCHEMA
+    ).drop_columns(["reason"])
+    fs, path = filesystem_for(join(output, part_name("earlier")))
+    fs.create_dir(os.path.dirname(path))
+    pq.write_table(earlier, path, filesystem=fs)
+    write_part(output, "now", [label_row("n", error=EMPTY)])
 
     assert summarize_output(output)["failed_by_reason"] == {
+        "empty": 2,
         "broken_tar": 1,
-        "empty": 1,
         "undecodable": 1,
     }

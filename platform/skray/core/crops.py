@@ -19,17 +19,20 @@ from skray.core.images import ImageDecodeError
 Crop = Callable[[bytes], torch.Tensor]  # encoded bytes -> uint8 (3, S, S); raises ImageDecodeError
 
 
-def crop_rows(rows: list[dict[str, Any]], crop: Crop, size: int) -> tuple[np.ndarray, list[Any]]:
-    """Crops ``(N, 3, size, size)`` uint8 and an error per row: a row read with an error keeps
-    it, one whose image does not decode gets the :class:`ImageDecodeError` text; both keep a
-    blank crop. Each image is decoded once."""
+def crop_rows(
+    rows: list[dict[str, Any]], crop: Crop, size: int
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Crops ``(N, 3, size, size)`` uint8 and a reason and an error per row ("" when it
+    decoded): a row read with an error keeps them, one whose image does not decode gets its
+    :class:`ImageDecodeError`'s reason and text; both keep a blank crop. Each image is decoded
+    once."""
     crops = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
-    errors = [row["error"] for row in rows]
+    reasons, errors = [row["reason"] for row in rows], [row["error"] for row in rows]
     for i, row in enumerate(rows):
         if errors[i]:
             continue
         try:
             crops[i] = crop(row["data"]).numpy()
         except ImageDecodeError as err:
-            errors[i] = str(err)
-    return crops, errors
+            reasons[i], errors[i] = err.reason, str(err)
+    return crops, reasons, errors

@@ -11,7 +11,8 @@ checked from the header before any pixel is decoded, so memory is bounded by
 :class:`ImageDecodeError` with a stable ``reason`` code that callers can count and
 report.
 
-This module imports PIL, torch, torchvision, pydantic and :mod:`skray.core.model` only.
+This module imports PIL, torch, torchvision, pydantic, :mod:`skray.core.model` and
+:mod:`skray.core.errors` only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 from torchvision.transforms import InterpolationMode, v2
 
+from skray.core.errors import one_line
 from skray.core.model import DEFAULT_MODEL, IMAGENET_MEAN, IMAGENET_STD, model_spec
 
 __all__ = [
@@ -82,7 +84,7 @@ class ImageDecodeError(ValueError):
         self.detail = detail
 
     def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
+        return f"{self.reason}: {one_line(self.detail)}"
 
 
 _DEFAULT_SPEC = model_spec(DEFAULT_MODEL)

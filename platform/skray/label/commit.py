@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from skray.io.retry import IoRetry
-from skray.io.sources.rows import INCOMPLETE, clean_error
+from skray.io.sources.rows import INCOMPLETE
 from skray.label.sinks import LABEL_SCHEMA, write_part
 
 DEFAULT_CONCURRENCY = (
@@ -63,11 +63,10 @@ def _runs(table: pa.Table) -> Iterator[tuple[str, int, int, int]]:
 
 def _incomplete(rows: pa.Table) -> str | None:
     """The marker's error when the unit was not read whole, else None."""
-    errors = rows.column("error")
-    marked = pc.starts_with(pc.fill_null(errors, ""), INCOMPLETE + ":")
+    marked = pc.equal(pc.fill_null(rows.column("reason"), ""), INCOMPLETE)
     if not pc.any(marked).as_py():
         return None
-    return errors.filter(marked)[0].as_py()
+    return rows.column("error").filter(marked)[0].as_py()
 
 
 class UnitCommitter:
@@ -117,7 +116,7 @@ class UnitCommitter:
                 if why := _incomplete(rows):
                     self.incomplete[unit] = why
                 else:
-                    self._submit(unit, _with_clean_errors(rows).sort_by("key"))
+                    self._submit(unit, rows.sort_by("key"))
         return batch.num_rows
 
     def _submit(self, unit: str, part: pa.Table) -> None:
@@ -178,10 +177,3 @@ class UnitCommitter:
             self.close()
         else:  # the run failed: writes not started are dropped, running ones end (each is atomic)
             self._shutdown(cancel=True)
-
-
-def _with_clean_errors(rows: pa.Table) -> pa.Table:
-    """Errors as they are committed: a documented code, a single capped line (clean_error)."""
-    errors = [clean_error(e) for e in rows.column("error").to_pylist()]
-    index = rows.schema.get_field_index("error")
-    return rows.set_column(index, "error", pa.array(errors, pa.string()))

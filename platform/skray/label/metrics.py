@@ -18,13 +18,6 @@ from collections.abc import Sequence
 
 from ray.util.metrics import Counter, Gauge
 
-from skray.io.sources.rows import error_code
-
-
-def failure_reason(error: str) -> str:
-    """A row error's reason code (``"truncated: ..."`` -> ``truncated``), as the manifest counts."""
-    return error_code(error)
-
 
 class LabelMetrics:
     """What a model actor exports for each batch it answers, tagged with the labeling output."""
@@ -48,10 +41,11 @@ class LabelMetrics:
             tag_keys=("output", "stage"),
         ).set_default_tags(tags)
 
-    def batch(self, errors: Sequence[str | None], seconds: dict[str, float]) -> None:
-        """One answered batch: its rows' errors (None: labeled) and its seconds per stage."""
-        self.images.inc(len(errors))
-        for reason, n in Tally(failure_reason(e) for e in errors if e).items():
+    def batch(self, reasons: Sequence[str | None], seconds: dict[str, float]) -> None:
+        """One answered batch: its rows' reason codes (None: labeled) and its seconds per
+        stage."""
+        self.images.inc(len(reasons))
+        for reason, n in Tally(r for r in reasons if r).items():
             self.failed.inc(n, tags={"reason": reason})
         for stage, value in seconds.items():
             if value > 0:

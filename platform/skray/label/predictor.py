@@ -34,7 +34,7 @@ from skray.label.metrics import LabelMetrics
 from skray.label.sinks import LABEL_SCHEMA
 from skray.weights.resolver import PinnedWeights
 
-PASSTHROUGH = ("key", "error", "meta", "unit", "unit_rows")
+PASSTHROUGH = ("key", "reason", "error", "meta", "unit", "unit_rows")
 
 
 def _passthrough(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -49,9 +49,9 @@ def decode_rows(
     """The ``decode="cpu"`` batch: each image's eval crop (:func:`skray.core.crops.crop_rows`);
     a bad one keeps a blank crop and gets ``error``."""
     crop = functools.partial(decode_for_eval, cfg=preprocessing)
-    crops, errors = crop_rows(rows, crop, preprocessing.image_size)
+    crops, reasons, errors = crop_rows(rows, crop, preprocessing.image_size)
     out = _passthrough(rows)
-    out["error"] = np.array(errors, dtype=object)
+    out["reason"], out["error"] = np.array(reasons, dtype=object), np.array(errors, dtype=object)
     out["image"] = crops
     return out
 
@@ -144,11 +144,12 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         start = time.perf_counter()
         n = len(batch["key"])
+        reasons = [r or None for r in batch["reason"]]
         errors = [e or None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if not e]
         if "data" in batch:
             logits, decode_s, model_s = self._decode_and_forward(
-                [batch["data"][i] for i in ok], ok, errors
+                [batch["data"][i] for i in ok], ok, reasons, errors
             )
         else:
             logits, model_s = (
@@ -162,6 +163,7 @@ class Predictor:
         table = self._table(
             batch,
             results,
+            reasons,
             errors,
             {
                 "decode_s": np.asarray(batch["decode_s"], dtype=np.float64) + decode_s / n,
@@ -170,7 +172,7 @@ class Predictor:
             },
         )
         self.metrics.batch(
-            errors,
+            reasons,
             {
                 "decode": float(np.sum(batch["decode_s"])) + decode_s,
                 "model": model_s,
@@ -181,11 +183,15 @@ class Predictor:
         return table
 
     def _decode_and_forward(
-        self, blobs: list[bytes], rows: list[int], errors: list[str | None]
+        self,
+        blobs: list[bytes],
+        rows: list[int],
+        reasons: list[str | None],
+        errors: list[str | None],
     ) -> tuple[torch.Tensor | None, float, float]:
         """Logits for ``blobs`` (rows ``rows`` of the batch), decoding chunk k+1 while chunk k runs;
-        decode errors are written into ``errors``. Returns the logits and the decode and model
-        seconds."""
+        decode errors are written into ``reasons`` and ``errors``. Returns the logits and the
+        decode and model seconds."""
         if not blobs:
             return None, 0.0, 0.0
         step = self.classifier.batch_size or len(blobs)
@@ -199,7 +205,7 @@ class Predictor:
                 pending = self._prefetch.submit(self._decode, blobs[chunks[k + 1]])
             for row, err in zip(rows[chunk], chunk_errors):
                 if err is not None:
-                    errors[row] = str(err)
+                    reasons[row], errors[row] = err.reason, str(err)
             chunk_logits, seconds = self._forward(crops)
             logits.append(chunk_logits)
             model_s += seconds
@@ -229,6 +235,7 @@ class Predictor:
         self,
         batch: dict[str, np.ndarray],
         results: list,
+        reasons: list[str | None],
         errors: list[str | None],
         stages: dict[str, np.ndarray],
     ) -> pa.Table:
@@ -251,6 +258,7 @@ class Predictor:
             "topk_scores": column("topk_scores"),
             "model": [self.classifier.architecture] * n,
             "weights_sha256": [self.classifier.weights_sha256] * n,
+            "reason": reasons,
             "error": errors,
             "meta": [m or None for m in batch["meta"]],
             "low_confidence": unsure,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from skray.core.errors import SkrayError
 from skray.io.retry import IoRetry, call_with_retry
-from skray.io.sources.rows import error_code
+from skray.io.sources.rows import INCOMPLETE, ROW_REASONS
 from skray.io.storage import (
     filesystem_for,
     join,
@@ -46,7 +46,8 @@ LABEL_SCHEMA = pa.schema(
         ("topk_scores", pa.list_(pa.float32())),
         ("model", pa.string()),
         ("weights_sha256", pa.string()),
-        ("error", pa.string()),
+        ("reason", pa.string()),  # the error's documented code (README "Bad data"); null: labeled
+        ("error", pa.string()),  # "reason: message"
         ("meta", pa.string()),
         (
             "low_confidence",
@@ -181,6 +182,16 @@ def _ranked(counts: pa.StructArray) -> list[tuple[str, int]]:
     return sorted(pairs, key=lambda pair: (-pair[1], pair[0]))
 
 
+def reason_codes(failed: pa.Table) -> pa.Array:
+    """The reason code of each of ``failed``'s rows: its ``reason``; for a row of an earlier
+    version, which had no reason column (read as null), its error's prefix if that is a
+    documented code, else ``undecodable``."""
+    earlier = pc.replace_substring_regex(failed.column("error"), pattern="(?s):.*$", replacement="")
+    codes = pc.coalesce(failed.column("reason"), earlier)
+    documented = pa.array([*ROW_REASONS, INCOMPLETE], pa.string())
+    return pc.if_else(pc.is_in(codes, value_set=documented), codes, "undecodable")
+
+
 def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
     """Counts over every committed part: rows, distinct keys, failures by reason, low-confidence
     rows (no error, no label: under ``min_score``), top labels.
@@ -188,19 +199,16 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
     Reads three columns through Arrow and counts there, so a 10M-row output stays a few
     hundred MB, never a Python object per row."""
     fs, paths = part_paths(output)
-    columns = ["key", "label", "error"]
-    if paths:
-        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    columns = ["key", "label", "reason", "error"]
+    if paths:  # the schema given: a part of an earlier version, with no reason column, reads
+        table = pads.dataset(  # as null reasons
+            paths, schema=LABEL_SCHEMA, filesystem=fs, format="parquet"
+        ).to_table(columns=columns)
     else:
         table = pa.table({c: pa.array([], pa.string()) for c in columns})
     errors = table.column("error")
     failed = table.filter(pc.is_valid(errors))
-    prefixes = pc.value_counts(
-        pc.replace_substring_regex(failed.column("error"), pattern="(?s):.*$", replacement="")
-    )
-    reasons: dict[str, int] = {}
-    for prefix, count in _ranked(prefixes):  # outputs of earlier versions: codes only, too
-        reasons[error_code(prefix)] = reasons.get(error_code(prefix), 0) + count
+    reasons = dict(_ranked(pc.value_counts(reason_codes(failed))))
     predicted = table.filter(pc.is_null(errors)).column("label")
     labels = pc.value_counts(predicted.drop_null())
     return {
@@ -210,6 +218,6 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
         "labeled": len(predicted) - predicted.null_count,
         "low_confidence": predicted.null_count,
         "failed": failed.num_rows,
-        "failed_by_reason": dict(sorted(reasons.items(), key=lambda pair: (-pair[1], pair[0]))),
+        "failed_by_reason": reasons,
         "top_labels": _ranked(labels)[:top],
     }

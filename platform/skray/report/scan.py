@@ -24,13 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skray.io.storage import redact_uri
-from skray.label.sinks import OutputError, part_paths
+from skray.label.sinks import LABEL_SCHEMA, OutputError, part_paths, reason_codes
 
 SCORE_BINS = 50  # histogram bins over [0, 1]
 BATCH_ROWS = 65_536  # rows folded in at a time
 READ_AHEAD = 8  # parts read at once: memory is this many parts' needed columns
 FAILURE_EXAMPLES = 5  # example keys kept per failure reason
-BASE_COLUMNS = ("key", "label", "score", "error")
+BASE_COLUMNS = ("key", "label", "score", "reason", "error")
 
 
 def smallest_per_group(
@@ -177,7 +177,7 @@ class _Folder:
             return
         scan = self.scan
         scan.failed += failed.num_rows
-        reasons = pc.replace_substring_regex(failed.column("error"), pattern=":.*$", replacement="")
+        reasons = reason_codes(failed)
         counts = pc.value_counts(reasons)
         for reason, count in zip(
             counts.field("values").to_pylist(), counts.field("counts").to_pylist()
@@ -212,7 +212,8 @@ def scan_output(
     folder = _Folder(random_k, lowest_k, keep, seed)
 
     def read(path: str) -> pa.Table:
-        return pq.read_table(path, columns=columns, filesystem=fs)
+        # The schema given: a part of an earlier version, with no reason column, reads
+        return pq.read_table(path, columns=columns, filesystem=fs, schema=LABEL_SCHEMA)  # null
 
     for table in _read_ahead(paths, read, READ_AHEAD):
         folder.scan.parts += 1

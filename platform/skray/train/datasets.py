@@ -218,7 +218,7 @@ def read_labeled(
     ):
         if reason := incomplete_reason(rows[-1]["error"]):  # storage failed, not the image
             raise StorageUnavailable(rows[-1]["error"], reason)
-        images, errors = crop_rows(rows, crop, image_size)
+        images, _, errors = crop_rows(rows, crop, image_size)
         labels = [
             BAD_LABEL if err else _label(data, row) for row, err in zip(rows, errors, strict=True)
         ]

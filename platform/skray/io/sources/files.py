@@ -13,8 +13,7 @@ from typing import Iterator
 
 from skray.io.objects import read_object
 from skray.io.retry import IoRetry, is_missing
-from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import redact_uri
+from skray.io.sources.rows import make_row, missing, too_large
 
 READS_IN_FLIGHT = 8  # GETs overlapped per task: at S3's 20-50 ms each, one at a time is ~30 img/s
 
@@ -53,7 +52,7 @@ def _row(uri: str, size: int | None, read: Future[bytes] | None, max_bytes: int)
     except OSError as err:
         if not is_missing(err):
             raise
-        return make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
+        return make_row(uri, error=missing(uri))
     if len(data) > max_bytes:
         return make_row(uri, error=too_large("the file", f"more than {max_bytes}", max_bytes))
     return make_row(uri, data)

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 from skray.io.objects import ResumableFile
 from skray.io.retry import IoRetry, StorageUnavailable, is_missing
 from skray.io.sources.listing import InputError
-from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import redact_uri
+from skray.io.sources.rows import RowError, make_row, missing, too_large
 
 PARQUET_BATCH_ROWS = 16  # rows decoded from Parquet at a time: at most this many objects held
 PARQUET_BUFFER_BYTES = 2**20  # column chunks are read in pieces this large, not whole
@@ -49,7 +48,7 @@ def _is_bytes(kind: pa.DataType) -> bool:
     )
 
 
-def image_cells(column: pa.Array, name: str) -> tuple[pa.Array | None, str | None]:
+def image_cells(column: pa.Array, name: str) -> tuple[pa.Array | None, RowError | None]:
     """The image bytes of a column: binary or string, or the ``bytes`` field of a
     ``struct<bytes, path>`` (the layout Hugging Face ``datasets`` writes); else None and the
     error naming the column's type."""
@@ -57,9 +56,9 @@ def image_cells(column: pa.Array, name: str) -> tuple[pa.Array | None, str | Non
         column = pc.struct_field(column, "bytes")
     if _is_bytes(column.type):
         return column, None
-    return None, (
-        f"bad_image_column: column {name!r} is {column.type}, "
-        "not binary, string or struct<bytes, path>"
+    return None, RowError(
+        "bad_image_column",
+        f"column {name!r} is {column.type}, not binary, string or struct<bytes, path>",
     )
 
 
@@ -115,7 +114,7 @@ def read_parquet(
     except OSError as err:
         if not is_missing(err):
             raise
-        yield make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
+        yield make_row(uri, error=missing(uri))
         return
     with source:
         try:
@@ -123,7 +122,7 @@ def read_parquet(
         except StorageUnavailable:
             raise
         except (pa.ArrowException, OSError) as err:
-            yield make_row(uri, error=f"unreadable_parquet: {err}")
+            yield make_row(uri, error=RowError("unreadable_parquet", str(err)))
             return
         columns = list(
             dict.fromkeys([image_column, *([id_column] if id_column else []), *meta_columns])
@@ -144,6 +143,6 @@ def read_parquet(
             except (pa.ArrowException, OSError) as err:
                 yield make_row(
                     f"{uri}#<row group {group}>",
-                    error=f"unreadable_parquet: row group {group}: {err}",
+                    error=RowError("unreadable_parquet", f"row group {group}: {err}"),
                 )
             first += parquet.metadata.row_group(group).num_rows

@@ -1,15 +1,21 @@
 """The row every reader yields, one shape for all formats so the job handles them alike.
 
-Rows carry ``key`` (stable id), ``data`` (the image bytes, or empty), ``error`` (a read
-problem, or "") and ``meta`` (passed-through JSON, or ""); :mod:`.units` adds ``unit`` and
-``unit_rows``. "No error" and "no metadata" are empty strings, not None: a column of only
-None has no type, and Ray Data would turn it into NaNs. No object is read past
-``max_object_bytes``: a larger one is a ``too_large`` error row.
+Rows carry ``key`` (stable id), ``data`` (the image bytes, or empty), ``reason`` and
+``error`` (a read problem: its documented code, and ``code: message``; or "") and ``meta``
+(passed-through JSON, or ""); :mod:`.units` adds ``unit`` and ``unit_rows``. "No error" and
+"no metadata" are empty strings, not None: a column of only None has no type, and Ray Data
+would turn it into NaNs. No object is read past ``max_object_bytes``: a larger one is a
+``too_large`` error row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from skray.core.errors import one_line
 from skray.core.images import REASONS as IMAGE_REASONS
+from skray.core.images import ImageDecodeError
+from skray.io.storage import redact_uri
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # one image file, tar member or Parquet cell
 # The error of the marker row a unit ends with when storage failed past its retry budget:
@@ -41,36 +47,49 @@ SOURCE_REASONS = (
     "missing",
 )
 ROW_REASONS = IMAGE_REASONS + SOURCE_REASONS
-MESSAGE_MAX_CHARS = 300  # of the message after a row error's code
 
 
-def error_code(error: str) -> str:
-    """A row error's reason code: its prefix when that is a documented code (or the
-    ``incomplete`` marker), else ``undecodable``: nothing a file holds can make a new one."""
-    code = error.split(":", 1)[0].strip()
-    return code if code in ROW_REASONS or code == INCOMPLETE else "undecodable"
+@dataclass(frozen=True)
+class RowError:
+    """Why a row holds no image: a documented ``reason`` code, chosen by the code that met the
+    problem (never parsed out of a message), and a ``message`` for people.
+
+    Only codes reach a Prometheus tag or an MLflow metric name, so series stay bounded and
+    names valid; ``str()`` is the row's ``error``: ``code: message``, the message on one capped
+    line (:func:`~skray.core.errors.one_line`)."""
+
+    reason: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in ROW_REASONS and self.reason != INCOMPLETE:
+            raise ValueError(f"{self.reason!r} is not a documented row reason: {ROW_REASONS}")
+
+    @classmethod
+    def of(cls, err: ImageDecodeError) -> "RowError":
+        return cls(err.reason, err.detail)
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {one_line(self.message)}"
 
 
-def clean_error(error: str | None) -> str | None:
-    """``code: message`` with a documented code and a single-line message of at most
-    MESSAGE_MAX_CHARS (a member name can hold newlines, an exception a page of text)."""
-    if not error:
-        return error
-    code = error_code(error)
-    prefix, sep, rest = error.partition(":")
-    message = " ".join((rest if sep and prefix.strip() == code else error).split())
-    if len(message) > MESSAGE_MAX_CHARS:
-        message = message[: MESSAGE_MAX_CHARS - 1] + "…"
-    return f"{code}: {message}"
+def make_row(key: str, data: bytes = b"", error: RowError | None = None, meta: str = "") -> dict:
+    return {
+        "key": key,
+        "data": data,
+        "reason": error.reason if error else "",
+        "error": str(error) if error else "",
+        "meta": meta,
+    }
 
 
-def make_row(key: str, data: bytes = b"", error: str = "", meta: str = "") -> dict:
-    return {"key": key, "data": data, "error": error, "meta": meta}
+def missing(uri: str) -> RowError:
+    return RowError("missing", f"{redact_uri(uri)} is gone since the listing")
 
 
-def incomplete_error(reason: str, message: str) -> str:
+def incomplete_error(reason: str, message: str) -> RowError:
     """The marker row's error: ``incomplete: <reason>: <message>``."""
-    return f"{INCOMPLETE}: {reason}: {message}"
+    return RowError(INCOMPLETE, f"{reason}: {message}")
 
 
 def incomplete_reason(error: str | None) -> str | None:
@@ -80,5 +99,5 @@ def incomplete_reason(error: str | None) -> str | None:
     return error.split(":", 2)[1].strip()
 
 
-def too_large(what: str, size: int | str, max_bytes: int) -> str:
-    return f"too_large: {what} is {size} bytes, over max_object_bytes={max_bytes}"
+def too_large(what: str, size: int | str, max_bytes: int) -> RowError:
+    return RowError("too_large", f"{what} is {size} bytes, over max_object_bytes={max_bytes}")

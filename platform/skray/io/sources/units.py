@@ -15,7 +15,7 @@ from skray.io.retry import IoRetry, StorageUnavailable
 from skray.io.sources.files import read_image_files
 from skray.io.sources.listing import Format, file_format
 from skray.io.sources.parquet import parquet_rows, read_parquet
-from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, incomplete_error, make_row
+from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, RowError, incomplete_error, make_row
 from skray.io.sources.webdataset import SampleLimits, read_webdataset
 
 UNKNOWN_ROWS = -1  # ``unit_rows`` of a row not in its unit's last batch
@@ -154,7 +154,7 @@ def unit_batches(
         yield _tagged([*batch, marker], unit.id, count + 1)
         return
     if not count:
-        error = f"empty_shard: the {unit.format} file holds no samples"
+        error = RowError("empty_shard", f"the {unit.format} file holds no samples")
         batch, count = [make_row(unit.uris[0], error=error)], 1
     yield _tagged(batch, unit.id, count)
 

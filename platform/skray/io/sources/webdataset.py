@@ -12,8 +12,7 @@ from typing import Any, Iterator
 from skray.io.objects import ResumableFile
 from skray.io.retry import IoRetry, StorageUnavailable, is_missing
 from skray.io.sources.listing import is_hidden
-from skray.io.sources.rows import make_row, too_large
-from skray.io.storage import redact_uri
+from skray.io.sources.rows import RowError, make_row, missing, too_large
 
 IMAGE_MEMBER_EXTENSIONS = (
     "jpg",
@@ -63,14 +62,16 @@ class BoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tar)
 
 
-def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
+def _member_problem(info: tarfile.TarInfo, max_bytes: int) -> RowError | None:
     """Why a member's data must not be read: it is no regular file (a link points
     elsewhere; a GNU sparse member claims a size its archive does not hold), or it is too large."""
     if info.issparse():
-        return f"tar_member_not_regular: {info.name} is a sparse file claiming {info.size} bytes"
+        return RowError(
+            "tar_member_not_regular", f"{info.name} is a sparse file claiming {info.size} bytes"
+        )
     if info.type not in _REGULAR_TAR_TYPES:
         kind = _TAR_KINDS.get(info.type, f"of tar type {info.type!r}")
-        return f"tar_member_not_regular: {info.name} is {kind}"
+        return RowError("tar_member_not_regular", f"{info.name} is {kind}")
     if info.size > max_bytes:
         return too_large(info.name, info.size, max_bytes)
     return None
@@ -92,21 +93,24 @@ class SampleLimits:
     max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
 
 
-def _sample_problem(key: str, members: int, size: int, limits: SampleLimits) -> str | None:
+def _sample_problem(key: str, members: int, size: int, limits: SampleLimits) -> RowError | None:
     if members > limits.max_members:
-        return (
-            f"too_large: sample {key} has over {limits.max_members} members "
-            "(max_members_per_sample)"
+        return RowError(
+            "too_large",
+            f"sample {key} has over {limits.max_members} members (max_members_per_sample)",
         )
     if size > limits.max_bytes:
-        return f"too_large: sample {key} holds over {limits.max_bytes} bytes (max_sample_bytes)"
+        return RowError(
+            "too_large", f"sample {key} holds over {limits.max_bytes} bytes (max_sample_bytes)"
+        )
     return None
 
 
-def _split(key: str) -> str:
-    return (
-        f"split_sample: members of sample {key} are not next to each other in the tar "
-        "(WebDataset needs them adjacent: write the shard with `tar --sort=name`)"
+def _split(key: str) -> RowError:
+    return RowError(
+        "split_sample",
+        f"members of sample {key} are not next to each other in the tar "
+        "(WebDataset needs them adjacent: write the shard with `tar --sort=name`)",
     )
 
 
@@ -122,7 +126,7 @@ def _tar_samples(
     limits: SampleLimits = SampleLimits(),
     size: int | None = None,
     buffer_bytes: int | None = None,
-) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+) -> Iterator[tuple[str, dict[str, bytes], RowError | None]]:
     """(sample key, members by extension, error) per WebDataset sample, in tar order,
     streamed: only the current sample's members are held.
 
@@ -143,7 +147,7 @@ def _tar_samples(
     group: str | None = None  # the key its members share
     seen: set[str] = set()  # keys yielded: a sample whose members are apart is told once
     members: dict[str, bytes] = {}
-    problem: str | None = None
+    problem: RowError | None = None
     count = size_read = 0
     with ResumableFile(uri, policy, buffer_bytes, size) as stream:
         size = stream.size
@@ -157,8 +161,8 @@ def _tar_samples(
                             yield current, members, problem
                         current, group, members, problem = None, None, {}, None
                         count = size_read = 0
-                        unsafe = f"unsafe_member_name: {info.name!r} climbs out of the archive"
-                        yield info.name, {}, unsafe
+                        climbs = f"{info.name!r} climbs out of the archive"
+                        yield info.name, {}, RowError("unsafe_member_name", climbs)
                         continue
                     if info.isdir() or not name or is_hidden(name):
                         continue
@@ -186,7 +190,7 @@ def _tar_samples(
         except StorageUnavailable:
             raise
         except (tarfile.TarError, OSError, EOFError) as err:
-            yield (current or "<tar>"), {}, f"broken_tar: {err}"
+            yield (current or "<tar>"), {}, RowError("broken_tar", str(err))
             return
     if current is not None:
         yield current, members, problem
@@ -194,7 +198,9 @@ def _tar_samples(
         yield (
             "<truncated>",
             {},
-            "broken_tar: the archive ends without its end-of-archive blocks (truncated)",
+            RowError(
+                "broken_tar", "the archive ends without its end-of-archive blocks (truncated)"
+            ),
         )
 
 
@@ -225,7 +231,7 @@ def _meta_json(members: dict[str, bytes]) -> str:
         )
 
 
-def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None) -> dict:
+def _sample_row(uri: str, key: str, members: dict[str, bytes], error: RowError | None) -> dict:
     full_key = f"{uri}#{key}"
     if error:
         return make_row(full_key, error=error)
@@ -233,7 +239,9 @@ def _sample_row(uri: str, key: str, members: dict[str, bytes], error: str | None
     meta_json = _meta_json(members)
     if image_ext is None:
         return make_row(
-            full_key, error=f"no_image_member: sample has only {sorted(members)}", meta=meta_json
+            full_key,
+            error=RowError("no_image_member", f"sample has only {sorted(members)}"),
+            meta=meta_json,
         )
     return make_row(full_key, members[image_ext], meta=meta_json)
 
@@ -254,4 +262,4 @@ def read_webdataset(
     except OSError as err:
         if not is_missing(err):
             raise
-        yield make_row(uri, error=f"missing: {redact_uri(uri)} is gone since the listing")
+        yield make_row(uri, error=missing(uri))
