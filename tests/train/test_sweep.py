@@ -34,7 +34,7 @@ def sweep_config(dataset, tmp_path, **changes) -> SweepConfig:
             "mlflow.registered_model=null",
         ],
         # Two useful learning rates first, a hopeless one after: ASHA must stop it at its first
-        # rung, where the two good trials are already recorded.
+        # rung, where both good trials are already recorded.
         "space": {
             "optim.lr": {"type": "grid", "values": [0.8, 0.6, 1e-7]},
             "optim.weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
@@ -56,11 +56,10 @@ def test_an_asha_sweep_stops_weak_trials_and_leaves_nested_runs_and_the_best_mod
     summary = run(sweep_config(dataset, tmp_path))
 
     states = [t["state"] for t in summary["trials"]]
-    assert {t["config"]["optim.lr"]: t["state"] for t in summary["trials"]} == {
-        0.8: "completed",
-        0.6: "completed",
-        1e-7: "stopped_early",
-    }
+    by_lr = {t["config"]["optim.lr"]: t["state"] for t in summary["trials"]}
+    assert by_lr[1e-7] == "stopped_early", "the hopeless trial stops at its first rung"
+    # Either good trial may be cut at a rung by the other, which reached it first and better.
+    assert "completed" in (by_lr[0.8], by_lr[0.6])
     client = MlflowClient()
     parent = client.get_run(summary["parent_run_id"])
     children = client.search_runs(
@@ -151,14 +150,15 @@ def test_an_interrupted_optuna_tpe_sweep_resumes_without_repeating_finished_tria
     import yaml
 
     pytest.importorskip("optuna")
-    # Three TPE trials of two epochs, two at a time: once one has finished, the driver dies.
-    # The resumed sweep restores the searcher with the trials.
+    # Two TPE trials of two epochs, one at a time: once the first has finished, the driver
+    # dies. The resumed sweep restores the searcher with the trials and runs the second.
     cfg = sweep_config(
         dataset,
         tmp_path,
         name="interrupted",
         search="optuna",
-        num_samples=3,
+        num_samples=2,
+        max_concurrent_trials=1,
         asha={"enabled": False},
         space={"optim.lr": {"type": "loguniform", "low": 0.05, "high": 1.0}},
         mlflow={"registered_model": None, "tracking_uri": mlflow_store},
@@ -210,7 +210,7 @@ def test_an_interrupted_optuna_tpe_sweep_resumes_without_repeating_finished_tria
 
     summary = run(cfg, resume=str(sweep_dir))
 
-    assert [t["state"] for t in summary["trials"]] == ["completed"] * 3
+    assert [t["state"] for t in summary["trials"]] == ["completed"] * 2
     assert all(0.05 <= t["config"]["optim.lr"] <= 1.0 for t in summary["trials"]), (
         "TPE samples inside the space"
     )
@@ -227,7 +227,7 @@ def test_an_interrupted_optuna_tpe_sweep_resumes_without_repeating_finished_tria
                 f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'",
             )
         )
-        == 3
+        == 2
     )
 
 
