@@ -122,6 +122,14 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def output_rows(output: str) -> list[dict]:
+    """Every committed row of a labeling output, part by part."""
+    from skray.label.sinks import part_paths
+
+    fs, paths = part_paths(output)
+    return [row for p in paths for row in pq.read_table(p, filesystem=fs).to_pylist()]
+
+
 def label_row(key: str, label: str | None = "cat", error: RowError | str | None = None) -> dict:
     """One output row as the sink stores it (error None = labeled). A :class:`RowError` is this
     version's failed row; a string, the ``error`` of an earlier version's, which had no

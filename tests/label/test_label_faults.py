@@ -8,10 +8,9 @@ from __future__ import annotations
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import SMALL, label_row, wait_for
+from helpers import SMALL, label_row, output_rows, wait_for
 from skray.cli import EXIT_INCOMPLETE, EXIT_REFUSED, main
 from skray.dev.embedded import LocalRayHead
 from skray.dev.s3proxy import FaultyS3Proxy
@@ -19,7 +18,7 @@ from skray.dev.testing import synthetic_image
 from skray.io.storage import join, read_json, write_bytes_atomic
 from skray.label.config import LabelConfig
 from skray.label.job import run
-from skray.label.sinks import MANIFEST, part_paths, write_part
+from skray.label.sinks import MANIFEST, write_part
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -29,11 +28,6 @@ def write_images(data: str, n: int) -> list[str]:
     for i, key in enumerate(keys):
         write_bytes_atomic(key, synthetic_image(i))
     return keys
-
-
-def output_rows(output: str) -> list[dict]:
-    fs, paths = part_paths(output)
-    return [row for p in paths for row in pq.read_table(p, filesystem=fs).to_pylist()]
 
 
 def reads(proxy: FaultyS3Proxy) -> int:

@@ -11,15 +11,14 @@ import sys
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import label_row, parquet_bytes, tar_bytes, wait_for
+from helpers import label_row, output_rows, parquet_bytes, tar_bytes, wait_for
 from skray.io.storage import join, read_json, write_bytes_atomic
 from skray.label import plan
 from skray.label.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost
 from skray.label.plan import make_plan
-from skray.label.sinks import part_paths, withdraw_rows, write_part
+from skray.label.sinks import withdraw_rows, write_part
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,11 +29,6 @@ def keys(names) -> list[str]:
 
 def commit(output: str, unit_keys: list[str], unit: str) -> None:
     write_part(output, unit, [label_row(k) for k in sorted(unit_keys)])
-
-
-def output_rows(output: str) -> list[dict]:
-    fs, paths = part_paths(output)
-    return [row for p in paths for row in pq.read_table(p, filesystem=fs).to_pylist()]
 
 
 def planned_keys(p) -> list[str]:
