@@ -196,14 +196,13 @@ def summarize_output(output: str, top: int = 10) -> dict[str, Any]:
     """Counts over every committed part: rows, distinct keys, failures by reason, low-confidence
     rows (no error, no label: under ``min_score``), top labels.
 
-    Reads three columns through Arrow and counts there, so a 10M-row output stays a few
+    Reads four columns through Arrow and counts there, so a 10M-row output stays a few
     hundred MB, never a Python object per row."""
     fs, paths = part_paths(output)
     columns = ["key", "label", "reason", "error"]
-    if paths:  # the schema given: a part of an earlier version, with no reason column, reads
-        table = pads.dataset(  # as null reasons
-            paths, schema=LABEL_SCHEMA, filesystem=fs, format="parquet"
-        ).to_table(columns=columns)
+    if paths:  # by the schema: a part of an earlier version reads as null reasons
+        dataset = pads.dataset(paths, schema=LABEL_SCHEMA, filesystem=fs, format="parquet")
+        table = dataset.to_table(columns=columns)
     else:
         table = pa.table({c: pa.array([], pa.string()) for c in columns})
     errors = table.column("error")

@@ -212,8 +212,8 @@ def scan_output(
     folder = _Folder(random_k, lowest_k, keep, seed)
 
     def read(path: str) -> pa.Table:
-        # The schema given: a part of an earlier version, with no reason column, reads
-        return pq.read_table(path, columns=columns, filesystem=fs, schema=LABEL_SCHEMA)  # null
+        # By the schema: a part of an earlier version, with no reason column, reads as nulls.
+        return pq.read_table(path, columns=columns, filesystem=fs, schema=LABEL_SCHEMA)
 
     for table in _read_ahead(paths, read, READ_AHEAD):
         folder.scan.parts += 1

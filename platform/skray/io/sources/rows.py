@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from skray.core.errors import one_line
 from skray.core.images import REASONS as IMAGE_REASONS
-from skray.core.images import ImageDecodeError
 from skray.io.storage import redact_uri
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # one image file, tar member or Parquet cell
@@ -64,10 +63,6 @@ class RowError:
     def __post_init__(self) -> None:
         if self.reason not in ROW_REASONS and self.reason != INCOMPLETE:
             raise ValueError(f"{self.reason!r} is not a documented row reason: {ROW_REASONS}")
-
-    @classmethod
-    def of(cls, err: ImageDecodeError) -> "RowError":
-        return cls(err.reason, err.detail)
 
     def __str__(self) -> str:
         return f"{self.reason}: {one_line(self.message)}"
