@@ -9,6 +9,11 @@ bytes read, and img/s of each whole run (start-up included, alike on both sides)
 S3 / local-disk ratio (target for shards >= 0.9). The job's report reads a sample of the
 input again for its thumbnails: those reads are measured apart, by writing the report alone.
 
+Listing is measured apart, through the same proxy: ``--listed-keys`` objects spread over
+``--sub-prefixes`` folders, listed by ``listing_tables`` one sub-prefix at a time (one
+sequential LIST, as before) and with the default sub-prefixes in flight. Printed: LIST
+requests, seconds, keys/s and the speed-up.
+
     python benchmarks/s3_requests.py [--model skresnext50_32x4d] [--images 1000] [--shards 8]
 """
 
@@ -19,6 +24,8 @@ import math
 import os
 import shutil
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -28,7 +35,8 @@ from skray.dev.embedded import EmbeddedS3
 from skray.dev.s3proxy import FaultyS3Proxy
 from skray.dev.testing import synthetic_image, webdataset_shard
 from skray.io.objects import DEFAULT_BUFFER_BYTES
-from skray.io.storage import join, write_bytes_atomic
+from skray.io.sources import listing
+from skray.io.storage import join, s3_client, write_bytes_atomic
 from skray.label.config import ActorsConfig, LabelConfig
 from skray.label.job import run
 from skray.report.page import write_report
@@ -49,6 +57,22 @@ def write_inputs(root: str, images: int, shards: int, per_shard: int) -> dict[st
         write_bytes_atomic(join(root, f"shards/{s:05d}.tar"), data)
         sizes["shards"].append(len(data))
     return sizes
+
+
+def put_keys(bucket: str, keys: list[str]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3_client().put_object(Bucket=bucket, Key=k, Body=b"x"), keys))
+
+
+def timed_listing(uri: str, in_flight: int) -> tuple[int, float]:
+    """Keys listed under ``uri`` with ``in_flight`` sub-prefixes at once, and the seconds."""
+    default, listing.PREFIXES_IN_FLIGHT = listing.PREFIXES_IN_FLIGHT, in_flight
+    try:
+        started = time.perf_counter()
+        keys = sum(t.num_rows for t in listing.listing_tables(uri))
+        return keys, time.perf_counter() - started
+    finally:
+        listing.PREFIXES_IN_FLIGHT = default
 
 
 def reads(counts: dict[str, int]) -> int:
@@ -77,6 +101,8 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=250, help="samples per shard")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--listed-keys", type=int, default=20_000)
+    parser.add_argument("--sub-prefixes", type=int, default=20)
     args = parser.parse_args()
     print(cpu_summary())
 
@@ -86,9 +112,19 @@ def main() -> None:
         s3.create_bucket(BUCKET)
         sizes = write_inputs(join(local, "in"), args.images, args.shards, args.per_shard)
         write_inputs(f"s3://{BUCKET}/in", args.images, args.shards, args.per_shard)
+        per = args.listed_keys // args.sub_prefixes
+        put_keys(
+            BUCKET,
+            [f"in/many/{p:04d}/{i:06d}.jpg" for p in range(args.sub_prefixes) for i in range(per)],
+        )
         with FaultyS3Proxy(s3.endpoint_url, latency_s=args.latency_ms / 1000) as proxy:
             os.environ["AWS_ENDPOINT_URL"] = proxy.url  # before Ray starts: its workers inherit it
             proxy.counted_keys = INPUT_KEYS
+            listed = []
+            for in_flight in (1, listing.PREFIXES_IN_FLIGHT):
+                proxy.reset_counts()
+                keys, seconds = timed_listing(f"s3://{BUCKET}/in/many", in_flight)
+                listed.append((in_flight, keys, proxy.counts()["LIST"], seconds))
             ray.init(num_cpus=4, logging_level="ERROR", include_dashboard=False)
             # Warm-up: worker processes and the model's first compile, counted by neither side.
             label(join(local, "in/loose"), join(local, "out/warm-up"), args.model, args.batch)
@@ -132,6 +168,14 @@ def main() -> None:
         )
         by_kind = {k: v for k, v in job.items() if v}
         print(f"  {layout} on S3, the job's requests by kind: {by_kind}")
+    print(f"\nListing {args.listed_keys} keys in {args.sub_prefixes} sub-prefixes:")
+    print("| sub-prefixes in flight | keys | LIST requests | s | keys/s | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for in_flight, keys, lists, seconds in listed:
+        print(
+            f"| {in_flight} | {keys} | {lists} | {seconds:.2f} | {keys / seconds:,.0f} "
+            f"| {listed[0][3] / seconds:.2f} |"
+        )
     shutil.rmtree(local, ignore_errors=True)
 
 

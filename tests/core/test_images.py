@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from skray.core.errors import IMAGE_REASONS
 from skray.core.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    REASONS,
     ImageDecodeError,
     PreprocessingConfig,
     decode_for_eval,
@@ -275,7 +275,13 @@ def test_decode_error_is_a_value_error_that_survives_pickling():
     assert isinstance(error, ValueError)
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.reason, str(copy)) == ("truncated", "truncated: image file is truncated")
-    assert set(REASONS) == {"empty", "not_an_image", "truncated", "too_many_pixels", "undecodable"}
+    assert set(IMAGE_REASONS) == {
+        "empty",
+        "not_an_image",
+        "truncated",
+        "too_many_pixels",
+        "undecodable",
+    }
 
 
 def test_decode_error_rejects_unknown_reason_codes():

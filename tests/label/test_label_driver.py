@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import SMALL, label_row, write_files
+from helpers import SMALL, label_row, parquet_bytes, write_files
 from skray.core.model import create_model
 from skray.dev.testing import synthetic_image
 from skray.io.sources import InputError
-from skray.io.storage import exists, join, read_json, write_json
+from skray.io.storage import exists, join, read_json, write_bytes_atomic, write_json
 from skray.label import progress, resources
 from skray.label.config import ActorsConfig, LabelConfig
 from skray.label.job import Prepared, prepare
@@ -80,9 +80,13 @@ def prepared():
         leases.append(result.lease)
         return result
 
+    def release() -> None:
+        while leases:
+            leases.pop().release()
+
+    run_prepare.release = release
     yield run_prepare
-    for lease in leases:
-        lease.release()
+    release()
 
 
 def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: LabelConfig, prepared):
@@ -96,6 +100,30 @@ def test_prepare_plans_units_records_the_job_and_reports_random_weights(job: Lab
     }
     assert p.weights["random_weights"] and p.weights["model"] == SMALL
     assert p.weights["num_classes"] == 1000
+
+
+def test_prepare_lists_the_input_from_its_inventory_when_given_one(bucket: str, tmp_path, prepared):
+    keys = [f"{bucket}/data/img{i}.jpg" for i in range(5)]
+    for key in keys:
+        write_bytes_atomic(key, synthetic_image(0))
+    listing = f"{bucket}/inventory/listing.parquet"  # a Parquet listing: key and size
+    rows = [(k, len(synthetic_image(0))) for k in [*reversed(keys), f"{bucket}/elsewhere/x.jpg"]]
+    write_bytes_atomic(
+        listing, parquet_bytes({"key": [k for k, _ in rows], "size": [n for _, n in rows]})
+    )
+    cfg = LabelConfig(
+        input=f"{bucket}/data", output=str(tmp_path / "out"), model=SMALL, files_per_unit=2
+    )
+
+    listed = prepared(cfg).plan
+    listed_units = listed.units
+    prepared.release()
+    from_inventory = prepared(cfg.model_copy(update={"input_inventory": listing})).plan
+
+    assert from_inventory.units == listed_units and from_inventory.listed == 5
+    missing = cfg.model_copy(update={"input_inventory": f"{bucket}/inventory/none.parquet"})
+    with pytest.raises(InputError, match="none.parquet"):
+        prepare(missing)
 
 
 def test_prepare_leaves_out_the_keys_already_committed(job: LabelConfig, prepared):

@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 
+import pyarrow as pa
 import pytest
 
 from helpers import label_row, output_rows, parquet_bytes, tar_bytes, wait_for
+from skray.io import external_sort
 from skray.io.storage import join, read_json, write_bytes_atomic
-from skray.label import plan
 from skray.label.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost
 from skray.label.plan import make_plan
 from skray.label.sinks import withdraw_rows, write_part
@@ -49,11 +50,17 @@ def test_plan_of_a_fresh_output_cuts_the_sorted_listing_into_units_named_after_t
     assert make_plan(listing, str(tmp_path / "out"), files_per_unit=3).units == p.units
 
 
-@pytest.mark.parametrize("batch_keys", [3, 1 << 21], ids=["many-batches", "one-batch"])
+@pytest.mark.parametrize("run_rows", [3, 1 << 20], ids=["spilled", "in-memory"])
 def test_a_rerun_after_files_added_first_middle_last_and_some_removed_plans_only_new_keys(
-    tmp_path, monkeypatch, batch_keys
+    tmp_path, monkeypatch, run_rows
 ):
-    monkeypatch.setattr(plan, "BATCH_KEYS", batch_keys)
+    spilled, spill = [], external_sort._spill
+
+    def counted(table: pa.Table, *where) -> str:
+        spilled.append(table.num_rows)
+        return spill(table, *where)
+
+    monkeypatch.setattr(external_sort, "_spill", counted)
     output = str(tmp_path / "out")
     first = keys(f"m{i:03d}" for i in range(20))
     for start in range(0, 20, 8):
@@ -61,13 +68,21 @@ def test_a_rerun_after_files_added_first_middle_last_and_some_removed_plans_only
     added = keys(["a0", "a1", "m005x", "m010x", "m010y", "z0", "z1"])  # first, middle, last
     removed = [first[0], first[9], first[19]]
     listing = sorted(set(first) - set(removed) | set(added))
+    streamed = [  # as listing_tables gives it: sorted tables of a few keys each
+        pa.table({"key": listing[i : i + 5], "size": [1] * len(listing[i : i + 5])})
+        for i in range(0, len(listing), 5)
+    ]
 
-    p = make_plan(listing, output, files_per_unit=4)
+    p = make_plan(iter(streamed), output, files_per_unit=4, run_rows=run_rows)
 
     assert planned_keys(p) == sorted(added)
     assert p.committed_rows == 20 and p.committed_parts == 3
     assert p.removed_rows == 3
     assert p.listed == len(listing)
+    assert sorted(spilled) == ([4, 8, 8] if run_rows == 3 else []), "a part at a time, spilled"
+    assert [u.id for u in p.units] == [
+        u.id for u in make_plan(listing, output, files_per_unit=4).units
+    ]
 
 
 def test_a_rerun_of_an_unchanged_input_plans_nothing(tmp_path):

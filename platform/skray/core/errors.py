@@ -6,6 +6,10 @@ traceback, whichever command raised it. Any other exception is a bug and keeps i
 
 MESSAGE_MAX_CHARS = 300  # of a message a row or a log line carries
 
+# Why bytes are not a usable image (``skray.core.images.ImageDecodeError``): kept here, so that
+# what reads and reports rows knows the codes without loading torch.
+IMAGE_REASONS = ("empty", "not_an_image", "truncated", "too_many_pixels", "undecodable")
+
 
 class SkrayError(ValueError):
     """Something the user gave cannot be used; the message says what and where."""

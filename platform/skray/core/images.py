@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 from torchvision.transforms import InterpolationMode, v2
 
-from skray.core.errors import one_line
+from skray.core.errors import IMAGE_REASONS, one_line
 from skray.core.model import DEFAULT_MODEL, IMAGENET_MEAN, IMAGENET_STD, model_spec
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "FORMATS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "REASONS",
     "ImageDecodeError",
     "PreprocessingConfig",
     "decode_for_eval",
@@ -60,8 +59,6 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # is "not_an_image". Pillow opens multi-picture JPEGs (MPO) through the JPEG entry.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
-REASONS = ("empty", "not_an_image", "truncated", "too_many_pixels", "undecodable")
-
 # Transparent pixels are composited over white: photos with cut-out backgrounds
 # (product shots, logos) are conventionally shown on white, and the colour stored
 # under alpha=0 is arbitrary garbage that must not reach the model.
@@ -69,15 +66,17 @@ BACKGROUND = (255, 255, 255)
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that are not a usable image; ``reason`` is one of :data:`REASONS`.
+    """Bytes that are not a usable image; ``reason`` is one of :data:`IMAGE_REASONS`.
 
     Callers branch and count on the stable code, humans read ``str(e)``, e.g.
     ``"truncated: image file is truncated (12 bytes not processed)"``.
     """
 
     def __init__(self, reason: str, detail: str):
-        if reason not in REASONS:
-            raise ValueError(f"unknown decode-error reason {reason!r}; expected one of {REASONS}")
+        if reason not in IMAGE_REASONS:
+            raise ValueError(
+                f"unknown decode-error reason {reason!r}; expected one of {IMAGE_REASONS}"
+            )
         # Both go to ``args`` so the error pickles intact across Ray workers.
         super().__init__(reason, detail)
         self.reason = reason

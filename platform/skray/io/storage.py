@@ -154,7 +154,7 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
     uri = os.fspath(uri)
     if is_remote(uri):
         fs, path = filesystem_for(uri, s3_options_from_env({"allow_delayed_open": True}))
-        with fs.open_output_stream(path) as stream:
+        with fs.open_output_stream(path, compression=None) as stream:  # a .gz is bytes too
             stream.write(data)
         return
     _write_local(uri, data, os.replace)
@@ -281,6 +281,38 @@ def read_range(uri: str | os.PathLike, start: int, length: int) -> bytes:
         raise _s3_error(err, "reading", uri) from err
     except BotoCoreError as err:  # resets, timeouts, a body cut short
         raise _s3_error(err, "reading", uri) from err
+
+
+PAGE_KEYS = 1000  # keys per LIST page: S3's most
+
+
+def list_page(
+    bucket: str, prefix: str, delimiter: str | None = None, token: str | None = None
+) -> tuple[list[tuple[str, int]], list[str], str | None]:
+    """One LIST request (``ListObjectsV2``, up to ``PAGE_KEYS`` keys): the page's objects as (key,
+    size) and common prefixes, each in key order, and the token of the next page (None: the
+    last). pyarrow gathers a whole listing before it returns any; a page at a time lets a
+    100M-key listing stream. Raises ``FileNotFoundError`` for a missing bucket, ``OSError``
+    on a fault."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    args = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_KEYS}
+    if delimiter:
+        args["Delimiter"] = delimiter
+    if token:
+        args["ContinuationToken"] = token
+    uri = f"s3://{bucket}/{prefix}"
+    try:
+        page = s3_client().list_objects_v2(**args)
+    except ClientError as err:
+        if err.response["Error"]["Code"] == "NoSuchBucket":
+            raise FileNotFoundError(f"bucket {bucket} does not exist") from None
+        raise _s3_error(err, "listing", uri) from err
+    except BotoCoreError as err:
+        raise _s3_error(err, "listing", uri) from err
+    files = [(o["Key"], o["Size"]) for o in page.get("Contents", ())]
+    prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+    return files, prefixes, page.get("NextContinuationToken") if page.get("IsTruncated") else None
 
 
 def _s3_error(err: Exception, doing: str, uri: str) -> OSError:

@@ -85,6 +85,11 @@ class LabelConfig(StrictModel):
     exclude: list[str] = Field(
         [], description="globs, relative to the input, of files to skip (hidden ones always are)"
     )
+    input_inventory: str | None = Field(
+        None,
+        description="an S3 Inventory manifest.json (or a Parquet/CSV listing) of the input's "
+        "bucket, read instead of LISTing it; the input, exclude and hidden names still apply",
+    )
     model: ModelName | None = Field(
         None, description="None: the architecture recorded in the weights, else the default"
     )

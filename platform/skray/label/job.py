@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+import pyarrow as pa
 
 from skray.core.model import DEFAULT_MODEL
 from skray.io.config import dump_config
 from skray.io.retry import StorageUnavailable, call_with_retry
-from skray.io.sources import list_inputs
+from skray.io.sources import listing_tables
 from skray.io.sources.rows import incomplete_reason
 from skray.io.storage import join, read_json, redact_text, redact_uri, write_json
 from skray.label.commit import UnitCommitter
@@ -84,7 +86,15 @@ def prepare(cfg: LabelConfig) -> Prepared:
     """Everything checked before any work: the input, the weights (pinned), the output and its
     lease. Only then does ``--overwrite`` delete, and the earlier manifest is withdrawn so a
     reader never takes a partial output for a complete one."""
-    files = list_inputs(cfg.input, cfg.exclude, cfg.io_retry)
+    # The listing's first table is read now (a missing or empty input fails first) and the
+    # rest streams into the plan at the end; closed on any failure in between.
+    with closing(
+        listing_tables(cfg.input, cfg.exclude, cfg.io_retry, cfg.input_inventory)
+    ) as files:
+        return _prepare_listed(cfg, files)
+
+
+def _prepare_listed(cfg: LabelConfig, files: Iterator[pa.Table]) -> Prepared:
     pinned = pin_weights(cfg.weights, cfg.model)
     model, loaded = load_model(cfg.model, pinned)  # weights that do not fit fail here
     weights = {
@@ -150,7 +160,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             f"[label] {plan.listed} inputs listed, "
             f"{plan.committed_rows} keys already committed "
             f"({plan.committed_parts} parts), {plan.removed_rows} no longer in the input; "
-            f"{len(plan.units)} units to do; precision {precision} ({why})",
+            f"{plan.todo.num_rows} units to do; precision {precision} ({why})",
             flush=True,
         )
         progress = Progress(plan.pending_rows, cfg.progress_interval_s)
@@ -160,10 +170,10 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         )
         _heal(cfg, plan, lease.check)
         with committer:
-            if plan.units:
+            if plan.todo.num_rows:
                 ray.init(ignore_reinit_error=True)
                 live = RunMetrics(redact_uri(cfg.output), plan.pending_rows)
-                dataset = build_dataset(cfg, plan.units, prepared.pinned)
+                dataset = build_dataset(cfg, plan.todo, prepared.pinned)
                 for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     lease.check()
                     progress.stages.add(batch)
@@ -239,7 +249,7 @@ def not_read(plan: Plan, incomplete: dict[str, str]) -> dict[str, Any] | None:
     units per reason. The next run reads exactly these."""
     if not incomplete:
         return None
-    units = [u for u in plan.units if u.id in incomplete]
+    units = plan.units_of(incomplete)
     reasons: dict[str, int] = {}
     for why in incomplete.values():
         reason = incomplete_reason(why)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from skray.inference.classifier import resolve_decode
 from skray.inference.quantize import calibration_crops
 from skray.io.config import resolve_gpus
-from skray.io.sources import SampleLimits, Unit
+from skray.io.sources import SampleLimits
 from skray.io.storage import redact_uri
 from skray.label.config import LabelConfig
 from skray.label.resources import (
@@ -26,10 +28,10 @@ if TYPE_CHECKING:
 
 
 def build_dataset(
-    cfg: LabelConfig, units: list[Unit], pinned: PinnedWeights | None
+    cfg: LabelConfig, units: pa.Table, pinned: PinnedWeights | None
 ) -> ray.data.Dataset:
-    """The labeled rows of ``units``, streamed: one read+decode task per unit, then the model
-    actors in batches of ``cfg.batch_size``."""
+    """The labeled rows of ``units`` (a plan's rows of ``Unit.to_row``), streamed: one
+    read+decode task per unit, then the model actors in batches of ``cfg.batch_size``."""
     import ray
     import ray.data
 
@@ -46,7 +48,8 @@ def build_dataset(
     # environment, and pinned weights name a concrete file, so no MLflow store is needed
     env = cfg.s3.env()
     runtime_env = {"env_vars": env} if env else None
-    ds = ray.data.from_items([u.to_row() for u in units], override_num_blocks=len(units))
+    # a block per unit, each its own row's copy: a slice would ship the whole plan's buffers
+    ds = ray.data.from_arrow([units.take([i]) for i in range(units.num_rows)])
     ds = ds.map_batches(
         read_and_decode,
         fn_kwargs={

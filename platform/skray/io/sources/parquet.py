@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from skray.io.objects import ResumableFile
 from skray.io.retry import IoRetry, StorageUnavailable, is_missing
-from skray.io.sources.listing import InputError
+from skray.io.sources.inputs import InputError
 from skray.io.sources.rows import RowError, make_row, missing, too_large
 
 PARQUET_BATCH_ROWS = 16  # rows decoded from Parquet at a time: at most this many objects held

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from skray.core.errors import one_line
-from skray.core.images import REASONS as IMAGE_REASONS
+from skray.core.errors import IMAGE_REASONS, one_line
 from skray.io.storage import redact_uri
 
 DEFAULT_MAX_OBJECT_BYTES = 64 * 2**20  # one image file, tar member or Parquet cell

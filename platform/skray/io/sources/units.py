@@ -19,6 +19,15 @@ from skray.io.sources.rows import DEFAULT_MAX_OBJECT_BYTES, RowError, incomplete
 from skray.io.sources.webdataset import SampleLimits, read_webdataset
 
 UNKNOWN_ROWS = -1  # ``unit_rows`` of a row not in its unit's last batch
+UNIT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("format", pa.string()),
+        ("uris", pa.list_(pa.string())),
+        ("rows", pa.int64()),
+        ("sizes", pa.list_(pa.int64())),
+    ]
+)  # :meth:`Unit.to_row` as Arrow: a plan of 10M keys held as Python strings would be a GB
 
 
 @dataclass(frozen=True)
