@@ -177,12 +177,14 @@ def test_a_part_that_cannot_be_written_fails_the_run_without_a_manifest_and_the_
     assert len(committed_units(labels)) < 4 and not exists(join(labels, MANIFEST))
 
     os.rmdir(blocked)
+    done = set(output_keys(labels))
     manifest = run(cfg)
 
     assert sorted(output_keys(labels)) == keys and manifest["rows"] == len(keys)
     timings = manifest["timings"]
     assert timings["model_img_per_s"] > 0 and timings["decode_img_per_s"] > 0
     assert 0 < timings["actor_busy_fraction"] <= 1 and timings["actor_wait_s"] >= 0
+    assert timings["read_bytes"] == sum(os.path.getsize(k) for k in keys if k not in done)
 
 
 def raylet_pid(socket_name: str) -> int:

@@ -8,9 +8,10 @@ actor pool): loads the model once per actor in its fast form and turns crops int
 labels. Crops are normalized next to the model, the same arithmetic as
 :func:`skray.core.images.preprocess`.
 
-Stage figures ride along as float64 columns, per row (the batch's seconds / its rows), for
-the driver to sum: ``decode_s`` (read + decode), ``model_s`` (forward) and ``wait_s`` (the
-actor idle before this batch arrived).
+Stage figures ride along as columns, per row (the batch's seconds / its rows), for the driver
+to sum: ``decode_s`` (read + decode), ``model_s`` (forward) and ``wait_s`` (the actor idle
+before this batch arrived), and ``read_bytes``, what the read stage took from storage for the
+row (its object, member or cell; none for a row never read).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ PASSTHROUGH = ("key", "reason", "error", "meta", "unit", "unit_rows")
 def _passthrough(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     out = {name: np.array([row[name] for row in rows], dtype=object) for name in PASSTHROUGH}
     out["unit_rows"] = out["unit_rows"].astype(np.int64)
+    out["read_bytes"] = np.array([len(row["data"]) for row in rows], dtype=np.int64)
     return out
 
 
@@ -169,6 +171,7 @@ class Predictor:
                 "decode_s": np.asarray(batch["decode_s"], dtype=np.float64) + decode_s / n,
                 "model_s": np.full(n, model_s / n),
                 "wait_s": np.full(n, wait_s / n),
+                "read_bytes": np.asarray(batch["read_bytes"], dtype=np.int64),
             },
         )
         self.metrics.batch(
@@ -268,6 +271,6 @@ class Predictor:
                 **{f.name: pa.array(labels[f.name], f.type) for f in LABEL_SCHEMA},
                 "unit": pa.array(batch["unit"], pa.string()),
                 "unit_rows": pa.array(batch["unit_rows"], pa.int64()),
-                **{name: pa.array(values, pa.float64()) for name, values in stages.items()},
+                **{name: pa.array(values) for name, values in stages.items()},
             }
         )

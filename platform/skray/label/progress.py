@@ -24,22 +24,29 @@ class StageTimes:
     """Where the workers' time went, from per-row columns the stages add (a batch's seconds
     over its rows): ``decode_s`` in a read+decode task, ``model_s`` in a model actor's
     ``__call__``, ``wait_s`` an actor idle before it (waiting for input). Summed on the
-    driver as batches arrive; a column no stage sent leaves its figures out."""
+    driver as batches arrive; a column no stage sent leaves its figures out. ``read_bytes``
+    sums what the read stage took from storage."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.rows: dict[str, int] = defaultdict(int)
+        self.read_bytes: int | None = None
 
     def add(self, batch: pa.Table) -> None:
         for name in STAGE_COLUMNS:
             if name in batch.column_names:
                 self.seconds[name] += pc.sum(batch.column(name)).as_py() or 0.0
                 self.rows[name] += batch.num_rows
+        if "read_bytes" in batch.column_names:
+            self.read_bytes = (self.read_bytes or 0) + (pc.sum(batch["read_bytes"]).as_py() or 0)
 
     def figures(self) -> dict[str, float]:
         """decode img/s per decode task, model img/s per actor, the actors' busy fraction
-        (model over model + wait: on GPUs, how busy the GPUs were) and the actors' wait."""
+        (model over model + wait: on GPUs, how busy the GPUs were), the actors' wait and the
+        bytes read."""
         seconds, figures = self.seconds, {}
+        if self.read_bytes is not None:
+            figures["read_bytes"] = self.read_bytes
         for name, stage in (("decode_s", "decode"), ("model_s", "model")):
             if seconds.get(name, 0) > 0:
                 figures[f"{stage}_img_per_s"] = round(self.rows[name] / seconds[name], 3)
