@@ -23,7 +23,8 @@ from skray.core.device_decode import DeviceDecoder
 from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
-from skray.label.predictor import Predictor
+from skray.io.sources.rows import make_row
+from skray.label.predictor import Predictor, bytes_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -142,17 +143,9 @@ def test_a_compiled_model_pads_a_short_batch_to_its_shape_and_never_recompiles()
 
 
 def predictor_batch(blobs: list[bytes]) -> dict[str, np.ndarray]:
-    n = len(blobs)
-    return {
-        "key": np.array([f"k{i:03d}" for i in range(n)], dtype=object),
-        "reason": np.array([None] * n, dtype=object),
-        "error": np.array([None] * n, dtype=object),
-        "meta": np.array([None] * n, dtype=object),
-        "unit": np.array(["u"] * n, dtype=object),
-        "unit_rows": np.full(n, -1, dtype=np.int64),
-        "decode_s": np.zeros(n),
-        "data": np.array(blobs, dtype=object),
-    }
+    """The batch a ``decode="gpu"`` read task hands the actors: rows of one unit, as bytes."""
+    rows = [{**make_row(f"k{i:03d}", b), "unit": "u", "unit_rows": -1} for i, b in enumerate(blobs)]
+    return {**bytes_rows(rows), "decode_s": np.zeros(len(blobs))}
 
 
 def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillow_path(images):
@@ -180,6 +173,7 @@ def test_the_predictor_decoding_bytes_in_prefetched_chunks_labels_like_the_pillo
         else:
             assert row["error"] is None and row["label_id"] == expected.label_id
     assert all(row["model_s"] > 0 and row["decode_s"] > 0 for row in table)
+    assert [row["read_bytes"] for row in table] == [len(b) for b in blobs]
 
 
 @pytest.mark.slow
