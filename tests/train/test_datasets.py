@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
+import cloudpickle
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,11 +28,29 @@ EVAL = PreprocessingConfig(image_size=48, crop_pct=1.0)
 def read_all(data, train: bool = False) -> tuple[list[int], int]:
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
     labels, images = [], 0
-    for batch in read_labeled(units, data, 48, train, EVAL, {}, batch_size=8):
+    for batch in read_labeled(units, data, 48, train, EVAL.model_dump(), {}, batch_size=8):
         assert batch["image"].dtype.name == "uint8" and batch["image"].shape[1:] == (3, 48, 48)
         labels += batch["label"].tolist()
         images += len(batch["image"])
     return sorted(labels), images
+
+
+def test_what_ray_data_ships_of_a_dataset_unpickles_without_torch(tmp_path):
+    """Ray Train's controller, dataset manager and split coordinators unpickle the dataset's
+    plan: torch and torchvision would cost each of them seconds per run."""
+    write_labeled_folder(str(tmp_path), classes=2, per_class=2)
+    data = discover(str(tmp_path), "folder")
+    shipped = cloudpickle.dumps((read_labeled, {"data": data, "eval_cfg": EVAL.model_dump()}))
+    check = (
+        "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", check], input=shipped, capture_output=True, check=True
+    )
+
+    assert loaded.stdout.decode().strip() == "[]"
 
 
 def test_a_folder_dataset_labels_images_by_their_sorted_class_directory(tmp_path):
@@ -110,7 +131,7 @@ def test_evaluation_reads_and_crops_a_unit_exactly_as_labeling_does(tmp_path):
     data = discover(str(tmp_path), "folder")
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
 
-    [evaluated] = read_labeled(units, data, 48, False, EVAL, {}, batch_size=8)
+    [evaluated] = read_labeled(units, data, 48, False, EVAL.model_dump(), {}, batch_size=8)
     [labeled] = read_and_decode(units, EVAL, 8, "image", None, max_object_bytes=2**20)
 
     assert np.array_equal(evaluated["image"], labeled["image"])

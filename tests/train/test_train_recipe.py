@@ -195,7 +195,13 @@ def crops(data, *, train: bool, augment: dict, seed: int) -> torch.Tensor:
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
     batches = list(
         read_labeled(
-            units, data, 48, train, PreprocessingConfig(image_size=48), augment, batch_size=64
+            units,
+            data,
+            48,
+            train,
+            PreprocessingConfig(image_size=48).model_dump(),
+            augment,
+            batch_size=64,
         )
     )
     assert all((b["label"] != BAD_LABEL).all() for b in batches)

@@ -10,6 +10,12 @@ Three layouts, local or ``s3://``, read and decoded like the labeling job's inpu
 Rows leave a read task as uint8 crops (random-resized for training, the eval
 crop otherwise) with an int64 ``label``; an image that does not decode keeps a
 blank crop and ``label = -1`` so that the training loop can count and skip it.
+
+This module does not import torch: Ray Train's controller, its dataset manager and the
+split coordinators unpickle the dataset's plan, and so import this module and whatever its
+arguments are made of — torch and torchvision cost each of them seconds of CPU per run. The
+decode step imports them where it runs, and the plan carries the eval preprocessing as plain
+values.
 """
 
 from __future__ import annotations
@@ -22,21 +28,22 @@ import random
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from skray.core.crops import crop_rows
-from skray.core.images import PreprocessingConfig, decode_for_eval, decode_for_train, train_augment
 from skray.io.retry import StorageUnavailable
 from skray.io.sources import InputError, Unit, group_units, list_inputs, table_batches
 from skray.io.sources.listing import is_hidden
 from skray.io.sources.rows import incomplete_reason
 from skray.io.sources.webdataset import BoundedTarInfo
 from skray.io.storage import filesystem_for
+
+if TYPE_CHECKING:
+    from skray.core.images import PreprocessingConfig
 
 DatasetFormat = Literal["folder", "webdataset", "parquet"]
 BAD_LABEL = -1
@@ -195,15 +202,25 @@ def read_labeled(
     data: LabeledData,
     image_size: int,
     train: bool,
-    eval_cfg: PreprocessingConfig,
+    eval_cfg: dict[str, Any],
     augment: dict[str, Any],
     batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: units -> batches of {image: uint8 (N, 3, S, S), label: int64}, read and
     decoded like the labeling job's (:func:`skray.core.crops.crop_rows`), with a random
-    training crop or ``eval_cfg``'s eval crop. A row that does not read or decode is labeled
-    BAD_LABEL; storage that keeps failing past its retry budget fails the task instead (Ray
-    Data retries it; a transient fault never counts as a skipped image)."""
+    training crop or the eval crop of ``eval_cfg`` (a ``PreprocessingConfig``'s values). A row
+    that does not read or decode is labeled BAD_LABEL; storage that keeps failing past its
+    retry budget fails the task instead (Ray Data retries it; a transient fault never counts
+    as a skipped image)."""
+    from skray.core.crops import crop_rows
+    from skray.core.images import (
+        PreprocessingConfig,
+        decode_for_eval,
+        decode_for_train,
+        train_augment,
+    )
+
+    eval_cfg = PreprocessingConfig.model_validate(eval_cfg)
     if train:
         crop = functools.partial(
             decode_for_train,
@@ -256,7 +273,7 @@ def ray_dataset(
             "data": data,
             "image_size": image_size,
             "train": train,
-            "eval_cfg": eval_cfg,
+            "eval_cfg": eval_cfg.model_dump(),
             "augment": augment or {},
             "batch_size": batch_size,
         },
