@@ -21,9 +21,7 @@ loses those rows, a shard's part goes — which the job does before any new part
 from __future__ import annotations
 
 import posixpath
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from skray.core.concurrency import ordered_map
 from skray.io.external_sort import sorted_tables
 from skray.io.sources import LISTING_SCHEMA, UNIT_SCHEMA, Format, Listing, Unit, shard_unit, unit_id
 from skray.io.sources.rows import EARLIER_IO_ERROR
@@ -80,19 +79,6 @@ class Plan:
         return None if rows.null_count else pc.sum(rows).as_py() or 0
 
 
-def _ordered_map(fn, items: list[str], in_flight: int) -> Iterator:
-    """``fn`` of each item, in order, at most ``in_flight`` running or done-but-unread: an
-    executor's ``map`` submits everything at once, a future per part of a 100M-key output."""
-    with ThreadPoolExecutor(in_flight) as pool:
-        running: deque = deque()
-        for item in items:
-            running.append(pool.submit(fn, item))
-            if len(running) >= in_flight:
-                yield running.popleft().result()
-        while running:
-            yield running.popleft().result()
-
-
 def _shard_part(name: str, key: str) -> bool:
     """Whether the part ``name`` is a shard's or a Parquet file's, from one of its keys
     (``file#member`` or, for the file's own error row, ``file``)."""
@@ -124,7 +110,7 @@ def _committed_keys(
     def read(path: str) -> tuple[str, pa.Table]:
         return path, pq.ParquetFile(path, filesystem=fs).read(columns=["key", "error"])
 
-    for path, part in _ordered_map(read, paths, PARTS_IN_FLIGHT):
+    for path, part in ordered_map(read, paths, PARTS_IN_FLIGHT):
         committed.parts += 1
         name, keys = posixpath.basename(path), part.column("key")
         earlier = pc.fill_null(

@@ -14,15 +14,15 @@ A row with no error and no label is *low confidence* (the model abstained under
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from skray.core.concurrency import ordered_map
 from skray.io.storage import redact_uri
 from skray.label.sinks import LABEL_SCHEMA, OutputError, part_paths, reason_codes
 
@@ -105,20 +105,6 @@ class Scan:
             return []
         picked = table.filter(pc.equal(table.column("_group"), self.labels.index(label)))
         return picked.sort_by("_order").to_pylist()
-
-
-def _read_ahead(
-    paths: list[str], read: Callable[[str], pa.Table], window: int
-) -> Iterator[pa.Table]:
-    """``read(path)`` for each path in order, at most ``window`` in flight."""
-    with concurrent.futures.ThreadPoolExecutor(window) as pool:
-        pending: collections.deque = collections.deque()
-        for path in paths:
-            pending.append(pool.submit(read, path))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 class _Folder:
@@ -215,7 +201,7 @@ def scan_output(
         # By the schema: a part of an earlier version, with no reason column, reads as nulls.
         return pq.read_table(path, columns=columns, filesystem=fs, schema=LABEL_SCHEMA)
 
-    for table in _read_ahead(paths, read, READ_AHEAD):
+    for table in ordered_map(read, paths, READ_AHEAD):
         folder.scan.parts += 1
         for start in range(0, table.num_rows, BATCH_ROWS):
             folder.add(table.slice(start, BATCH_ROWS))

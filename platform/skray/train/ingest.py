@@ -8,6 +8,8 @@ import queue
 import threading
 from typing import Any, Iterable, Iterator
 
+from skray.core.concurrency import put_unless_stopped
+
 
 class IngestStalledError(RuntimeError):
     """No batch came from the input pipeline for ``data.stall_timeout_s``."""
@@ -21,13 +23,7 @@ def stall_guarded(batches: Iterable, timeout_s: float, what: str) -> Iterator:
     stop = threading.Event()
 
     def offer(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(items, item, stop, poll_s=0.2)
 
     def produce() -> None:
         try:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from skray.core.concurrency import put_unless_stopped
 from skray.io.external_sort import sorted_tables
 from skray.io.retry import IoRetry, call_with_retry
 from skray.io.sources.inputs import LISTING_SCHEMA, InputError
@@ -294,27 +295,17 @@ def _list_into(
     io_retry: IoRetry | None,
 ) -> None:
     """Every page of ``prefix`` (no delimiter) into ``pages``, then None; an error in its place."""
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                pages.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     token: str | None = None
     try:
         while True:
             files, _, token = call_with_retry(
                 lambda t=token: list_page(bucket, prefix, None, t), where, io_retry
             )
-            if not put(files) or token is None:
+            if not put_unless_stopped(pages, files, stop) or token is None:
                 break
-        put(None)
+        put_unless_stopped(pages, None, stop)
     except BaseException as err:  # noqa: BLE001 - handed to the reader, which raises it
-        put(err)
+        put_unless_stopped(pages, err, stop)
 
 
 def file_format(uri: str) -> Format:
