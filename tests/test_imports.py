@@ -178,6 +178,21 @@ def test_the_whole_core_imports_without_ray_or_mlflow() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_the_processes_that_label_and_serve_import_no_torchvision() -> None:
+    """Importing torchvision runs ``torch._dynamo`` (over a second of CPU): every read task,
+    model actor and replica would pay it for the eval crop, which needs only Pillow."""
+    code = (
+        "import skray.label.predictor, skray.serve.replica, skray.train.evaluate\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'torch'})"
+        " + sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:1])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    assert ast.literal_eval(result.stdout) == ["torch"]
+
+
 def test_the_first_names_a_user_imports_load_on_first_use() -> None:
     code = BLOCKED + (
         "import skray\n"

@@ -376,6 +376,46 @@ def test_eval_crop_is_built_once_per_config():
     assert eval_crop(PreprocessingConfig()) is eval_crop(PreprocessingConfig())
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize(
+    "size",
+    [
+        (224, 224),
+        (256, 256),
+        (263, 256),
+        (256, 267),
+        (257, 300),
+        (640, 480),
+        (1000, 333),
+        (97, 2000),
+    ],
+)
+def test_the_eval_crop_is_torchvisions_resize_centre_crop_and_pil_to_tensor_to_the_bit(
+    size, interpolation
+):
+    """timm's eval pipeline, which the published accuracy was measured with, as torchvision
+    builds it; skray's crop leaves torchvision out of the decoding processes but not one
+    pixel of its result (odd margins round their corner half to even, as torchvision's)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    cfg = PreprocessingConfig(image_size=224, crop_pct=0.875, interpolation=interpolation)
+    mode = InterpolationMode(interpolation)
+    reference = v2.Compose(
+        [
+            v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
+            v2.CenterCrop(cfg.image_size),
+            v2.PILToTensor(),
+            v2.ToPureTensor(),
+        ]
+    )
+    img = smooth(size)
+    img.putpixel((size[0] // 2, size[1] // 3), (255, 0, 255))  # a detail a shifted crop moves
+
+    ours, theirs = eval_crop(cfg)(img), reference(img)
+    assert ours.dtype == theirs.dtype == torch.uint8 and type(ours) is torch.Tensor
+    assert torch.equal(ours, theirs)
+
+
 def test_uint8_crop_then_normalize_is_exactly_the_eval_transform():
     """Batch jobs ship uint8 crops and normalize next to the model: the same numbers."""
     img = smooth((300, 200))

@@ -11,8 +11,10 @@ checked from the header before any pixel is decoded, so memory is bounded by
 :class:`ImageDecodeError` with a stable ``reason`` code that callers can count and
 report.
 
-This module imports PIL, torch, torchvision, pydantic, :mod:`skray.core.model` and
-:mod:`skray.core.errors` only.
+This module imports PIL, numpy, torch, pydantic, :mod:`skray.core.model` and
+:mod:`skray.core.errors` only. The eval path is Pillow and numpy: torchvision (whose import pulls
+in ``torch._dynamo``, over a second of CPU in every decoding process) is imported only where
+training augments.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import io
 import math
 from typing import Any, Callable, Iterator, Literal
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
-from torchvision.transforms import InterpolationMode, v2
 
 from skray.core.errors import IMAGE_REASONS, one_line
 from skray.core.model import DEFAULT_MODEL, IMAGENET_MEAN, IMAGENET_STD, model_spec
@@ -291,6 +293,13 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------- transforms
 
 
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
 @functools.lru_cache(maxsize=16)
 def eval_crop(
     cfg: PreprocessingConfig = PreprocessingConfig(),
@@ -300,17 +309,31 @@ def eval_crop(
     The geometric half of the eval transform. Batch pipelines ship these uint8
     crops (a quarter of the bytes of float32) and :func:`normalize` them next to
     the model. Resizing happens on the PIL image, as in timm's eval pipeline the
-    published accuracy was measured with. Cached per config; stateless, so safe to share.
+    published accuracy was measured with; the result is torchvision's ``Resize`` +
+    ``CenterCrop`` + ``PILToTensor`` to the bit (a test holds them side by side). Cached per
+    config; stateless, so safe to share.
     """
-    mode = InterpolationMode(cfg.interpolation)
-    return v2.Compose(
-        [
-            v2.Resize(cfg.resize_size, interpolation=mode, antialias=True),
-            v2.CenterCrop(cfg.image_size),
-            v2.PILToTensor(),
-            v2.ToPureTensor(),
-        ]
+    return functools.partial(
+        _resize_and_crop,
+        shorter=cfg.resize_size,
+        side=cfg.image_size,
+        resample=RESAMPLING[cfg.interpolation],
     )
+
+
+def _resize_and_crop(
+    image: Image.Image, *, shorter: int, side: int, resample: Image.Resampling
+) -> torch.Tensor:
+    """:func:`eval_crop`'s steps: Pillow's antialiased resize, then a centre crop whose corner
+    rounds half to even as torchvision's does. ``shorter >= side`` (``crop_pct <= 1``), so the
+    crop never leaves the image."""
+    size = resized_size(image.size, shorter)
+    if size != image.size:
+        image = image.resize(size, resample=resample)
+    width, height = image.size
+    top, left = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + side, top + side)))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def normalize(
@@ -350,6 +373,8 @@ def train_augment(
 
     The training counterpart of :func:`eval_crop`; :func:`normalize` finishes both.
     """
+    from torchvision.transforms import InterpolationMode, v2
+
     mode = InterpolationMode(interpolation)
     steps: list[Callable] = [
         v2.RandomResizedCrop(

@@ -12,7 +12,6 @@ from typing import Literal
 import torch
 
 from skray.core.classes import default_class_names
-from skray.core.device_decode import DeviceDecoder
 from skray.core.images import (
     ImageDecodeError,
     PreprocessingConfig,
@@ -134,9 +133,12 @@ class Classifier:
             self._forward = quantize_int8(net, calibration, self.batch_size, preprocessing)
             self.compiled = True
         self.decode_on = resolve_decode(decode, self.device.type == "cuda")
-        self._decoder = (
-            DeviceDecoder(preprocessing, device=self.device) if self.decode_on == "gpu" else None
-        )
+        self._decoder = None
+        if self.decode_on == "gpu":
+            # torchvision's decoders: imported only by the processes that decode on the device.
+            from skray.core.device_decode import DeviceDecoder
+
+            self._decoder = DeviceDecoder(preprocessing, device=self.device)
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
