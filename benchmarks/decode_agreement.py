@@ -24,7 +24,8 @@ import time
 import torch
 
 from skray.core.device_decode import DeviceDecoder
-from skray.core.images import PreprocessingConfig, decode_for_eval
+from skray.core.images import decode_for_eval
+from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
 

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from skray.core.hardware import cpu_summary
-from skray.core.images import PreprocessingConfig, decode_for_eval, normalize
-from skray.core.model import DEFAULT_MODEL, create_model, prepare_for_inference
+from skray.core.images import decode_for_eval, normalize
+from skray.core.model import create_model, prepare_for_inference
+from skray.core.preprocessing import PreprocessingConfig
+from skray.core.specs import DEFAULT_MODEL
 from skray.dev.testing import DIGIT_CLASSES, digit_png, photo_corpus
 from skray.inference.classifier import Classifier
 from skray.inference.quantize import quantize_int8

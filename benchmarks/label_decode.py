@@ -31,7 +31,7 @@ import ray
 import torch
 from label_throughput import first_model_actor_ready
 
-from skray.core.model import DEFAULT_MODEL
+from skray.core.specs import DEFAULT_MODEL
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
 from skray.label.config import ActorsConfig, LabelConfig

@@ -32,7 +32,7 @@ import ray
 import torch
 
 from skray.core.hardware import cpu_summary
-from skray.core.model import DEFAULT_MODEL
+from skray.core.specs import DEFAULT_MODEL
 from skray.dev.testing import write_sample_dataset
 from skray.inference.classifier import Classifier
 from skray.io.storage import read_bytes

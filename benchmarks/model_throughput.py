@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from skray.core.hardware import cpu_summary
-from skray.core.model import DEFAULT_MODEL, create_model, prepare_for_inference
+from skray.core.model import create_model, prepare_for_inference
+from skray.core.specs import DEFAULT_MODEL
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 FAST_COMPILE = "skray fast + torch.compile"

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from skray.core.hardware import cpu_summary
-from skray.core.model import DEFAULT_MODEL
+from skray.core.specs import DEFAULT_MODEL
 from skray.dev.embedded import EmbeddedS3
 from skray.dev.s3proxy import FaultyS3Proxy
 from skray.dev.testing import synthetic_image, webdataset_shard

@@ -32,7 +32,7 @@ import torch
 from ray import serve
 
 from skray.core.hardware import cpu_summary
-from skray.core.model import DEFAULT_MODEL
+from skray.core.specs import DEFAULT_MODEL
 from skray.dev.embedded import free_port
 from skray.dev.testing import synthetic_image
 from skray.inference.classifier import Classifier

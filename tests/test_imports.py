@@ -145,10 +145,17 @@ def test_the_cycle_finder_names_a_cycle() -> None:
     "module, skray_modules",
     [
         ("skray", {"skray"}),  # the lazy re-exports load nothing
-        ("skray.core.model", {"skray", "skray.core", "skray.core.model"}),
+        ("skray.core.model", {"skray", "skray.core", "skray.core.model", "skray.core.specs"}),
         (
             "skray.core.images",
-            {"skray", "skray.core", "skray.core.errors", "skray.core.model", "skray.core.images"},
+            {
+                "skray",
+                "skray.core",
+                "skray.core.errors",
+                "skray.core.images",
+                "skray.core.preprocessing",
+                "skray.core.specs",
+            },
         ),
         ("skray.core.classes", {"skray", "skray.core", "skray.core.classes"}),
     ],
@@ -176,6 +183,24 @@ def test_the_whole_core_imports_without_ray_or_mlflow() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_configs_validate_without_torch() -> None:
+    """A CLI checking its config, a driver planning, a Tune trial resolving its config: none
+    computes with torch, and each would pay seconds of CPU to import it."""
+    code = (
+        "import sys\n"
+        "import skray.core.specs, skray.core.preprocessing, skray.inference.precision\n"
+        "import skray.io.config, skray.label.config, skray.train.config, skray.serve.config\n"
+        "from skray.label.config import LabelConfig\n"
+        "LabelConfig(input='in', output='out').fingerprint()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    assert ast.literal_eval(result.stdout) == []
 
 
 def test_the_processes_that_label_and_serve_import_no_torchvision() -> None:

@@ -13,21 +13,21 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "create_model": "skray.core.model",
-    "list_models": "skray.core.model",
-    "model_spec": "skray.core.model",
+    "list_models": "skray.core.specs",
+    "model_spec": "skray.core.specs",
     "prepare_for_inference": "skray.core.model",
-    "PreprocessingConfig": "skray.core.images",
+    "PreprocessingConfig": "skray.core.preprocessing",
     "Classifier": "skray.inference.classifier",
     "Prediction": "skray.inference.classifier",
 }
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from skray.core.images import PreprocessingConfig as PreprocessingConfig
     from skray.core.model import create_model as create_model
-    from skray.core.model import list_models as list_models
-    from skray.core.model import model_spec as model_spec
     from skray.core.model import prepare_for_inference as prepare_for_inference
+    from skray.core.preprocessing import PreprocessingConfig as PreprocessingConfig
+    from skray.core.specs import list_models as list_models
+    from skray.core.specs import model_spec as model_spec
     from skray.inference.classifier import Classifier as Classifier
     from skray.inference.classifier import Prediction as Prediction
 

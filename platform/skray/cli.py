@@ -8,7 +8,7 @@ import traceback
 from typing import Sequence
 
 from skray.core.errors import SkrayError
-from skray.core.model import DEFAULT_MODEL, list_models
+from skray.core.specs import DEFAULT_MODEL, list_models
 from skray.io.storage import redact_text
 
 # Exit codes: 0 complete; 1 failed (a traceback: a bug or a fault skray does not know);

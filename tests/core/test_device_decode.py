@@ -20,7 +20,8 @@ from PIL import Image
 
 from helpers import SMALL
 from skray.core.device_decode import DeviceDecoder
-from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
+from skray.core.images import ImageDecodeError, decode_for_eval
+from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
 from skray.io.sources.rows import make_row

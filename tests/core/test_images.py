@@ -20,10 +20,7 @@ from PIL import Image
 
 from skray.core.errors import IMAGE_REASONS
 from skray.core.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageDecodeError,
-    PreprocessingConfig,
     decode_for_eval,
     decode_image,
     eval_crop,
@@ -32,6 +29,8 @@ from skray.core.images import (
     preprocess,
     train_transform,
 )
+from skray.core.preprocessing import PreprocessingConfig
+from skray.core.specs import IMAGENET_MEAN, IMAGENET_STD
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
@@ -313,17 +312,17 @@ def wide_eval_model(monkeypatch) -> str:
     field."""
     import dataclasses
 
-    from skray.core import model
+    from skray.core import specs
 
     spec = dataclasses.replace(
-        model.model_spec("skresnext14_8x4d_half"),
+        specs.model_spec("skresnext14_8x4d_half"),
         image_size=256,
         crop_pct=0.95,
         interpolation="bilinear",
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
     )
-    monkeypatch.setitem(model._MODELS, "wide_eval", spec)
+    monkeypatch.setitem(specs._MODELS, "wide_eval", spec)
     return "wide_eval"
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from skray.core.model import DEFAULT_MODEL, create_model, list_models, prepare_for_inference
+from skray.core.model import create_model, prepare_for_inference
+from skray.core.specs import DEFAULT_MODEL, list_models
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 SMALL = "skresnext14_8x4d_half"

@@ -9,7 +9,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import SMALL
-from skray.core.images import PreprocessingConfig, decode_for_eval
+from skray.core.images import decode_for_eval
+from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
 from skray.inference.quantize import calibration_crops

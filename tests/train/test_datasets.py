@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from skray.core.images import PreprocessingConfig
+from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import labeled_image, synthetic_image, write_labeled_folder
 from skray.io.storage import write_bytes_atomic
 from skray.label.predictor import read_and_decode

@@ -518,14 +518,14 @@ def test_the_old_flat_preprocessing_keys_fail_naming_their_new_place(old, new):
 def test_every_jobs_preprocessing_defaults_to_its_models(monkeypatch):
     import dataclasses
 
-    from skray.core import model
+    from skray.core import specs
     from skray.label.config import LabelConfig
     from skray.train.evaluate import EvaluateConfig
 
     spec = dataclasses.replace(
-        model.model_spec(SMALL), image_size=256, crop_pct=0.95, interpolation="bilinear"
+        specs.model_spec(SMALL), image_size=256, crop_pct=0.95, interpolation="bilinear"
     )
-    monkeypatch.setitem(model._MODELS, "wide_eval", spec)
+    monkeypatch.setitem(specs._MODELS, "wide_eval", spec)
     configs = [
         TrainConfig(
             data={"train": "d"},

@@ -16,8 +16,8 @@ from torch import nn
 
 import skray.train.driver as driver_module
 from helpers import SMALL
-from skray.core.images import PreprocessingConfig
 from skray.core.model import create_model
+from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import write_labeled_folder
 from skray.io.config import ConfigError, dump_config
 from skray.io.storage import join, write_bytes_atomic, write_json

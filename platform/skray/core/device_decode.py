@@ -27,13 +27,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from skray.core.images import (
-    ImageDecodeError,
-    PreprocessingConfig,
-    decode_for_eval,
-    open_image,
-    resized_size,
-)
+from skray.core.images import ImageDecodeError, decode_for_eval, open_image, resized_size
+from skray.core.preprocessing import PreprocessingConfig
 
 __all__ = ["DeviceDecoder"]
 

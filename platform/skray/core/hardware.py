@@ -1,9 +1,10 @@
-"""What this machine's CPU is and which matrix instructions it has, from ``/proc/cpuinfo``:
-``precision: auto`` and the benchmarks follow the hardware, not a guess."""
+"""What this machine's CPU is and which matrix instructions it has, from ``/proc/cpuinfo``, and
+whether it has a GPU: ``precision: auto`` and the benchmarks follow the hardware, not a guess."""
 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import platform
 from pathlib import Path
@@ -42,3 +43,15 @@ def cpu_summary() -> str:
     model, flags = cpu()
     isa = " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + " ".join(ISA_FLAGS)
     return f"{model}, {os.cpu_count()} cores; ISA: {isa}"
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()``, asked only where a GPU driver has put its device nodes
+    (``/dev/nvidia0``, ..., or ROCm's ``/dev/kfd``): elsewhere it is False without importing
+    torch, which costs a driver or CLI seconds of CPU for nothing."""
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()

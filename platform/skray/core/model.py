@@ -4,36 +4,23 @@ Li et al., "Selective Kernel Networks" (CVPR 2019). The module tree and paramete
 names match timm's ``skresnext50_32x4d`` so that its published checkpoint
 (``skresnext50_ra-f40e40bf.pth``) loads with ``strict=True``.
 
-This file imports torch only: it is the part of skray a user can take alone.
+This file imports torch and :mod:`skray.core.specs` (the registered variants) only: with it,
+the part of skray a user can take alone.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "ModelSpec",
-    "SKResNeXt",
-    "create_model",
-    "list_models",
-    "model_spec",
-    "prepare_for_inference",
-    "fold_batchnorm",
-    "DEFAULT_MODEL",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-]
+from skray.core.specs import DEFAULT_MODEL, ModelSpec, model_spec
 
-DEFAULT_MODEL = "skresnext50_32x4d"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["SKResNeXt", "create_model", "prepare_for_inference", "fold_batchnorm"]
 
 
 def make_divisible(value: float, divisor: int, round_limit: float = 0.9) -> int:
@@ -141,29 +128,6 @@ class SelectiveKernelBottleneck(nn.Module):
         return self.act(self.conv3(self.conv2(self.conv1(x))) + shortcut)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One registered variant: its architecture, its published weights, and the eval
-    preprocessing they were measured with (timm's pretrained cfg); every job's
-    ``preprocessing`` section defaults to the latter
-    (:class:`skray.core.images.PreprocessingConfig`)."""
-
-    layers: tuple[int, ...]
-    cardinality: int
-    base_width: int
-    stem_width: int = 64
-    planes: tuple[int, ...] = (64, 128, 256, 512)
-    rd_divisor: int = 32
-    description: str = ""
-    pretrained_url: str | None = None
-    pretrained_sha256_prefix: str | None = None
-    image_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
 class SKResNeXt(nn.Module):
     """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) -> 4 stages of SK bottlenecks -> pool -> fc."""
 
@@ -239,51 +203,7 @@ class SKResNeXt(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- registry ---------------------------------------------------------------
-
-_MODELS: dict[str, ModelSpec] = {
-    "skresnext50_32x4d": ModelSpec(
-        layers=(3, 4, 6, 3),
-        cardinality=32,
-        base_width=4,
-        description="SK-ResNeXt-50 32x4d: 27.48M params, 4.5 GMACs at 224 px, "
-        "ImageNet top-1 80.15 / top-5 94.64 with skresnext50_ra-f40e40bf.pth",
-        pretrained_url="https://github.com/rwightman/pytorch-image-models/releases/"
-        "download/v0.1-weights/skresnext50_ra-f40e40bf.pth",
-        pretrained_sha256_prefix="f40e40bf",
-        image_size=224,
-        crop_pct=0.875,
-        interpolation="bicubic",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    ),
-    "skresnext14_8x4d_half": ModelSpec(
-        layers=(1, 1, 1, 1),
-        cardinality=8,
-        base_width=4,
-        stem_width=32,
-        planes=(32, 64, 128, 256),
-        rd_divisor=8,
-        description="14 layers, cardinality 8, half-width stages: the same blocks, "
-        "small enough for CPU tests and demos (no published weights)",
-        image_size=224,
-        crop_pct=0.875,
-        interpolation="bicubic",
-    ),
-}
-
-
-def list_models() -> list[str]:
-    return sorted(_MODELS)
-
-
-def model_spec(name: str) -> ModelSpec:
-    try:
-        return _MODELS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; registered: {', '.join(list_models())}"
-        ) from None
+# --- factory ----------------------------------------------------------------
 
 
 def create_model(

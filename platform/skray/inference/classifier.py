@@ -12,25 +12,18 @@ from typing import Literal
 import torch
 
 from skray.core.classes import default_class_names
-from skray.core.images import (
-    ImageDecodeError,
-    PreprocessingConfig,
-    decode_for_eval,
-    normalize,
-)
-from skray.core.model import DEFAULT_MODEL, prepare_for_inference
+from skray.core.images import ImageDecodeError, decode_for_eval, normalize
+from skray.core.model import prepare_for_inference
+from skray.core.preprocessing import PreprocessingConfig
+from skray.core.specs import DEFAULT_MODEL
 from skray.inference.precision import resolve_precision
 from skray.inference.quantize import DEFAULT_BATCH_SIZE, check_int8, quantize_int8
-from skray.io.config import Decode, Precision
+from skray.io.config import Decode, Precision, resolve_decode
 from skray.weights.resolver import PinnedWeights, load_model
 
 RANDOM_WEIGHTS_SEED = (
     0  # without weights, every actor and replica still holds one and the same model
 )
-
-
-def resolve_decode(decode: Decode, on_gpu: bool) -> Literal["cpu", "gpu"]:
-    return "gpu" if decode == "gpu" or (decode == "auto" and on_gpu) else "cpu"
 
 
 def probe_batch_size(

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
-from skray.core.hardware import cpu
+from skray.core.hardware import cpu, cuda_available
 from skray.io.config import Precision
 
 Resolved = Literal["fp32", "bf16", "int8"]
@@ -39,7 +37,14 @@ def choose_precision(
 def resolve_precision(precision: Precision, device_type: str) -> tuple[Resolved, str]:
     """:func:`choose_precision` with this machine's facts. On a driver without a GPU that
     plans for GPU workers, a bf16-capable GPU is assumed (set ``fp32`` for older ones)."""
-    cuda_bf16 = (
-        torch.cuda.is_bf16_supported() if torch.cuda.is_available() else device_type == "cuda"
-    )
-    return choose_precision(precision, device_type, cpu()[1], cuda_bf16)
+    return choose_precision(precision, device_type, cpu()[1], _cuda_bf16(device_type))
+
+
+def _cuda_bf16(device_type: str) -> bool:
+    if device_type != "cuda":
+        return False  # a CPU worker's choice does not depend on it
+    if not cuda_available():
+        return True  # a driver without a GPU, planning for GPU workers
+    import torch
+
+    return torch.cuda.is_bf16_supported()

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval, normalize
+from skray.core.images import ImageDecodeError, decode_for_eval, normalize
 from skray.core.model import prepare_for_inference
+from skray.core.preprocessing import PreprocessingConfig
 from skray.io.sources import list_inputs
 from skray.io.storage import read_bytes
 

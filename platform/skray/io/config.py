@@ -32,8 +32,8 @@ from pydantic import (
 )
 
 from skray.core.errors import SkrayError
-from skray.core.images import PreprocessingConfig
-from skray.core.model import list_models
+from skray.core.preprocessing import PreprocessingConfig
+from skray.core.specs import list_models
 from skray.io.storage import redact_uri
 
 T = TypeVar("T", bound="StrictModel")
@@ -142,6 +142,12 @@ def resolve_gpus(setting: Literal["auto"] | float) -> float:
     import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def resolve_decode(decode: Decode, on_gpu: bool) -> Literal["cpu", "gpu"]:
+    """Where images are decoded: ``auto`` decodes next to the model on a GPU (nvJPEG), else in
+    the read tasks."""
+    return "gpu" if decode == "gpu" or (decode == "auto" and on_gpu) else "cpu"
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

@@ -10,10 +10,10 @@ import hashlib
 import json
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from skray.core.images import PreprocessingConfig
+from skray.core.hardware import cuda_available
+from skray.core.preprocessing import PreprocessingConfig
 from skray.inference.precision import Resolved, resolve_precision
 from skray.io.config import (
     Decode,
@@ -176,7 +176,7 @@ class LabelConfig(StrictModel):
         fingerprint holds what the actors run): GPU actors when ``actors.gpus`` > 0, or
         ``auto`` and this machine has a GPU; else CPU actors, on a CPU like this one's."""
         gpus = self.actors.gpus
-        on_gpu = torch.cuda.is_available() if gpus == "auto" else gpus > 0
+        on_gpu = cuda_available() if gpus == "auto" else gpus > 0
         return resolve_precision(self.actors.precision, "cuda" if on_gpu else "cpu")
 
     def fingerprint(self) -> str:

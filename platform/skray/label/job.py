@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from skray.core.model import DEFAULT_MODEL
+from skray.core.specs import DEFAULT_MODEL
 from skray.io.config import dump_config
 from skray.io.retry import StorageUnavailable, call_with_retry
 from skray.io.sources import listing_tables

@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from skray.inference.classifier import resolve_decode
-from skray.inference.quantize import calibration_crops
-from skray.io.config import resolve_gpus
+from skray.io.config import resolve_decode, resolve_gpus
 from skray.io.sources import SampleLimits
 from skray.io.storage import redact_uri
 from skray.label.config import LabelConfig
@@ -35,6 +33,7 @@ def build_dataset(
     import ray
     import ray.data
 
+    from skray.inference.quantize import calibration_crops
     from skray.label.predictor import Predictor, read_and_decode
 
     preprocessing = cfg.preprocessing

@@ -26,7 +26,8 @@ import pyarrow as pa
 import torch
 
 from skray.core.crops import crop_rows
-from skray.core.images import ImageDecodeError, PreprocessingConfig, decode_for_eval
+from skray.core.images import ImageDecodeError, decode_for_eval
+from skray.core.preprocessing import PreprocessingConfig
 from skray.inference.classifier import Classifier
 from skray.io.config import Decode, Precision
 from skray.io.retry import IoRetry

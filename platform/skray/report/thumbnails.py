@@ -16,7 +16,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from skray.core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from skray.core.images import ImageDecodeError, decode_image
+from skray.core.preprocessing import DEFAULT_MAX_PIXELS
 from skray.io.retry import IoRetry
 from skray.io.sources import DEFAULT_MAX_OBJECT_BYTES, Format, Unit, file_format, unit_batches
 

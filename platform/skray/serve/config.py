@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from skray.core.images import PreprocessingConfig
+from skray.core.preprocessing import PreprocessingConfig
 from skray.io.config import Decode, ModelName, ModelPreprocessing, PrecisionOptions
 
 # Lower than the batch default (89M): a replica decodes ``decode_concurrency`` uploads at once and

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from skray.core.images import PreprocessingConfig
-from skray.core.model import DEFAULT_MODEL
+from skray.core.preprocessing import PreprocessingConfig
+from skray.core.specs import DEFAULT_MODEL
 from skray.io.config import ModelName, ModelPreprocessing, RegistryMlflowConfig, StrictModel
 
 
@@ -121,7 +121,7 @@ class TrainConfig(StrictModel):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     # Eval crops for validation; training crops are random-resized to the same image_size, with
-    # the same interpolation, mean and std. Unset fields: the model's (skray.core.model.ModelSpec).
+    # the same interpolation, mean and std. Unset fields: the model's (skray.core.specs.ModelSpec).
     preprocessing: ModelPreprocessing = PreprocessingConfig()
     optim: OptimConfig = OptimConfig()
     scaling: WorkersConfig = WorkersConfig()

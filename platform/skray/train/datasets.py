@@ -43,7 +43,7 @@ from skray.io.sources.webdataset import BoundedTarInfo
 from skray.io.storage import filesystem_for
 
 if TYPE_CHECKING:
-    from skray.core.images import PreprocessingConfig
+    from skray.core.preprocessing import PreprocessingConfig
 
 DatasetFormat = Literal["folder", "webdataset", "parquet"]
 BAD_LABEL = -1
@@ -213,12 +213,8 @@ def read_labeled(
     retry budget fails the task instead (Ray Data retries it; a transient fault never counts
     as a skipped image)."""
     from skray.core.crops import crop_rows
-    from skray.core.images import (
-        PreprocessingConfig,
-        decode_for_eval,
-        decode_for_train,
-        train_augment,
-    )
+    from skray.core.images import decode_for_eval, decode_for_train, train_augment
+    from skray.core.preprocessing import PreprocessingConfig
 
     eval_cfg = PreprocessingConfig.model_validate(eval_cfg)
     if train:

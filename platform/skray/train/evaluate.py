@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from skray.core.images import PreprocessingConfig
+from skray.core.preprocessing import PreprocessingConfig
 from skray.inference.classifier import Classifier
 from skray.inference.precision import resolve_precision
 from skray.io.config import (

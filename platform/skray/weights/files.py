@@ -29,7 +29,8 @@ import torch
 
 from skray.core.classes import default_class_names
 from skray.core.errors import SkrayError
-from skray.core.model import SKResNeXt, model_spec
+from skray.core.model import SKResNeXt
+from skray.core.specs import model_spec
 from skray.io import storage
 
 __all__ = [

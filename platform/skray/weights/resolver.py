@@ -24,7 +24,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from skray.core.model import DEFAULT_MODEL, SKResNeXt, create_model, model_spec
+from skray.core.model import SKResNeXt, create_model
+from skray.core.specs import DEFAULT_MODEL, model_spec
 from skray.io import storage
 from skray.io.storage import redact_uri
 from skray.weights.files import (
