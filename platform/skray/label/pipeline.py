@@ -47,8 +47,10 @@ def build_dataset(
     # environment, and pinned weights name a concrete file, so no MLflow store is needed
     env = cfg.s3.env()
     runtime_env = {"env_vars": env} if env else None
-    # a block per unit, each its own row's copy: a slice would ship the whole plan's buffers
-    ds = ray.data.from_arrow([units.take([i]) for i in range(units.num_rows)])
+    # A block per unit, each its own row's copy: a slice would ship the whole plan's buffers.
+    # from_blocks reads their metadata here; from_arrow would run a remote task per unit for it
+    # before the first read, each in a worker outside the read tasks' runtime env.
+    ds = ray.data.from_blocks([units.take([i]) for i in range(units.num_rows)])
     ds = ds.map_batches(
         read_and_decode,
         fn_kwargs={
