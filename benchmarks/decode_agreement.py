@@ -38,7 +38,7 @@ def decode_all(path: str, blobs: list[bytes]) -> tuple[torch.Tensor, float]:
         assert not any(errors)
     else:
         cfg = PreprocessingConfig(jpeg_draft=path == "draft")
-        crops = torch.stack([decode_for_eval(b, cfg) for b in blobs])
+        crops = torch.stack([torch.from_numpy(decode_for_eval(b, cfg)) for b in blobs])
     return crops, len(blobs) / (time.perf_counter() - start)
 
 

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from skray.core.hardware import cpu_summary
-from skray.core.images import decode_for_eval, normalize
+from skray.core.images import decode_for_eval
 from skray.core.model import create_model, prepare_for_inference
 from skray.core.preprocessing import PreprocessingConfig
 from skray.core.specs import DEFAULT_MODEL
+from skray.core.transforms import normalize
 from skray.dev.testing import DIGIT_CLASSES, digit_png, photo_corpus
 from skray.inference.classifier import Classifier
 from skray.inference.quantize import quantize_int8
@@ -38,7 +39,9 @@ SMALL = "skresnext14_8x4d_half"
 
 
 def photo_crops(n: int, seed: int, cfg: PreprocessingConfig) -> torch.Tensor:
-    return torch.stack([decode_for_eval(data, cfg) for _, data in photo_corpus(n, seed=seed)])
+    return torch.stack(
+        [torch.from_numpy(decode_for_eval(data, cfg)) for _, data in photo_corpus(n, seed=seed)]
+    )
 
 
 def compare(reference: torch.Tensor, quantized: torch.Tensor) -> str:
@@ -67,7 +70,9 @@ def digits_agreement(seconds: float, calibration: int) -> str:
 
     digits = load_digits()
     cfg = PreprocessingConfig(image_size=32, crop_pct=1.0)
-    images = torch.stack([decode_for_eval(digit_png(p), cfg) for p in digits.images])
+    images = torch.stack(
+        [torch.from_numpy(decode_for_eval(digit_png(p), cfg)) for p in digits.images]
+    )
     labels = torch.as_tensor(digits.target)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     val, train = order[:360], order[360:]

@@ -203,6 +203,21 @@ def test_configs_validate_without_torch() -> None:
     assert ast.literal_eval(result.stdout) == []
 
 
+def test_the_labeling_read_tasks_import_no_torch() -> None:
+    """Most of a run's processes are read tasks, which read and crop with Pillow and numpy:
+    torch's import would cost each of them seconds of CPU and hundreds of MB."""
+    code = (
+        "import sys\n"
+        "import skray.label.read, skray.core.crops, skray.core.images\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    assert ast.literal_eval(result.stdout) == []
+
+
 def test_the_processes_that_label_and_serve_import_no_torchvision() -> None:
     """Importing torchvision runs ``torch._dynamo`` (over a second of CPU): every read task,
     model actor and replica would pay it for the eval crop, which needs only Pillow."""

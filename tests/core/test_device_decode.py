@@ -25,7 +25,8 @@ from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import photo_corpus
 from skray.inference.classifier import Classifier
 from skray.io.sources.rows import make_row
-from skray.label.predictor import Predictor, bytes_rows
+from skray.label.predictor import Predictor
+from skray.label.read import bytes_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,7 +72,7 @@ def test_device_crops_match_the_pillow_crops_within_two_levels_on_photos_and_gen
     images,
 ):
     crops, errors = DeviceDecoder(CFG, device=DEVICE)(images)
-    reference = torch.stack([decode_for_eval(data, CFG) for data in images])
+    reference = torch.stack([torch.from_numpy(decode_for_eval(data, CFG)) for data in images])
 
     assert crops.device.type == DEVICE.type
     crops = crops.cpu()
@@ -84,7 +85,7 @@ def test_device_crops_match_the_pillow_crops_within_two_levels_on_photos_and_gen
 def test_device_path_labels_agree_with_the_pillow_path(images):
     classifier = Classifier(SMALL, device=str(DEVICE))
     crops, _ = DeviceDecoder(CFG, device=DEVICE)(images)
-    reference = torch.stack([decode_for_eval(data, CFG) for data in images])
+    reference = torch.stack([torch.from_numpy(decode_for_eval(data, CFG)) for data in images])
 
     device_logits, pillow_logits = classifier.logits(crops), classifier.logits(reference)
     assert torch.equal(device_logits.argmax(1), pillow_logits.argmax(1))

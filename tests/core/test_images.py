@@ -14,23 +14,16 @@ import sys
 import time
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from skray.core.errors import IMAGE_REASONS
-from skray.core.images import (
-    ImageDecodeError,
-    decode_for_eval,
-    decode_image,
-    eval_crop,
-    eval_transform,
-    normalize,
-    preprocess,
-    train_transform,
-)
+from skray.core.images import ImageDecodeError, decode_for_eval, decode_image, eval_crop
 from skray.core.preprocessing import PreprocessingConfig
 from skray.core.specs import IMAGENET_MEAN, IMAGENET_STD
+from skray.core.transforms import eval_transform, normalize, preprocess, train_transform
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
@@ -411,21 +404,21 @@ def test_the_eval_crop_is_torchvisions_resize_centre_crop_and_pil_to_tensor_to_t
     img.putpixel((size[0] // 2, size[1] // 3), (255, 0, 255))  # a detail a shifted crop moves
 
     ours, theirs = eval_crop(cfg)(img), reference(img)
-    assert ours.dtype == theirs.dtype == torch.uint8 and type(ours) is torch.Tensor
-    assert torch.equal(ours, theirs)
+    assert ours.dtype == np.uint8 and ours.flags.c_contiguous
+    assert torch.equal(torch.from_numpy(ours), theirs)
 
 
 def test_uint8_crop_then_normalize_is_exactly_the_eval_transform():
     """Batch jobs ship uint8 crops and normalize next to the model: the same numbers."""
     img = smooth((300, 200))
     crop = eval_crop()(img)
-    assert crop.dtype == torch.uint8 and crop.shape == (3, 224, 224)
-    assert torch.equal(normalize(crop[None])[0], eval_transform()(img))
+    assert crop.dtype == np.uint8 and crop.shape == (3, 224, 224)
+    assert torch.equal(normalize(torch.from_numpy(crop)[None])[0], eval_transform()(img))
 
 
 def test_preprocess_is_decode_for_eval_then_normalize():
     data = encode(smooth((300, 200)), "PNG")
-    assert torch.equal(preprocess(data), normalize(decode_for_eval(data)))
+    assert torch.equal(preprocess(data), normalize(torch.from_numpy(decode_for_eval(data))))
 
 
 # --------------------------------------------------------------------------- draft decoding
@@ -593,7 +586,7 @@ def test_train_transform_crops_before_resizing_so_slivers_cost_nothing(size):
 
 
 def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(slivers):
-    from skray.label.predictor import decode_rows
+    from skray.label.read import decode_rows
 
     good = encode(smooth((300, 200)), "PNG")
     rows = [
@@ -611,6 +604,4 @@ def test_labeling_turns_a_resize_bomb_into_an_error_row_and_keeps_the_others(sli
     out = decode_rows(rows, PreprocessingConfig())
     assert out["reason"][0] == "too_many_pixels"
     assert out["error"][0].startswith("too_many_pixels: 1x65000 resizes to 256x")
-    assert out["error"][1] is None and torch.equal(
-        torch.from_numpy(out["image"][1]), decode_for_eval(good)
-    )
+    assert out["error"][1] is None and np.array_equal(out["image"][1], decode_for_eval(good))

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from helpers import SMALL
 from skray.core import hardware
-from skray.core.images import preprocess
 from skray.core.model import create_model
 from skray.core.preprocessing import PreprocessingConfig
+from skray.core.transforms import preprocess
 from skray.dev.testing import write_digits_folder
 from skray.inference import precision as precision_module
 from skray.inference.classifier import Classifier

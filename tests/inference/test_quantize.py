@@ -22,7 +22,7 @@ EVAL = PreprocessingConfig(image_size=SIZE)
 
 
 def crops(photos: list[tuple[str, bytes]]) -> torch.Tensor:
-    return torch.stack([decode_for_eval(data, EVAL) for _, data in photos])
+    return torch.stack([torch.from_numpy(decode_for_eval(data, EVAL)) for _, data in photos])
 
 
 @pytest.fixture(scope="module")

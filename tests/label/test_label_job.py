@@ -161,6 +161,27 @@ def test_rerun_skips_committed_units_and_overwrite_starts_over(ray_cluster: Loca
     assert not [p for p in os.listdir(labels) if not p.startswith((PART_PREFIX, "_"))]
 
 
+def test_the_units_reach_the_read_tasks_without_a_remote_task_per_unit_first(
+    ray_cluster: LocalRayHead, tmp_path
+):
+    """Ray Data's ``from_arrow`` runs one task per table to read its metadata, before the first
+    read and in workers outside the read tasks' runtime env: at 100M keys, 390k tasks. The plan's
+    units enter as blocks whose metadata the driver reads."""
+    from ray.util.state import list_tasks
+
+    data, labels = str(tmp_path / "data"), str(tmp_path / "labels")
+    keys = write_sample_dataset(data, files=6, shards=0, broken=False)
+    started_ms = time.time() * 1000
+
+    manifest = run(LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=2))
+
+    assert manifest["labeled"] == len(keys) and manifest["units"]["committed"] == 3
+    tasks = list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
+    since = [t.name for t in tasks if (t.creation_time_ms or 0) >= started_ms]
+    assert any("read_and_decode" in name for name in since), "the state API saw this run"
+    assert "get_table_block_metadata_schema" not in since
+
+
 def test_a_part_that_cannot_be_written_fails_the_run_without_a_manifest_and_the_rerun_completes(
     ray_cluster: LocalRayHead, tmp_path
 ):

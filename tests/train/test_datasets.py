@@ -17,7 +17,7 @@ import pytest
 from skray.core.preprocessing import PreprocessingConfig
 from skray.dev.testing import labeled_image, synthetic_image, write_labeled_folder
 from skray.io.storage import write_bytes_atomic
-from skray.label.predictor import read_and_decode
+from skray.label.read import read_and_decode
 from skray.train.datasets import BAD_LABEL, DatasetError, discover, read_labeled
 
 pytestmark = pytest.mark.timeout(60)

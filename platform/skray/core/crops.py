@@ -1,5 +1,5 @@
 """Rows read from units -> uint8 crops: the decode step that the labeling job's read tasks
-(:mod:`skray.label.predictor`) and the training and evaluation datasets
+(:mod:`skray.label.read`) and the training and evaluation datasets
 (:mod:`skray.train.datasets`) share, so a bad image fails the same way, with the same typed
 error, in every job.
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from skray.core.images import ImageDecodeError
 
-Crop = Callable[[bytes], torch.Tensor]  # encoded bytes -> uint8 (3, S, S); raises ImageDecodeError
+# encoded bytes -> uint8 (3, S, S), an array (the eval crop) or a tensor (a training augment);
+# raises ImageDecodeError
+Crop = Callable[[bytes], Any]
 
 
 def crop_rows(
@@ -32,7 +33,7 @@ def crop_rows(
         if errors[i]:
             continue
         try:
-            crops[i] = crop(row["data"]).numpy()
+            crops[i] = np.asarray(crop(row["data"]))
         except ImageDecodeError as err:
             reasons[i], errors[i] = err.reason, str(err)
     return crops, reasons, errors

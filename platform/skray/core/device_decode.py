@@ -91,7 +91,7 @@ class DeviceDecoder:
         return crops, errors
 
     def _cpu_crop(self, data: bytes) -> torch.Tensor:
-        return decode_for_eval(data, self.cfg)
+        return torch.from_numpy(decode_for_eval(data, self.cfg))
 
     def _decode_on_device(
         self, blobs: list[bytes], indices: list[int]

@@ -1,8 +1,9 @@
-"""The single image preprocessing path: bytes -> RGB PIL image -> normalised tensor.
+"""The single image preprocessing path, its first half: bytes -> RGB PIL image -> uint8 eval crop.
 
-Training evaluation, bulk labeling and serving all call into this module, so a
-given image yields the same tensor everywhere; a second, slightly different copy
-of this logic would make offline accuracy and served predictions drift apart.
+Training evaluation, bulk labeling and serving all call into this module (and
+:mod:`skray.core.transforms` for the float tensor the model takes), so a given image yields the
+same crop everywhere; a second, slightly different copy of this logic would make offline
+accuracy and served predictions drift apart.
 
 Decoding is defensive because serving decodes untrusted uploads: only a fixed set
 of formats is opened, the pixel counts of the image and of its eval resize are
@@ -11,10 +12,9 @@ checked from the header before any pixel is decoded, so memory is bounded by
 :class:`ImageDecodeError` with a stable ``reason`` code that callers can count and
 report.
 
-This module imports PIL, numpy, torch and the torch-free :mod:`skray.core.errors`,
-:mod:`skray.core.preprocessing` and :mod:`skray.core.specs` only. The eval path is Pillow and
-numpy: torchvision (whose import pulls in ``torch._dynamo``, over a second of CPU in every
-decoding process) is imported only where training augments.
+This module imports PIL, numpy, :mod:`skray.core.errors` and :mod:`skray.core.preprocessing`
+only: no torch, so the labeling job's read tasks, which only decode and crop, do not pay its
+import (seconds of CPU and hundreds of MB per worker).
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import io
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from skray.core.errors import IMAGE_REASONS, one_line
 from skray.core.preprocessing import DEFAULT_MAX_PIXELS, PreprocessingConfig
-from skray.core.specs import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "FORMATS",
@@ -41,11 +39,6 @@ __all__ = [
     "eval_crop",
     "open_image",
     "resized_size",
-    "eval_transform",
-    "normalize",
-    "preprocess",
-    "train_augment",
-    "train_transform",
 ]
 
 # Formats we open; anything else (EPS, which shells out to Ghostscript, PSD, ...)
@@ -245,15 +238,15 @@ RESAMPLING = {
 @functools.lru_cache(maxsize=16)
 def eval_crop(
     cfg: PreprocessingConfig = PreprocessingConfig(),
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the shorter side, centre-crop: RGB PIL -> (3, S, S) uint8.
+) -> Callable[[Image.Image], np.ndarray]:
+    """Resize the shorter side, centre-crop: RGB PIL -> (3, S, S) uint8 array.
 
-    The geometric half of the eval transform. Batch pipelines ship these uint8
-    crops (a quarter of the bytes of float32) and :func:`normalize` them next to
-    the model. Resizing happens on the PIL image, as in timm's eval pipeline the
-    published accuracy was measured with; the result is torchvision's ``Resize`` +
-    ``CenterCrop`` + ``PILToTensor`` to the bit (a test holds them side by side). Cached per
-    config; stateless, so safe to share.
+    The geometric half of the eval transform. Batch pipelines ship these uint8 crops (a
+    quarter of the bytes of float32) and normalize them next to the model
+    (:func:`skray.core.transforms.normalize`). Resizing happens on the PIL image, as in timm's
+    eval pipeline the published accuracy was measured with; the result is torchvision's
+    ``Resize`` + ``CenterCrop`` + ``PILToTensor`` to the bit (a test holds them side by side).
+    Cached per config; stateless, so safe to share.
     """
     return functools.partial(
         _resize_and_crop,
@@ -265,7 +258,7 @@ def eval_crop(
 
 def _resize_and_crop(
     image: Image.Image, *, shorter: int, side: int, resample: Image.Resampling
-) -> torch.Tensor:
+) -> np.ndarray:
     """:func:`eval_crop`'s steps: Pillow's antialiased resize, then a centre crop whose corner
     rounds half to even as torchvision's does. ``shorter >= side`` (``crop_pct <= 1``), so the
     crop never leaves the image."""
@@ -275,75 +268,12 @@ def _resize_and_crop(
     width, height = image.size
     top, left = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
     pixels = np.asarray(image.crop((left, top, left + side, top + side)))
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def normalize(
-    crops: torch.Tensor,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> torch.Tensor:
-    """uint8 crops (..., 3, S, S) -> float32 scaled to [0, 1] and normalised, on their device.
-
-    Eval and training crops both end here, next to the model.
-    """
-    mean_t = torch.tensor(mean, device=crops.device).view(3, 1, 1)
-    std_t = torch.tensor(std, device=crops.device).view(3, 1, 1)
-    return (crops.float() / 255.0 - mean_t) / std_t
-
-
-def eval_transform(
-    cfg: PreprocessingConfig = PreprocessingConfig(),
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The card's eval transform: RGB PIL -> (3, S, S) float32 (:func:`eval_crop` +
-    :func:`normalize`)."""
-    crop = eval_crop(cfg)
-    return lambda image: normalize(crop(image), cfg.mean, cfg.std)
-
-
-def train_augment(
-    image_size: int = 224,
-    *,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    interpolation: str = "bicubic",
-    hflip: float = 0.5,
-    randaugment: bool = False,
-    randaugment_magnitude: int = 9,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Random-resized-crop (+ flip, + RandAugment): RGB PIL -> (3, S, S) uint8.
-
-    The training counterpart of :func:`eval_crop`; :func:`normalize` finishes both.
-    """
-    from torchvision.transforms import InterpolationMode, v2
-
-    mode = InterpolationMode(interpolation)
-    steps: list[Callable] = [
-        v2.RandomResizedCrop(
-            image_size, scale=scale, ratio=ratio, interpolation=mode, antialias=True
-        )
-    ]
-    if hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip))
-    if randaugment:
-        steps.append(v2.RandAugment(magnitude=randaugment_magnitude, interpolation=mode))
-    return v2.Compose([*steps, v2.PILToTensor(), v2.ToPureTensor()])
-
-
-def train_transform(
-    image_size: int = 224,
-    *,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    **augment: Any,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """:func:`train_augment` + :func:`normalize`: RGB PIL -> (3, S, S) float32."""
-    crop = train_augment(image_size, **augment)
-    return lambda image: normalize(crop(image), mean, std)
-
-
-def decode_for_eval(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> torch.Tensor:
-    """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of :func:`preprocess`.
+def decode_for_eval(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> np.ndarray:
+    """Encoded bytes -> uint8 eval crop (3, S, S); the CPU-side half of
+    :func:`skray.core.transforms.preprocess`.
 
     Refuses images over ``cfg.max_pixels``. With ``cfg.jpeg_draft``, JPEGs are draft-decoded at
     no less than the resize target, so the result is never upscaled afterwards. Raises
@@ -358,17 +288,13 @@ def decode_for_eval(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig(
 
 def decode_for_train(
     data: bytes,
-    augment: Callable[[Image.Image], torch.Tensor],
+    augment: Callable[[Image.Image], Any],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
-    """Encoded bytes -> uint8 training crop through ``augment`` (:func:`train_augment`); raises
+) -> Any:
+    """Encoded bytes -> uint8 training crop through ``augment``
+    (:func:`skray.core.transforms.train_augment`); raises
     :class:`ImageDecodeError` and nothing else for bad input, like :func:`decode_for_eval`."""
     image = decode_image(data, max_pixels=max_pixels)
     with _typed_errors():
         return augment(image)
-
-
-def preprocess(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig()) -> torch.Tensor:
-    """Encoded bytes -> model input (3, S, S) float32: decode, crop, normalise."""
-    return normalize(decode_for_eval(data, cfg), cfg.mean, cfg.std)

@@ -12,10 +12,11 @@ from typing import Literal
 import torch
 
 from skray.core.classes import default_class_names
-from skray.core.images import ImageDecodeError, decode_for_eval, normalize
+from skray.core.images import ImageDecodeError, decode_for_eval
 from skray.core.model import prepare_for_inference
 from skray.core.preprocessing import PreprocessingConfig
 from skray.core.specs import DEFAULT_MODEL
+from skray.core.transforms import normalize
 from skray.inference.precision import resolve_precision
 from skray.inference.quantize import DEFAULT_BATCH_SIZE, check_int8, quantize_int8
 from skray.io.config import Decode, Precision, resolve_decode
@@ -135,7 +136,7 @@ class Classifier:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes -> uint8 eval crop (3, S, S); raises :class:`ImageDecodeError`."""
-        return decode_for_eval(data, self.preprocessing)
+        return torch.from_numpy(decode_for_eval(data, self.preprocessing))
 
     def decode_batch(
         self, images: list[bytes]

@@ -18,12 +18,14 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from skray.core.images import ImageDecodeError, decode_for_eval, normalize
+from skray.core.images import ImageDecodeError, decode_for_eval
 from skray.core.model import prepare_for_inference
 from skray.core.preprocessing import PreprocessingConfig
+from skray.core.transforms import normalize
 from skray.io.sources import list_inputs
 from skray.io.storage import read_bytes
 
@@ -51,7 +53,7 @@ def calibration_crops(uri: str, count: int, preprocessing: PreprocessingConfig) 
             break
     if not crops:
         raise ValueError(f"calibration: no decodable image under {uri}")
-    return torch.stack(crops)
+    return torch.from_numpy(np.stack(crops))
 
 
 def check_int8(device: torch.device, calibration: torch.Tensor | None) -> None:

@@ -34,7 +34,8 @@ def build_dataset(
     import ray.data
 
     from skray.inference.quantize import calibration_crops
-    from skray.label.predictor import Predictor, read_and_decode
+    from skray.label.predictor import Predictor
+    from skray.label.read import read_and_decode
 
     preprocessing = cfg.preprocessing
     gpus = resolve_gpus(cfg.actors.gpus)

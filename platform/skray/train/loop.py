@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from skray.core.images import normalize
 from skray.core.model import SKResNeXt, create_model
 from skray.core.preprocessing import PreprocessingConfig
+from skray.core.transforms import normalize
 from skray.inference.precision import resolve_precision
 from skray.train.accuracy import count_hits
 from skray.train.checkpoints import latest_state, save_checkpoint

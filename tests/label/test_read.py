@@ -1,4 +1,4 @@
-"""skray.label.predictor's read stage without a Ray cluster: units read and decoded into crops."""
+"""skray.label.read, the read stage, without a Ray cluster: units read and decoded into crops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from skray.dev.testing import synthetic_image, webdataset_shard
 from skray.inference.classifier import PreprocessingConfig
 from skray.io.sources import Unit
 from skray.io.storage import write_bytes_atomic
-from skray.label.predictor import read_and_decode
+from skray.label.read import read_and_decode
 
 pytestmark = pytest.mark.timeout(60)
 
