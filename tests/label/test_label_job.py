@@ -303,11 +303,7 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
     except AssertionError:
         finished = False
     if not finished or "succeeded" not in job_status(ray_cluster, job_id):
-        subprocess.run(
-            [ray_cli(), "job", "stop", f"--address={ray_cluster.address}", job_id],
-            env=ray_cluster.env,
-            capture_output=True,
-        )
+        ray_cluster.stop_job(job_id)
         rerun = ray_cluster.submit(
             label_command(data + "/", labels + "/", "--set", "files_per_unit=8"),
             working_dir=str(PROJECT),

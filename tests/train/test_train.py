@@ -330,13 +330,14 @@ def train_worker_pids() -> list[int]:
 
 
 def registered_checkpoints(run_dir) -> int:
-    """Checkpoints Ray Train's controller has registered (reported ones may still be in flight)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    return (
-        len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
-        if snapshot.exists()
-        else 0
-    )
+    """Checkpoints Ray Train's controller has registered (reported ones may still be in flight).
+    The controller rewrites its snapshot in place, so a read can land on an empty or half-written
+    file: that counts as none yet."""
+    try:
+        snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+        return len(json.loads(snapshot).get("checkpoint_results", []))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
 
 
 STOPPED_EPOCHS = 16  # epochs after the cold first one take about a second: room to act mid-run
@@ -378,26 +379,25 @@ def survived(ray_cluster: LocalRayHead, dataset, tmp_path_factory) -> Iterator[d
         wait=False,
     )
     subprocess.run(command, env=ray_cluster.env, check=True, capture_output=True)
-    wait_for(lambda: registered_checkpoints(run_dir), 300, "a registered checkpoint")
-    os.kill(train_worker_pids()[-1], signal.SIGKILL)
-    with tracking_to(uri):
-        run_id = read_json(str(run_dir / RUN_FILE))["mlflow_run_id"]
-        wait_for(
-            lambda: max(metric_history(run_id, "resumed_at_epoch"), default=0) > 0,
-            300,
-            "the job's replaced worker to resume from the checkpoint",
-            interval_s=0.5,
-        )
-        subprocess.run(
-            [command[0], "job", "stop", f"--address={ray_cluster.address}", job],
-            env=ray_cluster.env,
-            check=True,
-            capture_output=True,
-        )
-        before = {key: metric_history(run_id, key) for key in ("epoch", "resumed_at_epoch")}
-        finished_in_job = (run_dir / "skray_result.json").exists()
-        summary = run(None, resume=str(run_dir))
-        after = metric_history(run_id, "epoch")
+    try:
+        wait_for(lambda: registered_checkpoints(run_dir), 300, "a registered checkpoint")
+        os.kill(train_worker_pids()[-1], signal.SIGKILL)
+        with tracking_to(uri):
+            run_id = read_json(str(run_dir / RUN_FILE))["mlflow_run_id"]
+            wait_for(
+                lambda: max(metric_history(run_id, "resumed_at_epoch"), default=0) > 0,
+                300,
+                "the job's replaced worker to resume from the checkpoint",
+                interval_s=0.5,
+            )
+            assert ray_cluster.stop_job(job).returncode == 0
+            before = {key: metric_history(run_id, key) for key in ("epoch", "resumed_at_epoch")}
+            finished_in_job = (run_dir / "skray_result.json").exists()
+            summary = run(None, resume=str(run_dir))
+            after = metric_history(run_id, "epoch")
+    except BaseException:
+        ray_cluster.stop_job(job)  # a fixture that failed must not leave its job training
+        raise
     yield {
         **summary,
         "run_dir": run_dir,

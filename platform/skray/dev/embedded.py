@@ -282,6 +282,15 @@ class LocalRayHead(_Service):
             timeout=timeout_s,
         )
 
+    def stop_job(self, submission_id: str) -> subprocess.CompletedProcess:
+        """``ray job stop``, which waits for the job to end: a job a test gave up on must not
+        keep loading the shared cluster."""
+        return subprocess.run(
+            [ray_cli(), "job", "stop", f"--address={self.address}", submission_id],
+            env=self.env,
+            capture_output=True,
+        )
+
     def stop(self) -> None:
         subprocess.run(
             [ray_cli(), "stop", "--force"],
