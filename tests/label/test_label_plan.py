@@ -177,7 +177,8 @@ def test_a_second_run_on_a_held_output_fails_at_once_naming_the_holder(output: s
         message = str(refused.value)
         assert first.holder.run_id in message and socket.gethostname() in message
         assert f"pid {os.getpid()}" in message
-    Lease(output).acquire()  # released: the next run gets it
+    with Lease(output):  # released: the next run gets it
+        pass
 
 
 def write_foreign_lease(output: str, pid: int, host: str, expires: float) -> None:
