@@ -27,6 +27,23 @@ class Blocked(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocked())
 """
 
+# What a fresh interpreter holds of torch after some code: its top-level packages imported.
+TORCH = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'})"
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter, nothing imported before it; fails on its errors."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def printed(code: str, expression: str) -> object:
+    """The value of ``expression`` in a fresh interpreter after ``code``."""
+    return ast.literal_eval(fresh_python(f"{code}\nprint(repr({expression}))\n").stdout)
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -161,76 +178,42 @@ def test_the_cycle_finder_names_a_cycle() -> None:
     ],
 )
 def test_core_modules_import_without_ray_or_mlflow(module: str, skray_modules: set[str]) -> None:
-    code = BLOCKED + (
-        f"import {module}\n"
-        "assert not {'ray', 'mlflow'} & set(sys.modules)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'skray'))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
-    )
-    assert result.returncode == 0, result.stderr
-    assert set(ast.literal_eval(result.stdout)) == skray_modules, (
-        "what its docstring says it imports"
-    )
+    code = BLOCKED + f"import {module}\nassert not {{'ray', 'mlflow'}} & set(sys.modules)\n"
+    loaded = printed(code, "sorted(m for m in sys.modules if m.split('.')[0] == 'skray')")
+    assert set(loaded) == skray_modules, "what its docstring says it imports"
 
 
 def test_the_whole_core_imports_without_ray_or_mlflow() -> None:
     core = sorted(m for m in MODULES if m.startswith("skray.core."))
     code = BLOCKED + "".join(f"import {m}\n" for m in core)
     code += "assert not {'ray', 'mlflow'} & set(sys.modules)\n"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
-    )
-    assert result.returncode == 0, result.stderr
+    fresh_python(code)
 
 
 def test_configs_validate_without_torch() -> None:
     """A CLI checking its config, a driver planning, a Tune trial resolving its config: none
     computes with torch, and each would pay seconds of CPU to import it."""
     code = (
-        "import sys\n"
         "import skray.core.specs, skray.core.preprocessing, skray.inference.precision\n"
         "import skray.io.config, skray.label.config, skray.train.config, skray.serve.config\n"
         "from skray.label.config import LabelConfig\n"
         "LabelConfig(input='in', output='out').fingerprint()\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
-    )
-    assert result.returncode == 0, result.stderr
-    assert ast.literal_eval(result.stdout) == []
+    assert printed(code, TORCH) == []
 
 
 def test_the_labeling_read_tasks_import_no_torch() -> None:
     """Most of a run's processes are read tasks, which read and crop with Pillow and numpy:
     torch's import would cost each of them seconds of CPU and hundreds of MB."""
-    code = (
-        "import sys\n"
-        "import skray.label.read, skray.core.crops, skray.core.images\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
-    )
-    assert result.returncode == 0, result.stderr
-    assert ast.literal_eval(result.stdout) == []
+    assert printed("import skray.label.read, skray.core.crops, skray.core.images", TORCH) == []
 
 
 def test_the_processes_that_label_and_serve_import_no_torchvision() -> None:
     """Importing torchvision runs ``torch._dynamo`` (over a second of CPU): every read task,
     model actor and replica would pay it for the eval crop, which needs only Pillow."""
-    code = (
-        "import skray.label.predictor, skray.serve.replica, skray.train.evaluate\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'torch'})"
-        " + sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:1])\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=100
-    )
-    assert result.returncode == 0, result.stderr
-    assert ast.literal_eval(result.stdout) == ["torch"]
+    code = "import skray.label.predictor, skray.serve.replica, skray.train.evaluate"
+    dynamo = "sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:1]"
+    assert printed(code, f"{TORCH} + {dynamo}") == ["torch"]
 
 
 def test_the_first_names_a_user_imports_load_on_first_use() -> None:
@@ -239,13 +222,8 @@ def test_the_first_names_a_user_imports_load_on_first_use() -> None:
         "model = skray.create_model('skresnext14_8x4d_half')\n"
         "assert skray.Classifier.__module__ == 'skray.inference.classifier'\n"
         "assert 'skray.inference.classifier' in sys.modules\n"
-        "print(type(model).__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "SKResNeXt"
+    assert printed(code, "type(model).__name__") == "SKResNeXt"
 
 
 def test_blocking_works_on_a_module_that_needs_mlflow() -> None:
