@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from skray.dev.testing import write_labeled_folder
+
 pytestmark = pytest.mark.timeout(120)
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "skray"
@@ -206,6 +208,24 @@ def test_the_labeling_read_tasks_import_no_torch() -> None:
     """Most of a run's processes are read tasks, which read and crop with Pillow and numpy:
     torch's import would cost each of them seconds of CPU and hundreds of MB."""
     assert printed("import skray.label.read, skray.core.crops, skray.core.images", TORCH) == []
+
+
+def test_the_training_read_tasks_read_and_crop_without_torch(tmp_path) -> None:
+    """Ray starts a training run's read tasks in fresh processes whenever more run at once than
+    there are CPUs, mid-epoch: each would pay torch's import again. Both the random training
+    crop and the eval crop of a unit come out of a process that never imported torch."""
+    write_labeled_folder(str(tmp_path), classes=2, per_class=4)
+    code = (
+        "import pyarrow as pa\n"
+        "from skray.core.preprocessing import PreprocessingConfig\n"
+        "from skray.train.datasets import discover, read_labeled\n"
+        f"data = discover({str(tmp_path)!r})\n"
+        "units = pa.Table.from_pylist([data.units[0].to_row()])\n"
+        "eval_cfg = PreprocessingConfig(image_size=32).model_dump()\n"
+        "crops = [b['image'].shape for train in (True, False)\n"
+        "         for b in read_labeled(units, data, 32, train, eval_cfg, {}, 8)]\n"
+    )
+    assert printed(code, f"(crops, {TORCH})") == ([(8, 3, 32, 32)] * 2, [])
 
 
 def test_the_processes_that_label_and_serve_import_no_torchvision() -> None:

@@ -15,9 +15,8 @@ import numpy as np
 
 from skray.core.images import ImageDecodeError
 
-# encoded bytes -> uint8 (3, S, S), an array (the eval crop) or a tensor (a training augment);
-# raises ImageDecodeError
-Crop = Callable[[bytes], Any]
+# encoded bytes -> uint8 (3, S, S) array (the eval crop or a training crop); raises ImageDecodeError
+Crop = Callable[[bytes], np.ndarray]
 
 
 def crop_rows(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -288,12 +288,12 @@ def decode_for_eval(data: bytes, cfg: PreprocessingConfig = PreprocessingConfig(
 
 def decode_for_train(
     data: bytes,
-    augment: Callable[[Image.Image], Any],
+    augment: Callable[[Image.Image], np.ndarray],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Any:
+) -> np.ndarray:
     """Encoded bytes -> uint8 training crop through ``augment``
-    (:func:`skray.core.transforms.train_augment`); raises
+    (:func:`skray.core.augment.train_augment`); raises
     :class:`ImageDecodeError` and nothing else for bad input, like :func:`decode_for_eval`."""
     image = decode_image(data, max_pixels=max_pixels)
     with _typed_errors():

@@ -212,10 +212,10 @@ def read_labeled(
     that does not read or decode is labeled BAD_LABEL; storage that keeps failing past its
     retry budget fails the task instead (Ray Data retries it; a transient fault never counts
     as a skipped image)."""
+    from skray.core.augment import train_augment
     from skray.core.crops import crop_rows
     from skray.core.images import decode_for_eval, decode_for_train
     from skray.core.preprocessing import PreprocessingConfig
-    from skray.core.transforms import train_augment
 
     eval_cfg = PreprocessingConfig.model_validate(eval_cfg)
     if train:
