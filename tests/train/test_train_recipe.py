@@ -7,6 +7,7 @@ the DDP test starts Ray Train, since splitting and averaging across workers is i
 from __future__ import annotations
 
 import math
+import random
 import sys
 
 import pyarrow as pa
@@ -191,7 +192,8 @@ def folder(tmp_path_factory) -> LabeledData:
 
 
 def crops(data, *, train: bool, augment: dict, seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)
+    random.seed(seed)  # the boxes and flips
+    torch.manual_seed(seed)  # RandAugment
     units = pa.Table.from_pylist([u.to_row() for u in data.units])
     batches = list(
         read_labeled(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -26,7 +27,7 @@ def random_resized_box(
     height: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
-    rng: random.Random,
+    rng: random.Random | ModuleType,
 ) -> tuple[int, int, int, int]:
     """``(top, left, height, width)`` of a crop as torchvision's ``RandomResizedCrop`` draws it:
     ten tries at an area in ``scale`` of the image's and an aspect in ``ratio`` (log-uniform),
@@ -64,8 +65,10 @@ def train_augment(
 
     The crop is cut before it is resized, as torchvision's is, so a sliver of an image costs
     what its crop costs; :func:`skray.core.transforms.normalize` finishes it next to the model.
+    Boxes and flips are drawn from ``rng``, by default Python's global generator: ``random.seed``
+    repeats them as ``torch.manual_seed`` repeats RandAugment's.
     """
-    draw = rng or random.Random()
+    draw = rng or random  # the module's functions draw from its global generator
     resample = RESAMPLING[interpolation]
     rand_augment = None
     if randaugment:
