@@ -86,6 +86,6 @@ def train_augment(
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rand_augment is not None:
             crop = rand_augment(crop)
-        return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))
+        return np.asarray(crop).transpose(2, 0, 1)  # a view: the batch it is copied into is CHW
 
     return augment
