@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import mlflow_store_in
+from helpers import RAY_DEFAULT_AGENT_PORT, ReadmeCpuRun, mlflow_store_in, occupied
 from skray.dev.embedded import EmbeddedS3, LocalRayHead
 from skray.dev.s3proxy import FaultyS3Proxy
 
@@ -24,6 +24,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray keeps as many idle workers as the node has CPUs (4 here) and ends the rest after a
 # second: each run's read tasks (0.5 CPU each) then start cold processes that import torch.
 os.environ.setdefault("RAY_num_workers_soft_limit", "10")
+# The GCS declares a node dead after 5 failed health checks, 3 s apart by default: the node-loss
+# test would wait 15 s for it. 1 s apart here.
+os.environ.setdefault("RAY_health_check_period_ms", "1000")
 # Jobs that track by default (labeling runs, training) write their MLflow store under
 # SKRAY_HOME: a session folder, never the checkout's .skray/ (tests wanting a store of their
 # own set it per test).
@@ -52,10 +55,13 @@ def s3_server(embedded_s3: EmbeddedS3) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster(embedded_s3: EmbeddedS3) -> Iterator[LocalRayHead]:
     """A Ray head started with ``ray start`` (token auth on, 4 logical CPUs, the S3
-    environment on every worker); this test process is connected to it as a driver."""
+    environment on every worker); this test process is connected to it as a driver. Ray's
+    default agent port is taken while it runs, as any other Ray on the machine (the README run's)
+    takes it: every ``ray job submit`` test then shows the head runs jobs regardless."""
     import ray
 
-    with LocalRayHead(num_cpus=4, env=embedded_s3.env()) as head:
+    head = LocalRayHead(num_cpus=4, env=embedded_s3.env())
+    with occupied(RAY_DEFAULT_AGENT_PORT), head:  # as another Ray on the machine would hold it
         ray.init(address=head.gcs_address, logging_level="WARNING")
         try:
             yield head
@@ -102,6 +108,25 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path)
     return request.getfixturevalue("bucket")
+
+
+README_CPU_RUN = pytest.StashKey[ReadmeCpuRun]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The README's CPU command trains on a Ray of its own: once the selection is known to need
+    it, it starts in the background, and its fixture collects it."""
+    needed = any("readme_cpu_run" in getattr(item, "fixturenames", ()) for item in session.items)
+    if needed and not session.config.option.collectonly:
+        run = ReadmeCpuRun(Path(tempfile.mkdtemp(prefix="skray-readme-cpu-")))
+        session.config.stash[README_CPU_RUN] = run
+        session.config.add_cleanup(run.stop)
+
+
+@pytest.fixture(scope="session")
+def readme_cpu_run(request: pytest.FixtureRequest) -> ReadmeCpuRun:
+    """The README's CPU command, running since the session started (see above)."""
+    return request.config.stash[README_CPU_RUN]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

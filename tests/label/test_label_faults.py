@@ -79,7 +79,9 @@ def test_an_outage_mid_run_within_the_budget_is_ridden_out(
         s3={"endpoint_url": faulty_s3.url},
         mlflow={"enabled": False},
     )
-    outage = outage_mid_run(faulty_s3, seconds=25.0)  # a regional blip: past pyarrow's own retries
+    # A blip of 8 s outlasts pyarrow's own retries (2 tries, well under a second) and spans
+    # five of skray's backoffs (0.2 s doubling): the run retries through it inside its budget.
+    outage = outage_mid_run(faulty_s3, seconds=8.0)
 
     manifest = run(cfg)
 

@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,12 +17,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import PROJECT, SMALL, labeled_dataset, mlflow_store_in, wait_for
+from helpers import PROJECT, SMALL, ReadmeCpuRun, labeled_dataset, mlflow_store_in, wait_for
 from skray.dev.embedded import LocalRayHead
 from skray.dev.testing import (
     DIGIT_CLASSES,
     labeled_image,
-    write_digits_folder,
     write_labeled_folder,
 )
 from skray.io.config import ConfigError, load_config
@@ -46,79 +44,17 @@ def dataset(tmp_path_factory) -> dict[str, str]:
     return labeled_dataset(tmp_path_factory.mktemp("data"), per_class=48)
 
 
-EPOCHS = 6  # top-1 on the digits passes 60% by epoch 3 of a 12-epoch run; 6 keep the margin
+EPOCHS = ReadmeCpuRun.EPOCHS
 MIN_TOP1 = 60.0  # percent; chance is 10
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory) -> Iterator[dict]:
-    """The README's CPU command, ``skray train --config configs/train_cpu_small.yaml --set
-    data.train=DIR --set data.val=DIR``, on a Ray of this machine's size (2 CPUs), learning
-    scikit-learn's real handwritten digits (1797 8x8 scans shipped in the package, 80/20 split)
-    at 32 px under bf16 autocast, registered as skray-test in its own MLflow store.
-
-    The tests that check the command, the learning, the MLflow run and the registered model
-    share this one run instead of training four times. Yields the run's summary
-    (``skray_result.json``), its console output and its tracking URI.
-    """
-    home = tmp_path_factory.mktemp("learned")
-    data = write_digits_folder(str(home / "digits"))
-    uri = mlflow_store_in(home)
-    argv = [
-        "train",
-        "--config",
-        str(CPU_CONFIG),
-        "--set",
-        f"data.train={data['train']}",
-        "--set",
-        f"data.val={data['val']}",
-        *(
-            arg
-            for change in (
-                f"storage_path={home}/runs",
-                "name=learns",
-                "preprocessing.image_size=32",
-                f"epochs={EPOCHS}",
-                "amp=bf16",  # CPU workers train under bf16 autocast: it must learn as fp32 does
-                f"mlflow.tracking_uri={uri}",
-                "mlflow.registered_model=skray-test",
-            )
-            for arg in ("--set", change)
-        ),
-    ]
-    script = (
-        "import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False); "
-        "from skray.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["SKRAY_HOME"] = str(home)
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, *argv],
-        cwd=PROJECT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=480)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: its local Ray goes with it
-        out, _ = proc.communicate()
-        pytest.fail(
-            "the README's CPU command did not finish on 2 CPUs within 480 s:\n" + out[-4000:]
-        )
-    assert proc.returncode == 0, out[-4000:]
-    summary = read_json(str(home / "runs" / "learns" / "skray_result.json"))
-    yield {
-        **summary,
-        "output": out,
-        "seconds": time.perf_counter() - started,
-        "tracking_uri": uri,
-        "data": data,
-    }
+def learned(readme_cpu_run: ReadmeCpuRun) -> dict:
+    """The README's CPU command (:class:`helpers.ReadmeCpuRun`), started in the background when
+    the session began. The tests that check the command, the learning, the MLflow run and the
+    registered model share this one run instead of training four times. Returns its summary
+    (``skray_result.json``), its console output and its tracking URI."""
+    return readme_cpu_run.result(timeout_s=540)
 
 
 @contextlib.contextmanager
@@ -340,7 +276,7 @@ def registered_checkpoints(run_dir) -> int:
         return 0
 
 
-STOPPED_EPOCHS = 16  # epochs after the cold first one take about a second: room to act mid-run
+STOPPED_EPOCHS = 10  # epochs after the cold first take about a second; the job is stopped by ~4
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,9 @@ class LocalRayHead(_Service):
                 f"--port={self.gcs_port}",
                 f"--dashboard-host={LOOPBACK}",
                 f"--dashboard-port={self.dashboard_port}",
+                # Ray's fixed default (52365) is taken by any other Ray on the machine, and
+                # then this head has no agent to run submitted jobs.
+                f"--dashboard-agent-listen-port={free_port()}",
                 f"--num-cpus={self.num_cpus}",
                 f"--object-store-memory={self.object_store_bytes}",
                 "--disable-usage-stats",
@@ -235,6 +238,7 @@ class LocalRayHead(_Service):
                 "start",
                 f"--address={self.gcs_address}",
                 f"--node-ip-address={LOOPBACK}",
+                f"--dashboard-agent-listen-port={free_port()}",
                 f"--num-cpus={num_cpus}",
                 f"--object-store-memory={self.object_store_bytes // 2}",
                 "--disable-usage-stats",

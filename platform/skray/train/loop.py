@@ -243,8 +243,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from skray.weights import store
-
     # setup: config, device, and the model restored from the latest checkpoint if any
     cfg = TrainConfig.model_validate(loop_config["config"])
     data: LabeledData = loop_config["train_data"]
@@ -336,6 +334,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
                 if loop_config["mlflow_run_id"]:
+                    from skray.weights import store  # rank 0 only: MLflow's import is 1.6 s
+
                     store.log_metrics(
                         loop_config["mlflow_run_id"],
                         scores,
