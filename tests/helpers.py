@@ -128,9 +128,9 @@ class ReadmeCpuRun:
     MLflow store.
 
     It shares nothing with the session's Ray, so conftest starts it as soon as it knows a
-    selected test needs it: its minute and a half of training overlaps the tests that mostly wait
-    (outages, polls, process starts) instead of adding to the suite's time. Its console output
-    goes to a file, so a full pipe never stalls it.
+    selected test needs it: its minute and a half of training overlaps the session's first tests
+    instead of adding to the suite's time. Its console output goes to a file, so a full pipe
+    never stalls it.
     """
 
     EPOCHS = 6  # 4 epochs reached 57 % and 72 % top-1 in two runs: 6 keep the margin over 60 %
