@@ -238,8 +238,22 @@ def test_the_processes_that_label_and_serve_import_no_torchvision() -> None:
 
 def test_a_training_worker_imports_mlflow_only_where_it_logs() -> None:
     """Every Ray Train worker imports the loop at each start and restart; only rank 0 logs, so
-    only its process pays MLflow's import (1.6 s of CPU)."""
+    only its process pays MLflow's import (1.6 s of CPU): the module imports none, and the
+    loop imports the store only inside its ``if rank == 0:`` branch."""
     assert printed("import skray.train.loop", "'mlflow' in sys.modules") is False
+
+    tree = ast.parse(MODULES["skray.train.loop"].read_text())
+    rank0 = [
+        n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "rank == 0"
+    ]
+    stores = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+        and n.module == "skray.weights"
+        and any(alias.name == "store" for alias in n.names)
+    ]
+    assert stores and all(any(n in ast.walk(branch) for branch in rank0) for n in stores)
 
 
 def test_the_first_names_a_user_imports_load_on_first_use() -> None:
