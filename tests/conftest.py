@@ -27,6 +27,9 @@ os.environ.setdefault("RAY_num_workers_soft_limit", "10")
 # The GCS declares a node dead after 5 failed health checks, 3 s apart by default: the node-loss
 # test would wait 15 s for it. 1 s apart here.
 os.environ.setdefault("RAY_health_check_period_ms", "1000")
+# Every Ray process reports its metrics to the node's export port each 10 s by default: the
+# metrics tests would wait up to that long for a count. Each 2 s here.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 # Jobs that track by default (labeling runs, training) write their MLflow store under
 # SKRAY_HOME: a session folder, never the checkout's .skray/ (tests wanting a store of their
 # own set it per test).
@@ -111,22 +114,40 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 README_CPU_RUN = pytest.StashKey[ReadmeCpuRun]()
+README_CPU_RUN_NEEDED = pytest.StashKey[bool]()
+# Where the README's run starts when the selection goes that far: the Serve tests wait on
+# Serve's and Ray's control loops about half the time, and its training fills those idle CPUs
+# instead of slowing the CPU-bound tests at the start of the session.
+README_CPU_RUN_STARTS_AT = "tests/serve/"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The README's CPU command trains on a Ray of its own: once the selection is known to need
-    it, it starts in the background, and its fixture collects it."""
+    """Whether the selection needs the README's CPU command, which trains on a Ray of its own."""
     needed = any("readme_cpu_run" in getattr(item, "fixturenames", ()) for item in session.items)
-    if needed and not session.config.option.collectonly:
+    session.config.stash[README_CPU_RUN_NEEDED] = needed and not session.config.option.collectonly
+
+
+def start_readme_cpu_run(config: pytest.Config) -> ReadmeCpuRun:
+    """The README's CPU command, started in the background the first time it is asked for."""
+    if README_CPU_RUN not in config.stash:
         run = ReadmeCpuRun(Path(tempfile.mkdtemp(prefix="skray-readme-cpu-")))
-        session.config.stash[README_CPU_RUN] = run
-        session.config.add_cleanup(run.stop)
+        config.stash[README_CPU_RUN] = run
+        config.add_cleanup(run.stop)
+    return config.stash[README_CPU_RUN]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.config.stash.get(README_CPU_RUN_NEEDED, False) and item.nodeid.startswith(
+        README_CPU_RUN_STARTS_AT
+    ):
+        start_readme_cpu_run(item.config)
 
 
 @pytest.fixture(scope="session")
 def readme_cpu_run(request: pytest.FixtureRequest) -> ReadmeCpuRun:
-    """The README's CPU command, running since the session started (see above)."""
-    return request.config.stash[README_CPU_RUN]
+    """The README's CPU command, running since the Serve tests began (or starting now, when the
+    selection has none)."""
+    return start_readme_cpu_run(request.config)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -80,7 +80,7 @@ def test_a_shard_stream_cut_half_way_resumes_where_it_broke_without_repeating_a_
 def test_an_outage_shorter_than_the_budget_is_ridden_out(inputs, faulty_s3: FaultyS3Proxy):
     expected = healthy(inputs["images"])
     faulty_s3.outage = 1  # longer than pyarrow's own retries ride out (a second or two)
-    threading.Timer(5.0, faulty_s3.heal).start()
+    threading.Timer(3.0, faulty_s3.heal).start()
 
     got = [(r["key"], r["data"], r["error"]) for r in rows_of(inputs["images"])]
 

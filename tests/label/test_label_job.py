@@ -176,7 +176,9 @@ def test_the_units_reach_the_read_tasks_without_a_remote_task_per_unit_first(
     manifest = run(LabelConfig(input=data, output=labels, model=SMALL, files_per_unit=2))
 
     assert manifest["labeled"] == len(keys) and manifest["units"]["committed"] == 3
-    tasks = list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
+    tasks = list_tasks(
+        address=ray_cluster.address, detail=True, limit=10_000, raise_on_missing_output=False
+    )
     since = [t.name for t in tasks if (t.creation_time_ms or 0) >= started_ms]
     assert any("read_and_decode" in name for name in since), "the state API saw this run"
     assert "get_table_block_metadata_schema" not in since
@@ -273,7 +275,9 @@ def test_worker_node_lost_mid_run_then_the_job_or_its_rerun_labels_every_key_onc
         from ray.util.state import list_actors
 
         alive = list_actors(
-            filters=[("node_id", "=", worker["NodeID"]), ("state", "=", "ALIVE")], limit=100
+            address=ray_cluster.address,
+            filters=[("node_id", "=", worker["NodeID"]), ("state", "=", "ALIVE")],
+            limit=100,
         )
         return [a for a in alive if "Predictor" in a.class_name]  # MapWorker(MapBatches(Predictor))
 

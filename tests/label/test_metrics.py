@@ -24,7 +24,7 @@ from skray.serve.config import ServeConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-EXPORTED_WITHIN_S = 90  # Ray reports every 10 s (RAY_metrics_report_interval_ms): a few intervals
+EXPORTED_WITHIN_S = 90  # Ray reports each 10 s by default (2 s in the test Ray): a few intervals
 APP = "skray-metrics"
 JPEG = {"content-type": "image/jpeg"}
 # write_sample_dataset's broken files, one per reason

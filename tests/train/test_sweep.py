@@ -167,7 +167,14 @@ def test_an_interrupted_optuna_tpe_sweep_resumes_without_repeating_finished_tria
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     sweep_dir = tmp_path / "sweeps" / "interrupted"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.gcs_address, "RAY_AUTH_MODE": "token"}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster.gcs_address,
+        "RAY_AUTH_MODE": "token",
+        # Tune saves its experiment state each second instead of each 10: the driver can be
+        # killed as soon as the first trial is saved as finished.
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    }
     driver = subprocess.Popen(
         [sys.executable, "-m", "skray.cli", "sweep", "--config", str(config_file)],
         env=env,

@@ -8,9 +8,11 @@ and stops. Each is a context manager that cleans up what it started, and only th
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +45,7 @@ def _wait_until(check, timeout_s: float, what: str) -> None:
         if check():
             return
         time.sleep(0.2)
-    raise TimeoutError(f"{what} did not come up within {timeout_s:.0f} s")
+    raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
 
 
 class _Service(abc.ABC):
@@ -120,7 +122,7 @@ class EmbeddedS3(_Service):
             stdout=subprocess.DEVNULL,
             stderr=self._log,
         )
-        _wait_until(self._listening, 60, f"the S3 server on {self.host}")
+        _wait_until(self._listening, 60, f"the S3 server on {self.host} coming up")
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
@@ -169,7 +171,7 @@ def ensure_auth_token(env: dict[str, str]) -> None:
 
 
 class LocalRayHead(_Service):
-    """``ray start --head`` on 127.0.0.1 with token auth; ``stop`` runs ``ray stop``.
+    """``ray start --head`` on 127.0.0.1 with token auth; ``stop`` ends its processes only.
 
     Environment given here (e.g. the S3 endpoint and credentials) reaches every
     worker and job on the node, which is how a real cluster gets its credentials
@@ -212,6 +214,7 @@ class LocalRayHead(_Service):
                 # Ray's fixed default (52365) is taken by any other Ray on the machine, and
                 # then this head has no agent to run submitted jobs.
                 f"--dashboard-agent-listen-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",  # likewise (10001)
                 f"--num-cpus={self.num_cpus}",
                 f"--object-store-memory={self.object_store_bytes}",
                 "--disable-usage-stats",
@@ -221,7 +224,7 @@ class LocalRayHead(_Service):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        _wait_until(self._dashboard_up, 90, f"the Ray dashboard at {self.address}")
+        _wait_until(self._dashboard_up, 90, f"the Ray dashboard at {self.address} coming up")
 
     def _dashboard_up(self) -> bool:
         try:
@@ -295,10 +298,65 @@ class LocalRayHead(_Service):
             capture_output=True,
         )
 
+    def processes(self) -> list[int]:
+        """The processes of this head and the nodes joined to it: those started with its GCS
+        port on their command line (GCS, raylets, dashboard, monitors) and, recursively, what
+        they started (workers, agents, job drivers). Read from Linux's /proc."""
+        port = re.compile(rf"[:=]{self.gcs_port}(?![0-9])".encode())
+        parents: dict[int, int] = {}
+        found: set[int] = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                parents[int(entry.name)] = int(_proc_stat(entry)[1])
+            except (OSError, ValueError):  # ended meanwhile
+                continue
+            if port.search(cmdline):
+                found.add(int(entry.name))
+        while children := {pid for pid, ppid in parents.items() if ppid in found} - found:
+            found |= children
+        return sorted(found)
+
     def stop(self) -> None:
-        subprocess.run(
-            [ray_cli(), "stop", "--force"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        """SIGKILL this head's processes and wait until they have ended. ``ray stop`` would end
+        every Ray on the machine, and waits seconds for processes that are already dead where
+        nothing reaps them (zombies, as in containers)."""
+        if not Path("/proc/self").exists():  # not Linux: Ray's own stop
+            subprocess.run(
+                [ray_cli(), "stop", "--force"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            return
+        pids = self.processes()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_until(lambda: all(map(_ended, pids)), 30, "the Ray head's processes ending")
+        self._forget_address()
+
+    def _forget_address(self) -> None:
+        """Ray's record of the machine's latest head (what ``ray.init()`` and ``ray status``
+        connect to without an address), removed as ``ray stop`` does, if it names this head."""
+        from ray._common.utils import get_ray_address_file
+
+        record = Path(get_ray_address_file(None))
+        with contextlib.suppress(FileNotFoundError):
+            if record.read_text().strip().endswith(f":{self.gcs_port}"):
+                record.unlink()
+
+
+def _proc_stat(entry: Path) -> list[str]:
+    """/proc/PID/stat after the command name: state, parent, ..."""
+    return (entry / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie (dead, not yet reaped)."""
+    try:
+        return _proc_stat(Path(f"/proc/{pid}"))[0] == "Z"
+    except OSError:
+        return True

@@ -66,7 +66,14 @@ api.add_middleware(RequestMetrics)  # requests by route and status, latency (skr
 # use) when the class is defined, so everything they call is defined above this line. ----------
 
 
-@serve.deployment(name=DEPLOYMENT, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+# A stopping replica checks for requests in flight every half second, not Serve's default 2 s:
+# an idle one leaves a rollout or a scale-down that much sooner.
+@serve.deployment(
+    name=DEPLOYMENT,
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+    graceful_shutdown_wait_loop_s=0.5,
+)
 @serve.ingress(api)
 class ClassifierDeployment:
     """One model per replica, loaded in ``__init__``; warmed up in the background."""
