@@ -34,9 +34,17 @@ EMBEDDED_S3_CREDENTIALS = {
 def free_port(host: str = LOOPBACK) -> int:
     """A port free now, for servers that cannot bind port 0 and say which port they got
     (the Ray head's GCS and dashboard); another process may take it before they bind it."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` different ports free now: each held until all are chosen, so the system
+    cannot hand out one of them twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _wait_until(check, timeout_s: float, what: str) -> None:
@@ -160,7 +168,12 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def ensure_auth_token(env: dict[str, str]) -> None:
-    """Token auth stays on: create Ray's default token file (~/.ray/auth_token) if there is none."""
+    """Token auth stays on: create Ray's default token file (~/.ray/auth_token) when ``env``
+    has no token (Ray's CLI takes 2 s to start, so only then)."""
+    home = Path(env.get("HOME") or Path.home())
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH") or home / ".ray" / "auth_token")
+    if env.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        return
     subprocess.run(
         [ray_cli(), "get-auth-token", "--generate"],
         env=env,
@@ -188,7 +201,9 @@ class LocalRayHead(_Service):
         self.env = ray_env(env)
         # Chosen, not port 0: ``ray start --head`` accepts 0 but reports the ports it got only
         # in its console text (or the shared /tmp/ray session files), nothing stable to read.
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # The agent and the client server too: Ray's fixed defaults (52365, 10001) are taken by
+        # any other Ray on the machine, and then this head has no agent to run submitted jobs.
+        self.gcs_port, self.dashboard_port, self._agent_port, self._client_port = free_ports(4)
 
     @property
     def address(self) -> str:
@@ -211,10 +226,8 @@ class LocalRayHead(_Service):
                 f"--port={self.gcs_port}",
                 f"--dashboard-host={LOOPBACK}",
                 f"--dashboard-port={self.dashboard_port}",
-                # Ray's fixed default (52365) is taken by any other Ray on the machine, and
-                # then this head has no agent to run submitted jobs.
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--ray-client-server-port={free_port()}",  # likewise (10001)
+                f"--dashboard-agent-listen-port={self._agent_port}",
+                f"--ray-client-server-port={self._client_port}",
                 f"--num-cpus={self.num_cpus}",
                 f"--object-store-memory={self.object_store_bytes}",
                 "--disable-usage-stats",
