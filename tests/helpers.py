@@ -126,10 +126,10 @@ class ReadmeCpuRun:
     package, 80/20 split) at 32 px under bf16 autocast, registered as skray-test in its own
     MLflow store.
 
-    It shares nothing with the session's Ray, so conftest starts it as soon as it knows a
-    selected test needs it: its minute and a half of training overlaps the session's first tests
-    instead of adding to the suite's time. Its console output goes to a file, so a full pipe
-    never stalls it.
+    It shares nothing with the session's Ray, so conftest starts it in the background when the
+    Serve tests begin: its minute and a half of training fills the CPUs they leave idle instead
+    of adding to the suite's time. Its console output goes to a file, so a full pipe never
+    stalls it.
     """
 
     EPOCHS = 6  # 4 epochs reached 57 % and 72 % top-1 in two runs: 6 keep the margin over 60 %

@@ -51,7 +51,7 @@ MIN_TOP1 = 60.0  # percent; chance is 10
 @pytest.fixture(scope="module")
 def learned(readme_cpu_run: ReadmeCpuRun) -> dict:
     """The README's CPU command (:class:`helpers.ReadmeCpuRun`), started in the background when
-    the session began. The tests that check the command, the learning, the MLflow run and the
+    the Serve tests began. The tests that check the command, the learning, the MLflow run and the
     registered model share this one run instead of training four times. Returns its summary
     (``skray_result.json``), its console output and its tracking URI."""
     return readme_cpu_run.result(timeout_s=540)
