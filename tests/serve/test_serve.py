@@ -497,8 +497,12 @@ def test_64_concurrent_16_mib_uploads_keep_the_replicas_memory_near_its_inflight
 ):
     from ray import serve
 
-    cfg = ServeConfig(model=SMALL, weights=weights, max_batch_size=8, warmup_batches=1)
-    deploy(cfg, "uploads", "/uploads")  # the default limits: 16 MiB bodies, 64 MiB in flight
+    # The default limits (16 MiB bodies, 64 MiB in flight), and time enough for every admitted
+    # body to arrive: on a loaded CI machine one took over the default 10 s and got a 408.
+    cfg = ServeConfig(
+        model=SMALL, weights=weights, max_batch_size=8, warmup_batches=1, body_timeout_s=120
+    )
+    deploy(cfg, "uploads", "/uploads")
     base = f"http://{LOOPBACK}:{serve_port}/uploads"
     wait_ready(base)
     pid = replica_pid("uploads")
