@@ -7,9 +7,9 @@ import asyncio
 import collections
 import contextlib
 import io
-import json
 import random
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -37,6 +37,7 @@ from skray.serve.launch import resolve_launch
 BODY_LIMIT = 256 * 1024
 BODY_TIMEOUT_S = 2.0
 INFLIGHT_LIMIT = 12 * BODY_LIMIT  # twelve largest bodies at once per replica
+JPEG = {"content-type": "image/jpeg"}
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
@@ -398,79 +399,98 @@ def test_resize_bombs_get_a_quick_400_and_the_replica_keeps_serving(
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
 
-def stalled_upload(port: int, declared: int, sent: bytes, wait_s: float) -> tuple[int, dict, float]:
-    """POST headers declaring ``declared`` body bytes, send only ``sent`` and stall: the status and
-    JSON body the server answers with, and the seconds it took (socket errors after ``wait_s``)."""
-    head = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: image/jpeg\r\n"
+def upload_head(port: int, path: str, declared: int) -> bytes:
+    """The request line and headers of a JPEG upload declaring ``declared`` body bytes."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: image/jpeg\r\n"
         f"Content-Length: {declared}\r\n\r\n"
     ).encode()
+
+
+def read_reply(sock: socket.socket) -> httpx.Response:
+    """The HTTP response that arrives on ``sock`` (TimeoutError past the socket's timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        header, sep, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", header)
+        if sep and length and len(body) >= int(length[1]):
+            break
+    header, _, body = data.partition(b"\r\n\r\n")
+    status, *fields = header.decode("latin-1").split("\r\n")
+    headers = [tuple(f.split(": ", 1)) for f in fields]
+    return httpx.Response(int(status.split(" ", 2)[1]), headers=headers, content=body)
+
+
+def stalled_upload(
+    port: int, declared: int, sent: bytes, wait_s: float
+) -> tuple[httpx.Response, float]:
+    """POST headers declaring ``declared`` body bytes, send only ``sent`` and stall: the server's
+    answer and the seconds it took."""
     with socket.create_connection((LOOPBACK, port), timeout=wait_s) as sock:
         started = time.monotonic()
-        sock.sendall(head + sent)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-            header, sep, body = data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: *(\d+)", header)
-            if sep and length and len(body) >= int(length[1]):
-                break
-        elapsed = time.monotonic() - started
-    header, _, body = data.partition(b"\r\n\r\n")
-    return int(header.split(b" ", 2)[1]), json.loads(body), elapsed
+        sock.sendall(upload_head(port, "/v1/classify", declared) + sent)
+        reply = read_reply(sock)
+        return reply, time.monotonic() - started
 
 
 @pytest.mark.slow
 def test_a_stalled_upload_gets_408_and_frees_its_slot(url, serve_port, images):
-    status, body, elapsed = stalled_upload(
-        serve_port, 100_000, b"\xff" * 10, wait_s=BODY_TIMEOUT_S + 10
-    )
+    reply, elapsed = stalled_upload(serve_port, 100_000, b"\xff" * 10, wait_s=BODY_TIMEOUT_S + 10)
 
-    assert status == 408 and body["error"]["code"] == "request_timeout", body
+    assert reply.status_code == 408 and reply.json()["error"]["code"] == "request_timeout"
     assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 3
     after = httpx.post(
-        f"{url}/v1/classify",
-        content=images[0].read_bytes(),
-        headers={"content-type": "image/jpeg"},
-        timeout=30,
+        f"{url}/v1/classify", content=images[0].read_bytes(), headers=JPEG, timeout=30
     )
     assert after.status_code == 200
 
 
+@pytest.fixture(scope="module")
+def uploads(serve_port: int, weights: str) -> Iterator[tuple[str, ServeConfig]]:
+    """An app with the default limits (16 MiB bodies, 64 MiB in flight) and time enough for every
+    admitted body to arrive: its base URL and config."""
+    from ray import serve
+
+    cfg = ServeConfig(
+        model=SMALL, weights=weights, max_batch_size=8, warmup_batches=1, body_timeout_s=120
+    )
+    deploy(cfg, "uploads", "/uploads")
+    base = f"http://{LOOPBACK}:{serve_port}/uploads"
+    wait_ready(base)
+    yield base, cfg
+    serve.delete("uploads")
+
+
 @pytest.mark.slow
 def test_uploads_past_max_inflight_bytes_get_503_before_their_body_is_read_and_the_replica_goes_on(
-    url, serve_port, images
+    uploads, serve_port, images
 ):
-    holders = [
-        threading.Thread(
-            target=stalled_upload, args=(serve_port, BODY_LIMIT, b"\xff", BODY_TIMEOUT_S + 10)
-        )
-        for _ in range(INFLIGHT_LIMIT // BODY_LIMIT)
+    base, cfg = uploads
+    held = cfg.max_inflight_bytes // cfg.max_body_bytes
+    stalled = [
+        socket.create_connection((LOOPBACK, serve_port), timeout=30) for _ in range(held + 1)
     ]
-    for holder in holders:
-        holder.start()
+    try:
+        for upload in stalled:  # each claims its declared length and stalls after one byte
+            upload.sendall(
+                upload_head(serve_port, "/uploads/v1/classify", cfg.max_body_bytes) + b"\xff"
+            )
+        answered, _, _ = select.select(stalled, [], [], 60)
+        assert len(answered) == 1, "one upload too many, whichever came last, is answered"
+        reply = read_reply(answered[0])
+    finally:
+        for upload in stalled:
+            upload.close()
 
-    def refused() -> httpx.Response | None:
-        reply = httpx.post(
-            f"{url}/v1/classify",
-            content=b"\xff" * BODY_LIMIT,
-            headers={"content-type": "image/jpeg"},
-            timeout=30,
-        )
-        return reply if reply.status_code == 503 else None
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "overloaded"
+    assert reply.headers["retry-after"] == "1"
 
-    reply = wait_for(refused, BODY_TIMEOUT_S, "the held bodies to fill max_inflight_bytes")
-    for holder in holders:
-        holder.join(timeout=BODY_TIMEOUT_S + 15)
+    def classified() -> bool:
+        image = images[0].read_bytes()
+        return httpx.post(f"{base}/v1/classify", content=image, headers=JPEG, timeout=30).is_success
 
-    assert reply.json()["error"]["code"] == "overloaded" and reply.headers["retry-after"] == "1"
-    after = httpx.post(
-        f"{url}/v1/classify",
-        content=images[0].read_bytes(),
-        headers={"content-type": "image/jpeg"},
-        timeout=30,
-    )
-    assert after.status_code == 200, "the claims were given back"
+    wait_for(classified, 30, "the claims of the uploads that hung up to be given back")
 
 
 def rss_bytes(pid: int) -> int:
@@ -493,18 +513,9 @@ def replica_pid(app: str) -> int:
 
 @pytest.mark.slow
 def test_64_concurrent_16_mib_uploads_keep_the_replicas_memory_near_its_inflight_budget(
-    serve_port, weights, images
+    uploads, images
 ):
-    from ray import serve
-
-    # The default limits (16 MiB bodies, 64 MiB in flight), and time enough for every admitted
-    # body to arrive: on a loaded CI machine one took over the default 10 s and got a 408.
-    cfg = ServeConfig(
-        model=SMALL, weights=weights, max_batch_size=8, warmup_batches=1, body_timeout_s=120
-    )
-    deploy(cfg, "uploads", "/uploads")
-    base = f"http://{LOOPBACK}:{serve_port}/uploads"
-    wait_ready(base)
+    base, cfg = uploads
     pid = replica_pid("uploads")
     body = bytes(random.Random(0).getrandbits(8) for _ in range(1024)) * (16 << 10)  # 16 MiB
     before, peak, done = rss_bytes(pid), [0], threading.Event()
@@ -516,9 +527,7 @@ def test_64_concurrent_16_mib_uploads_keep_the_replicas_memory_near_its_inflight
 
     async def upload(client: httpx.AsyncClient) -> int | str:
         try:
-            reply = await client.post(
-                f"{base}/v1/classify", content=body, headers={"content-type": "image/jpeg"}
-            )
+            reply = await client.post(f"{base}/v1/classify", content=body, headers=JPEG)
             return reply.status_code
         except httpx.TransportError:  # refused (503) before the whole body was sent
             return "refused mid-upload"
@@ -534,13 +543,9 @@ def test_64_concurrent_16_mib_uploads_keep_the_replicas_memory_near_its_inflight
     finally:
         done.set()
         sampler.join()
-        after = httpx.post(
-            f"{base}/v1/classify",
-            content=images[0].read_bytes(),
-            headers={"content-type": "image/jpeg"},
-            timeout=30,
-        )
-        serve.delete("uploads")
+    after = httpx.post(
+        f"{base}/v1/classify", content=images[0].read_bytes(), headers=JPEG, timeout=30
+    )
     grew = peak[0] - before
     print(
         f"replica RSS {before >> 20} MiB, peak {peak[0] >> 20} MiB (+{grew >> 20} MiB); "
