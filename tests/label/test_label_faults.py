@@ -77,11 +77,13 @@ def test_an_outage_mid_run_within_the_budget_is_ridden_out(
         files_per_unit=8,
         batch_size=8,
         s3={"endpoint_url": faulty_s3.url},
+        io_retry={"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
         mlflow={"enabled": False},
     )
-    # A blip of 8 s outlasts pyarrow's own retries (2 tries, well under a second) and spans
-    # five of skray's backoffs (0.2 s doubling): the run retries through it inside its budget.
-    outage = outage_mid_run(faulty_s3, seconds=8.0)
+    # A blip of 3 s outlasts pyarrow's own retries (2 tries, well under a second) and spans
+    # six of skray's backoffs (0.05 s doubling, at most 0.5 s): the run retries through it
+    # inside its budget, and is back within half a second of the heal.
+    outage = outage_mid_run(faulty_s3, seconds=3.0)
 
     manifest = run(cfg)
 
