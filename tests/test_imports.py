@@ -204,6 +204,19 @@ def test_configs_validate_without_torch() -> None:
     assert printed(code, TORCH) == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["label", "--input", "in/", "--output", "out/", "--set", "actors.maxx=3"],
+        ["train", "--set", "optim.learning_rate=0.1"],
+    ],
+)
+def test_a_bad_label_or_train_config_fails_before_torch_is_imported(argv) -> None:
+    """A typo in a ``ray job submit`` command fails in a second, not after seconds of imports."""
+    code = f"from skray.cli import main\ncode = main({argv!r})"
+    assert printed(code, f"(code, {TORCH})") == (2, [])
+
+
 def test_the_labeling_read_tasks_import_no_torch() -> None:
     """Most of a run's processes are read tasks, which read and crop with Pillow and numpy:
     torch's import would cost each of them seconds of CPU and hundreds of MB."""

@@ -83,8 +83,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_label(args: argparse.Namespace) -> int:
     from skray.io.config import load_config
     from skray.label.config import LabelConfig
-    from skray.label.job import run
-    from skray.label.manifest import format_summary
 
     flags = {
         "input": args.input,
@@ -100,6 +98,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     cfg = load_config(
         LabelConfig, args.config, overrides, {k: v for k, v in flags.items() if v is not None}
     )
+    # The job's modules import torch and Ray Data (seconds of CPU): a bad config fails first.
+    from skray.label.job import run
+    from skray.label.manifest import format_summary
+
     manifest = run(cfg)
     print(format_summary(manifest))
     return EXIT_INCOMPLETE if manifest["incomplete"] else 0
@@ -108,9 +110,10 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from skray.io.config import load_config
     from skray.train.config import TrainConfig
-    from skray.train.driver import run
 
     cfg = None if args.resume else load_config(TrainConfig, args.config, args.set)
+    from skray.train.driver import run  # torch: after the config's check, as for labeling
+
     summary = run(cfg, resume=args.resume)
     best = summary["best"]
     print(
