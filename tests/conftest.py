@@ -30,6 +30,10 @@ os.environ.setdefault("RAY_health_check_period_ms", "1000")
 # Every Ray process reports its metrics to the node's export port each 10 s by default: the
 # metrics tests would wait up to that long for a count. Each 2 s here.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+# Ray's log monitor lists the log folder on every pass (ten a second) until it tracks 1000
+# files; the suite's head writes several hundred, so that listing alone cost about a CPU-minute.
+# Past the threshold it lists them every 0.5 s, which is how it runs here from the start.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "1")
 # Jobs that track by default (labeling runs, training) write their MLflow store under
 # SKRAY_HOME: a session folder, never the checkout's .skray/ (tests wanting a store of their
 # own set it per test).

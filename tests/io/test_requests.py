@@ -103,6 +103,15 @@ def put_objects(bucket: str, keys: list[str]) -> None:
         list(pool.map(lambda k: s3_client().put_object(Bucket=name, Key=k, Body=b"x"), keys))
 
 
+def test_threads_asking_for_an_s3_client_at_once_share_one():
+    """A pool's first requests used to miss the client cache together and build one each."""
+    storage._s3_client.cache_clear()
+    with ThreadPoolExecutor(16) as pool:
+        clients = list(pool.map(lambda _: s3_client(), range(16)))
+
+    assert len({id(client) for client in clients}) == 1
+
+
 def test_a_prefix_is_listed_a_page_at_a_time_split_on_its_sub_prefixes_in_key_order(
     bucket: str, faulty_s3: FaultyS3Proxy, monkeypatch
 ):

@@ -319,7 +319,8 @@ def test_a_part_write_rides_out_an_outage(bucket: str, faulty_s3):
     faulty_s3.outage = 1  # longer than pyarrow's and boto's own retries
     threading.Timer(4.0, faulty_s3.heal).start()
 
-    write_part(f"{bucket}/out", "U", [label_row("k")])
+    # The default budget, on backoffs of at most 0.5 s (the default's reach 8 s).
+    write_part(f"{bucket}/out", "U", [label_row("k")], IoRetry(max_backoff_s=0.5))
 
     assert read_part(f"{bucket}/out", "U").column("key").to_pylist() == ["k"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -140,16 +141,20 @@ class EmbeddedS3(_Service):
             self._log.close()
 
     def create_bucket(self, name: str) -> None:
+        self._client.create_bucket(Bucket=name)
+
+    @functools.cached_property
+    def _client(self):
+        """One client for every bucket: each new one costs 0.15 s or more of CPU."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=self.region,
             aws_access_key_id=EMBEDDED_S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=EMBEDDED_S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         )
-        client.create_bucket(Bucket=name)
 
 
 def ray_cli() -> str:
@@ -247,7 +252,10 @@ class LocalRayHead(_Service):
             return getattr(err, "code", None) in (401, 403)  # up, and asking for the token
 
     def add_worker_node(self, num_cpus: int = 2) -> None:
-        """Join a second raylet to this head on the same machine (``ray start --address``)."""
+        """Join a second raylet to this head on the same machine (``ray start --address``).
+
+        It shares the head's log folder, which the head's log monitor already tails: a second
+        monitor would send every worker's lines to the drivers twice (Ray: one per host)."""
         subprocess.run(
             [
                 ray_cli(),
@@ -255,6 +263,7 @@ class LocalRayHead(_Service):
                 f"--address={self.gcs_address}",
                 f"--node-ip-address={LOOPBACK}",
                 f"--dashboard-agent-listen-port={free_port()}",
+                "--include-log-monitor=False",
                 f"--num-cpus={num_cpus}",
                 f"--object-store-memory={self.object_store_bytes // 2}",
                 "--disable-usage-stats",
