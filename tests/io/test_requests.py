@@ -104,7 +104,7 @@ def put_objects(bucket: str, keys: list[str]) -> None:
 
 
 def test_threads_asking_for_an_s3_client_at_once_share_one():
-    """A pool's first requests used to miss the client cache together and build one each."""
+    """A pool's first requests miss the client cache together: each must not build its own."""
     storage._s3_client.cache_clear()
     with ThreadPoolExecutor(16) as pool:
         clients = list(pool.map(lambda _: s3_client(), range(16)))

@@ -207,6 +207,9 @@ def s3_endpoint() -> str:
     return _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") or "AWS's default endpoint"
 
 
+_S3_CLIENT_LOCK = threading.Lock()
+
+
 def s3_client():
     """A boto3 S3 client from the same environment as :func:`s3_options_from_env`, for what
     pyarrow cannot do: conditional writes (``If-None-Match`` / ``If-Match``). One per
@@ -221,9 +224,6 @@ def s3_client():
             os.environ.get("AWS_ACCESS_KEY_ID"),
             os.environ.get("AWS_SESSION_TOKEN"),
         )
-
-
-_S3_CLIENT_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
