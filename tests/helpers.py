@@ -27,12 +27,17 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from skray.io.retry import IoRetry
 from skray.io.sources.rows import RowError
 from skray.io.storage import join, write_bytes_atomic
 
 PROJECT = Path(__file__).resolve().parents[1]
 SMALL = "skresnext14_8x4d_half"  # the small model variant every test uses
 CLASSES = [f"class-{i}" for i in range(10)]
+# The default retry budget on backoffs of at most 0.5 s, where the default's double up to 8 s:
+# a call is retried within half a second of the storage coming back, so an outage test waits
+# out its outage rather than skray's next backoff.
+PROMPT_RETRY = IoRetry(initial_backoff_s=0.05, max_backoff_s=0.5)
 
 T = TypeVar("T")
 

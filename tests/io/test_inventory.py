@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import parquet_bytes
+from helpers import PROMPT_RETRY, parquet_bytes
 from skray.dev.s3proxy import FaultyS3Proxy
 from skray.io import external_sort
 from skray.io.retry import IoRetry, StorageUnavailable
@@ -201,8 +201,7 @@ def test_an_outage_shorter_than_the_retry_budget_is_ridden_out(
     faulty_s3.outage = 1
     threading.Timer(2.0, faulty_s3.heal).start()
 
-    # The default budget, on backoffs of at most 0.5 s (the default's reach 8 s).
-    assert read_all(manifest, io_retry=IoRetry(max_backoff_s=0.5)) == expected
+    assert read_all(manifest, io_retry=PROMPT_RETRY) == expected
 
 
 def test_an_outage_past_the_retry_budget_raises_storage_unavailable_naming_the_manifest(

@@ -103,9 +103,9 @@ def put_objects(bucket: str, keys: list[str]) -> None:
         list(pool.map(lambda k: s3_client().put_object(Bucket=name, Key=k, Body=b"x"), keys))
 
 
-def test_threads_asking_for_an_s3_client_at_once_share_one():
+def test_threads_asking_for_an_s3_client_at_once_share_one(monkeypatch):
     """A pool's first requests miss the client cache together: each must not build its own."""
-    storage._s3_client.cache_clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://share-one.invalid")  # no client for it yet
     with ThreadPoolExecutor(16) as pool:
         clients = list(pool.map(lambda _: s3_client(), range(16)))
 

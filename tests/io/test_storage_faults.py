@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import parquet_bytes, tar_bytes
+from helpers import PROMPT_RETRY, parquet_bytes, tar_bytes
 from skray.dev.s3proxy import FaultyS3Proxy
 from skray.dev.testing import synthetic_image
 from skray.io.retry import IoRetry, StorageUnavailable, call_with_retry
@@ -22,9 +22,6 @@ QUICK = IoRetry(initial_backoff_s=0.05, max_backoff_s=0.2, total_s=1.0)  # a sho
 # The default budget, tried again at once: at a 50 % cut rate the default backoff (0.2 s doubling,
 # up to 8 s) made a run of cuts cost 3 to 27 s.
 EAGER = IoRetry(initial_backoff_s=0.01, max_backoff_s=0.05)
-# The default budget on backoffs of at most 0.5 s: a read is retried within half a second of the
-# storage coming back, where the default (doubling to 8 s) waited up to 3.2 s past a 3 s outage.
-PROMPT = IoRetry(initial_backoff_s=0.05, max_backoff_s=0.5)
 
 
 def rows_of(unit: Unit, io_retry: IoRetry | None = None, **reading) -> list[dict]:
@@ -88,7 +85,7 @@ def test_an_outage_shorter_than_the_budget_is_ridden_out(inputs, faulty_s3: Faul
     faulty_s3.outage = 1  # longer than pyarrow's own retries ride out (a second or two)
     threading.Timer(3.0, faulty_s3.heal).start()
 
-    got = [(r["key"], r["data"], r["error"]) for r in rows_of(inputs["images"], PROMPT)]
+    got = [(r["key"], r["data"], r["error"]) for r in rows_of(inputs["images"], PROMPT_RETRY)]
 
     assert got == expected
 

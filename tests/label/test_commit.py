@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import SMALL, label_row, wait_for
+from helpers import PROMPT_RETRY, SMALL, label_row, wait_for
 from skray.io.retry import IoRetry, StorageUnavailable
 from skray.io.sources.rows import incomplete_error
 from skray.io.storage import filesystem_for, join, write_bytes_atomic
@@ -319,8 +319,7 @@ def test_a_part_write_rides_out_an_outage(bucket: str, faulty_s3):
     faulty_s3.outage = 1  # longer than pyarrow's and boto's own retries
     threading.Timer(4.0, faulty_s3.heal).start()
 
-    # The default budget, on backoffs of at most 0.5 s (the default's reach 8 s).
-    write_part(f"{bucket}/out", "U", [label_row("k")], IoRetry(max_backoff_s=0.5))
+    write_part(f"{bucket}/out", "U", [label_row("k")], PROMPT_RETRY)
 
     assert read_part(f"{bucket}/out", "U").column("key").to_pylist() == ["k"]
 

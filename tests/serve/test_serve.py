@@ -477,6 +477,7 @@ def test_uploads_past_max_inflight_bytes_get_503_before_their_body_is_read_and_t
                 upload_head(serve_port, "/uploads/v1/classify", cfg.max_body_bytes) + b"\xff"
             )
         answered, _, _ = select.select(stalled, [], [], 60)
+        assert answered, "one upload too many, whichever came last, is answered"
         reply = read_reply(answered[0])
         others = [upload for upload in stalled if upload is not answered[0]]
         held_on, _, _ = select.select(others, [], [], 1)

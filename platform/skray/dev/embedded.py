@@ -254,8 +254,8 @@ class LocalRayHead(_Service):
     def add_worker_node(self, num_cpus: int = 2) -> None:
         """Join a second raylet to this head on the same machine (``ray start --address``).
 
-        It shares the head's log folder, which the head's log monitor already tails: a second
-        monitor would send every worker's lines to the drivers twice (Ray: one per host)."""
+        It shares the head's log folder, which the head's log monitor already tails; Ray runs
+        one monitor per host, since a second one duplicates log lines on the drivers."""
         subprocess.run(
             [
                 ray_cli(),
